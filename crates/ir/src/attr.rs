@@ -88,7 +88,10 @@ pub enum AttrValue {
     Types(Vec<ValueType>),
     /// Inside a function body: the value is the calling node's attribute
     /// `name` (ONNX `ref_attr_name`), of the given kind.
-    Ref { name: String, kind: AttrKind },
+    Ref {
+        name: String,
+        kind: AttrKind,
+    },
 }
 
 impl AttrValue {

@@ -138,7 +138,10 @@ impl DataType {
 
     /// Sub-byte integer types, stored packed (low bits first).
     pub fn is_sub_byte_int(self) -> bool {
-        matches!(self, DataType::U4 | DataType::I4 | DataType::U2 | DataType::I2)
+        matches!(
+            self,
+            DataType::U4 | DataType::I4 | DataType::U2 | DataType::I2
+        )
     }
 
     pub fn is_float(self) -> bool {

@@ -12,7 +12,7 @@
 //! serial does not match the vertex in its slot fails (`IrError::Stale*`)
 //! instead of returning the wrong vertex.
 
-use crate::{Attribute, AttrValue, Tensor, ValueType};
+use crate::{AttrValue, Attribute, Tensor, ValueType};
 use petgraph::stable_graph::{NodeIndex, StableGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction::{Incoming, Outgoing};
@@ -571,12 +571,20 @@ impl Graph {
     }
 
     /// Adds a value that nothing defines yet: give it to a node as an output.
-    pub fn add_value(&mut self, name: impl Into<String>, ty: Option<ValueType>) -> Result<ValueId, IrError> {
+    pub fn add_value(
+        &mut self,
+        name: impl Into<String>,
+        ty: Option<ValueType>,
+    ) -> Result<ValueId, IrError> {
         self.insert_value(name.into(), Graph::blank_value(ty))
     }
 
     /// Adds a graph input (appended to the input list).
-    pub fn add_input(&mut self, name: impl Into<String>, ty: Option<ValueType>) -> Result<ValueId, IrError> {
+    pub fn add_input(
+        &mut self,
+        name: impl Into<String>,
+        ty: Option<ValueType>,
+    ) -> Result<ValueId, IrError> {
         let mut v = Graph::blank_value(ty);
         v.is_input = true;
         let id = self.insert_value(name.into(), v)?;
@@ -585,7 +593,11 @@ impl Graph {
     }
 
     /// Adds an initializer (constant data).
-    pub fn add_initializer(&mut self, name: impl Into<String>, tensor: Tensor) -> Result<ValueId, IrError> {
+    pub fn add_initializer(
+        &mut self,
+        name: impl Into<String>,
+        tensor: Tensor,
+    ) -> Result<ValueId, IrError> {
         let mut v = Graph::blank_value(None);
         v.init = Some(Box::new(Initializer {
             tensor,
@@ -603,12 +615,20 @@ impl Graph {
     }
 
     /// Sets or clears the initializer data of a value that no node produces.
-    pub fn set_initializer(&mut self, v: ValueId, init: Option<Initializer>) -> Result<(), IrError> {
+    pub fn set_initializer(
+        &mut self,
+        v: ValueId,
+        init: Option<Initializer>,
+    ) -> Result<(), IrError> {
         if let Some((n, _)) = self.producer(v) {
             return Err(IrError::BadRole {
                 value: self.value(v).name.clone(),
                 what: "an initializer",
-                why: if self.contains_node(n) { "produced by a node" } else { "produced" },
+                why: if self.contains_node(n) {
+                    "produced by a node"
+                } else {
+                    "produced"
+                },
             });
         }
         let val = self.value_mut(v)?;
@@ -814,7 +834,12 @@ impl Graph {
     }
 
     /// Points input `slot` of a node at another value (or at nothing).
-    pub fn set_node_input(&mut self, node: NodeId, slot: usize, value: Option<ValueId>) -> Result<(), IrError> {
+    pub fn set_node_input(
+        &mut self,
+        node: NodeId,
+        slot: usize,
+        value: Option<ValueId>,
+    ) -> Result<(), IrError> {
         let nix = self.index_of_node(node)?;
         if let Some(v) = value {
             self.index_of_value(v)?;
@@ -1047,7 +1072,10 @@ impl Graph {
                         .filter_map(|(i, v)| v.map(|v| (i, v)))
                         .collect();
                     if ins != want || outs != want_out {
-                        return Err(format!("{} has edges that disagree with its input/output lists", self.describe_node(id)));
+                        return Err(format!(
+                            "{} has edges that disagree with its input/output lists",
+                            self.describe_node(id)
+                        ));
                     }
                 }
             }
@@ -1075,7 +1103,9 @@ fn unique_name(base: &str, taken: impl Fn(&str) -> bool) -> String {
 /// serial numbers do not matter.
 impl PartialEq for Graph {
     fn eq(&self, other: &Graph) -> bool {
-        let names = |g: &Graph, ids: &[ValueId]| -> Vec<String> { ids.iter().map(|&v| g.value(v).name.clone()).collect() };
+        let names = |g: &Graph, ids: &[ValueId]| -> Vec<String> {
+            ids.iter().map(|&v| g.value(v).name.clone()).collect()
+        };
         if self.name != other.name
             || self.doc != other.doc
             || self.meta != other.meta
@@ -1092,7 +1122,12 @@ impl PartialEq for Graph {
                 return false;
             };
             let b = other.value(w);
-            if a.ty != b.ty || a.doc != b.doc || a.meta != b.meta || a.init != b.init || a.captured != b.captured {
+            if a.ty != b.ty
+                || a.doc != b.doc
+                || a.meta != b.meta
+                || a.init != b.init
+                || a.captured != b.captured
+            {
                 return false;
             }
         }
@@ -1102,7 +1137,9 @@ impl PartialEq for Graph {
             return false;
         }
         let value_names = |g: &Graph, vs: &[Option<ValueId>]| -> Vec<Option<String>> {
-            vs.iter().map(|v| v.map(|v| g.value(v).name.clone())).collect()
+            vs.iter()
+                .map(|v| v.map(|v| g.value(v).name.clone()))
+                .collect()
         };
         xs.iter().zip(&ys).all(|(&x, &y)| {
             let (a, b) = (self.node(x), other.node(y));
@@ -1125,7 +1162,10 @@ mod tests {
     use crate::{DataType, Dim};
 
     fn f32_type(dims: &[i64]) -> Option<ValueType> {
-        Some(ValueType::tensor(DataType::F32, dims.iter().map(|&d| Dim::Known(d)).collect()))
+        Some(ValueType::tensor(
+            DataType::F32,
+            dims.iter().map(|&d| Dim::Known(d)).collect(),
+        ))
     }
 
     /// x -> Relu -> y -> Neg -> z
@@ -1134,8 +1174,12 @@ mod tests {
         let x = g.add_input("x", f32_type(&[2])).unwrap();
         let y = g.add_value("y", None).unwrap();
         let z = g.add_value("z", None).unwrap();
-        let relu = g.add_node(NewNode::new("Relu").named("relu").inputs([x]).outputs([y])).unwrap();
-        let neg = g.add_node(NewNode::new("Neg").named("neg").inputs([y]).outputs([z])).unwrap();
+        let relu = g
+            .add_node(NewNode::new("Relu").named("relu").inputs([x]).outputs([y]))
+            .unwrap();
+        let neg = g
+            .add_node(NewNode::new("Neg").named("neg").inputs([y]).outputs([z]))
+            .unwrap();
         g.set_outputs(vec![z]).unwrap();
         (g, [x, y, z], [relu, neg])
     }
@@ -1169,11 +1213,24 @@ mod tests {
     #[test]
     fn outputs_cannot_be_produced_twice_or_be_inputs() {
         let (mut g, [x, y, _], _) = chain();
-        let e = g.add_node(NewNode::new("Relu").inputs([x]).outputs([y])).unwrap_err();
-        assert_eq!(e.to_string(), "value 'y' is already produced by node 'relu' (Relu)");
-        let e = g.add_node(NewNode::new("Relu").inputs([y]).outputs([x])).unwrap_err();
-        assert_eq!(e.to_string(), "value 'x' cannot be a node output: it is a graph input");
-        assert!(matches!(g.add_value("x", None), Err(IrError::DuplicateValueName(_))));
+        let e = g
+            .add_node(NewNode::new("Relu").inputs([x]).outputs([y]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "value 'y' is already produced by node 'relu' (Relu)"
+        );
+        let e = g
+            .add_node(NewNode::new("Relu").inputs([y]).outputs([x]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "value 'x' cannot be a node output: it is a graph input"
+        );
+        assert!(matches!(
+            g.add_value("x", None),
+            Err(IrError::DuplicateValueName(_))
+        ));
         let e = g.add_node(NewNode::new("Relu").named("relu")).unwrap_err();
         assert_eq!(e, IrError::DuplicateNodeName("relu".into()));
     }
@@ -1198,8 +1255,12 @@ mod tests {
         let mut g = Graph::new("g");
         let a = g.add_value("a", None).unwrap();
         let b = g.add_value("b", None).unwrap();
-        let n1 = g.add_node(NewNode::new("Neg").named("n1").inputs([b]).outputs([a])).unwrap();
-        let n2 = g.add_node(NewNode::new("Neg").named("n2").inputs([a]).outputs([b])).unwrap();
+        let n1 = g
+            .add_node(NewNode::new("Neg").named("n1").inputs([b]).outputs([a]))
+            .unwrap();
+        let n2 = g
+            .add_node(NewNode::new("Neg").named("n2").inputs([a]).outputs([b]))
+            .unwrap();
         assert_eq!(g.topo_order().unwrap_err().nodes, vec![n1, n2]);
     }
 
@@ -1211,19 +1272,30 @@ mod tests {
         let early = g.add_value("early", None).unwrap();
         let sum = g.add_value("sum", None).unwrap();
         // Created out of order: the consumer first.
-        let add = g.add_node(NewNode::new("Add").inputs([late, early]).outputs([sum])).unwrap();
-        let b = g.add_node(NewNode::new("Neg").inputs([x]).outputs([early])).unwrap();
-        let a = g.add_node(NewNode::new("Relu").inputs([x]).outputs([late])).unwrap();
+        let add = g
+            .add_node(NewNode::new("Add").inputs([late, early]).outputs([sum]))
+            .unwrap();
+        let b = g
+            .add_node(NewNode::new("Neg").inputs([x]).outputs([early]))
+            .unwrap();
+        let a = g
+            .add_node(NewNode::new("Relu").inputs([x]).outputs([late]))
+            .unwrap();
         assert_eq!(g.topo_order().unwrap(), vec![b, a, add]);
     }
 
     #[test]
     fn redundant_initializer_declarations_are_not_stored() {
         let mut g = Graph::new("g");
-        let w = g.add_initializer("w", Tensor::f32(&[2], vec![1.0, 2.0]).unwrap()).unwrap();
+        let w = g
+            .add_initializer("w", Tensor::f32(&[2], vec![1.0, 2.0]).unwrap())
+            .unwrap();
         g.declare_type(w, f32_type(&[2])).unwrap();
         assert_eq!(g.value(w).ty, None);
-        let sym = Some(ValueType::tensor(DataType::F32, vec![Dim::Symbol("N".into())]));
+        let sym = Some(ValueType::tensor(
+            DataType::F32,
+            vec![Dim::Symbol("N".into())],
+        ));
         g.declare_type(w, sym.clone()).unwrap();
         assert_eq!(g.value(w).ty, sym);
     }

@@ -21,7 +21,8 @@ mod verify;
 pub use attr::{AttrKind, AttrValue, Attribute};
 pub use dtype::DataType;
 pub use graph::{
-    Cycle, Graph, Initializer, IrError, Metadata, NewNode, Node, NodeId, TensorAnnotation, Value, ValueDef, ValueId,
+    Cycle, Graph, Initializer, IrError, Metadata, NewNode, Node, NodeId, TensorAnnotation, Value,
+    ValueDef, ValueId,
 };
 pub use model::{canonical_domain, Function, Model, OpsetImport};
 pub use tensor::{element_count, ElidedTensor, PackedTensor, ShapeFmt, Tensor, TensorError};

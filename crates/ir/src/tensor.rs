@@ -61,14 +61,20 @@ pub struct ElidedTensor {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TensorError {
-    #[error("{dtype}{} needs {expected} bytes of data, found {found}", ShapeFmt(shape))]
+    #[error(
+        "{dtype}{} needs {expected} bytes of data, found {found}",
+        ShapeFmt(shape)
+    )]
     ByteLength {
         dtype: DataType,
         shape: Vec<usize>,
         expected: usize,
         found: usize,
     },
-    #[error("shape {} has more elements than this machine can address", ShapeFmt(shape))]
+    #[error(
+        "shape {} has more elements than this machine can address",
+        ShapeFmt(shape)
+    )]
     TooLarge { shape: Vec<usize> },
     #[error("{dtype}{} needs {expected} values, found {found}", ShapeFmt(shape))]
     Count {
@@ -81,7 +87,9 @@ pub enum TensorError {
     OutOfRange { dtype: DataType, value: String },
     #[error("{dtype} values cannot be built from {from}")]
     WrongKind { dtype: DataType, from: &'static str },
-    #[error("tensor data was elided (a text form printed without weights): its values are unknown")]
+    #[error(
+        "tensor data was elided (a text form printed without weights): its values are unknown"
+    )]
     Elided,
 }
 
@@ -200,11 +208,16 @@ impl Tensor {
     }
 
     /// Builds a tensor from its little-endian byte layout (ONNX `raw_data`).
-    pub fn from_le_bytes(dtype: DataType, shape: &[usize], bytes: &[u8]) -> Result<Tensor, TensorError> {
+    pub fn from_le_bytes(
+        dtype: DataType,
+        shape: &[usize],
+        bytes: &[u8],
+    ) -> Result<Tensor, TensorError> {
         let count = checked_count(shape)?;
-        let expected = dtype
-            .packed_len(count)
-            .ok_or(TensorError::WrongKind { dtype, from: "raw bytes" })?;
+        let expected = dtype.packed_len(count).ok_or(TensorError::WrongKind {
+            dtype,
+            from: "raw bytes",
+        })?;
         if bytes.len() != expected {
             return Err(TensorError::ByteLength {
                 dtype,
@@ -280,7 +293,11 @@ impl Tensor {
     }
 
     /// Builds an integer (or bool) tensor, checking every value's range.
-    pub fn from_ints(dtype: DataType, shape: &[usize], values: &[i128]) -> Result<Tensor, TensorError> {
+    pub fn from_ints(
+        dtype: DataType,
+        shape: &[usize],
+        values: &[i128],
+    ) -> Result<Tensor, TensorError> {
         let count = checked_count(shape)?;
         if values.len() != count {
             return Err(TensorError::Count {
@@ -292,7 +309,10 @@ impl Tensor {
         }
         let (lo, hi) = match dtype {
             DataType::Bool => (0, 1),
-            d => d.int_range().ok_or(TensorError::WrongKind { dtype, from: "integers" })?,
+            d => d.int_range().ok_or(TensorError::WrongKind {
+                dtype,
+                from: "integers",
+            })?,
         };
         if let Some(v) = values.iter().find(|&&v| v < lo || v > hi) {
             return Err(TensorError::OutOfRange {
@@ -323,7 +343,11 @@ impl Tensor {
     }
 
     /// Builds a float tensor (f32, f64, f16, bf16), rounding to the type.
-    pub fn from_floats(dtype: DataType, shape: &[usize], values: &[f64]) -> Result<Tensor, TensorError> {
+    pub fn from_floats(
+        dtype: DataType,
+        shape: &[usize],
+        values: &[f64],
+    ) -> Result<Tensor, TensorError> {
         let count = checked_count(shape)?;
         if values.len() != count {
             return Err(TensorError::Count {
@@ -336,9 +360,20 @@ impl Tensor {
         Ok(match dtype {
             DataType::F32 => Tensor::F32(array(shape, values.iter().map(|&v| v as f32).collect())),
             DataType::F64 => Tensor::F64(array(shape, values.to_vec())),
-            DataType::F16 => Tensor::F16(array(shape, values.iter().map(|&v| f16::from_f64(v)).collect())),
-            DataType::BF16 => Tensor::BF16(array(shape, values.iter().map(|&v| bf16::from_f64(v)).collect())),
-            _ => return Err(TensorError::WrongKind { dtype, from: "floats" }),
+            DataType::F16 => Tensor::F16(array(
+                shape,
+                values.iter().map(|&v| f16::from_f64(v)).collect(),
+            )),
+            DataType::BF16 => Tensor::BF16(array(
+                shape,
+                values.iter().map(|&v| bf16::from_f64(v)).collect(),
+            )),
+            _ => {
+                return Err(TensorError::WrongKind {
+                    dtype,
+                    from: "floats",
+                })
+            }
         })
     }
 
@@ -364,7 +399,9 @@ impl Tensor {
             Tensor::U32(a) => conv!(a),
             Tensor::U64(a) => conv!(a),
             Tensor::Bool(a) => Some(a.iter().map(|&b| b as u8 as f64).collect()),
-            Tensor::Packed(p) => p.unpack_sub_byte_ints().map(|v| v.into_iter().map(f64::from).collect()),
+            Tensor::Packed(p) => p
+                .unpack_sub_byte_ints()
+                .map(|v| v.into_iter().map(f64::from).collect()),
             Tensor::String(_) | Tensor::Elided(_) => None,
         }
     }
@@ -407,11 +444,16 @@ impl PartialEq for Tensor {
 
 impl PackedTensor {
     /// Wraps packed bytes; checks their length against type and shape.
-    pub fn new(dtype: DataType, shape: &[usize], bytes: Vec<u8>) -> Result<PackedTensor, TensorError> {
+    pub fn new(
+        dtype: DataType,
+        shape: &[usize],
+        bytes: Vec<u8>,
+    ) -> Result<PackedTensor, TensorError> {
         let count = checked_count(shape)?;
-        let expected = dtype
-            .packed_len(count)
-            .ok_or(TensorError::WrongKind { dtype, from: "raw bytes" })?;
+        let expected = dtype.packed_len(count).ok_or(TensorError::WrongKind {
+            dtype,
+            from: "raw bytes",
+        })?;
         if bytes.len() != expected {
             return Err(TensorError::ByteLength {
                 dtype,
@@ -440,10 +482,19 @@ impl PackedTensor {
     }
 
     /// Packs int4/uint4/int2/uint2 values, first element in the lowest bits.
-    pub fn from_sub_byte_ints(dtype: DataType, shape: &[usize], values: &[i8]) -> Result<PackedTensor, TensorError> {
+    pub fn from_sub_byte_ints(
+        dtype: DataType,
+        shape: &[usize],
+        values: &[i8],
+    ) -> Result<PackedTensor, TensorError> {
         let bits = match dtype {
             DataType::I4 | DataType::U4 | DataType::I2 | DataType::U2 => dtype.bits().unwrap_or(8),
-            _ => return Err(TensorError::WrongKind { dtype, from: "sub-byte integers" }),
+            _ => {
+                return Err(TensorError::WrongKind {
+                    dtype,
+                    from: "sub-byte integers",
+                })
+            }
         };
         let count = checked_count(shape)?;
         if values.len() != count {
@@ -455,7 +506,10 @@ impl PackedTensor {
             });
         }
         let (lo, hi) = dtype.int_range().unwrap_or((0, 0));
-        if let Some(v) = values.iter().find(|&&v| (v as i128) < lo || (v as i128) > hi) {
+        if let Some(v) = values
+            .iter()
+            .find(|&&v| (v as i128) < lo || (v as i128) > hi)
+        {
             return Err(TensorError::OutOfRange {
                 dtype,
                 value: v.to_string(),

@@ -121,7 +121,12 @@ impl std::fmt::Display for ValueType {
             ValueType::Optional(t) => write!(f, "optional({t})"),
             ValueType::Map(k, v) => write!(f, "map({k}, {v})"),
             ValueType::Opaque { domain, name } => {
-                write!(f, "opaque({}, {})", crate::quote::quote(domain), crate::quote::quote(name))
+                write!(
+                    f,
+                    "opaque({}, {})",
+                    crate::quote::quote(domain),
+                    crate::quote::quote(name)
+                )
             }
         }
     }

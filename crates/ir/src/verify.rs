@@ -72,7 +72,10 @@ fn check_imports(imports: &[OpsetImport], owner: &str) -> Result<(), VerifyError
     let mut seen = HashSet::new();
     for o in imports {
         if !seen.insert(canonical_domain(&o.domain)) {
-            return fail(format!("{owner} imports domain '{}' twice (opset_import)", o.domain));
+            return fail(format!(
+                "{owner} imports domain '{}' twice (opset_import)",
+                o.domain
+            ));
         }
     }
     Ok(())
@@ -82,7 +85,12 @@ fn verify_graph(g: &Graph, scope: &Scope, outer: &[&Graph]) -> Result<(), Verify
     verify_graph_inner(g, scope, outer, true)
 }
 
-fn verify_graph_inner(g: &Graph, scope: &Scope, outer: &[&Graph], check_domains: bool) -> Result<(), VerifyError> {
+fn verify_graph_inner(
+    g: &Graph,
+    scope: &Scope,
+    outer: &[&Graph],
+    check_domains: bool,
+) -> Result<(), VerifyError> {
     if let Err(e) = g.check_links() {
         return fail(format!("internal inconsistency: {e}"));
     }
@@ -103,7 +111,10 @@ fn verify_graph_inner(g: &Graph, scope: &Scope, outer: &[&Graph], check_domains:
                         val.name()
                     ));
                 }
-                return fail(format!("value '{}' is neither defined nor used", val.name()));
+                return fail(format!(
+                    "value '{}' is neither defined nor used",
+                    val.name()
+                ));
             }
             ValueDef::Captured => {
                 if outer.is_empty() {
@@ -139,10 +150,22 @@ fn verify_graph_inner(g: &Graph, scope: &Scope, outer: &[&Graph], check_domains:
     let order = match g.topo_order() {
         Ok(order) => order,
         Err(cycle) => {
-            let shown: Vec<String> = cycle.nodes.iter().take(4).map(|&n| g.describe_node(n)).collect();
+            let shown: Vec<String> = cycle
+                .nodes
+                .iter()
+                .take(4)
+                .map(|&n| g.describe_node(n))
+                .collect();
             let more = cycle.nodes.len().saturating_sub(shown.len());
-            let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
-            return fail(format!("the graph has a cycle through {}{tail}", shown.join(", ")));
+            let tail = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            return fail(format!(
+                "the graph has a cycle through {}{tail}",
+                shown.join(", ")
+            ));
         }
     };
     let mut inner_outer: Vec<&Graph> = outer.to_vec();
@@ -152,12 +175,19 @@ fn verify_graph_inner(g: &Graph, scope: &Scope, outer: &[&Graph], check_domains:
         let mut names = HashSet::new();
         for a in &node.attrs {
             if !names.insert(a.name.as_str()) {
-                return fail(format!("{}: attribute '{}' appears twice", g.describe_node(n), a.name));
+                return fail(format!(
+                    "{}: attribute '{}' appears twice",
+                    g.describe_node(n),
+                    a.name
+                ));
             }
         }
         if check_domains {
             let domain = canonical_domain(&node.domain);
-            let imported = scope.imports.iter().any(|o| canonical_domain(&o.domain) == domain);
+            let imported = scope
+                .imports
+                .iter()
+                .any(|o| canonical_domain(&o.domain) == domain);
             let local_function = scope
                 .functions
                 .iter()
@@ -171,7 +201,9 @@ fn verify_graph_inner(g: &Graph, scope: &Scope, outer: &[&Graph], check_domains:
             }
         }
         if node.op_type == "Constant" && node.domain.is_empty() {
-            if let (Some(AttrValue::Tensor(t)), Some(Some(out))) = (node.attr("value"), node.outputs().first()) {
+            if let (Some(AttrValue::Tensor(t)), Some(Some(out))) =
+                (node.attr("value"), node.outputs().first())
+            {
                 if let Some(ValueType::Tensor(decl)) = &g.value(*out).ty {
                     if !decl.admits(t.dtype(), t.shape()) {
                         return fail(format!(
@@ -187,14 +219,16 @@ fn verify_graph_inner(g: &Graph, scope: &Scope, outer: &[&Graph], check_domains:
         }
         for a in &node.attrs {
             for sub in a.value.subgraphs() {
-                verify_graph_inner(sub, scope, &inner_outer, check_domains).map_err(|e| VerifyError {
-                    message: format!(
-                        "in subgraph '{}' (attribute '{}' of {}): {}",
-                        sub.name,
-                        a.name,
-                        g.describe_node(n),
-                        e.message
-                    ),
+                verify_graph_inner(sub, scope, &inner_outer, check_domains).map_err(|e| {
+                    VerifyError {
+                        message: format!(
+                            "in subgraph '{}' (attribute '{}' of {}): {}",
+                            sub.name,
+                            a.name,
+                            g.describe_node(n),
+                            e.message
+                        ),
+                    }
                 })?;
             }
         }
@@ -216,7 +250,8 @@ mod tests {
         let mut g = Graph::new("g");
         let ghost = g.add_value("ghost", None).unwrap();
         let y = g.add_value("y", None).unwrap();
-        g.add_node(NewNode::new("Relu").named("r").inputs([ghost]).outputs([y])).unwrap();
+        g.add_node(NewNode::new("Relu").named("r").inputs([ghost]).outputs([y]))
+            .unwrap();
         g.set_outputs(vec![y]).unwrap();
         let e = verify_model(&model(g)).unwrap_err();
         assert_eq!(
@@ -230,22 +265,38 @@ mod tests {
         let mut g = Graph::new("g");
         let a = g.add_value("a", None).unwrap();
         let b = g.add_value("b", None).unwrap();
-        g.add_node(NewNode::new("Neg").named("n1").inputs([b]).outputs([a])).unwrap();
-        g.add_node(NewNode::new("Neg").named("n2").inputs([a]).outputs([b])).unwrap();
+        g.add_node(NewNode::new("Neg").named("n1").inputs([b]).outputs([a]))
+            .unwrap();
+        g.add_node(NewNode::new("Neg").named("n2").inputs([a]).outputs([b]))
+            .unwrap();
         g.set_outputs(vec![a]).unwrap();
         let e = verify_model(&model(g)).unwrap_err();
-        assert_eq!(e.message, "the graph has a cycle through node 'n1' (Neg), node 'n2' (Neg)");
+        assert_eq!(
+            e.message,
+            "the graph has a cycle through node 'n1' (Neg), node 'n2' (Neg)"
+        );
     }
 
     #[test]
     fn declared_types_must_admit_the_initializer() {
         let mut g = Graph::new("g");
-        let w = g.add_initializer("w", Tensor::f32(&[2], vec![1.0, 2.0]).unwrap()).unwrap();
-        g.declare_type(w, Some(ValueType::Tensor(TensorType::of_concrete(crate::DataType::I64, &[2]))))
+        let w = g
+            .add_initializer("w", Tensor::f32(&[2], vec![1.0, 2.0]).unwrap())
             .unwrap();
+        g.declare_type(
+            w,
+            Some(ValueType::Tensor(TensorType::of_concrete(
+                crate::DataType::I64,
+                &[2],
+            ))),
+        )
+        .unwrap();
         g.set_outputs(vec![w]).unwrap();
         let e = verify_model(&model(g)).unwrap_err();
-        assert_eq!(e.message, "value 'w' is declared i64[2] but its initializer is f32[2]");
+        assert_eq!(
+            e.message,
+            "value 'w' is declared i64[2] but its initializer is f32[2]"
+        );
     }
 
     #[test]
@@ -254,12 +305,21 @@ mod tests {
         let x = g.add_input("x", None).unwrap();
         let y = g.add_value("y", None).unwrap();
         let n = g
-            .add_node(NewNode::new("Foo").domain("com.acme").named("f").inputs([x]).outputs([y]))
+            .add_node(
+                NewNode::new("Foo")
+                    .domain("com.acme")
+                    .named("f")
+                    .inputs([x])
+                    .outputs([y]),
+            )
             .unwrap();
         g.set_outputs(vec![y]).unwrap();
         let mut m = model(g);
         let e = verify_model(&m).unwrap_err();
-        assert_eq!(e.message, "node 'f' (com.acme.Foo) uses domain 'com.acme', which is not imported (opset_import)");
+        assert_eq!(
+            e.message,
+            "node 'f' (com.acme.Foo) uses domain 'com.acme', which is not imported (opset_import)"
+        );
         m.opset_imports.push(OpsetImport {
             domain: "com.acme".into(),
             version: 1,
@@ -272,7 +332,10 @@ mod tests {
         };
         m.graph.node_mut(n).unwrap().attrs = vec![attr.clone(), attr];
         let e = verify_model(&m).unwrap_err();
-        assert_eq!(e.message, "node 'f' (com.acme.Foo): attribute 'k' appears twice");
+        assert_eq!(
+            e.message,
+            "node 'f' (com.acme.Foo): attribute 'k' appears twice"
+        );
     }
 
     #[test]
@@ -284,7 +347,9 @@ mod tests {
         let mut branch = Graph::new("then");
         let cx = branch.add_captured("x").unwrap();
         let out = branch.add_value("t", None).unwrap();
-        branch.add_node(NewNode::new("Neg").inputs([cx]).outputs([out])).unwrap();
+        branch
+            .add_node(NewNode::new("Neg").inputs([cx]).outputs([out]))
+            .unwrap();
         branch.set_outputs(vec![out]).unwrap();
         let mut bad = branch.clone();
         bad.rename_value(cx, "nowhere").unwrap();
