@@ -19,4 +19,4 @@ mod proto {
 
 pub use error::OnnxError;
 pub use read::{decode_model, read_model, Loaded};
-pub use write::{encode_model, write_model, ExternalData, WriteOptions, WriteReport};
+pub use write::{encode_model, write_atomic, write_model, ExternalData, WriteOptions, WriteReport};

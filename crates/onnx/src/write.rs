@@ -98,7 +98,9 @@ pub fn write_model(
     Ok(report)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OnnxError> {
+/// Writes bytes to `path` through a temporary file in the same directory and
+/// a rename: readers see the old file or the whole new one, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OnnxError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

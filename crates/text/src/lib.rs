@@ -26,5 +26,8 @@ mod print;
 mod syntax;
 
 pub use parse::{parse_model, TextError};
-pub use print::{format_attr_value, format_label, format_node, format_op, format_tensor, format_type, print_model, PrintOptions};
+pub use print::{
+    format_attr_value, format_label, format_node, format_op, format_tensor, format_type,
+    print_model, PrintOptions,
+};
 pub use syntax::{digest, value_ref, Pos, SyntaxError};

@@ -5,8 +5,9 @@
 
 use crate::syntax::{lex, Pos, SyntaxError, Tok};
 use qgraph_ir::{
-    AttrKind, AttrValue, Attribute, DataType, Dim, ElidedTensor, Function, Graph, Initializer, Metadata, Model,
-    NewNode, OpsetImport, Tensor, TensorAnnotation, TensorType, ValueId, ValueType,
+    AttrKind, AttrValue, Attribute, DataType, Dim, ElidedTensor, Function, Graph, Initializer,
+    Metadata, Model, NewNode, OpsetImport, Tensor, TensorAnnotation, TensorType, ValueId,
+    ValueType,
 };
 use std::collections::HashMap;
 
@@ -26,7 +27,11 @@ pub enum TextError {
 /// Parses a model and verifies it.
 pub fn parse_model(src: &str) -> Result<Model, TextError> {
     let toks = lex(src)?;
-    let mut p = Parser { toks, at: 0, depth: 0 };
+    let mut p = Parser {
+        toks,
+        at: 0,
+        depth: 0,
+    };
     let model = p.model()?;
     qgraph_ir::verify_model(&model).map_err(|e| TextError::Invalid(e.message))?;
     Ok(model)
@@ -159,7 +164,10 @@ impl Parser {
             self.at += 1;
             Ok(())
         } else {
-            err(self.pos(), format!("expected '{c}' {what}, found {}", self.found()))
+            err(
+                self.pos(),
+                format!("expected '{c}' {what}, found {}", self.found()),
+            )
         }
     }
 
@@ -177,14 +185,20 @@ impl Parser {
             self.at += 1;
             Ok(())
         } else {
-            err(self.pos(), format!("expected '{w}', found {}", self.found()))
+            err(
+                self.pos(),
+                format!("expected '{w}', found {}", self.found()),
+            )
         }
     }
 
     fn string(&mut self, what: &str) -> PResult<Vec<u8>> {
         match self.next()? {
             (Tok::Str(s), _) => Ok(s),
-            (t, pos) => err(pos, format!("expected a quoted string ({what}), found {}", t.describe())),
+            (t, pos) => err(
+                pos,
+                format!("expected a quoted string ({what}), found {}", t.describe()),
+            ),
         }
     }
 
@@ -208,14 +222,20 @@ impl Parser {
             (Tok::Num { text, float: false }, pos) => text
                 .parse::<i64>()
                 .or_else(|_| err(pos, format!("{text} does not fit in 64 bits"))),
-            (t, pos) => err(pos, format!("expected an integer ({what}), found {}", t.describe())),
+            (t, pos) => err(
+                pos,
+                format!("expected an integer ({what}), found {}", t.describe()),
+            ),
         }
     }
 
     fn value_name(&mut self) -> PResult<(Pos, String)> {
         match self.next()? {
             (Tok::Value(v), pos) => Ok((pos, v)),
-            (t, pos) => err(pos, format!("expected a value such as %x, found {}", t.describe())),
+            (t, pos) => err(
+                pos,
+                format!("expected a value such as %x, found {}", t.describe()),
+            ),
         }
     }
 
@@ -248,7 +268,10 @@ impl Parser {
                         self.at += 1;
                         let d = self.text("opset domain")?;
                         let v = self.int("opset version")?;
-                        opsets.push(OpsetImport { domain: d, version: v });
+                        opsets.push(OpsetImport {
+                            domain: d,
+                            version: v,
+                        });
                     }
                     "producer" => {
                         self.at += 1;
@@ -272,13 +295,29 @@ impl Parser {
                         meta.push(self.meta_entry()?);
                     }
                     "graph" => break,
-                    other => return err(pos, format!("expected a model header line or 'graph', found '{other}'")),
+                    other => {
+                        return err(
+                            pos,
+                            format!("expected a model header line or 'graph', found '{other}'"),
+                        )
+                    }
                 },
-                _ => return err(pos, format!("expected a model header line or 'graph', found {}", self.found())),
+                _ => {
+                    return err(
+                        pos,
+                        format!(
+                            "expected a model header line or 'graph', found {}",
+                            self.found()
+                        ),
+                    )
+                }
             }
         }
         let Some(ir_version) = ir_version else {
-            return err(Pos { line: 1, col: 1 }, "the text must start with 'ir_version N'");
+            return err(
+                Pos { line: 1, col: 1 },
+                "the text must start with 'ir_version N'",
+            );
         };
         self.expect_word("graph")?;
         let graph = self.graph_block()?;
@@ -329,7 +368,10 @@ impl Parser {
     fn graph_block(&mut self) -> PResult<Graph> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
-            return err(self.pos(), format!("subgraphs nest deeper than {MAX_DEPTH} levels"));
+            return err(
+                self.pos(),
+                format!("subgraphs nest deeper than {MAX_DEPTH} levels"),
+            );
         }
         let name = self.name("a graph name")?;
         let pos = self.pos();
@@ -348,14 +390,21 @@ impl Parser {
         loop {
             let pos = self.pos();
             let Some(tok) = self.peek().cloned() else {
-                return err(pos, "unexpected end of text: a graph is not closed with '}'");
+                return err(
+                    pos,
+                    "unexpected end of text: a graph is not closed with '}'",
+                );
             };
             if tok == Tok::Punct('}') {
                 self.at += 1;
                 return Ok(g);
             }
             let keyword = match (&tok, self.peek2()) {
-                (Tok::Word(w), Some(next)) if *next != Tok::Punct(':') && *next != Tok::Punct('(') => Some(w.clone()),
+                (Tok::Word(w), Some(next))
+                    if *next != Tok::Punct(':') && *next != Tok::Punct('(') =>
+                {
+                    Some(w.clone())
+                }
                 _ => None,
             };
             match keyword.as_deref() {
@@ -374,7 +423,10 @@ impl Parser {
                             (&mut init.doc, &mut init.meta)
                         }
                         Attach::InputDefault(i) => {
-                            let init = g.inputs[i].default.as_mut().expect("attached to an input with a default");
+                            let init = g.inputs[i]
+                                .default
+                                .as_mut()
+                                .expect("attached to an input with a default");
                             (&mut init.doc, &mut init.meta)
                         }
                         Attach::Node(i) => {
@@ -382,7 +434,13 @@ impl Parser {
                             (&mut node.doc, &mut node.meta)
                         }
                         Attach::Nothing(what) => {
-                            return err(pos, format!("'{}' cannot follow {what}", if is_doc { "doc" } else { "meta" }))
+                            return err(
+                                pos,
+                                format!(
+                                    "'{}' cannot follow {what}",
+                                    if is_doc { "doc" } else { "meta" }
+                                ),
+                            )
                         }
                     };
                     if let Some(doc) = doc {
@@ -425,14 +483,21 @@ impl Parser {
                     self.at += 1;
                     let d = self.text("opset domain")?;
                     let v = self.int("opset version")?;
-                    g.opsets.push(OpsetImport { domain: d, version: v });
+                    g.opsets.push(OpsetImport {
+                        domain: d,
+                        version: v,
+                    });
                     attach = Attach::Nothing("an opset");
                     continue;
                 }
                 Some("input") => {
                     self.at += 1;
                     let (vpos, name) = self.value_name()?;
-                    let ty = if self.eat_punct(':') { Some(self.value_type()?) } else { None };
+                    let ty = if self.eat_punct(':') {
+                        Some(self.value_type()?)
+                    } else {
+                        None
+                    };
                     let default = if self.eat_punct('=') {
                         Some(Initializer {
                             tensor: self.tensor_literal()?,
@@ -447,14 +512,27 @@ impl Parser {
                     } else {
                         Attach::Nothing("an input without a default")
                     };
-                    g.inputs.push(InputAst { pos: vpos, name, ty, default });
+                    g.inputs.push(InputAst {
+                        pos: vpos,
+                        name,
+                        ty,
+                        default,
+                    });
                     continue;
                 }
                 Some("output") => {
                     self.at += 1;
                     let (vpos, name) = self.value_name()?;
-                    let ty = if self.eat_punct(':') { Some(self.value_type()?) } else { None };
-                    g.outputs.push(OutAst { pos: vpos, name, ty });
+                    let ty = if self.eat_punct(':') {
+                        Some(self.value_type()?)
+                    } else {
+                        None
+                    };
+                    g.outputs.push(OutAst {
+                        pos: vpos,
+                        name,
+                        ty,
+                    });
                     attach = Attach::Nothing("an output");
                     continue;
                 }
@@ -467,7 +545,11 @@ impl Parser {
                 Some("init") => {
                     self.at += 1;
                     let (vpos, name) = self.value_name()?;
-                    let ty = if self.eat_punct(':') { Some(self.value_type()?) } else { None };
+                    let ty = if self.eat_punct(':') {
+                        Some(self.value_type()?)
+                    } else {
+                        None
+                    };
                     self.expect_punct('=', "before the initializer's data")?;
                     let tensor = self.tensor_literal()?;
                     attach = Attach::Init(g.inits.len());
@@ -492,7 +574,8 @@ impl Parser {
                         if self.is_word("doc") && matches!(self.peek2(), Some(Tok::Str(_))) {
                             self.at += 1;
                             doc = self.text("doc string")?;
-                        } else if self.is_word("meta") && matches!(self.peek2(), Some(Tok::Str(_))) {
+                        } else if self.is_word("meta") && matches!(self.peek2(), Some(Tok::Str(_)))
+                        {
                             self.at += 1;
                             meta.push(self.meta_entry()?);
                         } else {
@@ -532,7 +615,9 @@ impl Parser {
     fn node(&mut self) -> PResult<NodeAst> {
         let pos = self.pos();
         let mut name = String::new();
-        if matches!(self.peek(), Some(Tok::Word(_) | Tok::Str(_))) && self.peek2() == Some(&Tok::Punct(':')) {
+        if matches!(self.peek(), Some(Tok::Word(_) | Tok::Str(_)))
+            && self.peek2() == Some(&Tok::Punct(':'))
+        {
             name = self.name("a node name")?;
             self.at += 1;
         }
@@ -544,8 +629,16 @@ impl Parser {
                     outputs.push(None);
                 } else {
                     let (vpos, v) = self.value_name()?;
-                    let ty = if self.eat_punct(':') { Some(self.value_type()?) } else { None };
-                    outputs.push(Some(OutAst { pos: vpos, name: v, ty }));
+                    let ty = if self.eat_punct(':') {
+                        Some(self.value_type()?)
+                    } else {
+                        None
+                    };
+                    outputs.push(Some(OutAst {
+                        pos: vpos,
+                        name: v,
+                        ty,
+                    }));
                 }
                 if !self.eat_punct(',') {
                     break;
@@ -582,7 +675,11 @@ impl Parser {
                 } else {
                     String::new()
                 };
-                attrs.push(Attribute { name: aname, value, doc });
+                attrs.push(Attribute {
+                    name: aname,
+                    value,
+                    doc,
+                });
                 if self.eat_punct('}') {
                     break;
                 }
@@ -617,7 +714,10 @@ impl Parser {
                 Some((d, o)) => (d.to_string(), o.to_string()),
                 None => (String::new(), w),
             }),
-            (t, pos) => err(pos, format!("expected an operator such as Conv, found {}", t.describe())),
+            (t, pos) => err(
+                pos,
+                format!("expected an operator such as Conv, found {}", t.describe()),
+            ),
         }
     }
 
@@ -625,10 +725,12 @@ impl Parser {
 
     fn dtype(&mut self) -> PResult<DataType> {
         match self.next()? {
-            (Tok::Word(w), pos) => {
-                DataType::from_name(&w).map_or_else(|| err(pos, format!("'{w}' is not a data type")), Ok)
-            }
-            (t, pos) => err(pos, format!("expected a data type such as f32, found {}", t.describe())),
+            (Tok::Word(w), pos) => DataType::from_name(&w)
+                .map_or_else(|| err(pos, format!("'{w}' is not a data type")), Ok),
+            (t, pos) => err(
+                pos,
+                format!("expected a data type such as f32, found {}", t.describe()),
+            ),
         }
     }
 
@@ -636,7 +738,12 @@ impl Parser {
         let pos = self.pos();
         let word = match self.peek() {
             Some(Tok::Word(w)) => w.clone(),
-            _ => return err(pos, format!("expected a type such as f32[N,3], found {}", self.found())),
+            _ => {
+                return err(
+                    pos,
+                    format!("expected a type such as f32[N,3], found {}", self.found()),
+                )
+            }
         };
         let wrapped = |p: &mut Parser| -> PResult<ValueType> {
             p.at += 1;
@@ -688,13 +795,16 @@ impl Parser {
         if !self.eat_punct(']') {
             loop {
                 dims.push(match self.next()? {
-                    (Tok::Num { text, float: false }, pos) => {
-                        Dim::Known(text.parse().or_else(|_| err(pos, format!("{text} does not fit in 64 bits")))?)
-                    }
+                    (Tok::Num { text, float: false }, pos) => Dim::Known(
+                        text.parse()
+                            .or_else(|_| err(pos, format!("{text} does not fit in 64 bits")))?,
+                    ),
                     (Tok::Word(w), _) => Dim::Symbol(w),
                     (Tok::Str(s), pos) => Dim::Symbol(utf8(pos, s)?),
                     (Tok::Punct('?'), _) => Dim::Unknown,
-                    (t, pos) => return err(pos, format!("expected a dimension, found {}", t.describe())),
+                    (t, pos) => {
+                        return err(pos, format!("expected a dimension, found {}", t.describe()))
+                    }
                 });
                 if self.eat_punct(']') {
                     break;
@@ -702,7 +812,10 @@ impl Parser {
                 self.expect_punct(',', "between dimensions")?;
             }
         }
-        Ok(TensorType { dtype, shape: Some(dims) })
+        Ok(TensorType {
+            dtype,
+            shape: Some(dims),
+        })
     }
 
     /// `DTYPE[shape] DATA` where DATA is `[values]`, `<blake3:...>` or `raw "hex"`.
@@ -714,29 +827,42 @@ impl Parser {
         if !self.eat_punct(']') {
             loop {
                 let d = self.int("dimension")?;
-                shape.push(usize::try_from(d).or_else(|_| err(pos, format!("dimension {d} is negative")))?);
+                shape.push(
+                    usize::try_from(d)
+                        .or_else(|_| err(pos, format!("dimension {d} is negative")))?,
+                );
                 if self.eat_punct(']') {
                     break;
                 }
                 self.expect_punct(',', "between dimensions")?;
             }
         }
-        let count = qgraph_ir::element_count(&shape).map_or_else(|| err(pos, "the shape has too many elements"), Ok)?;
+        let count = qgraph_ir::element_count(&shape)
+            .map_or_else(|| err(pos, "the shape has too many elements"), Ok)?;
         let tensor_err = |e: qgraph_ir::TensorError| SyntaxError {
             pos,
             message: e.to_string(),
         };
         match self.peek() {
             Some(Tok::Digest(_)) => {
-                let Ok((Tok::Digest(d), _)) = self.next() else { unreachable!("peeked") };
-                return Ok(Tensor::Elided(ElidedTensor { dtype, shape, digest: d }));
+                let Ok((Tok::Digest(d), _)) = self.next() else {
+                    unreachable!("peeked")
+                };
+                return Ok(Tensor::Elided(ElidedTensor {
+                    dtype,
+                    shape,
+                    digest: d,
+                }));
             }
             Some(Tok::Word(w)) if w == "raw" => {
                 self.at += 1;
                 let hpos = self.pos();
                 let hex = self.text("hexadecimal bytes")?;
                 if hex.len() % 2 != 0 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return err(hpos, "raw data must be an even number of hexadecimal digits");
+                    return err(
+                        hpos,
+                        "raw data must be an even number of hexadecimal digits",
+                    );
                 }
                 let bytes: Vec<u8> = (0..hex.len() / 2)
                     .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0))
@@ -757,11 +883,20 @@ impl Parser {
             }
         }
         if items.len() != count {
-            return err(pos, format!("{dtype}{} needs {count} values, found {}", qgraph_ir::ShapeFmt(&shape), items.len()));
+            return err(
+                pos,
+                format!(
+                    "{dtype}{} needs {count} values, found {}",
+                    qgraph_ir::ShapeFmt(&shape),
+                    items.len()
+                ),
+            );
         }
         let float_of = |(t, p): &(Tok, Pos)| -> PResult<f64> {
             match t {
-                Tok::Num { text, .. } => parse_f64(text).map_or_else(|| err(*p, format!("'{text}' is not a number")), Ok),
+                Tok::Num { text, .. } => {
+                    parse_f64(text).map_or_else(|| err(*p, format!("'{text}' is not a number")), Ok)
+                }
                 t => err(*p, format!("expected a number, found {}", t.describe())),
             }
         };
@@ -770,9 +905,8 @@ impl Parser {
                 let mut v = Vec::with_capacity(count);
                 for (t, p) in &items {
                     v.push(match t {
-                        Tok::Num { text, .. } => {
-                            parse_f32(text).map_or_else(|| err(*p, format!("'{text}' is not a number")), Ok)?
-                        }
+                        Tok::Num { text, .. } => parse_f32(text)
+                            .map_or_else(|| err(*p, format!("'{text}' is not a number")), Ok)?,
                         t => return err(*p, format!("expected a number, found {}", t.describe())),
                     });
                 }
@@ -788,9 +922,9 @@ impl Parser {
                     let mut out = Vec::with_capacity(count);
                     for (t, p) in &items {
                         out.push(match t {
-                            Tok::Num { text, .. } => {
-                                parse_f32(text).map_or_else(|| err(*p, format!("'{text}' is not a number")), Ok)? as f64
-                            }
+                            Tok::Num { text, .. } => parse_f32(text)
+                                .map_or_else(|| err(*p, format!("'{text}' is not a number")), Ok)?
+                                as f64,
                             _ => 0.0,
                         });
                     }
@@ -803,7 +937,12 @@ impl Parser {
                 for (t, p) in items {
                     match t {
                         Tok::Str(s) => v.push(s),
-                        t => return err(p, format!("expected a quoted string, found {}", t.describe())),
+                        t => {
+                            return err(
+                                p,
+                                format!("expected a quoted string, found {}", t.describe()),
+                            )
+                        }
                     }
                 }
                 Tensor::from_strings(&shape, v).map_err(tensor_err)
@@ -814,7 +953,12 @@ impl Parser {
                     match t {
                         Tok::Word(w) if w == "true" => v.push(1),
                         Tok::Word(w) if w == "false" => v.push(0),
-                        t => return err(p, format!("expected true or false, found {}", t.describe())),
+                        t => {
+                            return err(
+                                p,
+                                format!("expected true or false, found {}", t.describe()),
+                            )
+                        }
                     }
                 }
                 Tensor::from_ints(dtype, &shape, &v).map_err(tensor_err)
@@ -823,9 +967,10 @@ impl Parser {
                 let mut v = Vec::with_capacity(count);
                 for (t, p) in items {
                     match t {
-                        Tok::Num { text, float: false } => {
-                            v.push(text.parse::<i128>().or_else(|_| err(p, format!("'{text}' is too large")))?)
-                        }
+                        Tok::Num { text, float: false } => v.push(
+                            text.parse::<i128>()
+                                .or_else(|_| err(p, format!("'{text}' is too large")))?,
+                        ),
                         t => return err(p, format!("expected an integer, found {}", t.describe())),
                     }
                 }
@@ -834,7 +979,10 @@ impl Parser {
                     message: e.to_string(),
                 })
             }
-            d => err(pos, format!("{d} values are written as raw \"HEX\", not as a list")),
+            d => err(
+                pos,
+                format!("{d} values are written as raw \"HEX\", not as a list"),
+            ),
         }
     }
 
@@ -846,7 +994,10 @@ impl Parser {
             Some(Tok::Num { text, float }) => {
                 self.at += 1;
                 if float {
-                    parse_f32(&text).map_or_else(|| err(pos, format!("'{text}' is not a number")), |f| Ok(AttrValue::Float(f)))
+                    parse_f32(&text).map_or_else(
+                        || err(pos, format!("'{text}' is not a number")),
+                        |f| Ok(AttrValue::Float(f)),
+                    )
                 } else {
                     text.parse::<i64>()
                         .map(AttrValue::Int)
@@ -875,7 +1026,10 @@ impl Parser {
                     self.expect_punct('(', "after ref")?;
                     let kpos = self.pos();
                     let kind = self.name("an attribute kind")?;
-                    let kind = AttrKind::from_name(&kind).map_or_else(|| err(kpos, format!("'{kind}' is not an attribute kind")), Ok)?;
+                    let kind = AttrKind::from_name(&kind).map_or_else(
+                        || err(kpos, format!("'{kind}' is not an attribute kind")),
+                        Ok,
+                    )?;
                     self.expect_punct(',', "after the kind")?;
                     let name = self.name("the referenced attribute")?;
                     self.expect_punct(')', "to close ref")?;
@@ -894,10 +1048,15 @@ impl Parser {
                         _ => AttrValue::Types(vec![]),
                     })
                 }
-                _ if DataType::from_name(&w).is_some() => Ok(AttrValue::Tensor(self.tensor_literal()?)),
+                _ if DataType::from_name(&w).is_some() => {
+                    Ok(AttrValue::Tensor(self.tensor_literal()?))
+                }
                 _ => err(pos, format!("expected an attribute value, found '{w}'")),
             },
-            _ => err(pos, format!("expected an attribute value, found {}", self.found())),
+            _ => err(
+                pos,
+                format!("expected an attribute value, found {}", self.found()),
+            ),
         }
     }
 
@@ -915,15 +1074,29 @@ impl Parser {
             }
         }
         let Some(first) = items.first() else {
-            return err(pos, "an empty list needs its kind: ints [], floats [], strings [], ...");
+            return err(
+                pos,
+                "an empty list needs its kind: ints [], floats [], strings [], ...",
+            );
         };
         let kind = first.kind();
         if items.iter().any(|i| i.kind() != kind) {
-            return err(pos, "list items must all be of one kind (write 1.0, not 1, in a list of floats)");
+            return err(
+                pos,
+                "list items must all be of one kind (write 1.0, not 1, in a list of floats)",
+            );
         }
         macro_rules! collect {
             ($variant:ident, $out:ident) => {
-                AttrValue::$out(items.into_iter().map(|i| match i { AttrValue::$variant(x) => x, _ => unreachable!("kind checked") }).collect())
+                AttrValue::$out(
+                    items
+                        .into_iter()
+                        .map(|i| match i {
+                            AttrValue::$variant(x) => x,
+                            _ => unreachable!("kind checked"),
+                        })
+                        .collect(),
+                )
             };
         }
         Ok(match kind {
@@ -941,7 +1114,12 @@ impl Parser {
                     })
                     .collect(),
             ),
-            _ => return err(pos, "lists hold floats, ints, strings, tensors, graphs or types"),
+            _ => {
+                return err(
+                    pos,
+                    "lists hold floats, ints, strings, tensors, graphs or types",
+                )
+            }
         })
     }
 
@@ -958,7 +1136,13 @@ impl Parser {
             if let Some(t) = ty {
                 if let Some(old) = types.get(&v) {
                     if *old != t {
-                        return err(p, format!("value {} is given two types: {old} and {t}", g.value(v).name()));
+                        return err(
+                            p,
+                            format!(
+                                "value {} is given two types: {old} and {t}",
+                                g.value(v).name()
+                            ),
+                        );
                     }
                 }
                 types.insert(v, t);
@@ -969,14 +1153,18 @@ impl Parser {
         for i in ast.inputs {
             let v = match i.default {
                 Some(init) => {
-                    let v = g.add_initializer(i.name.clone(), init.tensor).or_else(|_| dup(i.pos, &i.name))?;
+                    let v = g
+                        .add_initializer(i.name.clone(), init.tensor)
+                        .or_else(|_| dup(i.pos, &i.name))?;
                     if let Ok(Some(slot)) = g.initializer_mut(v) {
                         slot.doc = init.doc;
                         slot.meta = init.meta;
                     }
                     v
                 }
-                None => g.add_value(i.name.clone(), None).or_else(|_| dup(i.pos, &i.name))?,
+                None => g
+                    .add_value(i.name.clone(), None)
+                    .or_else(|_| dup(i.pos, &i.name))?,
             };
             set_type(&g, v, i.ty, i.pos)?;
             inputs.push(v);
@@ -985,7 +1173,9 @@ impl Parser {
             g.add_captured(name.clone()).or_else(|_| dup(*p, name))?;
         }
         for i in ast.inits {
-            let v = g.add_initializer(i.name.clone(), i.init.tensor).or_else(|_| dup(i.pos, &i.name))?;
+            let v = g
+                .add_initializer(i.name.clone(), i.init.tensor)
+                .or_else(|_| dup(i.pos, &i.name))?;
             if let Ok(Some(slot)) = g.initializer_mut(v) {
                 slot.doc = i.init.doc;
                 slot.meta = i.init.meta;
@@ -1000,7 +1190,9 @@ impl Parser {
                 match o {
                     None => outs.push(None),
                     Some(o) => {
-                        let v = g.add_value(o.name.clone(), None).or_else(|_| dup(o.pos, &o.name))?;
+                        let v = g
+                            .add_value(o.name.clone(), None)
+                            .or_else(|_| dup(o.pos, &o.name))?;
                         set_type(&g, v, o.ty.clone(), o.pos)?;
                         outs.push(Some(v));
                     }
@@ -1036,7 +1228,16 @@ impl Parser {
                 doc: n.doc,
                 meta: n.meta,
             })
-            .or_else(|e| err(n.pos, if label.is_empty() { e.to_string() } else { format!("node '{label}': {e}") }))?;
+            .or_else(|e| {
+                err(
+                    n.pos,
+                    if label.is_empty() {
+                        e.to_string()
+                    } else {
+                        format!("node '{label}': {e}")
+                    },
+                )
+            })?;
         }
         g.set_inputs(inputs).or_else(|e| err(pos, e.to_string()))?;
         let mut outputs = Vec::new();
@@ -1047,7 +1248,8 @@ impl Parser {
             set_type(&g, v, o.ty, o.pos)?;
             outputs.push(v);
         }
-        g.set_outputs(outputs).or_else(|e| err(pos, e.to_string()))?;
+        g.set_outputs(outputs)
+            .or_else(|e| err(pos, e.to_string()))?;
         for (p, name, doc, meta) in ast.values {
             let Some(v) = g.value_by_name(&name) else {
                 return err(p, format!("value %{name} is not defined"));
@@ -1059,7 +1261,8 @@ impl Parser {
         let mut typed: Vec<(ValueId, ValueType)> = types.into_iter().collect();
         typed.sort_by_key(|(v, _)| *v);
         for (v, t) in typed {
-            g.declare_type(v, Some(t)).or_else(|e| err(pos, e.to_string()))?;
+            g.declare_type(v, Some(t))
+                .or_else(|e| err(pos, e.to_string()))?;
         }
         Ok(g)
     }

@@ -3,7 +3,9 @@
 
 use crate::syntax::{digest, is_word, value_ref, KEYWORDS};
 use qgraph_ir::quote::{ident_or_quoted, quote, quote_bytes};
-use qgraph_ir::{AttrValue, Attribute, Function, Graph, Metadata, Model, NodeId, Tensor, ValueId, ValueType};
+use qgraph_ir::{
+    AttrValue, Attribute, Function, Graph, Metadata, Model, NodeId, Tensor, ValueId, ValueType,
+};
 use std::fmt::Write;
 
 /// How to print.
@@ -30,28 +32,40 @@ impl PrintOptions {
 
 /// Prints a whole model.
 pub fn print_model(model: &Model, options: &PrintOptions) -> String {
-    let mut p = Printer { out: String::new(), options: *options };
+    let mut p = Printer {
+        out: String::new(),
+        options: *options,
+    };
     p.model(model);
     p.out
 }
 
 /// One node as its statement, without indentation (subgraphs span lines).
 pub fn format_node(graph: &Graph, node: NodeId, options: &PrintOptions) -> String {
-    let mut p = Printer { out: String::new(), options: *options };
+    let mut p = Printer {
+        out: String::new(),
+        options: *options,
+    };
     p.node(graph, node, 0, &[]);
     p.out.trim_end().to_string()
 }
 
 /// A tensor literal: `f32[2] [1.0, 2.0]` or `f32[64,3,3,3] <blake3:...>`.
 pub fn format_tensor(tensor: &Tensor, options: &PrintOptions) -> String {
-    let mut p = Printer { out: String::new(), options: *options };
+    let mut p = Printer {
+        out: String::new(),
+        options: *options,
+    };
     p.tensor(tensor, 0);
     p.out
 }
 
 /// An attribute value as the text form writes it.
 pub fn format_attr_value(value: &AttrValue, options: &PrintOptions) -> String {
-    let mut p = Printer { out: String::new(), options: *options };
+    let mut p = Printer {
+        out: String::new(),
+        options: *options,
+    };
     p.attr_value(value, 0);
     p.out
 }
@@ -71,10 +85,8 @@ pub fn format_op(domain: &str, op_type: &str) -> String {
     if domain.is_empty() && plain_op {
         return op_type.to_string();
     }
-    let plain_domain = !domain.is_empty()
-        && domain
-            .split('.')
-            .all(qgraph_ir::quote::is_plain_identifier);
+    let plain_domain =
+        !domain.is_empty() && domain.split('.').all(qgraph_ir::quote::is_plain_identifier);
     if plain_domain && plain_op {
         format!("{domain}.{op_type}")
     } else {
@@ -95,7 +107,11 @@ fn f32_text(x: f32) -> String {
     if x.is_nan() {
         "nan".into()
     } else if x.is_infinite() {
-        if x > 0.0 { "inf".into() } else { "-inf".into() }
+        if x > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        }
     } else {
         format!("{x:?}")
     }
@@ -105,7 +121,11 @@ fn f64_text(x: f64) -> String {
     if x.is_nan() {
         "nan".into()
     } else if x.is_infinite() {
-        if x > 0.0 { "inf".into() } else { "-inf".into() }
+        if x > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        }
     } else {
         format!("{x:?}")
     }
@@ -136,7 +156,14 @@ impl Printer {
             self.line(0, &format!("opset {} {}", quote(&o.domain), o.version));
         }
         if !m.producer_name.is_empty() || !m.producer_version.is_empty() {
-            self.line(0, &format!("producer {} {}", quote(&m.producer_name), quote(&m.producer_version)));
+            self.line(
+                0,
+                &format!(
+                    "producer {} {}",
+                    quote(&m.producer_name),
+                    quote(&m.producer_version)
+                ),
+            );
         }
         if !m.domain.is_empty() {
             self.line(0, &format!("domain {}", quote(&m.domain)));
@@ -155,7 +182,14 @@ impl Printer {
     }
 
     fn function(&mut self, f: &Function) {
-        self.line(0, &format!("function {} {} {{", quote(&f.domain), ident_or_quoted(&f.name)));
+        self.line(
+            0,
+            &format!(
+                "function {} {} {{",
+                quote(&f.domain),
+                ident_or_quoted(&f.name)
+            ),
+        );
         if !f.overload.is_empty() {
             self.line(2, &format!("overload {}", quote(&f.overload)));
         }
@@ -164,7 +198,10 @@ impl Printer {
         }
         for a in &f.attribute_defaults {
             let mut text = format!("attribute {} = ", ident_or_quoted(&a.name));
-            let mut p = Printer { out: String::new(), options: self.options };
+            let mut p = Printer {
+                out: String::new(),
+                options: self.options,
+            };
             p.attr_value(&a.value, 2);
             text.push_str(&p.out);
             if !a.doc.is_empty() {
@@ -195,7 +232,14 @@ impl Printer {
         self.out.push('}');
     }
 
-    fn graph_body(&mut self, g: &Graph, indent: usize, doc: &str, meta: &Metadata, outer: &[&Graph]) {
+    fn graph_body(
+        &mut self,
+        g: &Graph,
+        indent: usize,
+        doc: &str,
+        meta: &Metadata,
+        outer: &[&Graph],
+    ) {
         self.doc_line(indent, doc);
         self.meta_lines(indent, meta);
         for &v in g.inputs() {
@@ -206,7 +250,10 @@ impl Printer {
             }
             if let Some(init) = val.initializer() {
                 text.push_str(" = ");
-                let mut p = Printer { out: String::new(), options: self.options };
+                let mut p = Printer {
+                    out: String::new(),
+                    options: self.options,
+                };
                 p.tensor(&init.tensor, indent);
                 text.push_str(&p.out);
                 self.line(indent, &text);
@@ -241,7 +288,10 @@ impl Printer {
                 let _ = write!(text, ": {t}");
             }
             text.push_str(" = ");
-            let mut p = Printer { out: String::new(), options: self.options };
+            let mut p = Printer {
+                out: String::new(),
+                options: self.options,
+            };
             p.tensor(&init.tensor, indent);
             text.push_str(&p.out);
             self.line(indent, &text);
@@ -256,14 +306,9 @@ impl Printer {
         }
         for v in annotated_values(g, &order) {
             let val = g.value(v);
-            let mut text = format!("value {}", value_ref(val.name()));
-            if !val.doc.is_empty() {
-                let _ = write!(text, " doc {}", quote(&val.doc));
-            }
-            for (k, m) in &val.meta {
-                let _ = write!(text, " meta {} = {}", quote(k), quote(m));
-            }
-            self.line(indent, &text);
+            self.line(indent, &format!("value {}", value_ref(val.name())));
+            self.doc_line(indent + 2, &val.doc);
+            self.meta_lines(indent + 2, &val.meta);
         }
         for a in &g.quantization_annotations {
             let entries: Vec<String> = a
@@ -271,7 +316,10 @@ impl Printer {
                 .iter()
                 .map(|(k, v)| format!("{} = {}", quote(k), quote(v)))
                 .collect();
-            self.line(indent, &format!("quant {} {{{}}}", quote(&a.tensor), entries.join(", ")));
+            self.line(
+                indent,
+                &format!("quant {} {{{}}}", quote(&a.tensor), entries.join(", ")),
+            );
         }
     }
 
@@ -306,7 +354,12 @@ impl Printer {
                 Some(v) => value_ref(g.value(*v).name()),
             })
             .collect();
-        let _ = write!(text, "{}({})", format_op(&node.domain, &node.op_type), ins.join(", "));
+        let _ = write!(
+            text,
+            "{}({})",
+            format_op(&node.domain, &node.op_type),
+            ins.join(", ")
+        );
         self.out.push_str(&pad(indent));
         self.out.push_str(&text);
         if !node.attrs.is_empty() {
@@ -358,15 +411,26 @@ impl Printer {
             AttrValue::Type(t) => {
                 let _ = write!(self.out, "type({t})");
             }
-            AttrValue::Floats(fs) => list(self, "floats", fs.iter().map(|&f| f32_text(f)).collect()),
+            AttrValue::Floats(fs) => {
+                list(self, "floats", fs.iter().map(|&f| f32_text(f)).collect())
+            }
             AttrValue::Ints(is) => list(self, "ints", is.iter().map(|i| i.to_string()).collect()),
-            AttrValue::Strings(ss) => list(self, "strings", ss.iter().map(|s| quote_bytes(s)).collect()),
-            AttrValue::Types(ts) => list(self, "types", ts.iter().map(|t| format!("type({t})")).collect()),
+            AttrValue::Strings(ss) => {
+                list(self, "strings", ss.iter().map(|s| quote_bytes(s)).collect())
+            }
+            AttrValue::Types(ts) => list(
+                self,
+                "types",
+                ts.iter().map(|t| format!("type({t})")).collect(),
+            ),
             AttrValue::Tensors(ts) => {
                 let items = ts
                     .iter()
                     .map(|t| {
-                        let mut p = Printer { out: String::new(), options: self.options };
+                        let mut p = Printer {
+                            out: String::new(),
+                            options: self.options,
+                        };
                         p.tensor(t, indent);
                         p.out
                     })
@@ -449,8 +513,16 @@ impl Printer {
 /// values, initializers, then node outputs in node order.
 fn annotated_values(g: &Graph, order: &[NodeId]) -> Vec<ValueId> {
     let mut seq: Vec<ValueId> = g.inputs().to_vec();
-    seq.extend(g.value_ids().into_iter().filter(|&v| g.value(v).is_captured()));
-    seq.extend(g.initializers().into_iter().filter(|&v| !g.value(v).is_graph_input()));
+    seq.extend(
+        g.value_ids()
+            .into_iter()
+            .filter(|&v| g.value(v).is_captured()),
+    );
+    seq.extend(
+        g.initializers()
+            .into_iter()
+            .filter(|&v| !g.value(v).is_graph_input()),
+    );
     for &n in order {
         seq.extend(g.node(n).outputs().iter().flatten().copied());
     }

@@ -90,7 +90,10 @@ pub enum Tok {
     Str(Vec<u8>),
     /// A number as written; `float` when it has a '.', an exponent, or is
     /// inf/nan.
-    Num { text: String, float: bool },
+    Num {
+        text: String,
+        float: bool,
+    },
     /// `<blake3:HEX>`
     Digest(String),
     Punct(char),
@@ -184,7 +187,10 @@ pub fn lex(src: &str) -> Result<Vec<(Tok, Pos)>, SyntaxError> {
             continue;
         }
         if c == '<' {
-            let n = chars[i..].iter().take_while(|&&c| c != '>' && c != '\n').count();
+            let n = chars[i..]
+                .iter()
+                .take_while(|&&c| c != '>' && c != '\n')
+                .count();
             let body: String = chars[i + 1..i + n].iter().collect();
             let Some(hex) = body.strip_prefix("blake3:") else {
                 return err(pos, "expected <blake3:DIGEST>".into());
@@ -201,8 +207,14 @@ pub fn lex(src: &str) -> Result<Vec<(Tok, Pos)>, SyntaxError> {
         }
         let negative = c == '-';
         let after_sign = if negative { i + 1 } else { i };
-        if after_sign < chars.len() && (chars[after_sign].is_ascii_digit() || (negative && starts_with(&chars[after_sign..], "inf"))) {
-            if negative && starts_with(&chars[after_sign..], "inf") && !chars.get(after_sign + 3).is_some_and(|&c| word_char(c)) {
+        if after_sign < chars.len()
+            && (chars[after_sign].is_ascii_digit()
+                || (negative && starts_with(&chars[after_sign..], "inf")))
+        {
+            if negative
+                && starts_with(&chars[after_sign..], "inf")
+                && !chars.get(after_sign + 3).is_some_and(|&c| word_char(c))
+            {
                 toks.push((
                     Tok::Num {
                         text: "-inf".into(),
@@ -251,7 +263,10 @@ pub fn lex(src: &str) -> Result<Vec<(Tok, Pos)>, SyntaxError> {
             let n = chars[i..].iter().take_while(|&&c| word_char(c)).count();
             let w: String = chars[i..i + n].iter().collect();
             let tok = match w.as_str() {
-                "inf" | "nan" => Tok::Num { text: w, float: true },
+                "inf" | "nan" => Tok::Num {
+                    text: w,
+                    float: true,
+                },
                 _ => Tok::Word(w),
             };
             toks.push((tok, pos));
@@ -294,9 +309,14 @@ fn lex_string(chars: &[char]) -> Result<(Vec<u8>, usize), String> {
                     '"' => out.push(b'"'),
                     '\\' => out.push(b'\\'),
                     'x' => {
-                        let hex: String = chars.get(i + 2..i + 4).map(|s| s.iter().collect()).unwrap_or_default();
+                        let hex: String = chars
+                            .get(i + 2..i + 4)
+                            .map(|s| s.iter().collect())
+                            .unwrap_or_default();
                         let Ok(b) = u8::from_str_radix(&hex, 16) else {
-                            return Err(format!("bad escape \\x{hex}: expected two hexadecimal digits"));
+                            return Err(format!(
+                                "bad escape \\x{hex}: expected two hexadecimal digits"
+                            ));
                         };
                         if hex.len() != 2 {
                             return Err("bad \\x escape: expected two hexadecimal digits".into());
@@ -323,19 +343,51 @@ mod tests {
 
     #[test]
     fn lexes_the_token_kinds() {
-        let toks: Vec<Tok> = lex(r#"%/a/b_0 %"x::y" "s\x01" -1 2.5 1e-5 -inf nan <blake3:00ff> Conv com.ms.Op ( ) # c"#)
-            .unwrap()
-            .into_iter()
-            .map(|(t, _)| t)
-            .collect();
+        let toks: Vec<Tok> = lex(
+            r#"%/a/b_0 %"x::y" "s\x01" -1 2.5 1e-5 -inf nan <blake3:00ff> Conv com.ms.Op ( ) # c"#,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
         assert_eq!(toks[0], Tok::Value("/a/b_0".into()));
         assert_eq!(toks[1], Tok::Value("x::y".into()));
         assert_eq!(toks[2], Tok::Str(b"s\x01".to_vec()));
-        assert_eq!(toks[3], Tok::Num { text: "-1".into(), float: false });
-        assert_eq!(toks[4], Tok::Num { text: "2.5".into(), float: true });
-        assert_eq!(toks[5], Tok::Num { text: "1e-5".into(), float: true });
-        assert_eq!(toks[6], Tok::Num { text: "-inf".into(), float: true });
-        assert_eq!(toks[7], Tok::Num { text: "nan".into(), float: true });
+        assert_eq!(
+            toks[3],
+            Tok::Num {
+                text: "-1".into(),
+                float: false
+            }
+        );
+        assert_eq!(
+            toks[4],
+            Tok::Num {
+                text: "2.5".into(),
+                float: true
+            }
+        );
+        assert_eq!(
+            toks[5],
+            Tok::Num {
+                text: "1e-5".into(),
+                float: true
+            }
+        );
+        assert_eq!(
+            toks[6],
+            Tok::Num {
+                text: "-inf".into(),
+                float: true
+            }
+        );
+        assert_eq!(
+            toks[7],
+            Tok::Num {
+                text: "nan".into(),
+                float: true
+            }
+        );
         assert_eq!(toks[8], Tok::Digest("00ff".into()));
         assert_eq!(toks[9], Tok::Word("Conv".into()));
         assert_eq!(toks[10], Tok::Word("com.ms.Op".into()));
