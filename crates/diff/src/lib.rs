@@ -113,7 +113,7 @@ fn tensor_change(a: &Tensor, b: &Tensor) -> Option<String> {
     let what = format!("{}{}", a.dtype(), qgraph_ir::ShapeFmt(a.shape()));
     Some(match value_change(a, b) {
         Some((max, n)) if n > 0 => format!(
-            "{what}: {n} of {} values differ, max abs diff {max:e}",
+            "{what}: {n} of {} values differ, max abs diff {max:.3e}",
             a.len()
         ),
         _ if a.is_elided() || b.is_elided() => format!("{what}: data differs (digests only)"),
@@ -615,7 +615,7 @@ graph g {
             r#"--- a.onnx
 +++ b.onnx
 + meta "qgraph.scheme" = "int8"
-~ init %w f32[2]: 1 of 2 values differ, max abs diff 5e-1
+~ init %w f32[2]: 1 of 2 values differ, max abs diff 5.000e-1
 + init %s = f32[] [0.1]
 ~ node 'mul' (Mul)
     + attr note = 1

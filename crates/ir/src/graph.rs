@@ -1021,9 +1021,25 @@ impl Graph {
         if order.len() == ids.len() {
             Ok(order)
         } else {
-            let mut stuck: Vec<NodeId> = ids.into_iter().filter(|n| waiting[n] > 0).collect();
-            stuck.sort();
-            Err(Cycle { nodes: stuck })
+            // Nodes left are on a cycle or downstream of one; peel off the
+            // downstream ones (no dependent left) so the report names the cycle.
+            let mut stuck: HashSet<NodeId> = ids.into_iter().filter(|n| waiting[n] > 0).collect();
+            loop {
+                let tails: Vec<NodeId> = stuck
+                    .iter()
+                    .copied()
+                    .filter(|n| !dependents.get(n).is_some_and(|ds| ds.iter().any(|d| stuck.contains(d))))
+                    .collect();
+                if tails.is_empty() {
+                    break;
+                }
+                for t in tails {
+                    stuck.remove(&t);
+                }
+            }
+            let mut nodes: Vec<NodeId> = stuck.into_iter().collect();
+            nodes.sort();
+            Err(Cycle { nodes })
         }
     }
 

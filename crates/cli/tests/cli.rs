@@ -1,0 +1,202 @@
+//! End-to-end tests of the `qgraph` binary: exit codes, messages, no panics,
+//! no half-written output, determinism.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn qgraph(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qgraph"))
+        .args(args)
+        .output()
+        .expect("the qgraph binary runs")
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn lenet() -> String {
+    root().join("testdata/models/lenet5_mnist_clntrained.onnx").display().to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+#[test]
+fn every_malformed_file_exits_2_with_its_message_and_writes_nothing() {
+    let dir = root().join("testdata/malformed");
+    let expected = std::fs::read_to_string(dir.join("EXPECTED.tsv")).unwrap();
+    let expectations: Vec<(&str, &str)> = expected
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split_once('\t').expect("FILE<TAB>MESSAGE"))
+        .collect();
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".onnx") || f.ends_with(".qgt"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 25, "the corpus is in testdata/malformed");
+    let out_dir = tempfile::tempdir().unwrap();
+    for f in &files {
+        let want = expectations
+            .iter()
+            .find(|(name, _)| name == f)
+            .unwrap_or_else(|| panic!("{f} has no line in EXPECTED.tsv"))
+            .1;
+        let out = out_dir.path().join("out.onnx");
+        let o = qgraph(&["convert", path_str(&dir.join(f)), "-o", path_str(&out)]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{f}: {err}");
+        assert!(err.contains(f.as_str()), "{f}: the message must name the file: {err}");
+        assert!(err.contains(want), "{f}: expected '{want}' in: {err}");
+        assert!(!err.contains("panicked"), "{f}: {err}");
+        assert_eq!(err.lines().count(), 1, "{f}: one clear error, got: {err}");
+        assert!(!out.exists(), "{f}: an output was written");
+        let o = qgraph(&["show", path_str(&dir.join(f))]);
+        assert_eq!(o.status.code(), Some(2), "show {f}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
+    assert!(leftovers.is_empty(), "temporary files were left behind: {leftovers:?}");
+}
+
+#[test]
+fn every_subcommand_has_help_with_an_example() {
+    for cmd in ["show", "diff", "convert"] {
+        let o = qgraph(&[cmd, "--help"]);
+        assert_eq!(o.status.code(), Some(0));
+        assert!(stdout(&o).contains("Examples:"), "{cmd} --help:\n{}", stdout(&o));
+    }
+    let o = qgraph(&["--help"]);
+    assert!(stdout(&o).contains("Exit codes"));
+}
+
+#[test]
+fn usage_errors_and_missing_files_exit_2() {
+    assert_eq!(qgraph(&["show"]).status.code(), Some(2));
+    assert_eq!(qgraph(&["convert", &lenet(), "--bogus"]).status.code(), Some(2));
+    assert_eq!(qgraph(&["frobnicate"]).status.code(), Some(2));
+    let o = qgraph(&["show", "/no/such/model.onnx"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("/no/such/model.onnx"), "{}", stderr(&o));
+}
+
+#[test]
+fn convert_is_deterministic_and_round_trips_through_the_text_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
+    assert!(qgraph(&["convert", &lenet(), "-o", path_str(&a)]).status.success());
+    assert!(qgraph(&["convert", &lenet(), "-o", path_str(&b)]).status.success());
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    // ONNX -> text with all data -> ONNX gives the same bytes.
+    let text = dir.path().join("lenet.qgt");
+    assert!(qgraph(&["convert", &lenet(), "-o", path_str(&text), "--all-data"]).status.success());
+    let c = dir.path().join("c.onnx");
+    let o = qgraph(&["convert", path_str(&text), "-o", path_str(&c)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
+    // Text with elided weights cannot become ONNX, and says why.
+    let short = dir.path().join("short.qgt");
+    assert!(qgraph(&["show", &lenet(), "-o", path_str(&short)]).status.success());
+    let o = qgraph(&["convert", path_str(&short), "-o", path_str(&dir.path().join("d.onnx"))]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("initializer 'conv1.weight': its data was elided"), "{}", stderr(&o));
+}
+
+#[test]
+fn diff_exits_0_when_equal_and_1_with_a_readable_report_when_not() {
+    let o = qgraph(&["diff", &lenet(), &lenet()]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stdout(&o), "no differences\n");
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = qgraph(&["show", "--all-data", &lenet()]);
+    let edited = stdout(&text)
+        .replace("%/relu3/Relu_output_0 = Relu(", "%/relu3/Relu_output_0 = LeakyRelu(")
+        .replace("ceil_mode = 0, dilations", "ceil_mode = 1, dilations")
+        .replacen("0.034310196", "0.044310196", 1);
+    let changed = dir.path().join("changed.qgt");
+    std::fs::write(&changed, edited).unwrap();
+    let o = qgraph(&["diff", &lenet(), path_str(&changed)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let report = stdout(&o);
+    for want in [
+        "~ init %linear2.bias f32[10]: 1 of 10 values differ, max abs diff 1.000e-2",
+        "~ node '/maxpool1/MaxPool' (MaxPool)\n    ~ attr ceil_mode: 0 -> 1",
+        "~ node '/relu3/Relu' (LeakyRelu)\n    ~ op Relu -> LeakyRelu",
+        "summary: nodes 0 added, 0 removed, 4 changed; initializers 0 added, 0 removed, 1 changed",
+    ] {
+        assert!(report.contains(want), "missing {want:?} in:\n{report}");
+    }
+}
+
+#[test]
+fn external_data_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let ext = dir.path().join("ext.onnx");
+    let o = qgraph(&["convert", &lenet(), "-o", path_str(&ext), "--external-data", "always"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let data = dir.path().join("ext.onnx.data");
+    assert!(data.exists());
+    assert!(std::fs::metadata(&ext).unwrap().len() < 10_000, "weights moved out of the model file");
+    let o = qgraph(&["diff", &lenet(), path_str(&ext)]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    // Read back and written inline again: the same bytes as a direct conversion.
+    let (inline, direct) = (dir.path().join("inline.onnx"), dir.path().join("direct.onnx"));
+    assert!(qgraph(&["convert", path_str(&ext), "-o", path_str(&inline), "--external-data", "never"]).status.success());
+    assert!(qgraph(&["convert", &lenet(), "-o", path_str(&direct)]).status.success());
+    assert_eq!(std::fs::read(&inline).unwrap(), std::fs::read(&direct).unwrap());
+}
+
+fn shared_models() -> Option<Vec<PathBuf>> {
+    let dir = root().join("../shared/models");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!("SKIPPED: {} is absent (it exists beside the project in CI)", dir.display());
+        return None;
+    };
+    let mut models: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    models.sort();
+    Some(models)
+}
+
+#[test]
+fn show_of_every_shared_model_is_stable_and_snapshotted() {
+    let Some(models) = shared_models() else { return };
+    for m in models {
+        let first = qgraph(&["show", path_str(&m)]);
+        assert!(first.status.success(), "{}: {}", m.display(), stderr(&first));
+        let second = qgraph(&["show", path_str(&m)]);
+        assert_eq!(first.stdout, second.stdout, "{}: two runs differ", m.display());
+        let name = m.file_stem().unwrap().to_string_lossy().into_owned();
+        insta::assert_snapshot!(format!("show_{name}"), stdout(&first));
+    }
+}
+
+#[test]
+fn convert_of_every_shared_model_is_byte_identical_twice() {
+    let Some(models) = shared_models() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for m in models {
+        let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
+        for out in [&a, &b] {
+            let o = qgraph(&["convert", path_str(&m), "-o", path_str(out)]);
+            assert!(o.status.success(), "{}: {}", m.display(), stderr(&o));
+        }
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "{}", m.display());
+        let o = qgraph(&["diff", path_str(&m), path_str(&a)]);
+        assert_eq!(o.status.code(), Some(0), "{}: {}", m.display(), stdout(&o));
+    }
+}
