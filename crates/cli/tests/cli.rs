@@ -16,7 +16,10 @@ fn root() -> PathBuf {
 }
 
 fn lenet() -> String {
-    root().join("testdata/models/lenet5_mnist_clntrained.onnx").display().to_string()
+    root()
+        .join("testdata/models/lenet5_mnist_clntrained.onnx")
+        .display()
+        .to_string()
 }
 
 fn stderr(o: &Output) -> String {
@@ -58,7 +61,10 @@ fn every_malformed_file_exits_2_with_its_message_and_writes_nothing() {
         let o = qgraph(&["convert", path_str(&dir.join(f)), "-o", path_str(&out)]);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{f}: {err}");
-        assert!(err.contains(f.as_str()), "{f}: the message must name the file: {err}");
+        assert!(
+            err.contains(f.as_str()),
+            "{f}: the message must name the file: {err}"
+        );
         assert!(err.contains(want), "{f}: expected '{want}' in: {err}");
         assert!(!err.contains("panicked"), "{f}: {err}");
         assert_eq!(err.lines().count(), 1, "{f}: one clear error, got: {err}");
@@ -67,7 +73,10 @@ fn every_malformed_file_exits_2_with_its_message_and_writes_nothing() {
         assert_eq!(o.status.code(), Some(2), "show {f}");
     }
     let leftovers: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
-    assert!(leftovers.is_empty(), "temporary files were left behind: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "temporary files were left behind: {leftovers:?}"
+    );
 }
 
 #[test]
@@ -75,7 +84,11 @@ fn every_subcommand_has_help_with_an_example() {
     for cmd in ["show", "diff", "convert"] {
         let o = qgraph(&[cmd, "--help"]);
         assert_eq!(o.status.code(), Some(0));
-        assert!(stdout(&o).contains("Examples:"), "{cmd} --help:\n{}", stdout(&o));
+        assert!(
+            stdout(&o).contains("Examples:"),
+            "{cmd} --help:\n{}",
+            stdout(&o)
+        );
     }
     let o = qgraph(&["--help"]);
     assert!(stdout(&o).contains("Exit codes"));
@@ -84,7 +97,10 @@ fn every_subcommand_has_help_with_an_example() {
 #[test]
 fn usage_errors_and_missing_files_exit_2() {
     assert_eq!(qgraph(&["show"]).status.code(), Some(2));
-    assert_eq!(qgraph(&["convert", &lenet(), "--bogus"]).status.code(), Some(2));
+    assert_eq!(
+        qgraph(&["convert", &lenet(), "--bogus"]).status.code(),
+        Some(2)
+    );
     assert_eq!(qgraph(&["frobnicate"]).status.code(), Some(2));
     let o = qgraph(&["show", "/no/such/model.onnx"]);
     assert_eq!(o.status.code(), Some(2));
@@ -95,22 +111,41 @@ fn usage_errors_and_missing_files_exit_2() {
 fn convert_is_deterministic_and_round_trips_through_the_text_form() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
-    assert!(qgraph(&["convert", &lenet(), "-o", path_str(&a)]).status.success());
-    assert!(qgraph(&["convert", &lenet(), "-o", path_str(&b)]).status.success());
+    assert!(qgraph(&["convert", &lenet(), "-o", path_str(&a)])
+        .status
+        .success());
+    assert!(qgraph(&["convert", &lenet(), "-o", path_str(&b)])
+        .status
+        .success());
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     // ONNX -> text with all data -> ONNX gives the same bytes.
     let text = dir.path().join("lenet.qgt");
-    assert!(qgraph(&["convert", &lenet(), "-o", path_str(&text), "--all-data"]).status.success());
+    assert!(
+        qgraph(&["convert", &lenet(), "-o", path_str(&text), "--all-data"])
+            .status
+            .success()
+    );
     let c = dir.path().join("c.onnx");
     let o = qgraph(&["convert", path_str(&text), "-o", path_str(&c)]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
     // Text with elided weights cannot become ONNX, and says why.
     let short = dir.path().join("short.qgt");
-    assert!(qgraph(&["show", &lenet(), "-o", path_str(&short)]).status.success());
-    let o = qgraph(&["convert", path_str(&short), "-o", path_str(&dir.path().join("d.onnx"))]);
+    assert!(qgraph(&["show", &lenet(), "-o", path_str(&short)])
+        .status
+        .success());
+    let o = qgraph(&[
+        "convert",
+        path_str(&short),
+        "-o",
+        path_str(&dir.path().join("d.onnx")),
+    ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("initializer 'conv1.weight': its data was elided"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("initializer 'conv1.weight': its data was elided"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -122,7 +157,10 @@ fn diff_exits_0_when_equal_and_1_with_a_readable_report_when_not() {
     let dir = tempfile::tempdir().unwrap();
     let text = qgraph(&["show", "--all-data", &lenet()]);
     let edited = stdout(&text)
-        .replace("%/relu3/Relu_output_0 = Relu(", "%/relu3/Relu_output_0 = LeakyRelu(")
+        .replace(
+            "%/relu3/Relu_output_0 = Relu(",
+            "%/relu3/Relu_output_0 = LeakyRelu(",
+        )
         .replace("ceil_mode = 0, dilations", "ceil_mode = 1, dilations")
         .replacen("0.034310196", "0.044310196", 1);
     let changed = dir.path().join("changed.qgt");
@@ -144,24 +182,54 @@ fn diff_exits_0_when_equal_and_1_with_a_readable_report_when_not() {
 fn external_data_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let ext = dir.path().join("ext.onnx");
-    let o = qgraph(&["convert", &lenet(), "-o", path_str(&ext), "--external-data", "always"]);
+    let o = qgraph(&[
+        "convert",
+        &lenet(),
+        "-o",
+        path_str(&ext),
+        "--external-data",
+        "always",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let data = dir.path().join("ext.onnx.data");
     assert!(data.exists());
-    assert!(std::fs::metadata(&ext).unwrap().len() < 10_000, "weights moved out of the model file");
+    assert!(
+        std::fs::metadata(&ext).unwrap().len() < 10_000,
+        "weights moved out of the model file"
+    );
     let o = qgraph(&["diff", &lenet(), path_str(&ext)]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     // Read back and written inline again: the same bytes as a direct conversion.
-    let (inline, direct) = (dir.path().join("inline.onnx"), dir.path().join("direct.onnx"));
-    assert!(qgraph(&["convert", path_str(&ext), "-o", path_str(&inline), "--external-data", "never"]).status.success());
-    assert!(qgraph(&["convert", &lenet(), "-o", path_str(&direct)]).status.success());
-    assert_eq!(std::fs::read(&inline).unwrap(), std::fs::read(&direct).unwrap());
+    let (inline, direct) = (
+        dir.path().join("inline.onnx"),
+        dir.path().join("direct.onnx"),
+    );
+    assert!(qgraph(&[
+        "convert",
+        path_str(&ext),
+        "-o",
+        path_str(&inline),
+        "--external-data",
+        "never"
+    ])
+    .status
+    .success());
+    assert!(qgraph(&["convert", &lenet(), "-o", path_str(&direct)])
+        .status
+        .success());
+    assert_eq!(
+        std::fs::read(&inline).unwrap(),
+        std::fs::read(&direct).unwrap()
+    );
 }
 
 fn shared_models() -> Option<Vec<PathBuf>> {
     let dir = root().join("../shared/models");
     let Ok(entries) = std::fs::read_dir(&dir) else {
-        eprintln!("SKIPPED: {} is absent (it exists beside the project in CI)", dir.display());
+        eprintln!(
+            "SKIPPED: {} is absent (it exists beside the project in CI)",
+            dir.display()
+        );
         return None;
     };
     let mut models: Vec<PathBuf> = entries
@@ -174,12 +242,24 @@ fn shared_models() -> Option<Vec<PathBuf>> {
 
 #[test]
 fn show_of_every_shared_model_is_stable_and_snapshotted() {
-    let Some(models) = shared_models() else { return };
+    let Some(models) = shared_models() else {
+        return;
+    };
     for m in models {
         let first = qgraph(&["show", path_str(&m)]);
-        assert!(first.status.success(), "{}: {}", m.display(), stderr(&first));
+        assert!(
+            first.status.success(),
+            "{}: {}",
+            m.display(),
+            stderr(&first)
+        );
         let second = qgraph(&["show", path_str(&m)]);
-        assert_eq!(first.stdout, second.stdout, "{}: two runs differ", m.display());
+        assert_eq!(
+            first.stdout,
+            second.stdout,
+            "{}: two runs differ",
+            m.display()
+        );
         let name = m.file_stem().unwrap().to_string_lossy().into_owned();
         insta::assert_snapshot!(format!("show_{name}"), stdout(&first));
     }
@@ -187,7 +267,9 @@ fn show_of_every_shared_model_is_stable_and_snapshotted() {
 
 #[test]
 fn convert_of_every_shared_model_is_byte_identical_twice() {
-    let Some(models) = shared_models() else { return };
+    let Some(models) = shared_models() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     for m in models {
         let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
@@ -195,7 +277,12 @@ fn convert_of_every_shared_model_is_byte_identical_twice() {
             let o = qgraph(&["convert", path_str(&m), "-o", path_str(out)]);
             assert!(o.status.success(), "{}: {}", m.display(), stderr(&o));
         }
-        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "{}", m.display());
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{}",
+            m.display()
+        );
         let o = qgraph(&["diff", path_str(&m), path_str(&a)]);
         assert_eq!(o.status.code(), Some(0), "{}: {}", m.display(), stdout(&o));
     }

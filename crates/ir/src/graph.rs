@@ -1028,7 +1028,11 @@ impl Graph {
                 let tails: Vec<NodeId> = stuck
                     .iter()
                     .copied()
-                    .filter(|n| !dependents.get(n).is_some_and(|ds| ds.iter().any(|d| stuck.contains(d))))
+                    .filter(|n| {
+                        !dependents
+                            .get(n)
+                            .is_some_and(|ds| ds.iter().any(|d| stuck.contains(d)))
+                    })
                     .collect();
                 if tails.is_empty() {
                     break;
