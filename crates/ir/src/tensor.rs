@@ -241,11 +241,7 @@ impl Tensor {
             DataType::U64 => Tensor::U64(pod_from_le(shape, bytes)),
             DataType::Bool => Tensor::Bool(array(shape, bytes.iter().map(|&b| b != 0).collect())),
             DataType::String => unreachable!("strings have no packed length"),
-            _ => Tensor::Packed(PackedTensor {
-                dtype,
-                shape: shape.to_vec(),
-                bytes: bytes.to_vec(),
-            }),
+            _ => Tensor::Packed(PackedTensor::new(dtype, shape, bytes.to_vec())?),
         })
     }
 
@@ -462,6 +458,15 @@ impl PackedTensor {
                 found: bytes.len(),
             });
         }
+        let mut bytes = bytes;
+        // Bits past the last element carry nothing; zero them so equal
+        // values have equal bytes.
+        let used_bits = count * dtype.bits().unwrap_or(8);
+        if used_bits % 8 != 0 {
+            if let Some(last) = bytes.last_mut() {
+                *last &= (1u8 << (used_bits % 8)) - 1;
+            }
+        }
         Ok(PackedTensor {
             dtype,
             shape: shape.to_vec(),
@@ -624,6 +629,8 @@ mod tests {
             let len = dtype.packed_len(count).unwrap();
             let mut bytes: Vec<u8> = (0..len).map(|i| (seed.rotate_left(i as u32 % 64) as u8) ^ i as u8).collect();
             if dtype == DataType::Bool { bytes.iter_mut().for_each(|b| *b &= 1); }
+            let used = count * dtype.bits().unwrap();
+            if used % 8 != 0 { let last = bytes.len() - 1; bytes[last] &= (1u8 << (used % 8)) - 1; }
             let t = Tensor::from_le_bytes(dtype, &shape, &bytes).unwrap();
             prop_assert_eq!(t.dtype(), dtype);
             prop_assert_eq!(t.shape(), &shape[..]);

@@ -259,10 +259,15 @@ impl Reader<'_> {
         let mut outputs = Vec::with_capacity(g.output.len());
         for vi in g.output {
             let name = vi.name.clone().unwrap_or_default();
-            let Some(v) = graph.value_by_name(&name) else {
-                return invalid(format!(
+            let v = match graph.value_by_name(&name) {
+                Some(v) => v,
+                // A subgraph may return a value of an enclosing graph as is.
+                None if outer.iter().any(|s| s.contains(&name)) => {
+                    graph.add_captured(name.clone()).map_err(ir_err)?
+                }
+                None => return invalid(format!(
                     "graph output '{name}' is not defined by any node, initializer or graph input"
-                ));
+                )),
             };
             if graph.value(v).ty.is_none() || graph.value(v).initializer().is_some() {
                 self.apply_value_info(&mut graph, v, vi)

@@ -190,6 +190,8 @@ impl Printer {
                 ident_or_quoted(&f.name)
             ),
         );
+        self.doc_line(2, &f.doc);
+        self.meta_lines(2, &f.meta);
         if !f.overload.is_empty() {
             self.line(2, &format!("overload {}", quote(&f.overload)));
         }
@@ -212,7 +214,7 @@ impl Printer {
         for o in &f.opset_imports {
             self.line(2, &format!("opset {} {}", quote(&o.domain), o.version));
         }
-        self.graph_body(&f.body, 2, f.doc.as_str(), &f.meta, &[]);
+        self.graph_body(&f.body, 2, "", &Metadata::new(), &[]);
         self.line(0, "}");
     }
 
