@@ -265,9 +265,11 @@ impl Reader<'_> {
                 None if outer.iter().any(|s| s.contains(&name)) => {
                     graph.add_captured(name.clone()).map_err(ir_err)?
                 }
-                None => return invalid(format!(
+                None => {
+                    return invalid(format!(
                     "graph output '{name}' is not defined by any node, initializer or graph input"
-                )),
+                ))
+                }
             };
             if graph.value(v).ty.is_none() || graph.value(v).initializer().is_some() {
                 self.apply_value_info(&mut graph, v, vi)
