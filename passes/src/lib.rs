@@ -1,1 +1,166 @@
+//! Graph passes and the driver that runs them.
+//!
+//! A pass reads the model, matches, then rewrites through the IR's mutation
+//! API, and says whether it changed anything. The [`Driver`] runs passes in
+//! order, verifies the model after each one, and puts the pass's name in any
+//! error, so a broken rewrite is caught where it happened. Passes never
+//! import each other: each module stands alone.
 
+mod dce;
+
+pub use dce::DeadCodeElimination;
+
+use qgraph_ir::{verify_model, Model};
+
+/// A graph transformation.
+pub trait Pass {
+    /// The name used in pipelines and messages (`dce`, `fold-bn`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Runs the pass; returns whether the model changed.
+    fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<bool, String>;
+}
+
+/// State a pass shares with the driver: the rewrite budget used to bisect a
+/// bad rewrite (stop after N rewrites, see which one broke the model).
+#[derive(Debug, Default)]
+pub struct PassContext {
+    budget: Option<usize>,
+    /// Rewrites made so far in this run.
+    pub rewrites: usize,
+}
+
+impl PassContext {
+    pub fn with_rewrite_limit(limit: Option<usize>) -> PassContext {
+        PassContext {
+            budget: limit,
+            rewrites: 0,
+        }
+    }
+
+    /// Asks for one rewrite. `false` when the limit is reached: the pass
+    /// must then leave the rest of the model as it is.
+    pub fn allow_rewrite(&mut self) -> bool {
+        if self.budget.is_some_and(|b| self.rewrites >= b) {
+            return false;
+        }
+        self.rewrites += 1;
+        true
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PassError {
+    #[error("pass '{pass}' failed: {message}")]
+    Failed { pass: &'static str, message: String },
+    #[error("pass '{pass}' left an invalid model: {message}")]
+    Invalid { pass: &'static str, message: String },
+}
+
+/// What a driver run did: for each pass run, its name and whether it changed
+/// the model.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub runs: Vec<(&'static str, bool)>,
+    pub rewrites: usize,
+}
+
+/// Runs passes in order, verifying after each.
+#[derive(Default)]
+pub struct Driver {
+    passes: Vec<Box<dyn Pass>>,
+    rewrite_limit: Option<usize>,
+}
+
+impl Driver {
+    pub fn new() -> Driver {
+        Driver::default()
+    }
+
+    pub fn add(mut self, pass: impl Pass + 'static) -> Driver {
+        self.passes.push(Box::new(pass));
+        self
+    }
+
+    /// Stop rewriting after `n` rewrites in total (for bisecting).
+    pub fn rewrite_limit(mut self, n: Option<usize>) -> Driver {
+        self.rewrite_limit = n;
+        self
+    }
+
+    /// Runs every pass once, calling `after(pass name, model)` after each
+    /// (for dumps), verifying the model after each.
+    pub fn run_with(
+        &self,
+        model: &mut Model,
+        mut after: impl FnMut(&str, &Model),
+    ) -> Result<Report, PassError> {
+        let mut cx = PassContext::with_rewrite_limit(self.rewrite_limit);
+        let mut report = Report::default();
+        for pass in &self.passes {
+            let changed = pass
+                .run(model, &mut cx)
+                .map_err(|message| PassError::Failed {
+                    pass: pass.name(),
+                    message,
+                })?;
+            verify_model(model).map_err(|e| PassError::Invalid {
+                pass: pass.name(),
+                message: e.message,
+            })?;
+            after(pass.name(), model);
+            report.runs.push((pass.name(), changed));
+        }
+        report.rewrites = cx.rewrites;
+        Ok(report)
+    }
+
+    pub fn run(&self, model: &mut Model) -> Result<Report, PassError> {
+        self.run_with(model, |_, _| {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qgraph_ir::{Graph, NewNode};
+
+    /// A deliberately broken pass: removes the first node without rewiring.
+    struct Vandal;
+
+    impl Pass for Vandal {
+        fn name(&self) -> &'static str {
+            "vandal"
+        }
+        fn run(&self, model: &mut Model, _: &mut PassContext) -> Result<bool, String> {
+            let first = model.graph.node_ids()[0];
+            model.graph.remove_node(first).map_err(|e| e.to_string())?;
+            Ok(true)
+        }
+    }
+
+    #[test]
+    fn the_driver_names_the_pass_that_broke_the_model() {
+        let mut g = Graph::new("g");
+        let x = g.add_input("x", None).unwrap();
+        let y = g.add_value("y", None).unwrap();
+        g.add_node(NewNode::new("Relu").named("relu").inputs([x]).outputs([y]))
+            .unwrap();
+        g.set_outputs(vec![y]).unwrap();
+        let mut m = Model::new(g, 13);
+        let e = Driver::new().add(Vandal).run(&mut m).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "pass 'vandal' left an invalid model: graph output 'y' is not defined by any node, initializer or graph input"
+        );
+    }
+
+    #[test]
+    fn the_rewrite_budget_runs_out() {
+        let mut cx = PassContext::with_rewrite_limit(Some(2));
+        assert!(cx.allow_rewrite());
+        assert!(cx.allow_rewrite());
+        assert!(!cx.allow_rewrite());
+        assert_eq!(cx.rewrites, 2);
+    }
+}
