@@ -11,7 +11,7 @@ use qgraph_ir::{
 };
 use std::collections::HashMap;
 
-/// Deepest nesting of subgraphs the parser accepts (protects the stack).
+/// Deepest nesting of subgraphs, types and lists the parser accepts (protects the stack).
 const MAX_DEPTH: usize = 64;
 
 /// Why a text could not be parsed: a position when the text is malformed,
@@ -366,21 +366,14 @@ impl Parser {
 
     /// After the `graph` keyword: `NAME { items }`.
     fn graph_block(&mut self) -> PResult<Graph> {
-        self.depth += 1;
-        if self.depth > MAX_DEPTH {
-            return err(
-                self.pos(),
-                format!("subgraphs nest deeper than {MAX_DEPTH} levels"),
-            );
-        }
-        let name = self.name("a graph name")?;
-        let pos = self.pos();
-        self.expect_punct('{', "to open the graph")?;
-        let mut ast = self.graph_items(false)?;
-        ast.name = name;
-        let g = self.build(ast, pos);
-        self.depth -= 1;
-        g
+        self.nested(|p| {
+            let name = p.name("a graph name")?;
+            let pos = p.pos();
+            p.expect_punct('{', "to open the graph")?;
+            let mut ast = p.graph_items(false)?;
+            ast.name = name;
+            p.build(ast, pos)
+        })
     }
 
     /// Statements up to and including the closing '}'.
@@ -734,7 +727,26 @@ impl Parser {
         }
     }
 
+    /// Enters one level of nesting (subgraph, type, list), bounded so deep
+    /// input cannot exhaust the stack.
+    fn nested<T>(&mut self, f: impl FnOnce(&mut Parser) -> PResult<T>) -> PResult<T> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return err(
+                self.pos(),
+                format!("nesting deeper than {MAX_DEPTH} levels"),
+            );
+        }
+        let r = f(self);
+        self.depth -= 1;
+        r
+    }
+
     fn value_type(&mut self) -> PResult<ValueType> {
+        self.nested(Parser::value_type_inner)
+    }
+
+    fn value_type_inner(&mut self) -> PResult<ValueType> {
         let pos = self.pos();
         let word = match self.peek() {
             Some(Tok::Word(w)) => w.clone(),
@@ -989,6 +1001,10 @@ impl Parser {
     // ----- attributes -----
 
     fn attr_value(&mut self) -> PResult<AttrValue> {
+        self.nested(Parser::attr_value_inner)
+    }
+
+    fn attr_value_inner(&mut self) -> PResult<AttrValue> {
         let pos = self.pos();
         match self.peek().cloned() {
             Some(Tok::Num { text, float }) => {
