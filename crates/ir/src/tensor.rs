@@ -109,8 +109,19 @@ impl fmt::Display for ShapeFmt<'_> {
     }
 }
 
-/// Number of elements of a shape, `None` on overflow.
+/// Number of elements of a shape; `None` when the shape is too large to
+/// address. ndarray also refuses shapes whose non-zero dims multiply past
+/// `isize::MAX` even when another dim is 0, so those are refused too (with
+/// room for the widest element).
 pub fn element_count(shape: &[usize]) -> Option<usize> {
+    const LIMIT: usize = isize::MAX as usize / 32;
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    if nonzero > LIMIT {
+        return None;
+    }
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
 }
 
@@ -590,6 +601,9 @@ mod tests {
         let e = Tensor::from_le_bytes(DataType::F32, &[2, 3], &[0; 20]).unwrap_err();
         assert_eq!(e.to_string(), "f32[2,3] needs 24 bytes of data, found 20");
         let e = Tensor::from_le_bytes(DataType::F32, &[usize::MAX, 2], &[]).unwrap_err();
+        assert!(matches!(e, TensorError::TooLarge { .. }));
+        // Zero elements, but the other dims overflow ndarray's limits (found by fuzzing).
+        let e = Tensor::from_le_bytes(DataType::F32, &[0, 1 << 40, 1 << 40], &[]).unwrap_err();
         assert!(matches!(e, TensorError::TooLarge { .. }));
     }
 
