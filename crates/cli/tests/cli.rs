@@ -287,3 +287,18 @@ fn convert_of_every_shared_model_is_byte_identical_twice() {
         assert_eq!(o.status.code(), Some(0), "{}: {}", m.display(), stdout(&o));
     }
 }
+
+#[test]
+fn text_fixtures_convert_to_onnx_and_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = root().join("testdata/text");
+    for entry in std::fs::read_dir(&fixtures).unwrap() {
+        let path = entry.unwrap().path();
+        let onnx = dir.path().join("fixture.onnx");
+        let o = qgraph(&["convert", path_str(&path), "-o", path_str(&onnx)]);
+        assert!(o.status.success(), "{}: {}", path.display(), stderr(&o));
+        let from_text = stdout(&qgraph(&["show", "--all-data", path_str(&path)]));
+        let from_onnx = stdout(&qgraph(&["show", "--all-data", path_str(&onnx)]));
+        assert_eq!(from_text, from_onnx, "{}", path.display());
+    }
+}
