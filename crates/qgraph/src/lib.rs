@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 pub use qgraph_diff as diff;
+pub use qgraph_eval as eval;
 pub use qgraph_ir as ir;
 pub use qgraph_onnx as onnx;
 pub use qgraph_text as text;

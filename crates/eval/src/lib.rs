@@ -1,0 +1,220 @@
+//! qgraph's evaluator: runs a model's main graph forward.
+//!
+//! Values live in an environment indexed by value id and are dropped after
+//! their last use, so memory holds only the live tensors. An observer can
+//! watch chosen values as they are computed (calibration), without the
+//! evaluator keeping them. Each operator is a kernel function in `ops/`,
+//! grouped by family, so a backward kernel can later sit beside each one.
+
+mod attrs;
+mod ops;
+
+use qgraph_ir::{Graph, Model, NodeId, Tensor, ValueDef, ValueId};
+use std::collections::HashMap;
+
+pub use ops::supported_ops;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvalError {
+    #[error("{node}: the evaluator does not implement {op}")]
+    Unsupported { node: String, op: String },
+    #[error("{node}: {message}")]
+    Op { node: String, message: String },
+    #[error("{0}")]
+    Input(String),
+}
+
+/// The model's inputs, by position (initializer-backed inputs may be left
+/// out: their default is used).
+pub type Inputs = Vec<Tensor>;
+
+/// A prepared model: the node order, each value's last use, the kernels.
+pub struct Evaluator<'m> {
+    graph: &'m Graph,
+    order: Vec<NodeId>,
+    opset: i64,
+    /// For each value, how many node inputs and graph outputs read it.
+    uses: HashMap<ValueId, usize>,
+}
+
+/// The context a kernel sees: the node (for attributes and messages) and the
+/// default-domain opset the model imports.
+pub struct OpCtx<'a> {
+    pub graph: &'a Graph,
+    pub node: NodeId,
+    pub opset: i64,
+}
+
+impl OpCtx<'_> {
+    pub fn describe(&self) -> String {
+        self.graph.describe_node(self.node)
+    }
+
+    pub fn err<T>(&self, message: impl Into<String>) -> Result<T, EvalError> {
+        Err(EvalError::Op {
+            node: self.describe(),
+            message: message.into(),
+        })
+    }
+}
+
+impl<'m> Evaluator<'m> {
+    /// Prepares the main graph of `model`; fails naming the first node whose
+    /// operator has no kernel.
+    pub fn new(model: &'m Model) -> Result<Evaluator<'m>, EvalError> {
+        let graph = &model.graph;
+        let order = graph
+            .topo_order()
+            .map_err(|_| EvalError::Input("the graph has a cycle".into()))?;
+        for &n in &order {
+            let node = graph.node(n);
+            if ops::kernel(&node.domain, &node.op_type).is_none() {
+                let op = if node.domain.is_empty() {
+                    node.op_type.clone()
+                } else {
+                    format!("{}.{}", node.domain, node.op_type)
+                };
+                return Err(EvalError::Unsupported {
+                    node: graph.describe_node(n),
+                    op,
+                });
+            }
+        }
+        let mut uses: HashMap<ValueId, usize> = HashMap::new();
+        for &n in &order {
+            for v in graph.node(n).inputs().iter().flatten() {
+                *uses.entry(*v).or_default() += 1;
+            }
+        }
+        for &v in graph.outputs() {
+            *uses.entry(v).or_default() += 1;
+        }
+        Ok(Evaluator {
+            graph,
+            order,
+            opset: model.opset_version("").unwrap_or(1),
+            uses,
+        })
+    }
+
+    /// The graph inputs that need data (those without an initializer default).
+    pub fn required_inputs(&self) -> Vec<ValueId> {
+        self.graph
+            .inputs()
+            .iter()
+            .copied()
+            .filter(|&v| self.graph.value(v).initializer().is_none())
+            .collect()
+    }
+
+    /// Runs the graph; returns its outputs in order.
+    pub fn run(&self, inputs: Inputs) -> Result<Vec<Tensor>, EvalError> {
+        self.run_observed(inputs, &[], &mut |_, _| {})
+    }
+
+    /// Runs the graph, calling `observe(value, tensor)` for each value in
+    /// `watch` as soon as it is computed (graph inputs included).
+    pub fn run_observed(
+        &self,
+        inputs: Inputs,
+        watch: &[ValueId],
+        observe: &mut dyn FnMut(ValueId, &Tensor),
+    ) -> Result<Vec<Tensor>, EvalError> {
+        let g = self.graph;
+        let required = self.required_inputs();
+        if inputs.len() != required.len() {
+            return Err(EvalError::Input(format!(
+                "the model takes {} inputs, {} were given",
+                required.len(),
+                inputs.len()
+            )));
+        }
+        let mut env: HashMap<ValueId, Tensor> = HashMap::new();
+        let mut left = self.uses.clone();
+        for (v, t) in required.iter().zip(inputs) {
+            if watch.contains(v) {
+                observe(*v, &t);
+            }
+            env.insert(*v, t);
+        }
+        for &n in &self.order {
+            let node = g.node(n);
+            let cx = OpCtx {
+                graph: g,
+                node: n,
+                opset: self.opset,
+            };
+            let results = {
+                let mut args: Vec<Option<&Tensor>> = Vec::with_capacity(node.inputs().len());
+                for v in node.inputs() {
+                    args.push(match v {
+                        None => None,
+                        Some(v) => Some(self.lookup(&env, *v)?),
+                    });
+                }
+                let kernel =
+                    ops::kernel(&node.domain, &node.op_type).expect("checked in Evaluator::new");
+                kernel(&cx, &args)?
+            };
+            // Drop what no later node reads.
+            for v in node.inputs().iter().flatten() {
+                let count = left.entry(*v).or_default();
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    env.remove(v);
+                }
+            }
+            for (slot, v) in node.outputs().iter().enumerate() {
+                let Some(v) = v else { continue };
+                let Some(t) = results.get(slot) else {
+                    return cx.err(format!(
+                        "produced {} outputs, output {slot} is missing",
+                        results.len()
+                    ));
+                };
+                if watch.contains(v) {
+                    observe(*v, t);
+                }
+                if left.get(v).copied().unwrap_or(0) > 0 {
+                    env.insert(*v, t.clone());
+                }
+            }
+        }
+        let mut outs = Vec::with_capacity(g.outputs().len());
+        for &v in g.outputs() {
+            outs.push(self.lookup(&env, v)?.clone());
+        }
+        Ok(outs)
+    }
+
+    /// The tensor of a value: computed, given, or an initializer.
+    fn lookup<'e>(
+        &'e self,
+        env: &'e HashMap<ValueId, Tensor>,
+        v: ValueId,
+    ) -> Result<&'e Tensor, EvalError> {
+        let g = self.graph;
+        if let Some(t) = env.get(&v) {
+            return Ok(t);
+        }
+        if let Some(init) = g.value(v).initializer() {
+            if init.tensor.is_elided() {
+                return Err(EvalError::Input(format!(
+                    "initializer '{}' has no values (elided in the text form it came from)",
+                    g.value(v).name()
+                )));
+            }
+            return Ok(&init.tensor);
+        }
+        match g.definition(v) {
+            ValueDef::Captured => Err(EvalError::Input(format!(
+                "value '{}' comes from an enclosing graph; subgraphs are not evaluated yet",
+                g.value(v).name()
+            ))),
+            _ => Err(EvalError::Input(format!(
+                "value '{}' has no data",
+                g.value(v).name()
+            ))),
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Convolution: im2col + matrix product per group, a direct kernel for
+//! depthwise convolution, and the window arithmetic shared with pooling.
+
+use super::{array, f32_input};
+use crate::{EvalError, OpCtx};
+use qgraph_ir::ndarray::{linalg::general_mat_mul, Array2, ArrayView2};
+use qgraph_ir::Tensor;
+
+/// Window geometry over the spatial dims.
+pub struct Window {
+    pub kernel: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    pub pad_begin: Vec<usize>,
+    pub pad_end: Vec<usize>,
+    pub out: Vec<usize>,
+}
+
+fn positive(cx: &OpCtx, v: Vec<i64>, what: &str) -> Result<Vec<usize>, EvalError> {
+    v.into_iter()
+        .map(|x| {
+            if x >= 1 {
+                Ok(x as usize)
+            } else {
+                cx.err(format!("{what} must be positive, found {x}"))
+            }
+        })
+        .collect()
+}
+
+/// Reads kernel_shape (or takes `kernel`), strides, dilations, pads and
+/// auto_pad, and computes the output size of each spatial dim.
+pub fn window(
+    cx: &OpCtx,
+    input: &[usize],
+    kernel: Option<Vec<usize>>,
+    ceil_mode: bool,
+) -> Result<Window, EvalError> {
+    let n = input.len();
+    let kernel = match kernel {
+        Some(k) => k,
+        None => match cx.ints_attr("kernel_shape")? {
+            Some(k) => positive(cx, k, "kernel_shape")?,
+            None => return cx.err("kernel_shape is required"),
+        },
+    };
+    let strides = positive(
+        cx,
+        cx.ints_attr("strides")?.unwrap_or(vec![1; n]),
+        "strides",
+    )?;
+    let dilations = positive(
+        cx,
+        cx.ints_attr("dilations")?.unwrap_or(vec![1; n]),
+        "dilations",
+    )?;
+    if kernel.len() != n || strides.len() != n || dilations.len() != n {
+        return cx.err(format!(
+            "kernel, strides and dilations must have {n} values"
+        ));
+    }
+    let auto_pad = cx.string_attr("auto_pad", "NOTSET")?;
+    let mut pad_begin = vec![0; n];
+    let mut pad_end = vec![0; n];
+    let mut out = vec![0; n];
+    for d in 0..n {
+        let span = (kernel[d] - 1) * dilations[d] + 1;
+        match auto_pad.as_str() {
+            "SAME_UPPER" | "SAME_LOWER" => {
+                out[d] = input[d].div_ceil(strides[d]);
+                let total = ((out[d] - 1) * strides[d] + span).saturating_sub(input[d]);
+                let small = total / 2;
+                (pad_begin[d], pad_end[d]) = if auto_pad == "SAME_UPPER" {
+                    (small, total - small)
+                } else {
+                    (total - small, small)
+                };
+            }
+            "VALID" | "NOTSET" => {
+                if auto_pad == "NOTSET" {
+                    if let Some(p) = cx.ints_attr("pads")? {
+                        if p.len() != 2 * n || p.iter().any(|&x| x < 0) {
+                            return cx.err(format!("pads must have {} non-negative values", 2 * n));
+                        }
+                        pad_begin[d] = p[d] as usize;
+                        pad_end[d] = p[d + n] as usize;
+                    }
+                }
+                let padded = input[d] + pad_begin[d] + pad_end[d];
+                if padded < span {
+                    return cx.err(format!(
+                        "the window ({span}) is larger than the padded input ({padded})"
+                    ));
+                }
+                let steps = padded - span;
+                out[d] = if ceil_mode {
+                    steps.div_ceil(strides[d])
+                } else {
+                    steps / strides[d]
+                } + 1;
+                // A last window that would start in the end padding is dropped.
+                if ceil_mode && (out[d] - 1) * strides[d] >= input[d] + pad_begin[d] {
+                    out[d] -= 1;
+                }
+            }
+            other => return cx.err(format!("auto_pad '{other}' is not an ONNX value")),
+        }
+    }
+    Ok(Window {
+        kernel,
+        strides,
+        dilations,
+        pad_begin,
+        pad_end,
+        out,
+    })
+}
+
+pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = f32_input(cx, inputs, 0)?;
+    let w = f32_input(cx, inputs, 1)?;
+    let bias = match inputs.get(2).copied().flatten() {
+        Some(Tensor::F32(b)) => Some(b.iter().copied().collect::<Vec<f32>>()),
+        Some(t) => return cx.err(format!("bias must be f32, found {}", t.dtype())),
+        None => None,
+    };
+    if x.ndim() != 4 || w.ndim() != 4 {
+        return cx.err(format!(
+            "only 2-D convolution is implemented (input rank {})",
+            x.ndim()
+        ));
+    }
+    let (n, c, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let (m, cg, kh, kw) = (w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]);
+    let group = cx.int_attr("group", 1)?;
+    if group < 1 || c % group as usize != 0 || m % group as usize != 0 || c / group as usize != cg {
+        return cx.err(format!(
+            "group {group} does not fit {c} input channels, weights {:?}",
+            w.shape()
+        ));
+    }
+    let group = group as usize;
+    let mg = m / group;
+    let win = window(cx, &[h, wd], Some(vec![kh, kw]), false)?;
+    let (oh, ow) = (win.out[0], win.out[1]);
+    if bias.as_ref().is_some_and(|b| b.len() != m) {
+        return cx.err(format!("bias must have {m} values"));
+    }
+    let x = x.as_standard_layout();
+    let xs = x.as_slice().expect("standard layout");
+    let w = w.as_standard_layout();
+    let ws = w.as_slice().expect("standard layout");
+    let mut out = vec![0f32; n * m * oh * ow];
+    let (sh, sw) = (win.strides[0], win.strides[1]);
+    let (dh, dw) = (win.dilations[0], win.dilations[1]);
+    let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
+    let depthwise = cg == 1 && mg == 1;
+    let k = cg * kh * kw;
+    let mut cols = Array2::<f32>::zeros((k, oh * ow));
+    for b in 0..n {
+        for g in 0..group {
+            let out_base = (b * m + g * mg) * oh * ow;
+            if depthwise {
+                let plane = &xs[(b * c + g) * h * wd..][..h * wd];
+                let ker = &ws[g * kh * kw..][..kh * kw];
+                let dst = &mut out[out_base..out_base + oh * ow];
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let wv = ker[i * kw + j];
+                        for y in 0..oh {
+                            let iy = (y * sh + i * dh) as isize - ph;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            let row = &plane[iy as usize * wd..][..wd];
+                            let drow = &mut dst[y * ow..][..ow];
+                            for (xo, d) in drow.iter_mut().enumerate() {
+                                let ix = (xo * sw + j * dw) as isize - pw;
+                                if ix >= 0 && ix < wd as isize {
+                                    *d += wv * row[ix as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            // im2col: one row per (channel, ky, kx), one column per output pixel.
+            for ci in 0..cg {
+                let plane = &xs[(b * c + g * cg + ci) * h * wd..][..h * wd];
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let mut row = cols.row_mut((ci * kh + i) * kw + j);
+                        let row = row
+                            .as_slice_mut()
+                            .expect("rows of a standard array are contiguous");
+                        for y in 0..oh {
+                            let iy = (y * sh + i * dh) as isize - ph;
+                            let dst = &mut row[y * ow..][..ow];
+                            if iy < 0 || iy >= h as isize {
+                                dst.fill(0.0);
+                                continue;
+                            }
+                            let src = &plane[iy as usize * wd..][..wd];
+                            for (xo, d) in dst.iter_mut().enumerate() {
+                                let ix = (xo * sw + j * dw) as isize - pw;
+                                *d = if ix >= 0 && ix < wd as isize {
+                                    src[ix as usize]
+                                } else {
+                                    0.0
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+            let wg =
+                ArrayView2::from_shape((mg, k), &ws[g * mg * k..][..mg * k]).expect("weight block");
+            let mut og = qgraph_ir::ndarray::ArrayViewMut2::from_shape(
+                (mg, oh * ow),
+                &mut out[out_base..out_base + mg * oh * ow],
+            )
+            .expect("output block");
+            general_mat_mul(1.0, &wg, &cols, 0.0, &mut og);
+        }
+        if let Some(bias) = &bias {
+            for (oc, &bv) in bias.iter().enumerate() {
+                for v in &mut out[(b * m + oc) * oh * ow..][..oh * ow] {
+                    *v += bv;
+                }
+            }
+        }
+    }
+    Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))])
+}

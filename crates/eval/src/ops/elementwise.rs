@@ -1,0 +1,230 @@
+//! Elementwise operators: activations and broadcasting arithmetic.
+
+use super::{f32_input, input};
+use crate::{EvalError, OpCtx};
+use qgraph_ir::ndarray::{ArrayD, IxDyn, Zip};
+use qgraph_ir::Tensor;
+
+fn unary_f32(
+    cx: &OpCtx,
+    inputs: &[Option<&Tensor>],
+    f: impl Fn(f32) -> f32,
+) -> Result<Vec<Tensor>, EvalError> {
+    let x = f32_input(cx, inputs, 0)?;
+    Ok(vec![Tensor::F32(x.mapv(f))])
+}
+
+pub fn relu(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    unary_f32(cx, i, |x| x.max(0.0))
+}
+
+pub fn leaky_relu(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let alpha = cx.float_attr("alpha", 0.01)?;
+    unary_f32(cx, i, |x| if x >= 0.0 { x } else { alpha * x })
+}
+
+pub fn sigmoid(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    unary_f32(cx, i, |x| 1.0 / (1.0 + (-x).exp()))
+}
+
+pub fn hard_sigmoid(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let alpha = cx.float_attr("alpha", 0.2)?;
+    let beta = cx.float_attr("beta", 0.5)?;
+    unary_f32(cx, i, |x| (alpha * x + beta).clamp(0.0, 1.0))
+}
+
+pub fn hard_swish(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    unary_f32(cx, i, |x| x * (x / 6.0 + 0.5).clamp(0.0, 1.0))
+}
+
+pub fn tanh(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    unary_f32(cx, i, f32::tanh)
+}
+
+pub fn neg(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    match input(cx, i, 0)? {
+        Tensor::I64(a) => Ok(vec![Tensor::I64(a.mapv(|x| x.wrapping_neg()))]),
+        _ => unary_f32(cx, i, |x| -x),
+    }
+}
+
+pub fn abs(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    unary_f32(cx, i, f32::abs)
+}
+
+pub fn sqrt(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    unary_f32(cx, i, f32::sqrt)
+}
+
+pub fn exp(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    unary_f32(cx, i, f32::exp)
+}
+
+pub fn log(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    unary_f32(cx, i, f32::ln)
+}
+
+pub fn reciprocal(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    unary_f32(cx, i, |x| 1.0 / x)
+}
+
+pub fn floor(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    unary_f32(cx, i, f32::floor)
+}
+
+pub fn ceil(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    unary_f32(cx, i, f32::ceil)
+}
+
+pub fn identity(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    Ok(vec![input(cx, i, 0)?.clone()])
+}
+
+/// Inference: the input passes through; the optional mask is all ones.
+pub fn dropout(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let mask = Tensor::Bool(ArrayD::from_elem(IxDyn(x.shape()), true));
+    Ok(vec![x.clone(), mask])
+}
+
+/// ONNX Clip: bounds are attributes before opset 11, optional inputs after.
+pub fn clip(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let bound = |k: usize, default: f32| -> Result<f32, EvalError> {
+        match i.get(k).copied().flatten() {
+            None => Ok(default),
+            Some(Tensor::F32(a)) if a.len() == 1 => Ok(a.iter().next().copied().unwrap_or(default)),
+            Some(t) => cx.err(format!(
+                "bound {k} must be an f32 scalar, found {}",
+                t.dtype()
+            )),
+        }
+    };
+    let (lo, hi) = if cx.opset < 11 {
+        (
+            cx.float_attr("min", f32::NEG_INFINITY)?,
+            cx.float_attr("max", f32::INFINITY)?,
+        )
+    } else {
+        (bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?)
+    };
+    unary_f32(cx, i, |x| x.max(lo).min(hi))
+}
+
+/// The numpy broadcast of two shapes.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let n = a.len().max(b.len());
+    (0..n)
+        .map(|k| {
+            let x = if k + a.len() >= n {
+                a[k + a.len() - n]
+            } else {
+                1
+            };
+            let y = if k + b.len() >= n {
+                b[k + b.len() - n]
+            } else {
+                1
+            };
+            match (x, y) {
+                (x, y) if x == y => Some(x),
+                (1, y) => Some(y),
+                (x, 1) => Some(x),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn zip_with<T: Copy, U>(
+    cx: &OpCtx,
+    a: &ArrayD<T>,
+    b: &ArrayD<T>,
+    f: impl Fn(T, T) -> U,
+) -> Result<ArrayD<U>, EvalError> {
+    if a.shape() == b.shape() {
+        return Ok(Zip::from(a).and(b).map_collect(|&x, &y| f(x, y)));
+    }
+    let Some(shape) = broadcast_shape(a.shape(), b.shape()) else {
+        return cx.err(format!(
+            "shapes {:?} and {:?} do not broadcast",
+            a.shape(),
+            b.shape()
+        ));
+    };
+    let (av, bv) = match (a.broadcast(IxDyn(&shape)), b.broadcast(IxDyn(&shape))) {
+        (Some(x), Some(y)) => (x, y),
+        _ => {
+            return cx.err(format!(
+                "shapes {:?} and {:?} do not broadcast",
+                a.shape(),
+                b.shape()
+            ))
+        }
+    };
+    Ok(Zip::from(&av).and(&bv).map_collect(|&x, &y| f(x, y)))
+}
+
+fn arith(
+    cx: &OpCtx,
+    i: &[Option<&Tensor>],
+    ff: fn(f32, f32) -> f32,
+    fi: fn(i64, i64) -> Option<i64>,
+) -> Result<Vec<Tensor>, EvalError> {
+    let (a, b) = (input(cx, i, 0)?, input(cx, i, 1)?);
+    Ok(vec![match (a, b) {
+        (Tensor::F32(x), Tensor::F32(y)) => Tensor::F32(zip_with(cx, x, y, ff)?),
+        (Tensor::F64(x), Tensor::F64(y)) => {
+            Tensor::F64(zip_with(cx, x, y, |p, q| ff(p as f32, q as f32) as f64)?)
+        }
+        (Tensor::I64(x), Tensor::I64(y)) => {
+            let r = zip_with(cx, x, y, fi)?;
+            if r.iter().any(Option::is_none) {
+                return cx.err("integer overflow or division by zero");
+            }
+            Tensor::I64(r.mapv(|v| v.unwrap_or_default()))
+        }
+        (Tensor::I32(x), Tensor::I32(y)) => {
+            let r = zip_with(cx, x, y, |p, q| {
+                fi(p as i64, q as i64).and_then(|v| i32::try_from(v).ok())
+            })?;
+            if r.iter().any(Option::is_none) {
+                return cx.err("integer overflow or division by zero");
+            }
+            Tensor::I32(r.mapv(|v| v.unwrap_or_default()))
+        }
+        (a, b) => {
+            return cx.err(format!(
+                "unsupported input types {} and {}",
+                a.dtype(),
+                b.dtype()
+            ))
+        }
+    }])
+}
+
+pub fn add(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    arith(cx, i, |a, b| a + b, i64::checked_add)
+}
+
+pub fn sub(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    arith(cx, i, |a, b| a - b, i64::checked_sub)
+}
+
+pub fn mul(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    arith(cx, i, |a, b| a * b, i64::checked_mul)
+}
+
+pub fn div(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    arith(cx, i, |a, b| a / b, i64::checked_div)
+}
+
+pub fn pow(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = f32_input(cx, i, 0)?;
+    let y: ArrayD<f32> = match input(cx, i, 1)? {
+        Tensor::F32(y) => y.clone(),
+        Tensor::I64(y) => y.mapv(|v| v as f32),
+        Tensor::I32(y) => y.mapv(|v| v as f32),
+        t => return cx.err(format!("exponent type {} is not supported", t.dtype())),
+    };
+    Ok(vec![Tensor::F32(zip_with(cx, x, &y, f32::powf)?)])
+}

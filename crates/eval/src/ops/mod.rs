@@ -1,0 +1,162 @@
+//! Operator kernels, one module per family. A kernel takes the node context
+//! and its inputs (`None` for an absent optional input) and returns its
+//! outputs.
+
+mod conv;
+mod elementwise;
+mod matmul;
+mod norm;
+mod pool;
+mod shape;
+
+use crate::{EvalError, OpCtx};
+use qgraph_ir::ndarray::{ArrayD, IxDyn};
+use qgraph_ir::Tensor;
+
+pub type Kernel = fn(&OpCtx, &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError>;
+
+/// The kernel for an operator of the default ONNX domain.
+pub fn kernel(domain: &str, op: &str) -> Option<Kernel> {
+    if !(domain.is_empty() || domain == "ai.onnx") {
+        return None;
+    }
+    KERNELS
+        .iter()
+        .find(|(name, _)| *name == op)
+        .map(|(_, k)| *k)
+}
+
+/// Names of the operators the evaluator runs.
+pub fn supported_ops() -> Vec<&'static str> {
+    KERNELS.iter().map(|(n, _)| *n).collect()
+}
+
+const KERNELS: &[(&str, Kernel)] = &[
+    ("Relu", elementwise::relu),
+    ("LeakyRelu", elementwise::leaky_relu),
+    ("Clip", elementwise::clip),
+    ("Sigmoid", elementwise::sigmoid),
+    ("HardSigmoid", elementwise::hard_sigmoid),
+    ("HardSwish", elementwise::hard_swish),
+    ("Tanh", elementwise::tanh),
+    ("Neg", elementwise::neg),
+    ("Abs", elementwise::abs),
+    ("Sqrt", elementwise::sqrt),
+    ("Exp", elementwise::exp),
+    ("Log", elementwise::log),
+    ("Reciprocal", elementwise::reciprocal),
+    ("Floor", elementwise::floor),
+    ("Ceil", elementwise::ceil),
+    ("Identity", elementwise::identity),
+    ("Dropout", elementwise::dropout),
+    ("Add", elementwise::add),
+    ("Sub", elementwise::sub),
+    ("Mul", elementwise::mul),
+    ("Div", elementwise::div),
+    ("Pow", elementwise::pow),
+    ("Conv", conv::conv),
+    ("Gemm", matmul::gemm),
+    ("MatMul", matmul::matmul),
+    ("BatchNormalization", norm::batch_norm),
+    ("Softmax", norm::softmax),
+    ("MaxPool", pool::max_pool),
+    ("AveragePool", pool::average_pool),
+    ("GlobalAveragePool", pool::global_average_pool),
+    ("GlobalMaxPool", pool::global_max_pool),
+    ("ReduceMean", pool::reduce_mean),
+    ("Flatten", shape::flatten),
+    ("Reshape", shape::reshape),
+    ("Transpose", shape::transpose),
+    ("Concat", shape::concat),
+    ("Split", shape::split),
+    ("Slice", shape::slice),
+    ("Pad", shape::pad),
+    ("Shape", shape::shape),
+    ("Gather", shape::gather),
+    ("Cast", shape::cast),
+    ("Squeeze", shape::squeeze),
+    ("Unsqueeze", shape::unsqueeze),
+    ("ConstantOfShape", shape::constant_of_shape),
+    ("Constant", shape::constant),
+];
+
+/// Applies `$body` (with `$a` bound to the array) to any ndarray variant,
+/// rebuilding the same variant: for data movement that ignores the type.
+macro_rules! map_any {
+    ($cx:expr, $t:expr, $a:ident => $body:expr) => {
+        match $t {
+            Tensor::F32($a) => Tensor::F32($body),
+            Tensor::F64($a) => Tensor::F64($body),
+            Tensor::F16($a) => Tensor::F16($body),
+            Tensor::BF16($a) => Tensor::BF16($body),
+            Tensor::I8($a) => Tensor::I8($body),
+            Tensor::I16($a) => Tensor::I16($body),
+            Tensor::I32($a) => Tensor::I32($body),
+            Tensor::I64($a) => Tensor::I64($body),
+            Tensor::U8($a) => Tensor::U8($body),
+            Tensor::U16($a) => Tensor::U16($body),
+            Tensor::U32($a) => Tensor::U32($body),
+            Tensor::U64($a) => Tensor::U64($body),
+            Tensor::Bool($a) => Tensor::Bool($body),
+            Tensor::String($a) => Tensor::String($body),
+            other => return $cx.err(format!("{} tensors are not supported here", other.dtype())),
+        }
+    };
+}
+pub(crate) use map_any;
+
+/// Input `i`, which must be present.
+pub fn input<'t>(
+    cx: &OpCtx,
+    inputs: &[Option<&'t Tensor>],
+    i: usize,
+) -> Result<&'t Tensor, EvalError> {
+    match inputs.get(i).copied().flatten() {
+        Some(t) => Ok(t),
+        None => cx.err(format!("input {i} is required")),
+    }
+}
+
+pub fn f32_input<'t>(
+    cx: &OpCtx,
+    inputs: &[Option<&'t Tensor>],
+    i: usize,
+) -> Result<&'t ArrayD<f32>, EvalError> {
+    match input(cx, inputs, i)? {
+        Tensor::F32(a) => Ok(a),
+        t => cx.err(format!(
+            "input {i} is {}, this kernel computes in f32",
+            t.dtype()
+        )),
+    }
+}
+
+/// An integer tensor's values (shapes, axes, indices).
+pub fn ints_of(cx: &OpCtx, t: &Tensor, what: &str) -> Result<Vec<i64>, EvalError> {
+    match t {
+        Tensor::I64(a) => Ok(a.iter().copied().collect()),
+        Tensor::I32(a) => Ok(a.iter().map(|&x| x as i64).collect()),
+        t => cx.err(format!(
+            "{what} must be int64 or int32, found {}",
+            t.dtype()
+        )),
+    }
+}
+
+/// An optional integer input, or an attribute of the same meaning for
+/// older opsets.
+pub fn ints_input_or_attr(
+    cx: &OpCtx,
+    inputs: &[Option<&Tensor>],
+    i: usize,
+    attr: &str,
+) -> Result<Option<Vec<i64>>, EvalError> {
+    match inputs.get(i).copied().flatten() {
+        Some(t) => Ok(Some(ints_of(cx, t, attr)?)),
+        None => cx.ints_attr(attr),
+    }
+}
+
+pub fn array<T>(shape: &[usize], data: Vec<T>) -> ArrayD<T> {
+    ArrayD::from_shape_vec(IxDyn(shape), data).expect("kernels build data of the shape's size")
+}

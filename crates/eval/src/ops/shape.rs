@@ -1,0 +1,464 @@
+//! Data movement and shape arithmetic; these work on any element type.
+
+use super::{array, input, ints_input_or_attr, ints_of, map_any};
+use crate::{EvalError, OpCtx};
+use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn, Slice};
+use qgraph_ir::{AttrValue, DataType, Tensor};
+
+fn reshaped(cx: &OpCtx, t: &Tensor, shape: &[usize]) -> Result<Tensor, EvalError> {
+    if qgraph_ir::element_count(shape) != Some(t.len()) {
+        return cx.err(format!("cannot reshape {:?} to {shape:?}", t.shape()));
+    }
+    Ok(map_any!(cx, t, a => a
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order(IxDyn(shape))
+        .expect("element count checked")))
+}
+
+pub fn flatten(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let r = x.shape().len();
+    let axis = cx.int_attr("axis", 1)?;
+    let axis = if axis == r as i64 {
+        r
+    } else {
+        cx.axis(axis, r)?
+    };
+    let outer: usize = x.shape()[..axis].iter().product();
+    let inner: usize = x.shape()[axis..].iter().product();
+    Ok(vec![reshaped(cx, x, &[outer, inner])?])
+}
+
+pub fn reshape(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let spec = ints_of(cx, input(cx, i, 1)?, "shape")?;
+    let allowzero = cx.int_attr("allowzero", 0)? != 0;
+    let mut shape = Vec::with_capacity(spec.len());
+    let mut infer = None;
+    for (k, &d) in spec.iter().enumerate() {
+        match d {
+            -1 if infer.is_none() => {
+                infer = Some(k);
+                shape.push(1);
+            }
+            0 if !allowzero => match x.shape().get(k) {
+                Some(&s) => shape.push(s),
+                None => {
+                    return cx.err(format!(
+                        "shape {spec:?}: dim {k} copies a dim the input lacks"
+                    ))
+                }
+            },
+            d if d >= 0 => shape.push(d as usize),
+            _ => return cx.err(format!("shape {spec:?} is not valid")),
+        }
+    }
+    if let Some(k) = infer {
+        let known: usize = shape.iter().product();
+        if known == 0 || x.len() % known != 0 {
+            return cx.err(format!(
+                "cannot infer the -1 in {spec:?} for {} elements",
+                x.len()
+            ));
+        }
+        shape[k] = x.len() / known;
+    }
+    Ok(vec![reshaped(cx, x, &shape)?])
+}
+
+pub fn transpose(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let r = x.shape().len();
+    let perm: Vec<usize> = match cx.ints_attr("perm")? {
+        Some(p) => p.iter().map(|&a| cx.axis(a, r)).collect::<Result<_, _>>()?,
+        None => (0..r).rev().collect(),
+    };
+    let mut seen = perm.clone();
+    seen.sort_unstable();
+    if seen != (0..r).collect::<Vec<_>>() {
+        return cx.err(format!("perm {perm:?} is not a permutation of {r} axes"));
+    }
+    Ok(vec![
+        map_any!(cx, x, a => a.clone().permuted_axes(IxDyn(&perm)).as_standard_layout().into_owned()),
+    ])
+}
+
+pub fn concat(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let parts: Vec<&Tensor> = i.iter().flatten().copied().collect();
+    let Some(first) = parts.first() else {
+        return cx.err("Concat needs inputs");
+    };
+    let axis = cx.axis(cx.int_attr("axis", 0)?, first.shape().len())?;
+    macro_rules! cat {
+        ($variant:ident) => {{
+            let mut views = Vec::with_capacity(parts.len());
+            for p in &parts {
+                match p {
+                    Tensor::$variant(a) => views.push(a.view()),
+                    t => return cx.err(format!("inputs mix {} and {}", first.dtype(), t.dtype())),
+                }
+            }
+            match qgraph_ir::ndarray::concatenate(Axis(axis), &views) {
+                Ok(a) => Tensor::$variant(a),
+                Err(e) => return cx.err(format!("cannot concatenate: {e}")),
+            }
+        }};
+    }
+    Ok(vec![match first {
+        Tensor::F32(_) => cat!(F32),
+        Tensor::F64(_) => cat!(F64),
+        Tensor::I64(_) => cat!(I64),
+        Tensor::I32(_) => cat!(I32),
+        Tensor::I8(_) => cat!(I8),
+        Tensor::U8(_) => cat!(U8),
+        Tensor::Bool(_) => cat!(Bool),
+        t => return cx.err(format!("Concat of {} is not implemented", t.dtype())),
+    }])
+}
+
+pub fn split(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let axis = cx.axis(cx.int_attr("axis", 0)?, x.shape().len())?;
+    let len = x.shape()[axis];
+    let outputs = cx.graph.node(cx.node).outputs().len();
+    let sizes: Vec<usize> = match if cx.opset >= 13 {
+        ints_input_or_attr(cx, i, 1, "split")?
+    } else {
+        cx.ints_attr("split")?
+    } {
+        Some(s) => s.iter().map(|&v| v.max(0) as usize).collect(),
+        None => {
+            let parts = cx.int_attr("num_outputs", outputs as i64)?.max(1) as usize;
+            let each = len.div_ceil(parts);
+            (0..parts)
+                .map(|k| each.min(len.saturating_sub(k * each)))
+                .collect()
+        }
+    };
+    if sizes.iter().sum::<usize>() != len {
+        return cx.err(format!("split sizes {sizes:?} do not add up to {len}"));
+    }
+    let mut start = 0;
+    let mut out = Vec::with_capacity(sizes.len());
+    for s in sizes {
+        let range = Slice::from(start as isize..(start + s) as isize);
+        out.push(map_any!(cx, x, a => a.slice_axis(Axis(axis), range).to_owned()));
+        start += s;
+    }
+    Ok(out)
+}
+
+/// Slice: starts/ends/axes/steps are inputs from opset 10, attributes before.
+pub fn slice(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let r = x.shape().len();
+    let (starts, ends, axes, steps) = if cx.opset >= 10 {
+        (
+            ints_of(cx, input(cx, i, 1)?, "starts")?,
+            ints_of(cx, input(cx, i, 2)?, "ends")?,
+            i.get(3)
+                .copied()
+                .flatten()
+                .map(|t| ints_of(cx, t, "axes"))
+                .transpose()?,
+            i.get(4)
+                .copied()
+                .flatten()
+                .map(|t| ints_of(cx, t, "steps"))
+                .transpose()?,
+        )
+    } else {
+        (
+            cx.ints_attr("starts")?.unwrap_or_default(),
+            cx.ints_attr("ends")?.unwrap_or_default(),
+            cx.ints_attr("axes")?,
+            None,
+        )
+    };
+    let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return cx.err("starts, ends, axes and steps must have the same length");
+    }
+    let mut result = x.clone();
+    for k in 0..starts.len() {
+        let axis = cx.axis(axes[k], r)?;
+        let dim = x.shape()[axis] as i64;
+        let step = steps[k];
+        if step == 0 {
+            return cx.err("a step is 0");
+        }
+        let clamp = |v: i64, lo: i64, hi: i64| v.max(lo).min(hi);
+        let norm = |v: i64| if v < 0 { v + dim } else { v };
+        let (s, e) = if step > 0 {
+            (clamp(norm(starts[k]), 0, dim), clamp(norm(ends[k]), 0, dim))
+        } else {
+            (
+                clamp(norm(starts[k]), -1, dim - 1),
+                clamp(norm(ends[k]), -1, dim - 1),
+            )
+        };
+        // Element indices s, s+step, ... before e.
+        let idx: Vec<usize> = if step > 0 {
+            (s..e).step_by(step as usize).map(|v| v as usize).collect()
+        } else {
+            let mut v = Vec::new();
+            let mut p = s;
+            while p > e {
+                v.push(p as usize);
+                p += step;
+            }
+            v
+        };
+        result = map_any!(cx, &result, a => a.select(Axis(axis), &idx));
+    }
+    Ok(vec![result])
+}
+
+/// Pad (constant, reflect, edge); pads are an attribute before opset 11.
+pub fn pad(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let r = x.shape().len();
+    let pads = if cx.opset >= 11 {
+        ints_of(cx, input(cx, i, 1)?, "pads")?
+    } else {
+        cx.ints_attr("pads")?.unwrap_or_default()
+    };
+    let axes: Vec<usize> = match i.get(3).copied().flatten() {
+        Some(t) => ints_of(cx, t, "axes")?
+            .iter()
+            .map(|&a| cx.axis(a, r))
+            .collect::<Result<_, _>>()?,
+        None => (0..r).collect(),
+    };
+    if pads.len() != 2 * axes.len() {
+        return cx.err(format!(
+            "pads has {} values for {} axes",
+            pads.len(),
+            axes.len()
+        ));
+    }
+    let mode = cx.string_attr("mode", "constant")?;
+    let Tensor::F32(a) = x else {
+        if pads.iter().all(|&p| p == 0) {
+            return Ok(vec![x.clone()]);
+        }
+        return cx.err(format!("padding {} tensors is not implemented", x.dtype()));
+    };
+    let value = if cx.opset >= 11 {
+        match i.get(2).copied().flatten() {
+            Some(Tensor::F32(v)) => v.iter().next().copied().unwrap_or(0.0),
+            Some(t) => return cx.err(format!("constant_value must be f32, found {}", t.dtype())),
+            None => 0.0,
+        }
+    } else {
+        cx.float_attr("value", 0.0)?
+    };
+    let mut before = vec![0i64; r];
+    let mut after = vec![0i64; r];
+    for (k, &ax) in axes.iter().enumerate() {
+        before[ax] = pads[k];
+        after[ax] = pads[k + axes.len()];
+    }
+    let mut out_shape = Vec::with_capacity(r);
+    for d in 0..r {
+        let s = a.shape()[d] as i64 + before[d] + after[d];
+        if s < 0 {
+            return cx.err("negative pads remove more than the input has");
+        }
+        out_shape.push(s as usize);
+    }
+    let src = a.as_standard_layout();
+    let out = ArrayD::from_shape_fn(IxDyn(&out_shape), |idx| {
+        let mut at = Vec::with_capacity(r);
+        for d in 0..r {
+            let n = a.shape()[d] as i64;
+            let p = idx[d] as i64 - before[d];
+            let q = if (0..n).contains(&p) {
+                p
+            } else {
+                match mode.as_str() {
+                    "edge" => p.clamp(0, n - 1),
+                    "reflect" if n > 1 => {
+                        let period = 2 * (n - 1);
+                        let m = p.rem_euclid(period);
+                        if m < n {
+                            m
+                        } else {
+                            period - m
+                        }
+                    }
+                    _ => return value,
+                }
+            };
+            at.push(q as usize);
+        }
+        src[IxDyn(&at)]
+    });
+    if !matches!(mode.as_str(), "constant" | "edge" | "reflect") {
+        return cx.err(format!("pad mode '{mode}' is not implemented"));
+    }
+    Ok(vec![Tensor::F32(out)])
+}
+
+pub fn shape(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let r = x.shape().len() as i64;
+    let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+    let start = clamp(cx.int_attr("start", 0)?);
+    let end = clamp(cx.int_attr("end", r)?);
+    let dims: Vec<i64> = x.shape()[start..end.max(start)]
+        .iter()
+        .map(|&d| d as i64)
+        .collect();
+    Ok(vec![Tensor::i64_vector(dims)])
+}
+
+pub fn gather(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let idx_t = input(cx, i, 1)?;
+    let r = x.shape().len();
+    let axis = cx.axis(cx.int_attr("axis", 0)?, r)?;
+    let dim = x.shape()[axis] as i64;
+    let idx: Vec<usize> = ints_of(cx, idx_t, "indices")?
+        .into_iter()
+        .map(|v| {
+            let p = if v < 0 { v + dim } else { v };
+            if (0..dim).contains(&p) {
+                Ok(p as usize)
+            } else {
+                cx.err(format!("index {v} is out of range for a dim of {dim}"))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let mut shape: Vec<usize> = x.shape()[..axis].to_vec();
+    shape.extend_from_slice(idx_t.shape());
+    shape.extend_from_slice(&x.shape()[axis + 1..]);
+    let picked = map_any!(cx, x, a => a.select(Axis(axis), &idx));
+    Ok(vec![reshaped(cx, &picked, &shape)?])
+}
+
+pub fn cast(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let to = cx.int_attr("to", 0)?;
+    let target = match to {
+        1 => DataType::F32,
+        2 => DataType::U8,
+        3 => DataType::I8,
+        6 => DataType::I32,
+        7 => DataType::I64,
+        9 => DataType::Bool,
+        11 => DataType::F64,
+        t => return cx.err(format!("Cast to type code {t} is not implemented")),
+    };
+    if x.dtype() == target {
+        return Ok(vec![x.clone()]);
+    }
+    let Some(values) = x.to_f64_vec() else {
+        return cx.err(format!("Cast from {} is not implemented", x.dtype()));
+    };
+    let shape = x.shape().to_vec();
+    let out = match target {
+        DataType::F32 => Tensor::F32(array(&shape, values.iter().map(|&v| v as f32).collect())),
+        DataType::F64 => Tensor::F64(array(&shape, values)),
+        DataType::Bool => Tensor::Bool(array(&shape, values.iter().map(|&v| v != 0.0).collect())),
+        // Float to integer truncates toward zero, saturating (Rust `as`).
+        DataType::I64 => Tensor::I64(array(&shape, values.iter().map(|&v| v as i64).collect())),
+        DataType::I32 => Tensor::I32(array(&shape, values.iter().map(|&v| v as i32).collect())),
+        DataType::I8 => Tensor::I8(array(&shape, values.iter().map(|&v| v as i8).collect())),
+        DataType::U8 => Tensor::U8(array(&shape, values.iter().map(|&v| v as u8).collect())),
+        _ => unreachable!("targets listed above"),
+    };
+    Ok(vec![out])
+}
+
+/// Axes are an attribute before opset 13, an input from 13.
+fn axes_of(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Option<Vec<i64>>, EvalError> {
+    if cx.opset >= 13 {
+        ints_input_or_attr(cx, i, 1, "axes")
+    } else {
+        cx.ints_attr("axes")
+    }
+}
+
+pub fn squeeze(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let r = x.shape().len();
+    let axes: Vec<usize> = match axes_of(cx, i)? {
+        Some(a) => a.iter().map(|&v| cx.axis(v, r)).collect::<Result<_, _>>()?,
+        None => (0..r).filter(|&d| x.shape()[d] == 1).collect(),
+    };
+    if let Some(&d) = axes.iter().find(|&&d| x.shape()[d] != 1) {
+        return cx.err(format!("cannot squeeze axis {d} of size {}", x.shape()[d]));
+    }
+    let shape: Vec<usize> = (0..r)
+        .filter(|d| !axes.contains(d))
+        .map(|d| x.shape()[d])
+        .collect();
+    Ok(vec![reshaped(cx, x, &shape)?])
+}
+
+pub fn unsqueeze(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let Some(axes) = axes_of(cx, i)? else {
+        return cx.err("axes are required");
+    };
+    let r = x.shape().len() + axes.len();
+    let mut axes: Vec<usize> = axes
+        .iter()
+        .map(|&v| cx.axis(v, r))
+        .collect::<Result<_, _>>()?;
+    axes.sort_unstable();
+    let mut shape = Vec::with_capacity(r);
+    let mut src = x.shape().iter();
+    for d in 0..r {
+        if axes.contains(&d) {
+            shape.push(1);
+        } else {
+            shape.push(*src.next().unwrap_or(&1));
+        }
+    }
+    Ok(vec![reshaped(cx, x, &shape)?])
+}
+
+pub fn constant_of_shape(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let dims = ints_of(cx, input(cx, i, 0)?, "shape")?;
+    if dims.iter().any(|&d| d < 0) {
+        return cx.err(format!("shape {dims:?} has a negative dim"));
+    }
+    let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    if qgraph_ir::element_count(&shape).is_none() {
+        return cx.err(format!("shape {dims:?} is too large"));
+    }
+    let value = cx.tensor_attr("value")?;
+    Ok(vec![match value {
+        None => Tensor::F32(ArrayD::zeros(IxDyn(&shape))),
+        Some(v) => map_any!(cx, v, a => {
+            let Some(fill) = a.iter().next().cloned() else {
+                return cx.err("value is empty");
+            };
+            ArrayD::from_elem(IxDyn(&shape), fill)
+        }),
+    }])
+}
+
+pub fn constant(cx: &OpCtx, _: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let node = cx.graph.node(cx.node);
+    let Some(a) = node.attrs.first() else {
+        return cx.err("Constant has no value attribute");
+    };
+    Ok(vec![match (&a.name[..], &a.value) {
+        ("value", AttrValue::Tensor(t)) => {
+            if t.is_elided() {
+                return cx.err("the constant's data was elided in the text form it came from");
+            }
+            t.clone()
+        }
+        ("value_float", AttrValue::Float(f)) => Tensor::scalar_f32(*f),
+        ("value_floats", AttrValue::Floats(f)) => Tensor::F32(array(&[f.len()], f.clone())),
+        ("value_int", AttrValue::Int(v)) => Tensor::I64(array(&[], vec![*v])),
+        ("value_ints", AttrValue::Ints(v)) => Tensor::i64_vector(v.clone()),
+        (name, _) => return cx.err(format!("Constant attribute '{name}' is not implemented")),
+    }])
+}
