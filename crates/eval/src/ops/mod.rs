@@ -7,6 +7,7 @@ mod elementwise;
 mod matmul;
 mod norm;
 mod pool;
+mod quant;
 mod shape;
 
 use crate::{EvalError, OpCtx};
@@ -78,6 +79,8 @@ const KERNELS: &[(&str, Kernel)] = &[
     ("Unsqueeze", shape::unsqueeze),
     ("ConstantOfShape", shape::constant_of_shape),
     ("Constant", shape::constant),
+    ("QuantizeLinear", quant::quantize_linear),
+    ("DequantizeLinear", quant::dequantize_linear),
 ];
 
 /// Applies `$body` (with `$a` bound to the array) to any ndarray variant,

@@ -1,0 +1,214 @@
+//! QuantizeLinear and DequantizeLinear with ONNX semantics (opsets 10, 13,
+//! 19, 21): per-tensor, per-axis and blocked scales; int8, uint8, int16,
+//! uint16, int32 (dequantize), int4 and uint4; round half to even and
+//! saturation to the output type.
+
+use super::{array, input};
+use crate::{EvalError, OpCtx};
+use qgraph_ir::{DataType, PackedTensor, Tensor};
+
+/// Integer values of a quantized tensor, in logical order.
+fn int_values(cx: &OpCtx, t: &Tensor, what: &str) -> Result<Vec<i64>, EvalError> {
+    Ok(match t {
+        Tensor::I8(a) => a.iter().map(|&v| v as i64).collect(),
+        Tensor::U8(a) => a.iter().map(|&v| v as i64).collect(),
+        Tensor::I16(a) => a.iter().map(|&v| v as i64).collect(),
+        Tensor::U16(a) => a.iter().map(|&v| v as i64).collect(),
+        Tensor::I32(a) => a.iter().map(|&v| v as i64).collect(),
+        Tensor::Packed(p) => match p.unpack_sub_byte_ints() {
+            Some(v) => v.into_iter().map(i64::from).collect(),
+            None => return cx.err(format!("{what} of type {} is not implemented", t.dtype())),
+        },
+        t => return cx.err(format!("{what} of type {} is not implemented", t.dtype())),
+    })
+}
+
+fn f32_values(cx: &OpCtx, t: &Tensor, what: &str) -> Result<Vec<f32>, EvalError> {
+    match t {
+        Tensor::F32(a) => Ok(a.iter().copied().collect()),
+        t => cx.err(format!("{what} must be f32, found {}", t.dtype())),
+    }
+}
+
+/// Maps each element of a tensor of shape `shape` to its scale index, for a
+/// scale of shape `scale_shape`: per-tensor (one value), per-axis (1-D along
+/// `axis`) or blocked (same rank, `block` elements per scale along `axis`).
+struct ScaleIndex {
+    axis_dim: usize,
+    inner: usize,
+    scale_dim: usize,
+    block: usize,
+    per_tensor: bool,
+}
+
+impl ScaleIndex {
+    fn new(cx: &OpCtx, shape: &[usize], scale_shape: &[usize]) -> Result<ScaleIndex, EvalError> {
+        let count: usize = scale_shape.iter().product();
+        if count == 1 && scale_shape.len() <= 1 {
+            return Ok(ScaleIndex {
+                axis_dim: 1,
+                inner: 1,
+                scale_dim: 1,
+                block: 1,
+                per_tensor: true,
+            });
+        }
+        let axis = cx.axis(cx.int_attr("axis", 1)?, shape.len())?;
+        let block = cx.int_attr("block_size", 0)?;
+        let axis_dim = shape[axis];
+        let inner: usize = shape[axis + 1..].iter().product();
+        if block > 0 {
+            let block = block as usize;
+            let want: Vec<usize> = shape
+                .iter()
+                .enumerate()
+                .map(|(d, &s)| if d == axis { s.div_ceil(block) } else { s })
+                .collect();
+            if scale_shape != want.as_slice() {
+                return cx.err(format!(
+                    "blocked scale must have shape {want:?}, found {scale_shape:?}"
+                ));
+            }
+            return Ok(ScaleIndex {
+                axis_dim,
+                inner,
+                scale_dim: want[axis],
+                block,
+                per_tensor: false,
+            });
+        }
+        if scale_shape.len() != 1 || scale_shape[0] != axis_dim {
+            return cx.err(format!(
+                "per-axis scale must have {axis_dim} values (axis {axis}), found shape {scale_shape:?}"
+            ));
+        }
+        Ok(ScaleIndex {
+            axis_dim,
+            inner,
+            scale_dim: axis_dim,
+            block: 1,
+            per_tensor: false,
+        })
+    }
+
+    fn of(&self, e: usize, blocked: bool) -> usize {
+        if self.per_tensor {
+            return 0;
+        }
+        let along = (e / self.inner) % self.axis_dim;
+        if !blocked {
+            return along;
+        }
+        let outer = e / (self.inner * self.axis_dim);
+        (outer * self.scale_dim + along / self.block) * self.inner + e % self.inner
+    }
+}
+
+pub fn dequantize_linear(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let scale_t = input(cx, i, 1)?;
+    let values = int_values(cx, x, "input")?;
+    let scales = f32_values(cx, scale_t, "the scale")?;
+    let zps = match i.get(2).copied().flatten() {
+        Some(z) => {
+            if z.dtype() != x.dtype() {
+                return cx.err(format!(
+                    "zero point is {} but the input is {}",
+                    z.dtype(),
+                    x.dtype()
+                ));
+            }
+            int_values(cx, z, "zero point")?
+        }
+        None => vec![0; scales.len()],
+    };
+    if zps.len() != scales.len() {
+        return cx.err("scale and zero point differ in size");
+    }
+    let index = ScaleIndex::new(cx, x.shape(), scale_t.shape())?;
+    let blocked = cx.int_attr("block_size", 0)? > 0;
+    let out: Vec<f32> = values
+        .iter()
+        .enumerate()
+        .map(|(e, &v)| {
+            let k = index.of(e, blocked);
+            // As the ONNX reference: (x - zero_point) in integers, times scale in f32.
+            ((v - zps[k]) as f32) * scales[k]
+        })
+        .collect();
+    Ok(vec![Tensor::F32(array(x.shape(), out))])
+}
+
+fn output_type(cx: &OpCtx, zp: Option<&Tensor>) -> Result<DataType, EvalError> {
+    if let Some(z) = zp {
+        return Ok(z.dtype());
+    }
+    Ok(match cx.int_attr("output_dtype", 0)? {
+        0 | 2 => DataType::U8,
+        3 => DataType::I8,
+        4 => DataType::U16,
+        5 => DataType::I16,
+        21 => DataType::U4,
+        22 => DataType::I4,
+        t => return cx.err(format!("output_dtype {t} is not implemented")),
+    })
+}
+
+pub fn quantize_linear(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let scale_t = input(cx, i, 1)?;
+    let xs = f32_values(cx, x, "the input")?;
+    let scales = f32_values(cx, scale_t, "the scale")?;
+    let zp_t = i.get(2).copied().flatten();
+    let target = output_type(cx, zp_t)?;
+    let Some((lo, hi)) = target.int_range().filter(|_| {
+        !matches!(
+            target,
+            DataType::I32 | DataType::U32 | DataType::I64 | DataType::U64
+        )
+    }) else {
+        return cx.err(format!("quantizing to {target} is not implemented"));
+    };
+    let zps = match zp_t {
+        Some(z) => int_values(cx, z, "zero point")?,
+        None => vec![0; scales.len()],
+    };
+    if zps.len() != scales.len() {
+        return cx.err("scale and zero point differ in size");
+    }
+    let index = ScaleIndex::new(cx, x.shape(), scale_t.shape())?;
+    let blocked = cx.int_attr("block_size", 0)? > 0;
+    let (lo, hi) = (lo as f64, hi as f64);
+    let q: Vec<i128> = xs
+        .iter()
+        .enumerate()
+        .map(|(e, &v)| {
+            let k = index.of(e, blocked);
+            // f32 division, then round half to even, as the ONNX reference.
+            let r = (v / scales[k]).round_ties_even() as f64 + zps[k] as f64;
+            (if r.is_nan() {
+                zps[k] as f64
+            } else {
+                r.clamp(lo, hi)
+            }) as i128
+        })
+        .collect();
+    let shape = x.shape();
+    Ok(vec![match target {
+        DataType::I4 | DataType::U4 => {
+            let small: Vec<i8> = q.iter().map(|&v| v as i8).collect();
+            Tensor::Packed(
+                PackedTensor::from_sub_byte_ints(target, shape, &small).map_err(|e| {
+                    EvalError::Op {
+                        node: cx.describe(),
+                        message: e.to_string(),
+                    }
+                })?,
+            )
+        }
+        _ => Tensor::from_ints(target, shape, &q).map_err(|e| EvalError::Op {
+            node: cx.describe(),
+            message: e.to_string(),
+        })?,
+    }])
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Writes testdata/eval/*.onnx: small models of quantization operators, each
+carrying its own oracle. A model has no inputs; its input data is an
+initializer, output 0 is the operator's result and output 1 is the result the
+onnx package's ReferenceEvaluator computed (stored as an initializer). The
+Rust test runs output 0 in qgraph's evaluator and requires it bit-equal to
+output 1. Needs `pip install onnx numpy`. Rerun only to change the fixtures.
+"""
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+OUT = Path(__file__).resolve().parent.parent / "testdata" / "eval"
+rng = np.random.default_rng(7)
+
+
+def tensor(name, array, dtype=None):
+    if dtype in (TensorProto.INT4, TensorProto.UINT4):
+        return helper.make_tensor(name, dtype, array.shape, array.flatten().tolist())
+    return numpy_helper.from_array(array, name)
+
+
+def fixture(name, op, inputs, attrs=None, opset=21):
+    """inputs: list of (name, array, onnx dtype or None); first is the data."""
+    inits = [tensor(n, a, d) for n, a, d in inputs]
+    node = helper.make_node(op, [n for n, _, _ in inputs], ["y"], **(attrs or {}))
+    probe = helper.make_graph([node], name, [], [helper.make_tensor_value_info("y", TensorProto.UNDEFINED, None)], inits)
+    m = helper.make_model(probe, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    (expected,) = ReferenceEvaluator(m).run(None, {})
+    exp_dtype = helper.np_dtype_to_tensor_dtype(expected.dtype) if expected.dtype.names is None else None
+    if op == "QuantizeLinear" and attrs and attrs.get("output_dtype") in (TensorProto.INT4, TensorProto.UINT4):
+        exp_dtype = attrs["output_dtype"]
+    elif op == "QuantizeLinear" and len(inputs) > 2 and inputs[2][2] in (TensorProto.INT4, TensorProto.UINT4):
+        exp_dtype = inputs[2][2]
+    exp_init = (
+        helper.make_tensor("expected", exp_dtype, expected.shape, np.asarray(expected).astype(np.int8).flatten().tolist())
+        if exp_dtype in (TensorProto.INT4, TensorProto.UINT4)
+        else numpy_helper.from_array(np.asarray(expected), "expected")
+    )
+    g = helper.make_graph(
+        [node, helper.make_node("Identity", ["expected"], ["reference"])],
+        name,
+        [],
+        [helper.make_tensor_value_info("y", exp_dtype, expected.shape),
+         helper.make_tensor_value_info("reference", exp_dtype, expected.shape)],
+        inits + [exp_init],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    onnx.checker.check_model(m)
+    onnx.save(m, OUT / f"{name}.onnx")
+
+
+x = (rng.standard_normal((2, 4, 3, 3)) * 3).astype(np.float32)
+# Values at exact .5 multiples of the scale test round half to even.
+halves = np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 1000.0, -1000.0], dtype=np.float32)
+
+fixture("q_u8_per_tensor", "QuantizeLinear", [("x", x, None), ("s", np.float32(0.05), None), ("z", np.uint8(128), None)], opset=19)
+fixture("q_i8_round_half_even", "QuantizeLinear", [("x", halves, None), ("s", np.float32(1.0), None), ("z", np.int8(0), None)], opset=19)
+fixture("q_i8_per_axis", "QuantizeLinear", [("x", x, None), ("s", np.array([0.01, 0.02, 0.05, 0.1], np.float32), None), ("z", np.array([0, 1, -2, 3], np.int8), None)], {"axis": 1}, opset=19)
+fixture("q_i16", "QuantizeLinear", [("x", x, None), ("s", np.float32(0.001), None), ("z", np.int16(-7), None)])
+fixture("q_u16_per_axis", "QuantizeLinear", [("x", x, None), ("s", np.array([0.001, 0.002, 0.003, 0.004], np.float32), None), ("z", np.array([30000, 0, 100, 65535], np.uint16), None)], {"axis": 1})
+fixture("q_i4_blocked", "QuantizeLinear", [("x", x.reshape(2, 12, 3), None), ("s", np.array(rng.uniform(0.2, 1.0, (2, 3, 3)), np.float32), None), ("z", np.zeros((2, 3, 3), np.int8), TensorProto.INT4)], {"axis": 1, "block_size": 4})
+fixture("q_u4_per_tensor", "QuantizeLinear", [("x", x, None), ("s", np.float32(0.5), None), ("z", np.array(8, np.uint8), TensorProto.UINT4)])
+fixture("q_default_uint8_no_zp", "QuantizeLinear", [("x", x, None), ("s", np.float32(0.02), None)], opset=19)
+fixture("dq_u8_per_tensor", "DequantizeLinear", [("x", rng.integers(0, 256, (3, 5), dtype=np.uint8), None), ("s", np.float32(0.05), None), ("z", np.uint8(128), None)], opset=19)
+fixture("dq_i8_per_axis", "DequantizeLinear", [("x", rng.integers(-128, 128, (4, 3, 2, 2), dtype=np.int8), None), ("s", np.array([0.1, 0.2, 0.3, 0.4], np.float32), None), ("z", np.array([0, -1, 2, 5], np.int8), None)], {"axis": 0}, opset=19)
+fixture("dq_i32_bias", "DequantizeLinear", [("x", rng.integers(-100000, 100000, (8,), dtype=np.int32), None), ("s", np.float32(0.0003), None)], opset=19)
+fixture("dq_i16", "DequantizeLinear", [("x", rng.integers(-32768, 32768, (6, 2), dtype=np.int16), None), ("s", np.float32(0.001), None), ("z", np.int16(12), None)])
+fixture("dq_i4_blocked", "DequantizeLinear", [("x", rng.integers(-8, 8, (6, 8), dtype=np.int8), TensorProto.INT4), ("s", np.array(rng.uniform(0.01, 0.1, (6, 2)), np.float32), None), ("z", rng.integers(-8, 8, (6, 2), dtype=np.int8), TensorProto.INT4)], {"axis": 1, "block_size": 4})
+fixture("dq_u4_per_axis", "DequantizeLinear", [("x", rng.integers(0, 16, (3, 5), dtype=np.uint8), TensorProto.UINT4), ("s", np.array([0.1, 0.2, 0.3], np.float32), None), ("z", np.array([8, 0, 15], np.uint8), TensorProto.UINT4)], {"axis": 0})
+print("fixtures written to", OUT)
