@@ -4,6 +4,7 @@
 
 mod conv;
 mod elementwise;
+mod integer;
 mod matmul;
 mod norm;
 mod pool;
@@ -81,6 +82,11 @@ const KERNELS: &[(&str, Kernel)] = &[
     ("Constant", shape::constant),
     ("QuantizeLinear", quant::quantize_linear),
     ("DequantizeLinear", quant::dequantize_linear),
+    ("ConvInteger", integer::conv_integer),
+    ("MatMulInteger", integer::matmul_integer),
+    ("QLinearConv", integer::qlinear_conv),
+    ("QLinearMatMul", integer::qlinear_matmul),
+    ("DynamicQuantizeLinear", integer::dynamic_quantize_linear),
 ];
 
 /// Applies `$body` (with `$a` bound to the array) to any ndarray variant,
