@@ -74,6 +74,52 @@ enum Command {
         #[arg(long)]
         all_data: bool,
     },
+    /// Run a model on a data set: accuracy, top-1 agreement and output SQNR
+    /// against a reference model.
+    #[command(
+        after_help = "The data set is an .npz file with samples (N first; uint8 or float32) and, \
+                      optionally, int64 labels. The model's first output is read as class scores.\n\n\
+                      Examples:\n  qgraph eval lenet.onnx --data mnist.npz\n  \
+                      qgraph eval quant.onnx --data photos.npz --key x_u8 --norm imagenet --ref float.onnx"
+    )]
+    Eval {
+        /// The model to run (.onnx or .qgt).
+        model: PathBuf,
+        /// The data set (.npz).
+        #[arg(long)]
+        data: PathBuf,
+        /// The array of samples (default: x, else x_u8).
+        #[arg(long)]
+        key: Option<String>,
+        /// The array of labels (default: y when present).
+        #[arg(long, conflicts_with = "no_labels")]
+        labels: Option<String>,
+        /// Ignore labels even if the file has them.
+        #[arg(long)]
+        no_labels: bool,
+        /// Input normalisation.
+        #[arg(long, value_enum, default_value_t = NormArg::None)]
+        norm: NormArg,
+        /// A reference model (usually the float one) to compare with.
+        #[arg(long = "ref")]
+        reference: Option<PathBuf>,
+        /// Samples per batch.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Use only the first N samples.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NormArg {
+    /// Per-channel ImageNet mean/std after scaling uint8 to [0, 1].
+    Imagenet,
+    /// (x_u8 - 127) / 128, as TensorFlow models expect.
+    Tf,
+    /// uint8 scaled to [0, 1]; float data as stored.
+    None,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -142,6 +188,76 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 emit(&d.render(&a.display().to_string(), &b.display().to_string()))?;
                 Ok(ExitCode::from(1))
             }
+        }
+        Command::Eval {
+            model,
+            data,
+            key,
+            labels,
+            no_labels,
+            norm,
+            reference,
+            batch,
+            limit,
+        } => {
+            let loaded = load(&model)?;
+            let reference = reference.map(|r| load(&r).map(|l| (r, l))).transpose()?;
+            let labels = if no_labels {
+                Some("")
+            } else {
+                labels.as_deref()
+            };
+            let ds = qgraph::data::Dataset::load_npz(&data, key.as_deref(), labels)?;
+            let norm = match norm {
+                NormArg::Imagenet => qgraph::data::Norm::Imagenet,
+                NormArg::Tf => qgraph::data::Norm::Tf,
+                NormArg::None => qgraph::data::Norm::None,
+            };
+            let total = limit.unwrap_or(usize::MAX).min(ds.len());
+            let bar = indicatif::ProgressBar::new(total as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} samples {per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let m = qgraph::data::measure(
+                &loaded.model,
+                reference.as_ref().map(|(_, l)| &l.model),
+                &ds,
+                norm,
+                batch,
+                limit,
+                |done| bar.set_position(done as u64),
+            )
+            .map_err(|e| Failure(format!("{}: {e}", model.display())))?;
+            bar.finish_and_clear();
+            let mut text = format!(
+                "model      {}\ndata       {}: '{}', {} samples\n",
+                model.display(),
+                data.display(),
+                ds.key,
+                m.samples
+            );
+            if let Some(c) = m.correct {
+                text += &format!(
+                    "accuracy   {:.4} ({c}/{})\n",
+                    c as f64 / m.samples as f64,
+                    m.samples
+                );
+            }
+            if let (Some(a), Some((r, _))) = (m.agree, &reference) {
+                text += &format!(
+                    "agreement  {:.4} ({a}/{}) top-1 with {}\n",
+                    a as f64 / m.samples as f64,
+                    m.samples,
+                    r.display()
+                );
+            }
+            if let Some(db) = m.sqnr_db {
+                text += &format!("sqnr       {db:.2} dB\n");
+            }
+            emit(&text)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Convert {
             input,

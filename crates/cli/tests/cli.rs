@@ -302,3 +302,46 @@ fn text_fixtures_convert_to_onnx_and_back_unchanged() {
         assert_eq!(from_text, from_onnx, "{}", path.display());
     }
 }
+
+#[test]
+fn eval_reports_accuracy_on_mnist_and_refuses_bad_data() {
+    let data = root().join("../shared/data/mnist_npm10k.npz");
+    if data.exists() {
+        let o = qgraph(&[
+            "eval",
+            &lenet(),
+            "--data",
+            path_str(&data),
+            "--limit",
+            "2000",
+            "--ref",
+            &lenet(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        let acc: f64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("accuracy   "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no accuracy in:\n{out}"));
+        assert!(
+            acc >= 0.99,
+            "LeNet-5 accuracy {acc} on 2000 MNIST digits:\n{out}"
+        );
+        assert!(out.contains("agreement  1.0000 (2000/2000)"), "{out}");
+        assert!(out.contains("sqnr       inf dB"), "{out}");
+    } else {
+        eprintln!("SKIPPED: {} is absent", data.display());
+    }
+    let o = qgraph(&["eval", &lenet(), "--data", "/no/such/data.npz"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("/no/such/data.npz"), "{}", stderr(&o));
+    let o = qgraph(&["eval", &lenet(), "--data", &lenet()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("not a readable .npz file"),
+        "{}",
+        stderr(&o)
+    );
+}

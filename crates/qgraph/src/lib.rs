@@ -8,6 +8,8 @@
 //! # Ok::<(), qgraph::Error>(())
 //! ```
 
+pub mod data;
+
 use std::path::{Path, PathBuf};
 
 pub use qgraph_diff as diff;

@@ -1,0 +1,296 @@
+//! Data sets from `.npz` files, and measuring a model on them: accuracy
+//! against labels, top-1 agreement and output SQNR against a reference model.
+
+use crate::Error;
+use ndarray_npy::NpzReader;
+use qgraph_eval::Evaluator;
+use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn};
+use qgraph_ir::{Model, Tensor};
+use std::fs::File;
+use std::path::Path;
+
+/// Input normalisation applied after uint8 data is scaled to [0, 1].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Norm {
+    /// Per-channel ImageNet mean and standard deviation (RGB).
+    Imagenet,
+    /// TensorFlow style: `(x_u8 - 127) / 128`.
+    Tf,
+    /// Nothing more: uint8 data is scaled to [0, 1], float data is used as is.
+    None,
+}
+
+enum Samples {
+    U8(ArrayD<u8>),
+    F32(ArrayD<f32>),
+}
+
+/// Samples (N first) and optional integer labels.
+pub struct Dataset {
+    samples: Samples,
+    pub labels: Option<Vec<i64>>,
+    /// The key the samples were read from.
+    pub key: String,
+}
+
+fn entry_names(npz: &mut NpzReader<File>, path: &Path) -> Result<Vec<String>, Error> {
+    npz.names()
+        .map(|ns| {
+            ns.into_iter()
+                .map(|n| n.trim_end_matches(".npy").to_string())
+                .collect()
+        })
+        .map_err(|e| Error::new(path, format!("not a readable .npz file: {e}")))
+}
+
+impl Dataset {
+    /// Reads `key` (default: `x`, else `x_u8`) and `labels` (default: `y`
+    /// when present; `Some("")` for none) from an `.npz` file.
+    pub fn load_npz(
+        path: &Path,
+        key: Option<&str>,
+        labels: Option<&str>,
+    ) -> Result<Dataset, Error> {
+        let file = File::open(path).map_err(|e| Error::new(path, e))?;
+        let mut npz = NpzReader::new(file)
+            .map_err(|e| Error::new(path, format!("not a readable .npz file: {e}")))?;
+        let names = entry_names(&mut npz, path)?;
+        let key = match key {
+            Some(k) => k.to_string(),
+            None => ["x", "x_u8"]
+                .iter()
+                .find(|k| names.iter().any(|n| n == *k))
+                .map(|k| k.to_string())
+                .ok_or_else(|| {
+                    Error::new(
+                        path,
+                        format!(
+                            "no 'x' or 'x_u8' array; it holds {names:?} (choose one with --key)"
+                        ),
+                    )
+                })?,
+        };
+        if !names.contains(&key) {
+            return Err(Error::new(
+                path,
+                format!("no array named '{key}'; it holds {names:?}"),
+            ));
+        }
+        let samples = match npz.by_name::<ndarray::OwnedRepr<u8>, IxDyn>(&key) {
+            Ok(a) => Samples::U8(a),
+            Err(_) => match npz.by_name::<ndarray::OwnedRepr<f32>, IxDyn>(&key) {
+                Ok(a) => Samples::F32(a),
+                Err(e) => {
+                    return Err(Error::new(
+                        path,
+                        format!("array '{key}' is neither uint8 nor float32: {e}"),
+                    ))
+                }
+            },
+        };
+        let label_key = match labels {
+            Some("") => None,
+            Some(l) => Some(l.to_string()),
+            None => names.iter().any(|n| n == "y").then(|| "y".to_string()),
+        };
+        let labels = match label_key {
+            None => None,
+            Some(l) => {
+                if !names.contains(&l) {
+                    return Err(Error::new(
+                        path,
+                        format!("no label array named '{l}'; it holds {names:?}"),
+                    ));
+                }
+                let v: Vec<i64> = match npz.by_name::<ndarray::OwnedRepr<i64>, IxDyn>(&l) {
+                    Ok(a) => a.iter().copied().collect(),
+                    Err(_) => match npz.by_name::<ndarray::OwnedRepr<i32>, IxDyn>(&l) {
+                        Ok(a) => a.iter().map(|&v| v as i64).collect(),
+                        Err(e) => {
+                            return Err(Error::new(
+                                path,
+                                format!("labels '{l}' are not int64 or int32: {e}"),
+                            ))
+                        }
+                    },
+                };
+                Some(v)
+            }
+        };
+        let ds = Dataset {
+            samples,
+            labels,
+            key,
+        };
+        if ds.len() == 0 {
+            return Err(Error::new(
+                path,
+                format!("array '{}' has no samples", ds.key),
+            ));
+        }
+        if ds.labels.as_ref().is_some_and(|l| l.len() != ds.len()) {
+            return Err(Error::new(path, "labels and samples differ in number"));
+        }
+        Ok(ds)
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.samples {
+            Samples::U8(a) => a.shape().first().copied().unwrap_or(0),
+            Samples::F32(a) => a.shape().first().copied().unwrap_or(0),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks that the samples suit a normalisation (ImageNet needs 3 channels).
+    pub fn check_norm(&self, norm: Norm) -> Result<(), String> {
+        let shape = match &self.samples {
+            Samples::U8(a) => a.shape(),
+            Samples::F32(a) => a.shape(),
+        };
+        if norm == Norm::Imagenet && (shape.len() < 2 || shape[1] != 3) {
+            return Err(format!("ImageNet normalisation needs NCHW samples with 3 channels; '{}' has shape {shape:?}", self.key));
+        }
+        Ok(())
+    }
+
+    /// Samples `start..end` as an f32 batch, normalised.
+    pub fn batch(&self, start: usize, end: usize, norm: Norm) -> Tensor {
+        let mut x: ArrayD<f32> = match &self.samples {
+            Samples::U8(a) => a
+                .slice_axis(Axis(0), (start..end).into())
+                .mapv(|v| v as f32 / 255.0),
+            Samples::F32(a) => a.slice_axis(Axis(0), (start..end).into()).to_owned(),
+        };
+        match norm {
+            Norm::None => {}
+            Norm::Tf => x.mapv_inplace(|v| (v * 255.0 - 127.0) / 128.0),
+            Norm::Imagenet => {
+                const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+                const STD: [f32; 3] = [0.229, 0.224, 0.225];
+                if x.ndim() >= 2 && x.shape()[1] == 3 {
+                    for c in 0..3 {
+                        x.index_axis_mut(Axis(1), c)
+                            .mapv_inplace(|v| (v - MEAN[c]) / STD[c]);
+                    }
+                }
+            }
+        }
+        Tensor::F32(x)
+    }
+}
+
+/// What a measurement found.
+#[derive(Clone, Debug, Default)]
+pub struct Measurement {
+    pub samples: usize,
+    /// Correct top-1 predictions, when there are labels.
+    pub correct: Option<usize>,
+    /// Samples whose top-1 class equals the reference model's.
+    pub agree: Option<usize>,
+    /// Output SQNR against the reference model, in dB.
+    pub sqnr_db: Option<f64>,
+}
+
+fn first_output_rows(t: &Tensor) -> Option<(usize, Vec<f32>)> {
+    let Tensor::F32(a) = t else { return None };
+    let n = a.shape().first().copied()?;
+    Some((n, a.iter().copied().collect()))
+}
+
+fn argmax_rows(n: usize, data: &[f32]) -> Vec<usize> {
+    let width = data.len() / n.max(1);
+    (0..n)
+        .map(|r| {
+            let row = &data[r * width..(r + 1) * width];
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 {
+                        (i, v)
+                    } else {
+                        best
+                    }
+                })
+                .0
+        })
+        .collect()
+}
+
+/// Runs `model` (and `reference`, when given) over the data set in batches,
+/// calling `progress(done)` after each batch.
+pub fn measure(
+    model: &Model,
+    reference: Option<&Model>,
+    data: &Dataset,
+    norm: Norm,
+    batch: usize,
+    limit: Option<usize>,
+    mut progress: impl FnMut(usize),
+) -> Result<Measurement, String> {
+    data.check_norm(norm)?;
+    let ev = Evaluator::new(model).map_err(|e| e.to_string())?;
+    let rev = reference
+        .map(Evaluator::new)
+        .transpose()
+        .map_err(|e| format!("reference model: {e}"))?;
+    let total = limit.unwrap_or(usize::MAX).min(data.len());
+    let mut m = Measurement {
+        samples: total,
+        correct: data.labels.as_ref().map(|_| 0),
+        agree: rev.as_ref().map(|_| 0),
+        ..Measurement::default()
+    };
+    let (mut signal, mut noise) = (0f64, 0f64);
+    let mut start = 0;
+    while start < total {
+        let end = (start + batch.max(1)).min(total);
+        let x = data.batch(start, end, norm);
+        let out = ev.run(vec![x.clone()]).map_err(|e| e.to_string())?;
+        let (n, logits) = out
+            .first()
+            .and_then(first_output_rows)
+            .ok_or("the model's first output is not f32")?;
+        let pred = argmax_rows(n, &logits);
+        if let (Some(c), Some(labels)) = (m.correct.as_mut(), &data.labels) {
+            *c += pred
+                .iter()
+                .zip(&labels[start..end])
+                .filter(|(p, l)| **p as i64 == **l)
+                .count();
+        }
+        if let Some(rev) = &rev {
+            let rout = rev
+                .run(vec![x])
+                .map_err(|e| format!("reference model: {e}"))?;
+            let (_, rlogits) = rout
+                .first()
+                .and_then(first_output_rows)
+                .ok_or("the reference's first output is not f32")?;
+            if rlogits.len() != logits.len() {
+                return Err("the model and the reference give outputs of different sizes".into());
+            }
+            let rpred = argmax_rows(n, &rlogits);
+            if let Some(a) = m.agree.as_mut() {
+                *a += pred.iter().zip(&rpred).filter(|(p, r)| p == r).count();
+            }
+            for (o, r) in logits.iter().zip(&rlogits) {
+                signal += (*r as f64).powi(2);
+                noise += (*o as f64 - *r as f64).powi(2);
+            }
+        }
+        start = end;
+        progress(start);
+    }
+    if rev.is_some() {
+        m.sqnr_db = Some(if noise == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (signal / noise).log10()
+        });
+    }
+    Ok(m)
+}
