@@ -28,8 +28,17 @@ pub enum EvalError {
 /// out: their default is used).
 pub type Inputs = Vec<Tensor>;
 
+/// Evaluator settings.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Worker threads; 0 means one per core. Results do not depend on it:
+    /// work is split only across independent outputs.
+    pub threads: usize,
+}
+
 /// A prepared model: the node order, each value's last use, the kernels.
 pub struct Evaluator<'m> {
+    pool: rayon::ThreadPool,
     graph: &'m Graph,
     order: Vec<NodeId>,
     opset: i64,
@@ -62,6 +71,14 @@ impl<'m> Evaluator<'m> {
     /// Prepares the main graph of `model`; fails naming the first node whose
     /// operator has no kernel.
     pub fn new(model: &'m Model) -> Result<Evaluator<'m>, EvalError> {
+        Evaluator::with_options(model, Options::default())
+    }
+
+    pub fn with_options(model: &'m Model, options: Options) -> Result<Evaluator<'m>, EvalError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(options.threads)
+            .build()
+            .map_err(|e| EvalError::Input(format!("cannot start worker threads: {e}")))?;
         let graph = &model.graph;
         let order = graph
             .topo_order()
@@ -90,6 +107,7 @@ impl<'m> Evaluator<'m> {
             *uses.entry(v).or_default() += 1;
         }
         Ok(Evaluator {
+            pool,
             graph,
             order,
             opset: model.opset_version("").unwrap_or(1),
@@ -118,7 +136,39 @@ impl<'m> Evaluator<'m> {
         &self,
         inputs: Inputs,
         watch: &[ValueId],
-        observe: &mut dyn FnMut(ValueId, &Tensor),
+        observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
+    ) -> Result<Vec<Tensor>, EvalError> {
+        self.pool
+            .install(|| self.run_in_pool(inputs, watch, observe))
+    }
+
+    /// Runs the graph once and returns, per operator type, how many nodes ran
+    /// and the seconds they took, slowest first.
+    pub fn profile(&self, inputs: Inputs) -> Result<Vec<(String, usize, f64)>, EvalError> {
+        let mut times: HashMap<String, (usize, f64)> = HashMap::new();
+        self.pool
+            .install(|| self.run_timed(inputs, &[], &mut |_, _| {}, Some(&mut times)))?;
+        let mut rows: Vec<(String, usize, f64)> =
+            times.into_iter().map(|(k, (n, t))| (k, n, t)).collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+        Ok(rows)
+    }
+
+    fn run_in_pool(
+        &self,
+        inputs: Inputs,
+        watch: &[ValueId],
+        observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
+    ) -> Result<Vec<Tensor>, EvalError> {
+        self.run_timed(inputs, watch, observe, None)
+    }
+
+    fn run_timed(
+        &self,
+        inputs: Inputs,
+        watch: &[ValueId],
+        observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
+        mut times: Option<&mut HashMap<String, (usize, f64)>>,
     ) -> Result<Vec<Tensor>, EvalError> {
         let g = self.graph;
         let required = self.required_inputs();
@@ -154,7 +204,14 @@ impl<'m> Evaluator<'m> {
                 }
                 let kernel =
                     ops::kernel(&node.domain, &node.op_type).expect("checked in Evaluator::new");
-                kernel(&cx, &args)?
+                let started = std::time::Instant::now();
+                let r = kernel(&cx, &args)?;
+                if let Some(t) = times.as_deref_mut() {
+                    let e = t.entry(node.op_type.clone()).or_default();
+                    e.0 += 1;
+                    e.1 += started.elapsed().as_secs_f64();
+                }
+                r
             };
             // Drop what no later node reads.
             for v in node.inputs().iter().flatten() {
@@ -164,19 +221,20 @@ impl<'m> Evaluator<'m> {
                     env.remove(v);
                 }
             }
-            for (slot, v) in node.outputs().iter().enumerate() {
+            if results.len() < node.outputs().len() {
+                return cx.err(format!(
+                    "produced {} outputs for {} slots",
+                    results.len(),
+                    node.outputs().len()
+                ));
+            }
+            for (v, t) in node.outputs().iter().zip(results) {
                 let Some(v) = v else { continue };
-                let Some(t) = results.get(slot) else {
-                    return cx.err(format!(
-                        "produced {} outputs, output {slot} is missing",
-                        results.len()
-                    ));
-                };
                 if watch.contains(v) {
-                    observe(*v, t);
+                    observe(*v, &t);
                 }
                 if left.get(v).copied().unwrap_or(0) > 0 {
-                    env.insert(*v, t.clone());
+                    env.insert(*v, t);
                 }
             }
         }

@@ -3,8 +3,9 @@
 
 use super::{array, f32_input};
 use crate::{EvalError, OpCtx};
-use qgraph_ir::ndarray::{linalg::general_mat_mul, Array2, ArrayView2};
+use qgraph_ir::ndarray::{Array2, ArrayView2};
 use qgraph_ir::Tensor;
+use rayon::prelude::*;
 
 /// Window geometry over the spatial dims.
 pub struct Window {
@@ -155,15 +156,21 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     let (dh, dw) = (win.dilations[0], win.dilations[1]);
     let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
     let depthwise = cg == 1 && mg == 1;
+    let pointwise = kh == 1
+        && kw == 1
+        && sh == 1
+        && sw == 1
+        && win.pad_begin.iter().chain(&win.pad_end).all(|&p| p == 0);
     let k = cg * kh * kw;
-    let mut cols = Array2::<f32>::zeros((k, oh * ow));
-    for b in 0..n {
-        for g in 0..group {
-            let out_base = (b * m + g * mg) * oh * ow;
+    // One task per (image, group): their outputs are disjoint blocks, and each
+    // is computed the same way whatever the number of threads.
+    out.par_chunks_mut((mg * oh * ow).max(1))
+        .enumerate()
+        .for_each(|(task, dst)| {
+            let (b, g) = (task / group, task % group);
             if depthwise {
                 let plane = &xs[(b * c + g) * h * wd..][..h * wd];
                 let ker = &ws[g * kh * kw..][..kh * kw];
-                let dst = &mut out[out_base..out_base + oh * ow];
                 for i in 0..kh {
                     for j in 0..kw {
                         let wv = ker[i * kw + j];
@@ -183,53 +190,61 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
                         }
                     }
                 }
-                continue;
-            }
-            // im2col: one row per (channel, ky, kx), one column per output pixel.
-            for ci in 0..cg {
-                let plane = &xs[(b * c + g * cg + ci) * h * wd..][..h * wd];
-                for i in 0..kh {
-                    for j in 0..kw {
-                        let mut row = cols.row_mut((ci * kh + i) * kw + j);
-                        let row = row
-                            .as_slice_mut()
-                            .expect("rows of a standard array are contiguous");
-                        for y in 0..oh {
-                            let iy = (y * sh + i * dh) as isize - ph;
-                            let dst = &mut row[y * ow..][..ow];
-                            if iy < 0 || iy >= h as isize {
-                                dst.fill(0.0);
-                                continue;
-                            }
-                            let src = &plane[iy as usize * wd..][..wd];
-                            for (xo, d) in dst.iter_mut().enumerate() {
-                                let ix = (xo * sw + j * dw) as isize - pw;
-                                *d = if ix >= 0 && ix < wd as isize {
-                                    src[ix as usize]
-                                } else {
-                                    0.0
-                                };
+            } else if pointwise {
+                // A 1x1 convolution without stride or padding is a product with
+                // the input planes as they are.
+                let xg = ArrayView2::from_shape(
+                    (cg, h * wd),
+                    &xs[(b * c + g * cg) * h * wd..][..cg * h * wd],
+                )
+                .expect("input block");
+                let wg = ArrayView2::from_shape((mg, k), &ws[g * mg * k..][..mg * k])
+                    .expect("weight block");
+                let mut og = qgraph_ir::ndarray::ArrayViewMut2::from_shape((mg, oh * ow), dst)
+                    .expect("output block");
+                super::matmul::par_mat_mul_view(1.0, &wg, &xg, 0.0, &mut og);
+            } else {
+                // im2col: one row per (channel, ky, kx), one column per output pixel.
+                let mut cols = Array2::<f32>::zeros((k, oh * ow));
+                for ci in 0..cg {
+                    let plane = &xs[(b * c + g * cg + ci) * h * wd..][..h * wd];
+                    for i in 0..kh {
+                        for j in 0..kw {
+                            let mut row = cols.row_mut((ci * kh + i) * kw + j);
+                            let row = row
+                                .as_slice_mut()
+                                .expect("rows of a standard array are contiguous");
+                            for y in 0..oh {
+                                let iy = (y * sh + i * dh) as isize - ph;
+                                let dst = &mut row[y * ow..][..ow];
+                                if iy < 0 || iy >= h as isize {
+                                    continue;
+                                }
+                                let src = &plane[iy as usize * wd..][..wd];
+                                for (xo, d) in dst.iter_mut().enumerate() {
+                                    let ix = (xo * sw + j * dw) as isize - pw;
+                                    if ix >= 0 && ix < wd as isize {
+                                        *d = src[ix as usize];
+                                    }
+                                }
                             }
                         }
                     }
                 }
+                let wg = ArrayView2::from_shape((mg, k), &ws[g * mg * k..][..mg * k])
+                    .expect("weight block");
+                let mut og = qgraph_ir::ndarray::ArrayViewMut2::from_shape((mg, oh * ow), dst)
+                    .expect("output block");
+                super::matmul::par_mat_mul_view(1.0, &wg, &cols.view(), 0.0, &mut og);
             }
-            let wg =
-                ArrayView2::from_shape((mg, k), &ws[g * mg * k..][..mg * k]).expect("weight block");
-            let mut og = qgraph_ir::ndarray::ArrayViewMut2::from_shape(
-                (mg, oh * ow),
-                &mut out[out_base..out_base + mg * oh * ow],
-            )
-            .expect("output block");
-            general_mat_mul(1.0, &wg, &cols, 0.0, &mut og);
-        }
-        if let Some(bias) = &bias {
-            for (oc, &bv) in bias.iter().enumerate() {
-                for v in &mut out[(b * m + oc) * oh * ow..][..oh * ow] {
-                    *v += bv;
+            if let Some(bias) = &bias {
+                for (oc, plane) in dst.chunks_mut((oh * ow).max(1)).enumerate() {
+                    let bv = bias[g * mg + oc];
+                    for v in plane {
+                        *v += bv;
+                    }
                 }
             }
-        }
-    }
+        });
     Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))])
 }

@@ -4,14 +4,27 @@ use super::{f32_input, input};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayD, IxDyn, Zip};
 use qgraph_ir::Tensor;
+use rayon::prelude::*;
+
+/// Applies `f` to every element, in parallel over contiguous chunks.
+pub fn par_map(x: &ArrayD<f32>, f: impl Fn(f32) -> f32 + Sync) -> ArrayD<f32> {
+    let src = x.as_standard_layout();
+    let data = src.as_slice().expect("standard layout");
+    let out: Vec<f32> = data
+        .par_iter()
+        .with_min_len(1 << 14)
+        .map(|&v| f(v))
+        .collect();
+    ArrayD::from_shape_vec(IxDyn(x.shape()), out).expect("same element count")
+}
 
 fn unary_f32(
     cx: &OpCtx,
     inputs: &[Option<&Tensor>],
-    f: impl Fn(f32) -> f32,
+    f: impl Fn(f32) -> f32 + Sync,
 ) -> Result<Vec<Tensor>, EvalError> {
     let x = f32_input(cx, inputs, 0)?;
-    Ok(vec![Tensor::F32(x.mapv(f))])
+    Ok(vec![Tensor::F32(par_map(x, f))])
 }
 
 pub fn relu(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {

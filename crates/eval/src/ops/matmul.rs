@@ -3,8 +3,11 @@
 use super::elementwise::broadcast_shape;
 use super::{array, f32_input};
 use crate::{EvalError, OpCtx};
-use qgraph_ir::ndarray::{linalg::general_mat_mul, Array2, ArrayView2, Axis, Ix2, IxDyn};
+use qgraph_ir::ndarray::{
+    linalg::general_mat_mul, s, Array2, ArrayView2, ArrayViewMut2, Axis, Ix2, IxDyn,
+};
 use qgraph_ir::Tensor;
+use rayon::prelude::*;
 
 fn as_2d<'a>(
     cx: &OpCtx,
@@ -37,6 +40,7 @@ pub fn gemm(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
         return cx.err(format!("A is {m}x{k} but B is {k2}x{n}"));
     }
     let mut y = Array2::<f32>::zeros((m, n));
+    let c_present = inputs.get(2).copied().flatten().is_some();
     if let Some(c) = inputs.get(2).copied().flatten() {
         let Tensor::F32(c) = c else {
             return cx.err(format!("C must be f32, found {}", c.dtype()));
@@ -53,11 +57,48 @@ pub fn gemm(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
         if beta != 1.0 {
             y.mapv_inplace(|v| v * beta);
         }
-        general_mat_mul(alpha, &a, &b, 1.0, &mut y);
-    } else {
-        general_mat_mul(alpha, &a, &b, 0.0, &mut y);
     }
+    par_mat_mul(alpha, &a, &b, if c_present { 1.0 } else { 0.0 }, &mut y);
     Ok(vec![Tensor::F32(y.into_dyn())])
+}
+
+/// `y = alpha * a b + beta * y`, with the rows of `y` split across threads
+/// (nested inside other parallel work, rayon balances the two). Each element
+/// is computed as a single-threaded product computes it, so the result does
+/// not depend on the number of threads.
+pub fn par_mat_mul_view(
+    alpha: f32,
+    a: &ArrayView2<f32>,
+    b: &ArrayView2<f32>,
+    beta: f32,
+    y: &mut ArrayViewMut2<f32>,
+) {
+    let (m, n) = y.dim();
+    let threads = rayon::current_num_threads().max(1);
+    let rows = m.div_ceil(threads).max(8);
+    if rows >= m || n == 0 || a.ncols() * n < 4096 {
+        general_mat_mul(alpha, a, b, beta, y);
+        return;
+    }
+    let blocks: Vec<(usize, ArrayViewMut2<f32>)> = y
+        .axis_chunks_iter_mut(Axis(0), rows)
+        .enumerate()
+        .map(|(i, c)| (i * rows, c))
+        .collect();
+    blocks.into_par_iter().for_each(|(r0, mut yv)| {
+        let r = yv.nrows();
+        general_mat_mul(alpha, &a.slice(s![r0..r0 + r, ..]), b, beta, &mut yv);
+    });
+}
+
+fn par_mat_mul(
+    alpha: f32,
+    a: &ArrayView2<f32>,
+    b: &ArrayView2<f32>,
+    beta: f32,
+    y: &mut Array2<f32>,
+) {
+    par_mat_mul_view(alpha, a, b, beta, &mut y.view_mut());
 }
 
 /// numpy matmul: 1-D operands are promoted, batch dims broadcast.

@@ -4,6 +4,7 @@ use super::f32_input;
 use crate::{EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn};
 use qgraph_ir::Tensor;
+use rayon::prelude::*;
 
 pub fn batch_norm(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let x = f32_input(cx, inputs, 0)?;
@@ -26,15 +27,20 @@ pub fn batch_norm(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>,
     let (scale, bias, mean, var) = (&params[0], &params[1], &params[2], &params[3]);
     let a: Vec<f32> = (0..c).map(|i| scale[i] / (var[i] + eps).sqrt()).collect();
     let b: Vec<f32> = (0..c).map(|i| bias[i] - mean[i] * a[i]).collect();
-    let mut y = x.as_standard_layout().into_owned();
     let inner: usize = x.shape()[2..].iter().product();
-    let slice = y.as_slice_mut().expect("standard layout");
-    for (block, chunk) in slice.chunks_mut(inner.max(1)).enumerate() {
-        let ch = block % c;
-        for v in chunk {
-            *v = *v * a[ch] + b[ch];
-        }
-    }
+    let src = x.as_standard_layout();
+    let data = src.as_slice().expect("standard layout");
+    let mut out = vec![0f32; data.len()];
+    out.par_chunks_mut(inner.max(1))
+        .zip(data.par_chunks(inner.max(1)))
+        .enumerate()
+        .for_each(|(block, (o, i))| {
+            let ch = block % c;
+            for (d, &v) in o.iter_mut().zip(i) {
+                *d = v * a[ch] + b[ch];
+            }
+        });
+    let y = ArrayD::from_shape_vec(IxDyn(x.shape()), out).expect("same element count");
     Ok(vec![Tensor::F32(y)])
 }
 

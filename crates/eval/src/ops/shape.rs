@@ -269,6 +269,22 @@ pub fn pad(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> 
         }
         out_shape.push(s as usize);
     }
+    if !matches!(mode.as_str(), "constant" | "edge" | "reflect") {
+        return cx.err(format!("pad mode '{mode}' is not implemented"));
+    }
+    // Constant padding without cropping: fill, then copy the input block.
+    if mode == "constant" && before.iter().chain(&after).all(|&p| p >= 0) {
+        let mut out = ArrayD::from_elem(IxDyn(&out_shape), value);
+        let region: Vec<qgraph_ir::ndarray::SliceInfoElem> = (0..r)
+            .map(|d| qgraph_ir::ndarray::SliceInfoElem::Slice {
+                start: before[d] as isize,
+                end: Some(before[d] as isize + a.shape()[d] as isize),
+                step: 1,
+            })
+            .collect();
+        out.slice_mut(region.as_slice()).assign(a);
+        return Ok(vec![Tensor::F32(out)]);
+    }
     let src = a.as_standard_layout();
     let out = ArrayD::from_shape_fn(IxDyn(&out_shape), |idx| {
         let mut at = Vec::with_capacity(r);
@@ -296,9 +312,6 @@ pub fn pad(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> 
         }
         src[IxDyn(&at)]
     });
-    if !matches!(mode.as_str(), "constant" | "edge" | "reflect") {
-        return cx.err(format!("pad mode '{mode}' is not implemented"));
-    }
     Ok(vec![Tensor::F32(out)])
 }
 

@@ -1,0 +1,116 @@
+//! The evaluator against ONNX Runtime, measured in one run: latency at
+//! batch 1 and time per batch of 32, 2 threads each, medians of repeated
+//! runs. ONNX Runtime is timed by tools/ort_time.py (needs `pip install
+//! onnxruntime onnx numpy`).
+//!
+//!   cargo bench -p qgraph --bench eval_speed [-- REPEATS]
+
+use qgraph::ir::{Dim, Tensor, ValueType};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+fn inputs(model: &qgraph::ir::Model, batch: usize) -> Vec<Tensor> {
+    let g = &model.graph;
+    g.inputs()
+        .iter()
+        .filter(|&&v| g.value(v).initializer().is_none())
+        .map(|&v| {
+            let Some(ValueType::Tensor(t)) = &g.value(v).ty else {
+                panic!("tensor input")
+            };
+            let shape: Vec<usize> = t
+                .shape
+                .as_ref()
+                .expect("ranked input")
+                .iter()
+                .enumerate()
+                .map(|(i, d)| match d {
+                    Dim::Known(k) if *k > 0 => *k as usize,
+                    _ if i == 0 => batch,
+                    _ => 64,
+                })
+                .collect();
+            let n: usize = shape.iter().product();
+            Tensor::f32(
+                &shape,
+                (0..n)
+                    .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                    .collect(),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+fn ort_seconds(root: &PathBuf, model: &PathBuf, batch: usize, repeats: usize) -> Option<f64> {
+    let out = Command::new("python3")
+        .arg(root.join("tools/ort_time.py"))
+        .arg(model)
+        .args([batch.to_string(), "2".into(), repeats.to_string()])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.split("\"median_s\": ").nth(1)?;
+    v.trim().trim_end_matches('}').parse().ok()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let repeats: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(11);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let models = ["mobilenetv2_bn.onnx", "efficientnet_lite0_bn.onnx"];
+    println!("| model | batch | qgraph ms | ONNX Runtime ms | qgraph / ORT |");
+    println!("|---|---:|---:|---:|---:|");
+    for name in models {
+        let path = root.join("../shared/models").join(name);
+        if !path.exists() {
+            eprintln!("SKIPPED: {} is absent", path.display());
+            continue;
+        }
+        let model = qgraph::load(&path).expect("load").model;
+        let ev =
+            qgraph::eval::Evaluator::with_options(&model, qgraph::eval::Options { threads: 2 })
+                .expect("prepare");
+        for batch in [1usize, 32] {
+            let x = inputs(&model, batch);
+            let reps = if batch == 1 { repeats * 3 } else { repeats };
+            for _ in 0..2 {
+                ev.run(x.clone()).expect("run");
+            }
+            let mut times: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    ev.run(x.clone()).expect("run");
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            let ours = times[times.len() / 2];
+            if std::env::var_os("QGRAPH_PROFILE").is_some() {
+                for (op, n, t) in ev.profile(x.clone()).expect("profile") {
+                    eprintln!(
+                        "  {name} batch {batch}: {op:<20} x{n:<3} {:>8.2} ms",
+                        t * 1e3
+                    );
+                }
+            }
+            let theirs = ort_seconds(&root, &path, batch, reps);
+            match theirs {
+                Some(t) => println!(
+                    "| {name} | {batch} | {:.1} | {:.1} | {:.2} |",
+                    ours * 1e3,
+                    t * 1e3,
+                    ours / t
+                ),
+                None => println!(
+                    "| {name} | {batch} | {:.1} | (ONNX Runtime unavailable) | |",
+                    ours * 1e3
+                ),
+            }
+        }
+    }
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Times ONNX Runtime on one model: median seconds per run over REPEATS runs
+after warm-up, with THREADS intra-op threads, on seeded random input of batch
+BATCH (unknown non-batch dims become 64). Prints one JSON line.
+
+usage: ort_time.py MODEL.onnx BATCH THREADS REPEATS
+"""
+import json
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def main():
+    path, batch, threads, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    model = onnx.load(path, load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if i == 0 else 64)
+                for i, d in enumerate(vi.type.tensor_type.shape.dim)]
+        feeds[vi.name] = rng.standard_normal(dims).astype(np.float32)
+    for _ in range(3):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    print(json.dumps({"model": path, "batch": batch, "threads": threads, "median_s": times[len(times) // 2]}))
+
+
+if __name__ == "__main__":
+    main()
