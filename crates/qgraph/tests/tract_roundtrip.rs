@@ -15,24 +15,7 @@ fn tract_gives_identical_outputs_before_and_after_a_qgraph_round_trip() {
         let original = std::fs::read(&path).unwrap();
         let loaded = qgraph::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let written = qgraph::onnx::encode_model(&loaded.model).unwrap();
-        let mut seed = 0x9e3779b97f4a7c15u64;
-        let inputs: Vec<Tensor> = input_shapes(&loaded.model)
-            .into_iter()
-            .map(|shape| {
-                let n: usize = shape.iter().product();
-                let data: Vec<f32> = (0..n)
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-                    })
-                    .collect();
-                tract_ndarray::ArrayD::from_shape_vec(shape, data)
-                    .unwrap()
-                    .into_tensor()
-            })
-            .collect();
+        let inputs = to_tract(&random_inputs(input_shapes(&loaded.model)));
         let a = run_tract(&original, &inputs)
             .unwrap_or_else(|e| panic!("{}: tract on the original: {e:?}", path.display()));
         let b = run_tract(&written, &inputs)
