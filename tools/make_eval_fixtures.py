@@ -98,4 +98,17 @@ fixture("qlinearmatmul_u8_i8_per_column", "QLinearMatMul", [
     ("ys", np.float32(0.05), None), ("yz", np.uint8(100), None),
 ], opset=10)
 fixture("dynamicquantizelinear", "DynamicQuantizeLinear", [("x", x, None)], opset=11, outputs=3)
+
+# Float operators: files named float_* are compared within 1e-5 relative
+# (the reference computes in float64, qgraph in float32 where the ONNX
+# types say so).
+img = rng.standard_normal((1, 2, 5, 7)).astype(np.float32)
+empty = np.zeros((0,), np.float32)
+fixture("float_resize_nearest_half_pixel", "Resize", [("x", img, None), ("roi", None, None), ("scales", np.array([1, 1, 2.0, 1.5], np.float32), None)], {"mode": "nearest"}, opset=19)
+fixture("float_resize_nearest_asymmetric_sizes", "Resize", [("x", img, None), ("roi", None, None), ("scales", None, None), ("sizes", np.array([1, 2, 9, 4], np.int64), None)], {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "ceil"}, opset=19)
+fixture("float_resize_linear_half_pixel_down", "Resize", [("x", img, None), ("roi", None, None), ("scales", np.array([1, 1, 0.6, 0.5], np.float32), None)], {"mode": "linear"}, opset=19)
+fixture("float_resize_linear_align_corners", "Resize", [("x", img, None), ("roi", None, None), ("scales", None, None), ("sizes", np.array([1, 2, 8, 11], np.int64), None)], {"mode": "linear", "coordinate_transformation_mode": "align_corners"}, opset=19)
+fixture("float_resize_linear_pytorch_half_pixel", "Resize", [("x", img, None), ("roi", None, None), ("scales", np.array([1, 1, 3.0, 2.0], np.float32), None)], {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, opset=19)
+fixture("float_convtranspose_strided", "ConvTranspose", [("x", rng.standard_normal((2, 4, 3, 4)).astype(np.float32), None), ("w", rng.standard_normal((4, 3, 3, 2)).astype(np.float32), None), ("b", rng.standard_normal(3).astype(np.float32), None)], {"strides": [2, 3], "pads": [1, 0, 0, 1], "output_padding": [1, 0]}, opset=19)
+fixture("float_convtranspose_dilated", "ConvTranspose", [("x", rng.standard_normal((1, 3, 4, 4)).astype(np.float32), None), ("w", rng.standard_normal((3, 2, 3, 3)).astype(np.float32), None)], {"strides": [2, 2], "dilations": [2, 1], "pads": [1, 1, 2, 0]}, opset=19)
 print("fixtures written to", OUT)

@@ -248,3 +248,130 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
         });
     Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))])
 }
+
+/// ConvTranspose (2-D): each input pixel scatters its kernel into the output.
+/// With `output_shape`, the pads follow from it as the spec says.
+pub fn conv_transpose(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = f32_input(cx, inputs, 0)?;
+    let w = f32_input(cx, inputs, 1)?;
+    if x.ndim() != 4 || w.ndim() != 4 {
+        return cx.err(format!(
+            "only 2-D transposed convolution is implemented (input rank {})",
+            x.ndim()
+        ));
+    }
+    let (n, c, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let (cw, mg, kh, kw) = (w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]);
+    let group = cx.int_attr("group", 1)?;
+    if group < 1 || cw != c || c % group as usize != 0 {
+        return cx.err(format!(
+            "weights {:?} do not fit {c} input channels and group {group}",
+            w.shape()
+        ));
+    }
+    let group = group as usize;
+    let (cg, m) = (c / group, mg * group);
+    let ints = |name: &str, default: i64| -> Result<Vec<i64>, EvalError> {
+        Ok(cx.ints_attr(name)?.unwrap_or(vec![default; 2]))
+    };
+    let strides = ints("strides", 1)?;
+    let dilations = ints("dilations", 1)?;
+    let out_pad = ints("output_padding", 0)?;
+    if strides.len() != 2
+        || dilations.len() != 2
+        || out_pad.len() != 2
+        || strides.iter().chain(&dilations).any(|&v| v < 1)
+    {
+        return cx.err(
+            "strides, dilations and output_padding need 2 values (strides and dilations positive)",
+        );
+    }
+    let input = [h as i64, wd as i64];
+    let kernel = [kh as i64, kw as i64];
+    let full: Vec<i64> = (0..2)
+        .map(|d| strides[d] * (input[d] - 1) + out_pad[d] + (kernel[d] - 1) * dilations[d] + 1)
+        .collect();
+    let auto_pad = cx.string_attr("auto_pad", "NOTSET")?;
+    let (mut begin, mut end) = (vec![0i64; 2], vec![0i64; 2]);
+    let output_shape = cx.ints_attr("output_shape")?;
+    if output_shape.is_some() || auto_pad == "SAME_UPPER" || auto_pad == "SAME_LOWER" {
+        let target: Vec<i64> = match &output_shape {
+            Some(s) if s.len() >= 2 => s[s.len() - 2..].to_vec(),
+            Some(_) => return cx.err("output_shape needs the 2 spatial sizes"),
+            None => (0..2).map(|d| input[d] * strides[d]).collect(),
+        };
+        for d in 0..2 {
+            let total = full[d] - target[d];
+            if total < 0 {
+                return cx.err(format!(
+                    "output_shape {target:?} is larger than the full output {full:?}"
+                ));
+            }
+            (begin[d], end[d]) = if auto_pad == "SAME_UPPER" {
+                (total / 2, total - total / 2)
+            } else {
+                (total - total / 2, total / 2)
+            };
+        }
+    } else if let Some(p) = cx.ints_attr("pads")? {
+        if p.len() != 4 || p.iter().any(|&v| v < 0) {
+            return cx.err("pads need 4 non-negative values");
+        }
+        (begin, end) = (vec![p[0], p[1]], vec![p[2], p[3]]);
+    }
+    let (oh, ow) = (full[0] - begin[0] - end[0], full[1] - begin[1] - end[1]);
+    if oh <= 0 || ow <= 0 {
+        return cx.err("the pads remove the whole output");
+    }
+    let (oh, ow) = (oh as usize, ow as usize);
+    let bias = match inputs.get(2).copied().flatten() {
+        Some(Tensor::F32(b)) if b.len() == m => Some(b.iter().copied().collect::<Vec<f32>>()),
+        Some(t) => {
+            return cx.err(format!(
+                "bias must be f32 with {m} values, found {}{:?}",
+                t.dtype(),
+                t.shape()
+            ))
+        }
+        None => None,
+    };
+    let xs = x.as_standard_layout();
+    let xs = xs.as_slice().expect("standard layout");
+    let ws = w.as_standard_layout();
+    let ws = ws.as_slice().expect("standard layout");
+    let mut out = vec![0f32; n * m * oh * ow];
+    out.par_chunks_mut((oh * ow).max(1))
+        .enumerate()
+        .for_each(|(plane_i, dst)| {
+            let (b, oc) = (plane_i / m, plane_i % m);
+            let (g, o) = (oc / mg, oc % mg);
+            for ci in 0..cg {
+                let ic = g * cg + ci;
+                let src = &xs[(b * c + ic) * h * wd..][..h * wd];
+                let ker = &ws[(ic * mg + o) * kh * kw..][..kh * kw];
+                for iy in 0..h {
+                    for ix in 0..wd {
+                        let v = src[iy * wd + ix];
+                        for ky in 0..kh {
+                            let y =
+                                (iy as i64) * strides[0] + (ky as i64) * dilations[0] - begin[0];
+                            if y < 0 || y >= oh as i64 {
+                                continue;
+                            }
+                            for kx in 0..kw {
+                                let xo = (ix as i64) * strides[1] + (kx as i64) * dilations[1]
+                                    - begin[1];
+                                if xo >= 0 && xo < ow as i64 {
+                                    dst[y as usize * ow + xo as usize] += v * ker[ky * kw + kx];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(bias) = &bias {
+                dst.iter_mut().for_each(|d| *d += bias[oc]);
+            }
+        });
+    Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))])
+}

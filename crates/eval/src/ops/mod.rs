@@ -9,6 +9,7 @@ mod matmul;
 mod norm;
 mod pool;
 mod quant;
+mod resize;
 mod shape;
 
 use crate::{EvalError, OpCtx};
@@ -57,6 +58,7 @@ const KERNELS: &[(&str, Kernel)] = &[
     ("Div", elementwise::div),
     ("Pow", elementwise::pow),
     ("Conv", conv::conv),
+    ("ConvTranspose", conv::conv_transpose),
     ("Gemm", matmul::gemm),
     ("MatMul", matmul::matmul),
     ("BatchNormalization", norm::batch_norm),
@@ -80,6 +82,7 @@ const KERNELS: &[(&str, Kernel)] = &[
     ("Unsqueeze", shape::unsqueeze),
     ("ConstantOfShape", shape::constant_of_shape),
     ("Constant", shape::constant),
+    ("Resize", resize::resize),
     ("QuantizeLinear", quant::quantize_linear),
     ("DequantizeLinear", quant::dequantize_linear),
     ("ConvInteger", integer::conv_integer),
