@@ -115,6 +115,49 @@ impl<'m> Evaluator<'m> {
         })
     }
 
+    /// Deterministic synthetic data for the inputs that need it: batch
+    /// `batch` for the first dim, 64 for other dims the model leaves open,
+    /// values in [-1, 1). For tests and benchmarks.
+    pub fn example_inputs(&self, batch: usize) -> Result<Inputs, EvalError> {
+        self.required_inputs()
+            .into_iter()
+            .map(|v| {
+                let val = self.graph.value(v);
+                let dims = match &val.ty {
+                    Some(qgraph_ir::ValueType::Tensor(t))
+                        if t.dtype == Some(qgraph_ir::DataType::F32) =>
+                    {
+                        t.shape.clone()
+                    }
+                    _ => None,
+                };
+                let Some(dims) = dims else {
+                    return Err(EvalError::Input(format!(
+                        "input '{}' is not a ranked f32 tensor",
+                        val.name()
+                    )));
+                };
+                let shape: Vec<usize> = dims
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| match d {
+                        qgraph_ir::Dim::Known(k) if *k > 0 => *k as usize,
+                        _ if i == 0 => batch,
+                        _ => 64,
+                    })
+                    .collect();
+                let n: usize = shape.iter().product();
+                Tensor::f32(
+                    &shape,
+                    (0..n)
+                        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                        .collect(),
+                )
+                .map_err(|e| EvalError::Input(e.to_string()))
+            })
+            .collect()
+    }
+
     /// The graph inputs that need data (those without an initializer default).
     pub fn required_inputs(&self) -> Vec<ValueId> {
         self.graph

@@ -2,7 +2,6 @@
 //! batch 3, gives bit-identical outputs with 1, 2 and 3 worker threads.
 
 use qgraph_eval::{Evaluator, Options};
-use qgraph_ir::{Dim, Tensor, ValueType};
 use std::path::PathBuf;
 
 #[test]
@@ -22,37 +21,7 @@ fn outputs_are_identical_whatever_the_thread_count() {
     models.sort();
     for path in models {
         let model = qgraph_onnx::read_model(&path).unwrap().model;
-        let g = &model.graph;
-        let inputs: Vec<Tensor> = g
-            .inputs()
-            .iter()
-            .filter(|&&v| g.value(v).initializer().is_none())
-            .map(|&v| {
-                let Some(ValueType::Tensor(t)) = &g.value(v).ty else {
-                    panic!("tensor input")
-                };
-                let shape: Vec<usize> = t
-                    .shape
-                    .as_ref()
-                    .unwrap()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| match d {
-                        Dim::Known(k) if *k > 0 => *k as usize,
-                        _ if i == 0 => 3,
-                        _ => 64,
-                    })
-                    .collect();
-                let n: usize = shape.iter().product();
-                Tensor::f32(
-                    &shape,
-                    (0..n)
-                        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-                        .collect(),
-                )
-                .unwrap()
-            })
-            .collect();
+        let inputs = Evaluator::new(&model).unwrap().example_inputs(3).unwrap();
         let run = |threads| {
             Evaluator::with_options(&model, Options { threads })
                 .unwrap()

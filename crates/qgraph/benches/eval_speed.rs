@@ -5,43 +5,9 @@
 //!
 //!   cargo bench -p qgraph --bench eval_speed [-- REPEATS]
 
-use qgraph::ir::{Dim, Tensor, ValueType};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
-
-fn inputs(model: &qgraph::ir::Model, batch: usize) -> Vec<Tensor> {
-    let g = &model.graph;
-    g.inputs()
-        .iter()
-        .filter(|&&v| g.value(v).initializer().is_none())
-        .map(|&v| {
-            let Some(ValueType::Tensor(t)) = &g.value(v).ty else {
-                panic!("tensor input")
-            };
-            let shape: Vec<usize> = t
-                .shape
-                .as_ref()
-                .expect("ranked input")
-                .iter()
-                .enumerate()
-                .map(|(i, d)| match d {
-                    Dim::Known(k) if *k > 0 => *k as usize,
-                    _ if i == 0 => batch,
-                    _ => 64,
-                })
-                .collect();
-            let n: usize = shape.iter().product();
-            Tensor::f32(
-                &shape,
-                (0..n)
-                    .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-                    .collect(),
-            )
-            .unwrap()
-        })
-        .collect()
-}
 
 fn ort_seconds(root: &PathBuf, model: &PathBuf, batch: usize, repeats: usize) -> Option<f64> {
     let out = Command::new("python3")
@@ -76,7 +42,7 @@ fn main() {
             qgraph::eval::Evaluator::with_options(&model, qgraph::eval::Options { threads: 2 })
                 .expect("prepare");
         for batch in [1usize, 32] {
-            let x = inputs(&model, batch);
+            let x = ev.example_inputs(batch).expect("inputs");
             let reps = if batch == 1 { repeats * 3 } else { repeats };
             for _ in 0..2 {
                 ev.run(x.clone()).expect("run");

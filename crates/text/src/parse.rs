@@ -239,6 +239,17 @@ impl Parser {
         }
     }
 
+    /// `%name` with an optional `: type`.
+    fn typed_value(&mut self) -> PResult<(Pos, String, Option<ValueType>)> {
+        let (pos, name) = self.value_name()?;
+        let ty = if self.eat_punct(':') {
+            Some(self.value_type()?)
+        } else {
+            None
+        };
+        Ok((pos, name, ty))
+    }
+
     fn meta_entry(&mut self) -> PResult<(String, String)> {
         let k = self.text("metadata key")?;
         self.expect_punct('=', "between a metadata key and its value")?;
@@ -485,12 +496,7 @@ impl Parser {
                 }
                 Some("input") => {
                     self.at += 1;
-                    let (vpos, name) = self.value_name()?;
-                    let ty = if self.eat_punct(':') {
-                        Some(self.value_type()?)
-                    } else {
-                        None
-                    };
+                    let (vpos, name, ty) = self.typed_value()?;
                     let default = if self.eat_punct('=') {
                         Some(Initializer {
                             tensor: self.tensor_literal()?,
@@ -515,12 +521,7 @@ impl Parser {
                 }
                 Some("output") => {
                     self.at += 1;
-                    let (vpos, name) = self.value_name()?;
-                    let ty = if self.eat_punct(':') {
-                        Some(self.value_type()?)
-                    } else {
-                        None
-                    };
+                    let (vpos, name, ty) = self.typed_value()?;
                     g.outputs.push(OutAst {
                         pos: vpos,
                         name,
@@ -537,12 +538,7 @@ impl Parser {
                 }
                 Some("init") => {
                     self.at += 1;
-                    let (vpos, name) = self.value_name()?;
-                    let ty = if self.eat_punct(':') {
-                        Some(self.value_type()?)
-                    } else {
-                        None
-                    };
+                    let (vpos, name, ty) = self.typed_value()?;
                     self.expect_punct('=', "before the initializer's data")?;
                     let tensor = self.tensor_literal()?;
                     attach = Attach::Init(g.inits.len());

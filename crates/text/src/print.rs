@@ -103,11 +103,14 @@ fn pad(indent: usize) -> String {
     " ".repeat(indent)
 }
 
-fn f32_text(x: f32) -> String {
-    if x.is_nan() {
+/// A float as the text form writes it: the shortest text that reads back to
+/// the same value, and `nan`, `inf`, `-inf`.
+fn float_text<F: Into<f64> + std::fmt::Debug + Copy>(x: F) -> String {
+    let v: f64 = x.into();
+    if v.is_nan() {
         "nan".into()
-    } else if x.is_infinite() {
-        if x > 0.0 {
+    } else if v.is_infinite() {
+        if v > 0.0 {
             "inf".into()
         } else {
             "-inf".into()
@@ -117,18 +120,8 @@ fn f32_text(x: f32) -> String {
     }
 }
 
-fn f64_text(x: f64) -> String {
-    if x.is_nan() {
-        "nan".into()
-    } else if x.is_infinite() {
-        if x > 0.0 {
-            "inf".into()
-        } else {
-            "-inf".into()
-        }
-    } else {
-        format!("{x:?}")
-    }
+fn f32_text(x: f32) -> String {
+    float_text(x)
 }
 
 impl Printer {
@@ -471,7 +464,7 @@ impl Printer {
         }
         let items: Vec<String> = match t {
             Tensor::F32(a) => a.iter().map(|&x| f32_text(x)).collect(),
-            Tensor::F64(a) => a.iter().map(|&x| f64_text(x)).collect(),
+            Tensor::F64(a) => a.iter().map(|&x| float_text(x)).collect(),
             Tensor::F16(a) => a.iter().map(|x| f32_text(x.to_f32())).collect(),
             Tensor::BF16(a) => a.iter().map(|x| f32_text(x.to_f32())).collect(),
             Tensor::I8(a) => a.iter().map(|x| x.to_string()).collect(),
