@@ -74,6 +74,23 @@ enum Command {
         #[arg(long)]
         all_data: bool,
     },
+    /// Run a model on inputs from an .npz file and write its outputs to one.
+    #[command(
+        after_help = "The input file holds one float32 array per model input, named as the input; \
+                      the output file gets one array per model output, named as the output.\n\n\
+                      Examples:\n  qgraph infer model.onnx --inputs batch.npz -o outputs.npz\n  \
+                      python3 -c \"import numpy as np; print(np.load('outputs.npz')['logits'])\""
+    )]
+    Infer {
+        /// The model to run (.onnx or .qgt).
+        model: PathBuf,
+        /// The inputs (.npz).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Where to write the outputs (.npz), atomically.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Run a model on a data set: accuracy, top-1 agreement and output SQNR
     /// against a reference model.
     #[command(
@@ -188,6 +205,15 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 emit(&d.render(&a.display().to_string(), &b.display().to_string()))?;
                 Ok(ExitCode::from(1))
             }
+        }
+        Command::Infer {
+            model,
+            inputs,
+            output,
+        } => {
+            let loaded = load(&model)?;
+            qgraph::data::infer_npz(&loaded.model, &inputs, &output)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Eval {
             model,

@@ -81,7 +81,7 @@ fn every_malformed_file_exits_2_with_its_message_and_writes_nothing() {
 
 #[test]
 fn every_subcommand_has_help_with_an_example() {
-    for cmd in ["show", "diff", "convert"] {
+    for cmd in ["show", "diff", "convert", "eval", "infer"] {
         let o = qgraph(&[cmd, "--help"]);
         assert_eq!(o.status.code(), Some(0));
         assert!(
@@ -344,4 +344,26 @@ fn eval_reports_accuracy_on_mnist_and_refuses_bad_data() {
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn infer_refuses_inputs_that_do_not_fit_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.npz");
+    // A model file is not an .npz of inputs.
+    let o = qgraph(&[
+        "infer",
+        &lenet(),
+        "--inputs",
+        &lenet(),
+        "-o",
+        path_str(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a readable .npz file"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
 }

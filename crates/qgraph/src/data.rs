@@ -294,3 +294,64 @@ pub fn measure(
     }
     Ok(m)
 }
+
+/// Runs `model` on inputs read from an `.npz` file (one float32 array per
+/// graph input, named as the input) and writes every output, named as the
+/// output, to an `.npz` file (atomically).
+pub fn infer_npz(model: &Model, inputs: &Path, output: &Path) -> Result<(), Error> {
+    let ev = Evaluator::new(model).map_err(|e| Error::new(inputs, e))?;
+    let file = File::open(inputs).map_err(|e| Error::new(inputs, e))?;
+    let mut npz = NpzReader::new(file)
+        .map_err(|e| Error::new(inputs, format!("not a readable .npz file: {e}")))?;
+    let names = entry_names(&mut npz, inputs)?;
+    let g = &model.graph;
+    let mut args = Vec::new();
+    for v in ev.required_inputs() {
+        let name = g.value(v).name();
+        if !names.iter().any(|n| n == name) {
+            return Err(Error::new(
+                inputs,
+                format!("no array for the model's input '{name}'; it holds {names:?}"),
+            ));
+        }
+        let a = npz
+            .by_name::<ndarray::OwnedRepr<f32>, IxDyn>(name)
+            .map_err(|e| Error::new(inputs, format!("array '{name}' is not float32: {e}")))?;
+        args.push(Tensor::F32(a));
+    }
+    let outs = ev.run(args).map_err(|e| Error::new(inputs, e))?;
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| Error::new(output, e))?;
+    {
+        let mut w = ndarray_npy::NpzWriter::new(tmp.as_file_mut());
+        for (&v, t) in g.outputs().iter().zip(&outs) {
+            let name = g.value(v).name();
+            let r = match t {
+                Tensor::F32(a) => w.add_array(name, a),
+                Tensor::F64(a) => w.add_array(name, a),
+                Tensor::I64(a) => w.add_array(name, a),
+                Tensor::I32(a) => w.add_array(name, a),
+                Tensor::I8(a) => w.add_array(name, a),
+                Tensor::U8(a) => w.add_array(name, a),
+                Tensor::Bool(a) => w.add_array(name, a),
+                t => {
+                    return Err(Error::new(
+                        output,
+                        format!(
+                            "output '{name}' is {}, which .npz output does not support",
+                            t.dtype()
+                        ),
+                    ))
+                }
+            };
+            r.map_err(|e| Error::new(output, e))?;
+        }
+        w.finish().map_err(|e| Error::new(output, e))?;
+    }
+    tmp.persist(output)
+        .map_err(|e| Error::new(output, e.error))?;
+    Ok(())
+}
