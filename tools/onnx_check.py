@@ -18,15 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-
-def concrete_shape(value_info, batch=1, spatial=64):
-    dims = []
-    for i, d in enumerate(value_info.type.tensor_type.shape.dim):
-        if d.HasField("dim_value") and d.dim_value > 0:
-            dims.append(d.dim_value)
-        else:
-            dims.append(batch if i == 0 else spatial)
-    return dims
+from model_inputs import random_feeds
 
 
 def run(path, feeds):
@@ -43,13 +35,7 @@ def check(qgraph, model, workdir):
         return f"qgraph convert failed: {proc.stderr.strip()}"
     onnx.checker.check_model(str(out), full_check=True)
     original = onnx.load(str(model))
-    init_names = {t.name for t in original.graph.initializer}
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for vi in original.graph.input:
-        if vi.name in init_names:
-            continue
-        feeds[vi.name] = rng.standard_normal(concrete_shape(vi)).astype(np.float32)
+    feeds = random_feeds(original, batch=1, seed=0)
     a, b = run(model, feeds), run(out, feeds)
     worst = max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) for x, y in zip(a, b))
     if worst != 0.0:

@@ -16,25 +16,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from model_inputs import random_feeds
+
 TOLERANCE = 1e-4
-
-
-def inputs_for(model, batch=2, spatial=64):
-    inits = {t.name for t in model.graph.initializer}
-    rng = np.random.default_rng(1)
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if i == 0 else spatial)
-                for i, d in enumerate(vi.type.tensor_type.shape.dim)]
-        feeds[vi.name] = rng.standard_normal(dims).astype(np.float32)
-    return feeds
 
 
 def check(qgraph, path, workdir):
     model = onnx.load(str(path))
-    feeds = inputs_for(model)
+    feeds = random_feeds(model, batch=2, seed=1)
     inp, out = Path(workdir) / "inputs.npz", Path(workdir) / "outputs.npz"
     np.savez(inp, **feeds)
     proc = subprocess.run([qgraph, "infer", str(path), "--inputs", str(inp), "-o", str(out)], capture_output=True, text=True)

@@ -125,6 +125,34 @@ fn f32_text(x: f32) -> String {
 }
 
 impl Printer {
+    /// A tensor literal rendered on its own (for building a line).
+    fn tensor_text(&self, t: &Tensor, indent: usize) -> String {
+        let mut p = Printer {
+            out: String::new(),
+            options: self.options,
+        };
+        p.tensor(t, indent);
+        p.out
+    }
+
+    /// `KEYWORD %name[: type] = TENSOR`, then the tensor's doc and metadata.
+    fn data_statement(
+        &mut self,
+        keyword: &str,
+        val: &qgraph_ir::Value,
+        init: &qgraph_ir::Initializer,
+        indent: usize,
+    ) {
+        let mut text = format!("{keyword} {}", value_ref(val.name()));
+        if let Some(t) = &val.ty {
+            let _ = write!(text, ": {t}");
+        }
+        let _ = write!(text, " = {}", self.tensor_text(&init.tensor, indent));
+        self.line(indent, &text);
+        self.doc_line(indent + 2, &init.doc);
+        self.meta_lines(indent + 2, &init.meta);
+    }
+
     fn line(&mut self, indent: usize, text: &str) {
         self.out.push_str(&pad(indent));
         self.out.push_str(text);
@@ -239,23 +267,15 @@ impl Printer {
         self.meta_lines(indent, meta);
         for &v in g.inputs() {
             let val = g.value(v);
-            let mut text = format!("input {}", value_ref(val.name()));
-            if let Some(t) = &val.ty {
-                let _ = write!(text, ": {t}");
-            }
-            if let Some(init) = val.initializer() {
-                text.push_str(" = ");
-                let mut p = Printer {
-                    out: String::new(),
-                    options: self.options,
-                };
-                p.tensor(&init.tensor, indent);
-                text.push_str(&p.out);
-                self.line(indent, &text);
-                self.doc_line(indent + 2, &init.doc);
-                self.meta_lines(indent + 2, &init.meta);
-            } else {
-                self.line(indent, &text);
+            match val.initializer() {
+                Some(init) => self.data_statement("input", val, init, indent),
+                None => {
+                    let mut text = format!("input {}", value_ref(val.name()));
+                    if let Some(t) = &val.ty {
+                        let _ = write!(text, ": {t}");
+                    }
+                    self.line(indent, &text);
+                }
             }
         }
         for &v in g.outputs() {
@@ -274,24 +294,9 @@ impl Printer {
         }
         for v in g.initializers() {
             let val = g.value(v);
-            if val.is_graph_input() {
-                continue;
+            if let (Some(init), false) = (val.initializer(), val.is_graph_input()) {
+                self.data_statement("init", val, init, indent);
             }
-            let init = val.initializer().expect("listed as an initializer");
-            let mut text = format!("init {}", value_ref(val.name()));
-            if let Some(t) = &val.ty {
-                let _ = write!(text, ": {t}");
-            }
-            text.push_str(" = ");
-            let mut p = Printer {
-                out: String::new(),
-                options: self.options,
-            };
-            p.tensor(&init.tensor, indent);
-            text.push_str(&p.out);
-            self.line(indent, &text);
-            self.doc_line(indent + 2, &init.doc);
-            self.meta_lines(indent + 2, &init.meta);
         }
         let order = g.topo_order().unwrap_or_else(|_| g.node_ids());
         let mut inner: Vec<&Graph> = outer.to_vec();
@@ -419,17 +424,7 @@ impl Printer {
                 ts.iter().map(|t| format!("type({t})")).collect(),
             ),
             AttrValue::Tensors(ts) => {
-                let items = ts
-                    .iter()
-                    .map(|t| {
-                        let mut p = Printer {
-                            out: String::new(),
-                            options: self.options,
-                        };
-                        p.tensor(t, indent);
-                        p.out
-                    })
-                    .collect();
+                let items = ts.iter().map(|t| self.tensor_text(t, indent)).collect();
                 list(self, "tensors", items);
             }
             AttrValue::Graphs(gs) => {

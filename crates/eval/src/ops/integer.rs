@@ -57,6 +57,22 @@ fn scales(cx: &OpCtx, t: &Tensor, per: usize, what: &str) -> Result<Vec<f32>, Ev
     }
 }
 
+/// The tensor's values minus their zero point; `channel(e)` picks the zero
+/// point of element `e` when there is one per channel.
+fn centered(
+    cx: &OpCtx,
+    t: &Tensor,
+    what: &str,
+    zp: &[i32],
+    channel: impl Fn(usize) -> usize,
+) -> Result<Vec<i32>, EvalError> {
+    Ok(ints(cx, t, what)?
+        .into_iter()
+        .enumerate()
+        .map(|(e, v)| v - pick(zp, channel(e)))
+        .collect())
+}
+
 fn pick<T: Copy>(v: &[T], i: usize) -> T {
     if v.len() == 1 {
         v[0]
@@ -187,13 +203,9 @@ pub fn conv_integer(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Ev
     let m = w.shape().first().copied().unwrap_or(0);
     let xzp = zero_points(cx, i.get(2).copied().flatten(), 1, "x_zero_point")?;
     let wzp = zero_points(cx, i.get(3).copied().flatten(), m, "w_zero_point")?;
-    let xv: Vec<i32> = ints(cx, x, "x")?.into_iter().map(|v| v - xzp[0]).collect();
-    let per_oc: usize = w.shape()[1..].iter().product();
-    let wv: Vec<i32> = ints(cx, w, "w")?
-        .into_iter()
-        .enumerate()
-        .map(|(e, v)| v - pick(&wzp, e / per_oc.max(1)))
-        .collect();
+    let xv = centered(cx, x, "x", &xzp, |_| 0)?;
+    let per_oc = w.shape()[1..].iter().product::<usize>().max(1);
+    let wv = centered(cx, w, "w", &wzp, |e| e / per_oc)?;
     let (out, shape) = conv_i32(cx, &xv, x.shape(), &wv, w.shape())?;
     Ok(vec![Tensor::I32(array(&shape, out))])
 }
@@ -203,12 +215,8 @@ pub fn matmul_integer(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, 
     let n = b.shape().last().copied().unwrap_or(1);
     let azp = zero_points(cx, i.get(2).copied().flatten(), 1, "a_zero_point")?;
     let bzp = zero_points(cx, i.get(3).copied().flatten(), n, "b_zero_point")?;
-    let av: Vec<i32> = ints(cx, a, "A")?.into_iter().map(|v| v - azp[0]).collect();
-    let bv: Vec<i32> = ints(cx, b, "B")?
-        .into_iter()
-        .enumerate()
-        .map(|(e, v)| v - pick(&bzp, e % n.max(1)))
-        .collect();
+    let av = centered(cx, a, "A", &azp, |_| 0)?;
+    let bv = centered(cx, b, "B", &bzp, |e| e % n.max(1))?;
     let (out, shape) = matmul_i32(cx, &av, a.shape(), &bv, b.shape())?;
     Ok(vec![Tensor::I32(array(&shape, out))])
 }
@@ -254,13 +262,9 @@ pub fn qlinear_conv(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Ev
     let ys = scales(cx, input(cx, i, 6)?, 1, "y_scale")?;
     let y_zp_t = i.get(7).copied().flatten();
     let yzp = zero_points(cx, y_zp_t, 1, "y_zero_point")?;
-    let xv: Vec<i32> = ints(cx, x, "x")?.into_iter().map(|v| v - xzp[0]).collect();
-    let per_oc: usize = w.shape()[1..].iter().product();
-    let wv: Vec<i32> = ints(cx, w, "w")?
-        .into_iter()
-        .enumerate()
-        .map(|(e, v)| v - pick(&wzp, e / per_oc.max(1)))
-        .collect();
+    let xv = centered(cx, x, "x", &xzp, |_| 0)?;
+    let per_oc = w.shape()[1..].iter().product::<usize>().max(1);
+    let wv = centered(cx, w, "w", &wzp, |e| e / per_oc)?;
     let (mut acc, shape) = conv_i32(cx, &xv, x.shape(), &wv, w.shape())?;
     let plane = shape[2] * shape[3];
     if let Some(b) = i.get(8).copied().flatten() {
@@ -298,12 +302,8 @@ pub fn qlinear_matmul(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, 
     let ys = scales(cx, input(cx, i, 6)?, 1, "y_scale")?;
     let y_zp_t = i.get(7).copied().flatten();
     let yzp = zero_points(cx, y_zp_t, 1, "y_zero_point")?;
-    let av: Vec<i32> = ints(cx, a, "a")?.into_iter().map(|v| v - azp[0]).collect();
-    let bv: Vec<i32> = ints(cx, b, "b")?
-        .into_iter()
-        .enumerate()
-        .map(|(e, v)| v - pick(&bzp, e % n.max(1)))
-        .collect();
+    let av = centered(cx, a, "a", &azp, |_| 0)?;
+    let bv = centered(cx, b, "b", &bzp, |e| e % n.max(1))?;
     let (acc, shape) = matmul_i32(cx, &av, a.shape(), &bv, b.shape())?;
     let mult: Vec<f32> = (0..bsc.len()).map(|c| asc[0] * bsc[c] / ys[0]).collect();
     let out_type = y_zp_t.map_or(a.dtype(), Tensor::dtype);
