@@ -8,7 +8,9 @@
 
 mod attrs;
 mod ops;
+mod plan;
 
+use plan::Step;
 use qgraph_ir::{Graph, Model, NodeId, Tensor, ValueDef, ValueId};
 use std::collections::HashMap;
 
@@ -40,10 +42,42 @@ pub struct Options {
 pub struct Evaluator<'m> {
     pool: rayon::ThreadPool,
     graph: &'m Graph,
-    order: Vec<NodeId>,
+    plan: Vec<Step>,
     opset: i64,
     /// For each value, how many node inputs and graph outputs read it.
     uses: HashMap<ValueId, usize>,
+}
+
+/// One kernel call: a node, possibly reading another value as its first
+/// input (a fused Pad's input), with fused work, defining the outputs of
+/// `out_node` (itself, or the last node fused after it).
+struct Call<'p> {
+    node: NodeId,
+    first_input: Option<ValueId>,
+    epilogue: &'p [ops::Pointwise],
+    input_pads: [usize; 4],
+    out_node: NodeId,
+}
+
+impl Call<'_> {
+    fn single(node: NodeId) -> Call<'static> {
+        Call {
+            node,
+            first_input: None,
+            epilogue: &[],
+            input_pads: [0; 4],
+            out_node: node,
+        }
+    }
+}
+
+/// Adds a kernel's seconds to a profile, when one is being taken.
+fn record(times: &mut Option<&mut HashMap<String, (usize, f64)>>, name: String, secs: f64) {
+    if let Some(t) = times.as_deref_mut() {
+        let e = t.entry(name).or_default();
+        e.0 += 1;
+        e.1 += secs;
+    }
 }
 
 /// The context a kernel sees: the node (for attributes and messages) and the
@@ -52,6 +86,11 @@ pub struct OpCtx<'a> {
     pub graph: &'a Graph,
     pub node: NodeId,
     pub opset: i64,
+    /// Elementwise maps to apply to the output, and zero padding to add to
+    /// the input: work of neighbouring nodes (see `plan`). Only kernels that
+    /// accept fusion get anything but none.
+    pub(crate) epilogue: &'a [ops::Pointwise],
+    pub(crate) input_pads: [usize; 4],
 }
 
 impl OpCtx<'_> {
@@ -106,10 +145,11 @@ impl<'m> Evaluator<'m> {
         for &v in graph.outputs() {
             *uses.entry(v).or_default() += 1;
         }
+        let plan = plan::plan(graph, model.opset_version("").unwrap_or(1), &order, &uses);
         Ok(Evaluator {
             pool,
             graph,
-            order,
+            plan,
             opset: model.opset_version("").unwrap_or(1),
             uses,
         })
@@ -230,62 +270,121 @@ impl<'m> Evaluator<'m> {
             }
             env.insert(*v, t);
         }
-        for &n in &self.order {
-            let node = g.node(n);
-            let cx = OpCtx {
-                graph: g,
-                node: n,
-                opset: self.opset,
+        for step in &self.plan {
+            if !step.is_fused() || step.hidden.iter().any(|v| watch.contains(v)) {
+                // Each node on its own (a watched value must exist).
+                for n in step.nodes() {
+                    let call = Call::single(n);
+                    let secs = self.exec(&call, &mut env, &mut left, watch, observe)?;
+                    record(&mut times, g.node(n).op_type.clone(), secs);
+                }
+                continue;
+            }
+            let mut call = Call {
+                node: step.node,
+                first_input: None,
+                epilogue: &step.epilogue,
+                input_pads: [0; 4],
+                out_node: step.last(),
             };
-            let results = {
-                let mut args: Vec<Option<&Tensor>> = Vec::with_capacity(node.inputs().len());
-                for v in node.inputs() {
-                    args.push(match v {
-                        None => None,
-                        Some(v) => Some(self.lookup(&env, *v)?),
-                    });
-                }
-                let kernel =
-                    ops::kernel(&node.domain, &node.op_type).expect("checked in Evaluator::new");
-                let started = std::time::Instant::now();
-                let r = kernel(&cx, &args)?;
-                if let Some(t) = times.as_deref_mut() {
-                    let e = t.entry(node.op_type.clone()).or_default();
-                    e.0 += 1;
-                    e.1 += started.elapsed().as_secs_f64();
-                }
-                r
-            };
-            // Drop what no later node reads.
-            for v in node.inputs().iter().flatten() {
-                let count = left.entry(*v).or_default();
-                *count = count.saturating_sub(1);
-                if *count == 0 {
-                    env.remove(v);
+            let mut name = String::new();
+            if let Some(pad) = step.pad {
+                let padded = self.lookup_inputs(g.node(pad).inputs(), &env)?;
+                match plan::spatial_zero_pads(g, self.opset, pad, &padded) {
+                    Some(pads) => {
+                        call.input_pads = pads;
+                        call.first_input = g.node(pad).inputs()[0];
+                        name.push_str("Pad+");
+                    }
+                    None => {
+                        let secs =
+                            self.exec(&Call::single(pad), &mut env, &mut left, watch, observe)?;
+                        record(&mut times, "Pad".into(), secs);
+                    }
                 }
             }
-            if results.len() < node.outputs().len() {
-                return cx.err(format!(
-                    "produced {} outputs for {} slots",
-                    results.len(),
-                    node.outputs().len()
-                ));
+            let secs = self.exec(&call, &mut env, &mut left, watch, observe)?;
+            name.push_str(&g.node(step.node).op_type);
+            for &f in &step.fused {
+                name = format!("{name}+{}", g.node(f).op_type);
             }
-            for (v, t) in node.outputs().iter().zip(results) {
-                let Some(v) = v else { continue };
-                if watch.contains(v) {
-                    observe(*v, &t);
-                }
-                if left.get(v).copied().unwrap_or(0) > 0 {
-                    env.insert(*v, t);
-                }
-            }
+            record(&mut times, name, secs);
         }
         let mut outs = Vec::with_capacity(g.outputs().len());
         for &v in g.outputs() {
             outs.push(self.lookup(&env, v)?.clone());
         }
         Ok(outs)
+    }
+
+    /// The tensors of `values` (absent optional inputs stay `None`).
+    fn lookup_inputs<'e>(
+        &'e self,
+        values: &[Option<ValueId>],
+        env: &'e HashMap<ValueId, Tensor>,
+    ) -> Result<Vec<Option<&'e Tensor>>, EvalError> {
+        values
+            .iter()
+            .map(|v| v.map(|v| self.lookup(env, v)).transpose())
+            .collect()
+    }
+
+    /// Runs a kernel, stores its results as the outputs of `call.out_node`,
+    /// and drops the inputs no later node reads. Returns the kernel's seconds.
+    fn exec(
+        &self,
+        call: &Call,
+        env: &mut HashMap<ValueId, Tensor>,
+        left: &mut HashMap<ValueId, usize>,
+        watch: &[ValueId],
+        observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
+    ) -> Result<f64, EvalError> {
+        let g = self.graph;
+        let node = g.node(call.node);
+        let cx = OpCtx {
+            graph: g,
+            node: call.node,
+            opset: self.opset,
+            epilogue: call.epilogue,
+            input_pads: call.input_pads,
+        };
+        let mut reads = node.inputs().to_vec();
+        if let Some(first) = call.first_input {
+            reads[0] = Some(first);
+        }
+        let started = std::time::Instant::now();
+        let results = {
+            let args = self.lookup_inputs(&reads, env)?;
+            let kernel =
+                ops::kernel(&node.domain, &node.op_type).expect("checked in Evaluator::new");
+            kernel(&cx, &args)?
+        };
+        let secs = started.elapsed().as_secs_f64();
+        for v in reads.iter().flatten() {
+            let count = left.entry(*v).or_default();
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                env.remove(v);
+            }
+        }
+        let outputs = g.node(call.out_node).outputs();
+        if results.len() < outputs.len() {
+            return cx.err(format!(
+                "produced {} outputs for {} slots",
+                results.len(),
+                outputs.len()
+            ));
+        }
+        for (v, t) in outputs.iter().zip(results) {
+            let Some(v) = v else { continue };
+            if watch.contains(v) {
+                observe(*v, &t);
+            }
+            if left.get(v).copied().unwrap_or(0) > 0 {
+                env.insert(*v, t);
+            }
+        }
+        Ok(secs)
     }
 
     /// The tensor of a value: computed, given, or an initializer.

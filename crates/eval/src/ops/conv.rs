@@ -1,9 +1,9 @@
 //! Convolution: im2col + matrix product per group, a direct kernel for
 //! depthwise convolution, and the window arithmetic shared with pooling.
 
+use super::gemm::{gemm, MatRef, Threads};
 use super::{array, f32_input};
 use crate::{EvalError, OpCtx};
-use qgraph_ir::ndarray::{Array2, ArrayView2};
 use qgraph_ir::Tensor;
 use rayon::prelude::*;
 
@@ -87,6 +87,12 @@ pub fn window(
                         pad_end[d] = p[d + n] as usize;
                     }
                 }
+                // Padding the plan moved here from a Pad node (2-D only).
+                let [top, left, bottom, right] = cx.input_pads;
+                if n == 2 {
+                    pad_begin[d] += [top, left][d];
+                    pad_end[d] += [bottom, right][d];
+                }
                 let padded = input[d] + pad_begin[d] + pad_end[d];
                 if padded < span {
                     return cx.err(format!(
@@ -147,106 +153,215 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     if bias.as_ref().is_some_and(|b| b.len() != m) {
         return cx.err(format!("bias must have {m} values"));
     }
+    if let Some(ch) = cx
+        .epilogue
+        .iter()
+        .find_map(|p| p.channels().filter(|&k| k != m))
+    {
+        return cx.err(format!(
+            "the batch normalization after it has {ch} channels, the convolution makes {m}"
+        ));
+    }
     let x = x.as_standard_layout();
     let xs = x.as_slice().expect("standard layout");
     let w = w.as_standard_layout();
     let ws = w.as_slice().expect("standard layout");
-    let mut out = vec![0f32; n * m * oh * ow];
-    let (sh, sw) = (win.strides[0], win.strides[1]);
-    let (dh, dw) = (win.dilations[0], win.dilations[1]);
-    let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
+    let geometry = Geometry {
+        h,
+        w: wd,
+        kh,
+        kw,
+        oh,
+        ow,
+        sh: win.strides[0],
+        sw: win.strides[1],
+        dh: win.dilations[0],
+        dw: win.dilations[1],
+        ph: win.pad_begin[0],
+        pw: win.pad_begin[1],
+    };
     let depthwise = cg == 1 && mg == 1;
     let pointwise = kh == 1
         && kw == 1
-        && sh == 1
-        && sw == 1
+        && geometry.sh == 1
+        && geometry.sw == 1
         && win.pad_begin.iter().chain(&win.pad_end).all(|&p| p == 0);
     let k = cg * kh * kw;
-    // One task per (image, group): their outputs are disjoint blocks, and each
-    // is computed the same way whatever the number of threads.
-    out.par_chunks_mut((mg * oh * ow).max(1))
-        .enumerate()
-        .for_each(|(task, dst)| {
-            let (b, g) = (task / group, task % group);
-            if depthwise {
-                let plane = &xs[(b * c + g) * h * wd..][..h * wd];
-                let ker = &ws[g * kh * kw..][..kh * kw];
-                for i in 0..kh {
-                    for j in 0..kw {
-                        let wv = ker[i * kw + j];
-                        for y in 0..oh {
-                            let iy = (y * sh + i * dh) as isize - ph;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            let row = &plane[iy as usize * wd..][..wd];
-                            let drow = &mut dst[y * ow..][..ow];
-                            for (xo, d) in drow.iter_mut().enumerate() {
-                                let ix = (xo * sw + j * dw) as isize - pw;
-                                if ix >= 0 && ix < wd as isize {
-                                    *d += wv * row[ix as usize];
-                                }
-                            }
-                        }
-                    }
-                }
-            } else if pointwise {
-                // A 1x1 convolution without stride or padding is a product with
-                // the input planes as they are.
-                let xg = ArrayView2::from_shape(
-                    (cg, h * wd),
-                    &xs[(b * c + g * cg) * h * wd..][..cg * h * wd],
-                )
-                .expect("input block");
-                let wg = ArrayView2::from_shape((mg, k), &ws[g * mg * k..][..mg * k])
-                    .expect("weight block");
-                let mut og = qgraph_ir::ndarray::ArrayViewMut2::from_shape((mg, oh * ow), dst)
-                    .expect("output block");
-                super::matmul::par_mat_mul_view(1.0, &wg, &xg, 0.0, &mut og);
-            } else {
-                // im2col: one row per (channel, ky, kx), one column per output pixel.
-                let mut cols = Array2::<f32>::zeros((k, oh * ow));
-                for ci in 0..cg {
-                    let plane = &xs[(b * c + g * cg + ci) * h * wd..][..h * wd];
-                    for i in 0..kh {
-                        for j in 0..kw {
-                            let mut row = cols.row_mut((ci * kh + i) * kw + j);
-                            let row = row
-                                .as_slice_mut()
-                                .expect("rows of a standard array are contiguous");
-                            for y in 0..oh {
-                                let iy = (y * sh + i * dh) as isize - ph;
-                                let dst = &mut row[y * ow..][..ow];
-                                if iy < 0 || iy >= h as isize {
-                                    continue;
-                                }
-                                let src = &plane[iy as usize * wd..][..wd];
-                                for (xo, d) in dst.iter_mut().enumerate() {
-                                    let ix = (xo * sw + j * dw) as isize - pw;
-                                    if ix >= 0 && ix < wd as isize {
-                                        *d = src[ix as usize];
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-                let wg = ArrayView2::from_shape((mg, k), &ws[g * mg * k..][..mg * k])
-                    .expect("weight block");
-                let mut og = qgraph_ir::ndarray::ArrayViewMut2::from_shape((mg, oh * ow), dst)
-                    .expect("output block");
-                super::matmul::par_mat_mul_view(1.0, &wg, &cols.view(), 0.0, &mut og);
-            }
+    let plane = oh * ow;
+    let tasks = n * group;
+    // One task per (image, group): their outputs are disjoint blocks. With
+    // enough of them every thread has work; otherwise each matrix product
+    // splits itself. The product gives the same bits either way.
+    let parallel_tasks = tasks >= rayon::current_num_threads();
+    let inner = if parallel_tasks {
+        Threads::One
+    } else {
+        Threads::Pool
+    };
+    let task = |(task, dst): (usize, &mut [f32])| {
+        let (b, g) = (task / group, task % group);
+        let src = &xs[(b * c + g * cg) * h * wd..][..cg * h * wd];
+        let wg = MatRef::row_major(&ws[g * mg * k..][..mg * k], mg, k);
+        if depthwise {
+            depthwise_plane(src, &ws[g * kh * kw..][..kh * kw], &geometry, dst);
+        } else if pointwise {
+            // A 1x1 convolution without stride or padding is a product with
+            // the input planes as they are.
+            gemm(
+                dst,
+                plane,
+                wg,
+                MatRef::row_major(src, cg, plane),
+                1.0,
+                false,
+                inner,
+            );
+        } else {
+            let cols = im2col(src, cg, &geometry);
+            gemm(
+                dst,
+                plane,
+                wg,
+                MatRef::row_major(&cols, k, plane),
+                1.0,
+                false,
+                inner,
+            );
+        }
+        for (oc, out_plane) in dst.chunks_mut(plane.max(1)).enumerate() {
+            let channel = g * mg + oc;
             if let Some(bias) = &bias {
-                for (oc, plane) in dst.chunks_mut((oh * ow).max(1)).enumerate() {
-                    let bv = bias[g * mg + oc];
-                    for v in plane {
-                        *v += bv;
-                    }
+                let bv = bias[channel];
+                out_plane.iter_mut().for_each(|v| *v += bv);
+            }
+            for map in cx.epilogue {
+                map.apply(channel, out_plane);
+            }
+        }
+    };
+    let mut out = vec![0f32; n * m * plane];
+    let block = (mg * plane).max(1);
+    if parallel_tasks {
+        out.par_chunks_mut(block).enumerate().for_each(task);
+    } else {
+        out.chunks_mut(block).enumerate().for_each(task);
+    }
+    Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))])
+}
+
+/// The sizes of one 2-D convolution: input plane, kernel, output plane,
+/// strides, dilations and leading pads.
+struct Geometry {
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    ph: usize,
+    pw: usize,
+}
+
+impl Geometry {
+    /// The input row read by output row `y` at kernel row `i`, if inside.
+    fn input_row(&self, y: usize, i: usize) -> Option<usize> {
+        (y * self.sh + i * self.dh)
+            .checked_sub(self.ph)
+            .filter(|&r| r < self.h)
+    }
+
+    /// For kernel column `j`: output column `x` reads input column
+    /// `x * sw + j * dw - pw`. Splitting the input row into `sw` phases
+    /// (`phase[t] = row[t * sw + p]`), that is element `x + shift` of phase
+    /// `p`. Returns (p, shift, first x, end x) with every read inside.
+    fn column_span(&self, j: usize) -> (usize, isize, usize, usize) {
+        let sw = self.sw as isize;
+        let offset = (j * self.dw) as isize - self.pw as isize;
+        let phase = offset.rem_euclid(sw);
+        let shift = offset.div_euclid(sw);
+        let phase_len = (self.w as isize - phase + sw - 1).div_euclid(sw);
+        let first = (-shift).clamp(0, self.ow as isize) as usize;
+        let end = (phase_len - shift).clamp(0, self.ow as isize) as usize;
+        (phase as usize, shift, first, end.max(first))
+    }
+}
+
+/// Splits each row of `plane` into its `stride` phases, one after the
+/// other: row r's phase p holds `plane[r][p], plane[r][p + stride], ...`.
+/// With stride 1 this is the plane itself.
+fn phases(plane: &[f32], g: &Geometry) -> Vec<f32> {
+    let mut out = Vec::with_capacity(plane.len());
+    for row in plane.chunks(g.w.max(1)) {
+        for p in 0..g.sw {
+            out.extend(row.iter().skip(p).step_by(g.sw));
+        }
+    }
+    out
+}
+
+/// The start of phase `p` of row `r` in the output of [`phases`].
+fn phase_start(g: &Geometry, r: usize, p: usize) -> usize {
+    let before: usize = (0..p).map(|q| (g.w - q).div_ceil(g.sw)).sum();
+    r * g.w + before
+}
+
+/// A depthwise convolution of one plane: each output row accumulates its
+/// kernel's taps, row by row, over contiguous runs of the (phase-split)
+/// input, which the compiler vectorises.
+fn depthwise_plane(src: &[f32], ker: &[f32], g: &Geometry, dst: &mut [f32]) {
+    let split;
+    let rows = if g.sw == 1 {
+        src
+    } else {
+        split = phases(src, g);
+        &split[..]
+    };
+    let spans: Vec<_> = (0..g.kw).map(|j| g.column_span(j)).collect();
+    for (y, drow) in dst.chunks_mut(g.ow.max(1)).enumerate() {
+        for i in 0..g.kh {
+            let Some(r) = g.input_row(y, i) else { continue };
+            for (j, &(p, shift, first, end)) in spans.iter().enumerate() {
+                let wv = ker[i * g.kw + j];
+                let start = (phase_start(g, r, p) as isize + first as isize + shift) as usize;
+                for (d, s) in drow[first..end].iter_mut().zip(&rows[start..]) {
+                    *d += wv * s;
                 }
             }
-        });
-    Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))])
+        }
+    }
+}
+
+/// im2col: one row per (channel, ky, kx), one column per output pixel,
+/// zeros where the window reads padding.
+fn im2col(src: &[f32], channels: usize, g: &Geometry) -> Vec<f32> {
+    let plane = g.oh * g.ow;
+    let mut cols = vec![0f32; channels * g.kh * g.kw * plane];
+    let spans: Vec<_> = (0..g.kw).map(|j| g.column_span(j)).collect();
+    for (ci, block) in cols.chunks_mut((g.kh * g.kw * plane).max(1)).enumerate() {
+        let input = &src[ci * g.h * g.w..][..g.h * g.w];
+        let split;
+        let rows = if g.sw == 1 {
+            input
+        } else {
+            split = phases(input, g);
+            &split[..]
+        };
+        for i in 0..g.kh {
+            for (j, &(p, shift, first, end)) in spans.iter().enumerate() {
+                let row = &mut block[(i * g.kw + j) * plane..][..plane];
+                for (y, drow) in row.chunks_mut(g.ow.max(1)).enumerate() {
+                    let Some(r) = g.input_row(y, i) else { continue };
+                    let start = (phase_start(g, r, p) as isize + first as isize + shift) as usize;
+                    drow[first..end].copy_from_slice(&rows[start..][..end - first]);
+                }
+            }
+        }
+    }
+    cols
 }
 
 /// ConvTranspose (2-D): each input pixel scatters its kernel into the output.

@@ -27,33 +27,6 @@ fn unary_f32(
     Ok(vec![Tensor::F32(par_map(x, f))])
 }
 
-pub fn relu(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
-    unary_f32(cx, i, |x| x.max(0.0))
-}
-
-pub fn leaky_relu(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
-    let alpha = cx.float_attr("alpha", 0.01)?;
-    unary_f32(cx, i, |x| if x >= 0.0 { x } else { alpha * x })
-}
-
-pub fn sigmoid(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
-    unary_f32(cx, i, |x| 1.0 / (1.0 + (-x).exp()))
-}
-
-pub fn hard_sigmoid(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
-    let alpha = cx.float_attr("alpha", 0.2)?;
-    let beta = cx.float_attr("beta", 0.5)?;
-    unary_f32(cx, i, |x| (alpha * x + beta).clamp(0.0, 1.0))
-}
-
-pub fn hard_swish(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
-    unary_f32(cx, i, |x| x * (x / 6.0 + 0.5).clamp(0.0, 1.0))
-}
-
-pub fn tanh(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
-    unary_f32(cx, i, f32::tanh)
-}
-
 pub fn neg(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     match input(cx, i, 0)? {
         Tensor::I64(a) => Ok(vec![Tensor::I64(a.mapv(|x| x.wrapping_neg()))]),
@@ -98,29 +71,6 @@ pub fn dropout(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalErr
     let x = input(cx, i, 0)?;
     let mask = Tensor::Bool(ArrayD::from_elem(IxDyn(x.shape()), true));
     Ok(vec![x.clone(), mask])
-}
-
-/// ONNX Clip: bounds are attributes before opset 11, optional inputs after.
-pub fn clip(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
-    let bound = |k: usize, default: f32| -> Result<f32, EvalError> {
-        match i.get(k).copied().flatten() {
-            None => Ok(default),
-            Some(Tensor::F32(a)) if a.len() == 1 => Ok(a.iter().next().copied().unwrap_or(default)),
-            Some(t) => cx.err(format!(
-                "bound {k} must be an f32 scalar, found {}",
-                t.dtype()
-            )),
-        }
-    };
-    let (lo, hi) = if cx.opset < 11 {
-        (
-            cx.float_attr("min", f32::NEG_INFINITY)?,
-            cx.float_attr("max", f32::INFINITY)?,
-        )
-    } else {
-        (bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?)
-    };
-    unary_f32(cx, i, |x| x.max(lo).min(hi))
 }
 
 /// The numpy broadcast of two shapes.

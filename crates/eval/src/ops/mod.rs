@@ -4,9 +4,18 @@
 
 mod conv;
 mod elementwise;
+mod gemm;
 mod integer;
 mod matmul;
 mod norm;
+mod pointwise;
+
+pub(crate) use pointwise::{build as build_pointwise, is_pointwise, Pointwise};
+
+/// Whether the kernel of `op` does the work `OpCtx::fusion` asks for.
+pub fn accepts_fusion(op: &str) -> bool {
+    op == "Conv"
+}
 mod pool;
 mod quant;
 mod resize;
@@ -35,13 +44,13 @@ pub fn supported_ops() -> Vec<&'static str> {
 }
 
 const KERNELS: &[(&str, Kernel)] = &[
-    ("Relu", elementwise::relu),
-    ("LeakyRelu", elementwise::leaky_relu),
-    ("Clip", elementwise::clip),
-    ("Sigmoid", elementwise::sigmoid),
-    ("HardSigmoid", elementwise::hard_sigmoid),
-    ("HardSwish", elementwise::hard_swish),
-    ("Tanh", elementwise::tanh),
+    ("Relu", pointwise::kernel),
+    ("LeakyRelu", pointwise::kernel),
+    ("Clip", pointwise::kernel),
+    ("Sigmoid", pointwise::kernel),
+    ("HardSigmoid", pointwise::kernel),
+    ("HardSwish", pointwise::kernel),
+    ("Tanh", pointwise::kernel),
     ("Neg", elementwise::neg),
     ("Abs", elementwise::abs),
     ("Sqrt", elementwise::sqrt),
@@ -61,7 +70,7 @@ const KERNELS: &[(&str, Kernel)] = &[
     ("ConvTranspose", conv::conv_transpose),
     ("Gemm", matmul::gemm),
     ("MatMul", matmul::matmul),
-    ("BatchNormalization", norm::batch_norm),
+    ("BatchNormalization", pointwise::kernel),
     ("Softmax", norm::softmax),
     ("MaxPool", pool::max_pool),
     ("AveragePool", pool::average_pool),

@@ -1,0 +1,195 @@
+//! The one call into the `gemm` crate. Its entry point is an `unsafe fn` over
+//! raw pointers and strides; this wrapper takes slices, checks that every
+//! element the product can read or write lies inside them, and only then
+//! makes the call. Nothing else in the workspace uses `unsafe`.
+#![allow(unsafe_code)]
+
+/// A read-only matrix over a slice: element (r, c) is at
+/// `r * row_stride + c * col_stride`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `rows x cols` matrix at the start of `data`.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> MatRef<'a> {
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    pub fn transposed(self) -> MatRef<'a> {
+        MatRef {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// One past the largest offset an element of the matrix has.
+    fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+        }
+    }
+}
+
+/// Whether the product may split itself across the current rayon pool.
+/// Either way each element is computed by the same sequence of operations
+/// (the crate splits rows and columns, never the inner dimension, and its
+/// blocking depends only on the shapes), so results do not depend on it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Threads {
+    One,
+    Pool,
+}
+
+/// `dst = alpha * a b` (or `dst += alpha * a b` with `accumulate`), where
+/// `dst` is row-major `a.rows() x b.cols()` with rows `dst_row_stride` apart.
+///
+/// Panics when the shapes disagree or a matrix does not fit its slice: both
+/// are bugs of the calling kernel, which validates the model's shapes first.
+pub fn gemm(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    a: MatRef,
+    b: MatRef,
+    alpha: f32,
+    accumulate: bool,
+    threads: Threads,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "inner dimensions of a matrix product");
+    assert!(a.extent() <= a.data.len(), "left operand outside its slice");
+    assert!(
+        b.extent() <= b.data.len(),
+        "right operand outside its slice"
+    );
+    let dst_extent = if m == 0 || n == 0 {
+        0
+    } else {
+        (m - 1) * dst_row_stride + n
+    };
+    assert!(dst_extent <= dst.len(), "destination outside its slice");
+    assert!(n <= dst_row_stride || m <= 1, "destination rows overlap");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_row_stride..][..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let parallelism = match threads {
+        Threads::One => gemm::Parallelism::None,
+        Threads::Pool => gemm::Parallelism::Rayon(0),
+    };
+    // SAFETY: the asserts above put every element of the three matrices
+    // inside its slice; `dst` is borrowed mutably, so it aliases neither
+    // operand; the strides are non-negative and fit isize because the
+    // extents fit in slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: MatRef, b: MatRef) -> Vec<f32> {
+        let mut out = vec![0f32; a.rows * b.cols];
+        for r in 0..a.rows {
+            for c in 0..b.cols {
+                let mut s = 0f64;
+                for i in 0..a.cols {
+                    s += a.data[r * a.row_stride + i * a.col_stride] as f64
+                        * b.data[i * b.row_stride + c * b.col_stride] as f64;
+                }
+                out[r * b.cols + c] = s as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn products_match_a_naive_loop_for_odd_shapes_and_transposes() {
+        for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (17, 33, 9), (64, 3, 129), (5, 300, 1)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 13) % 7) as f32 - 3.0).collect();
+            let am = MatRef::row_major(&a, m, k);
+            let bt = MatRef::row_major(&b, n, k).transposed();
+            for bm in [MatRef::row_major(&b, k, n), bt] {
+                let want = naive(am, bm);
+                for threads in [Threads::One, Threads::Pool] {
+                    let mut got = vec![7f32; m * n];
+                    gemm(&mut got, n, am, bm, 1.0, false, threads);
+                    assert_eq!(got, want, "{m}x{k}x{n}");
+                    gemm(&mut got, n, am, bm, 2.0, true, threads);
+                    let three: Vec<f32> = want.iter().map(|v| 3.0 * v).collect();
+                    assert_eq!(got, three, "{m}x{k}x{n} accumulated");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "outside its slice")]
+    fn a_matrix_larger_than_its_slice_is_refused() {
+        let a = [1f32; 5];
+        let mut d = [0f32; 4];
+        gemm(
+            &mut d,
+            2,
+            MatRef::row_major(&a, 2, 3),
+            MatRef::row_major(&a, 3, 2),
+            1.0,
+            false,
+            Threads::One,
+        );
+    }
+}
