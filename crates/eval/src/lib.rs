@@ -9,6 +9,7 @@
 mod attrs;
 mod ops;
 mod plan;
+mod pool;
 
 use plan::Step;
 use qgraph_ir::{Graph, Model, NodeId, Tensor, ValueDef, ValueId};
@@ -40,7 +41,8 @@ pub struct Options {
 
 /// A prepared model: the node order, each value's last use, the kernels.
 pub struct Evaluator<'m> {
-    pool: rayon::ThreadPool,
+    threads: rayon::ThreadPool,
+    buffers: pool::BufferPool,
     graph: &'m Graph,
     plan: Vec<Step>,
     opset: i64,
@@ -91,6 +93,8 @@ pub struct OpCtx<'a> {
     /// accept fusion get anything but none.
     pub(crate) epilogue: &'a [ops::Pointwise],
     pub(crate) input_pads: [usize; 4],
+    /// Recycled buffers for large outputs.
+    pub(crate) buffers: &'a pool::BufferPool,
 }
 
 impl OpCtx<'_> {
@@ -114,14 +118,17 @@ impl<'m> Evaluator<'m> {
     }
 
     pub fn with_options(model: &'m Model, options: Options) -> Result<Evaluator<'m>, EvalError> {
-        let pool = rayon::ThreadPoolBuilder::new()
+        let threads = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads)
             .build()
             .map_err(|e| EvalError::Input(format!("cannot start worker threads: {e}")))?;
         let graph = &model.graph;
-        let order = graph
+        let mut order = graph
             .topo_order()
             .map_err(|_| EvalError::Input("the graph has a cycle".into()))?;
+        // Nodes that read nothing (Constant) first: still a topological
+        // order, and their values are then ready for any fused step.
+        order.sort_by_key(|&n| !graph.node(n).inputs().iter().all(Option::is_none));
         for &n in &order {
             let node = graph.node(n);
             if ops::kernel(&node.domain, &node.op_type).is_none() {
@@ -147,7 +154,8 @@ impl<'m> Evaluator<'m> {
         }
         let plan = plan::plan(graph, model.opset_version("").unwrap_or(1), &order, &uses);
         Ok(Evaluator {
-            pool,
+            threads,
+            buffers: pool::BufferPool::default(),
             graph,
             plan,
             opset: model.opset_version("").unwrap_or(1),
@@ -221,7 +229,7 @@ impl<'m> Evaluator<'m> {
         watch: &[ValueId],
         observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
     ) -> Result<Vec<Tensor>, EvalError> {
-        self.pool
+        self.threads
             .install(|| self.run_in_pool(inputs, watch, observe))
     }
 
@@ -229,7 +237,7 @@ impl<'m> Evaluator<'m> {
     /// and the seconds they took, slowest first.
     pub fn profile(&self, inputs: Inputs) -> Result<Vec<(String, usize, f64)>, EvalError> {
         let mut times: HashMap<String, (usize, f64)> = HashMap::new();
-        self.pool
+        self.threads
             .install(|| self.run_timed(inputs, &[], &mut |_, _| {}, Some(&mut times)))?;
         let mut rows: Vec<(String, usize, f64)> =
             times.into_iter().map(|(k, (n, t))| (k, n, t)).collect();
@@ -311,8 +319,17 @@ impl<'m> Evaluator<'m> {
             record(&mut times, name, secs);
         }
         let mut outs = Vec::with_capacity(g.outputs().len());
-        for &v in g.outputs() {
-            outs.push(self.lookup(&env, v)?.clone());
+        for (i, &v) in g.outputs().iter().enumerate() {
+            // Moved out unless a later output is the same value.
+            let again = g.outputs()[i + 1..].contains(&v);
+            match env.remove(&v) {
+                Some(t) if again => {
+                    outs.push(t.clone());
+                    env.insert(v, t);
+                }
+                Some(t) => outs.push(t),
+                None => outs.push(self.lookup(&env, v)?.clone()),
+            }
         }
         Ok(outs)
     }
@@ -347,6 +364,7 @@ impl<'m> Evaluator<'m> {
             opset: self.opset,
             epilogue: call.epilogue,
             input_pads: call.input_pads,
+            buffers: &self.buffers,
         };
         let mut reads = node.inputs().to_vec();
         if let Some(first) = call.first_input {
@@ -364,7 +382,9 @@ impl<'m> Evaluator<'m> {
             let count = left.entry(*v).or_default();
             *count = count.saturating_sub(1);
             if *count == 0 {
-                env.remove(v);
+                if let Some(t) = env.remove(v) {
+                    self.buffers.recycle(t);
+                }
             }
         }
         let outputs = g.node(call.out_node).outputs();

@@ -65,6 +65,7 @@ pub fn plan(
     order: &[NodeId],
     uses: &HashMap<ValueId, usize>,
 ) -> Vec<Step> {
+    let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let mut absorbed = HashSet::new();
     let mut heads: HashMap<NodeId, Step> = HashMap::new();
     for &n in order {
@@ -79,7 +80,14 @@ pub fn plan(
             absorbed.insert(pad);
         }
         let mut current = n;
-        while let Some((next, value, map)) = fusable_successor(graph, opset, current, uses) {
+        // Nodes after the head run at its place, so what they read besides
+        // its output must exist by then.
+        let ready = |v: ValueId| match graph.producer(v) {
+            Some((p, _)) => position[&p] < position[&n],
+            None => true,
+        };
+        while let Some((next, value, map)) = fusable_successor(graph, opset, current, uses, &ready)
+        {
             step.fused.push(next);
             step.epilogue.push(map);
             step.hidden.push(value);
@@ -196,6 +204,7 @@ fn fusable_successor(
     opset: i64,
     node: NodeId,
     uses: &HashMap<ValueId, usize>,
+    ready: &dyn Fn(ValueId) -> bool,
 ) -> Option<(NodeId, ValueId, ops::Pointwise)> {
     let [Some(value)] = graph.node(node).outputs() else {
         return None;
@@ -215,15 +224,18 @@ fn fusable_successor(
     for v in &consumer.inputs()[1..] {
         match v {
             None => args.push(None),
-            Some(v) => args.push(Some(constant_value(graph, *v)?)),
+            Some(v) if ready(*v) => args.push(Some(constant_value(graph, *v)?)),
+            Some(_) => return None,
         }
     }
+    let pool = crate::pool::BufferPool::default();
     let cx = OpCtx {
         graph,
         node: next,
         opset,
         epilogue: &[],
         input_pads: [0; 4],
+        buffers: &pool,
     };
     let map = ops::build_pointwise(&cx, &args).ok()?;
     Some((next, *value, map))

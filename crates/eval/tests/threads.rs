@@ -1,25 +1,48 @@
-//! Results do not depend on the number of threads: every shared model, at
-//! batch 3, gives bit-identical outputs with 1, 2 and 3 worker threads.
+//! Results depend neither on the number of threads nor on the plan's
+//! fusion: every shared model, at batch 3, gives bit-identical outputs with
+//! 1, 2 and 3 worker threads, and when every value is watched (which runs
+//! each node on its own).
 
 use qgraph_eval::{Evaluator, Options};
 use std::path::PathBuf;
 
-#[test]
-fn outputs_are_identical_whatever_the_thread_count() {
+fn shared_models() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models");
     let Ok(entries) = std::fs::read_dir(&dir) else {
         eprintln!(
             "SKIPPED: {} is absent (it exists beside the project in CI)",
             dir.display()
         );
-        return;
+        return Vec::new();
     };
     let mut models: Vec<PathBuf> = entries
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
         .collect();
     models.sort();
-    for path in models {
+    models
+}
+
+#[test]
+fn fused_kernels_give_the_same_bits_as_node_by_node_evaluation() {
+    for path in shared_models() {
+        let model = qgraph_onnx::read_model(&path).unwrap().model;
+        let ev = Evaluator::new(&model).unwrap();
+        let inputs = ev.example_inputs(3).unwrap();
+        let fused = ev.run(inputs.clone()).unwrap();
+        let every = model.graph.value_ids();
+        let mut seen = 0usize;
+        let alone = ev
+            .run_observed(inputs, &every, &mut |_, _| seen += 1)
+            .unwrap();
+        assert!(seen > 0);
+        assert!(fused == alone, "{}: fusion changed a value", path.display());
+    }
+}
+
+#[test]
+fn outputs_are_identical_whatever_the_thread_count() {
+    for path in shared_models() {
         let model = qgraph_onnx::read_model(&path).unwrap().model;
         let inputs = Evaluator::new(&model).unwrap().example_inputs(3).unwrap();
         let run = |threads| {

@@ -198,12 +198,23 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     } else {
         Threads::Pool
     };
+    // The loops below are compiled for the best vector unit found at run
+    // time; they are plain loads, multiplies and adds, so the values are the
+    // same on every unit.
+    let simd = pulp::Arch::new();
     let task = |(task, dst): (usize, &mut [f32])| {
         let (b, g) = (task / group, task % group);
         let src = &xs[(b * c + g * cg) * h * wd..][..cg * h * wd];
         let wg = MatRef::row_major(&ws[g * mg * k..][..mg * k], mg, k);
         if depthwise {
-            depthwise_plane(src, &ws[g * kh * kw..][..kh * kw], &geometry, dst);
+            let ker = &ws[g * kh * kw..][..kh * kw];
+            dst.fill(0.0);
+            simd.dispatch(Depthwise {
+                src,
+                ker,
+                g: &geometry,
+                dst,
+            });
         } else if pointwise {
             // A 1x1 convolution without stride or padding is a product with
             // the input planes as they are.
@@ -234,12 +245,16 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
                 let bv = bias[channel];
                 out_plane.iter_mut().for_each(|v| *v += bv);
             }
-            for map in cx.epilogue {
-                map.apply(channel, out_plane);
-            }
+            simd.dispatch(|| {
+                for map in cx.epilogue {
+                    map.apply(channel, out_plane);
+                }
+            });
         }
     };
-    let mut out = vec![0f32; n * m * plane];
+    // Every element is written below: products overwrite, depthwise blocks
+    // start from zeros.
+    let mut out = cx.buffers.take(n * m * plane);
     let block = (mg * plane).max(1);
     if parallel_tasks {
         out.par_chunks_mut(block).enumerate().for_each(task);
@@ -309,26 +324,84 @@ fn phase_start(g: &Geometry, r: usize, p: usize) -> usize {
     r * g.w + before
 }
 
-/// A depthwise convolution of one plane: each output row accumulates its
-/// kernel's taps, row by row, over contiguous runs of the (phase-split)
-/// input, which the compiler vectorises.
+/// [`depthwise_plane`] as a `pulp` operation, compiled once per vector
+/// unit and chosen at run time.
+struct Depthwise<'a> {
+    src: &'a [f32],
+    ker: &'a [f32],
+    g: &'a Geometry,
+    dst: &'a mut [f32],
+}
+
+impl pulp::WithSimd for Depthwise<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        depthwise_plane(self.src, self.ker, self.g, self.dst);
+    }
+}
+
+/// A depthwise convolution of one plane. The plane is first copied with
+/// its zero padding, each row split into its `sw` phases, so that every
+/// output row is a sum of contiguous runs, one per tap, which the compiler
+/// vectorises; a tap over padding adds a product with zero, which leaves the
+/// sum unchanged. Each output receives its taps in kernel order.
+#[inline(always)]
 fn depthwise_plane(src: &[f32], ker: &[f32], g: &Geometry, dst: &mut [f32]) {
-    let split;
-    let rows = if g.sw == 1 {
-        src
-    } else {
-        split = phases(src, g);
-        &split[..]
-    };
-    let spans: Vec<_> = (0..g.kw).map(|j| g.column_span(j)).collect();
-    for (y, drow) in dst.chunks_mut(g.ow.max(1)).enumerate() {
+    // The padded extent the windows reach.
+    let ph_rows = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+    let pw_cols = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+    // Phase p of a padded row holds columns p, p + sw, ...; phases follow
+    // one another within the row.
+    let phase_len = |p: usize| (pw_cols - p).div_ceil(g.sw);
+    let mut phase_start = vec![0usize; g.sw];
+    for p in 1..g.sw {
+        phase_start[p] = phase_start[p - 1] + phase_len(p - 1);
+    }
+    // Phase p copies `count` input columns from `from`, every sw-th, to
+    // `to` in the padded row: padded column p + t * sw is input column
+    // p + t * sw - pw when that lies inside.
+    let copies: Vec<(usize, usize, usize)> = (0..g.sw)
+        .filter_map(|p| {
+            let first = g.pw.saturating_sub(p).div_ceil(g.sw);
+            let from = (p + first * g.sw).checked_sub(g.pw)?;
+            let count = phase_len(p)
+                .saturating_sub(first)
+                .min(g.w.saturating_sub(from).div_ceil(g.sw));
+            Some((phase_start[p] + first, from, count))
+        })
+        .collect();
+    let mut padded = vec![0f32; ph_rows * pw_cols];
+    for (pr, row) in padded.chunks_exact_mut(pw_cols).enumerate() {
+        let Some(r) = pr.checked_sub(g.ph).filter(|&r| r < g.h) else {
+            continue;
+        };
+        let input = &src[r * g.w..][..g.w];
+        for &(to, from, count) in &copies {
+            let out = &mut row[to..][..count];
+            if g.sw == 1 {
+                out.copy_from_slice(&input[from..][..count]);
+            } else {
+                for (t, d) in out.iter_mut().enumerate() {
+                    *d = input[from + t * g.sw];
+                }
+            }
+        }
+    }
+    // Tap j of a padded row starts at this offset.
+    let tap_start: Vec<usize> = (0..g.kw)
+        .map(|j| phase_start[(j * g.dw) % g.sw] + (j * g.dw) / g.sw)
+        .collect();
+    for y in 0..g.oh {
+        let drow = &mut dst[y * g.ow..][..g.ow];
         for i in 0..g.kh {
-            let Some(r) = g.input_row(y, i) else { continue };
-            for (j, &(p, shift, first, end)) in spans.iter().enumerate() {
+            let row = &padded[(y * g.sh + i * g.dh) * pw_cols..][..pw_cols];
+            for j in 0..g.kw {
                 let wv = ker[i * g.kw + j];
-                let start = (phase_start(g, r, p) as isize + first as isize + shift) as usize;
-                for (d, s) in drow[first..end].iter_mut().zip(&rows[start..]) {
-                    *d += wv * s;
+                let tap = &row[tap_start[j]..][..g.ow];
+                for x in 0..g.ow {
+                    drow[x] += wv * tap[x];
                 }
             }
         }

@@ -127,6 +127,49 @@ fn zip_with<T: Copy, U>(
     Ok(Zip::from(&av).and(&bv).map_collect(|&x, &y| f(x, y)))
 }
 
+/// `zip_with` for f32 into a recycled buffer; same-shape operands are
+/// combined in parallel chunks.
+fn zip_f32(
+    cx: &OpCtx,
+    a: &ArrayD<f32>,
+    b: &ArrayD<f32>,
+    f: fn(f32, f32) -> f32,
+) -> Result<ArrayD<f32>, EvalError> {
+    if let (true, Some(xs), Some(ys)) = (a.shape() == b.shape(), a.as_slice(), b.as_slice()) {
+        let mut out = cx.buffers.take(xs.len());
+        out.par_chunks_mut(1 << 14)
+            .zip(xs.par_chunks(1 << 14).zip(ys.par_chunks(1 << 14)))
+            .for_each(|(o, (x, y))| {
+                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                    *o = f(x, y);
+                }
+            });
+        return Ok(ArrayD::from_shape_vec(IxDyn(a.shape()), out).expect("same element count"));
+    }
+    let Some(shape) = broadcast_shape(a.shape(), b.shape()) else {
+        return cx.err(format!(
+            "shapes {:?} and {:?} do not broadcast",
+            a.shape(),
+            b.shape()
+        ));
+    };
+    let (Some(av), Some(bv)) = (a.broadcast(IxDyn(&shape)), b.broadcast(IxDyn(&shape))) else {
+        return cx.err(format!(
+            "shapes {:?} and {:?} do not broadcast",
+            a.shape(),
+            b.shape()
+        ));
+    };
+    let len = shape.iter().product();
+    let mut out =
+        ArrayD::from_shape_vec(IxDyn(&shape), cx.buffers.take(len)).expect("element count");
+    Zip::from(&mut out)
+        .and(&av)
+        .and(&bv)
+        .for_each(|o, &x, &y| *o = f(x, y));
+    Ok(out)
+}
+
 fn arith(
     cx: &OpCtx,
     i: &[Option<&Tensor>],
@@ -135,7 +178,7 @@ fn arith(
 ) -> Result<Vec<Tensor>, EvalError> {
     let (a, b) = (input(cx, i, 0)?, input(cx, i, 1)?);
     Ok(vec![match (a, b) {
-        (Tensor::F32(x), Tensor::F32(y)) => Tensor::F32(zip_with(cx, x, y, ff)?),
+        (Tensor::F32(x), Tensor::F32(y)) => Tensor::F32(zip_f32(cx, x, y, ff)?),
         (Tensor::F64(x), Tensor::F64(y)) => {
             Tensor::F64(zip_with(cx, x, y, |p, q| ff(p as f32, q as f32) as f64)?)
         }

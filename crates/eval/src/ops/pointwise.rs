@@ -45,6 +45,7 @@ impl Pointwise {
     }
 
     /// Applies the map to `xs`, all of which belong to channel `channel`.
+    #[inline(always)]
     pub fn apply(&self, channel: usize, xs: &mut [f32]) {
         match self {
             Pointwise::Relu => xs.iter_mut().for_each(|x| *x = x.max(0.0)),
@@ -156,11 +157,11 @@ pub fn build(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Pointwise, EvalEr
 pub fn kernel(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let map = build(cx, inputs)?;
     let x = f32_input(cx, inputs, 0)?;
-    let mut data = x
-        .as_standard_layout()
-        .as_slice()
-        .expect("standard layout")
-        .to_vec();
+    let mut data = cx.buffers.take(x.len());
+    match x.as_slice() {
+        Some(src) => data.copy_from_slice(src),
+        None => data.iter_mut().zip(x.iter()).for_each(|(d, &v)| *d = v),
+    }
     match map.channels() {
         Some(c) => {
             if x.ndim() < 2 || x.shape()[1] != c {
