@@ -2,6 +2,7 @@
 //! depthwise convolution, and the window arithmetic shared with pooling.
 
 use super::gemm::{gemm, MatRef, Threads};
+use super::pointwise::Epilogue;
 use super::{array, f32_input};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::Tensor;
@@ -245,10 +246,10 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
                 let bv = bias[channel];
                 out_plane.iter_mut().for_each(|v| *v += bv);
             }
-            simd.dispatch(|| {
-                for map in cx.epilogue {
-                    map.apply(channel, out_plane);
-                }
+            simd.dispatch(Epilogue {
+                maps: cx.epilogue,
+                channel,
+                data: out_plane,
             });
         }
     };
@@ -343,25 +344,23 @@ impl pulp::WithSimd for Depthwise<'_> {
 }
 
 /// A depthwise convolution of one plane. The plane is first copied with
-/// its zero padding, each row split into its `sw` phases, so that every
-/// output row is a sum of contiguous runs, one per tap, which the compiler
-/// vectorises; a tap over padding adds a product with zero, which leaves the
-/// sum unchanged. Each output receives its taps in kernel order.
+/// its zero padding, each row split into its `sw` phases (phase p holds
+/// columns p, p + sw, ...), so that every tap of an output row reads a
+/// contiguous run without bounds tests, which the compiler vectorises; a tap
+/// over padding adds a product with zero, which leaves the sum unchanged.
+/// Each output receives its taps in kernel order.
 #[inline(always)]
 fn depthwise_plane(src: &[f32], ker: &[f32], g: &Geometry, dst: &mut [f32]) {
     // The padded extent the windows reach.
-    let ph_rows = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-    let pw_cols = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-    // Phase p of a padded row holds columns p, p + sw, ...; phases follow
-    // one another within the row.
-    let phase_len = |p: usize| (pw_cols - p).div_ceil(g.sw);
+    let rows = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+    let cols = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+    let phase_len = |p: usize| (cols - p).div_ceil(g.sw);
     let mut phase_start = vec![0usize; g.sw];
     for p in 1..g.sw {
         phase_start[p] = phase_start[p - 1] + phase_len(p - 1);
     }
-    // Phase p copies `count` input columns from `from`, every sw-th, to
-    // `to` in the padded row: padded column p + t * sw is input column
-    // p + t * sw - pw when that lies inside.
+    // Phase p takes `count` input columns from `from`, every sw-th, to
+    // `to`: padded column p + t * sw is input column p + t * sw - pw.
     let copies: Vec<(usize, usize, usize)> = (0..g.sw)
         .filter_map(|p| {
             let first = g.pw.saturating_sub(p).div_ceil(g.sw);
@@ -372,8 +371,8 @@ fn depthwise_plane(src: &[f32], ker: &[f32], g: &Geometry, dst: &mut [f32]) {
             Some((phase_start[p] + first, from, count))
         })
         .collect();
-    let mut padded = vec![0f32; ph_rows * pw_cols];
-    for (pr, row) in padded.chunks_exact_mut(pw_cols).enumerate() {
+    let mut padded = vec![0f32; rows * cols];
+    for (pr, row) in padded.chunks_exact_mut(cols).enumerate() {
         let Some(r) = pr.checked_sub(g.ph).filter(|&r| r < g.h) else {
             continue;
         };
@@ -389,22 +388,63 @@ fn depthwise_plane(src: &[f32], ker: &[f32], g: &Geometry, dst: &mut [f32]) {
             }
         }
     }
-    // Tap j of a padded row starts at this offset.
+    // Tap j of an output row starts here in its padded row.
     let tap_start: Vec<usize> = (0..g.kw)
         .map(|j| phase_start[(j * g.dw) % g.sw] + (j * g.dw) / g.sw)
         .collect();
     for y in 0..g.oh {
         let drow = &mut dst[y * g.ow..][..g.ow];
         for i in 0..g.kh {
-            let row = &padded[(y * g.sh + i * g.dh) * pw_cols..][..pw_cols];
-            for j in 0..g.kw {
-                let wv = ker[i * g.kw + j];
-                let tap = &row[tap_start[j]..][..g.ow];
-                for x in 0..g.ow {
-                    drow[x] += wv * tap[x];
+            let row = &padded[(y * g.sh + i * g.dh) * cols..][..cols];
+            let w = &ker[i * g.kw..][..g.kw];
+            let n = g.ow;
+            let tap = |j: usize| &row[tap_start[j]..][..n];
+            match g.kw {
+                3 => kernel_row3(drow, w, tap(0), tap(1), tap(2)),
+                5 => kernel_row5(drow, w, [tap(0), tap(1), tap(2), tap(3), tap(4)]),
+                _ => {
+                    for (j, &wv) in w.iter().enumerate() {
+                        for (d, s) in drow.iter_mut().zip(&row[tap_start[j]..]) {
+                            *d += wv * s;
+                        }
+                    }
                 }
             }
         }
+    }
+}
+
+/// One kernel row of 3 taps added to an output row, the sum kept in a
+/// register: `d += w0 * a; d += w1 * b; d += w2 * c`, the order of a
+/// tap-by-tap loop.
+#[inline(always)]
+fn kernel_row3(out: &mut [f32], w: &[f32], a: &[f32], b: &[f32], c: &[f32]) {
+    let n = out.len();
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let (w0, w1, w2) = (w[0], w[1], w[2]);
+    for x in 0..n {
+        let mut acc = out[x];
+        acc += w0 * a[x];
+        acc += w1 * b[x];
+        acc += w2 * c[x];
+        out[x] = acc;
+    }
+}
+
+/// [`kernel_row3`] for 5 taps.
+#[inline(always)]
+fn kernel_row5(out: &mut [f32], w: &[f32], t: [&[f32]; 5]) {
+    let n = out.len();
+    let (t0, t1, t2, t3, t4) = (&t[0][..n], &t[1][..n], &t[2][..n], &t[3][..n], &t[4][..n]);
+    let (w0, w1, w2, w3, w4) = (w[0], w[1], w[2], w[3], w[4]);
+    for x in 0..n {
+        let mut acc = out[x];
+        acc += w0 * t0[x];
+        acc += w1 * t1[x];
+        acc += w2 * t2[x];
+        acc += w3 * t3[x];
+        acc += w4 * t4[x];
+        out[x] = acc;
     }
 }
 

@@ -69,6 +69,26 @@ impl Pointwise {
     }
 }
 
+/// Maps applied in order to values of one channel, as a `pulp` operation:
+/// compiled once per vector unit and chosen at run time (the values do not
+/// depend on the unit: no fused multiply-add is formed).
+pub struct Epilogue<'a> {
+    pub maps: &'a [Pointwise],
+    pub channel: usize,
+    pub data: &'a mut [f32],
+}
+
+impl pulp::WithSimd for Epilogue<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        for map in self.maps {
+            map.apply(self.channel, self.data);
+        }
+    }
+}
+
 /// Whether `op` (default domain) is one of the maps above.
 pub fn is_pointwise(op: &str) -> bool {
     matches!(
@@ -162,6 +182,7 @@ pub fn kernel(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
         Some(src) => data.copy_from_slice(src),
         None => data.iter_mut().zip(x.iter()).for_each(|(d, &v)| *d = v),
     }
+    let simd = pulp::Arch::new();
     match map.channels() {
         Some(c) => {
             if x.ndim() < 2 || x.shape()[1] != c {
@@ -173,9 +194,21 @@ pub fn kernel(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
             let inner: usize = x.shape()[2..].iter().product();
             data.par_chunks_mut(inner.max(1))
                 .enumerate()
-                .for_each(|(plane, xs)| map.apply(plane % c, xs));
+                .for_each(|(plane, xs)| {
+                    simd.dispatch(Epilogue {
+                        maps: std::slice::from_ref(&map),
+                        channel: plane % c,
+                        data: xs,
+                    })
+                });
         }
-        None => data.par_chunks_mut(1 << 14).for_each(|xs| map.apply(0, xs)),
+        None => data.par_chunks_mut(1 << 14).for_each(|xs| {
+            simd.dispatch(Epilogue {
+                maps: std::slice::from_ref(&map),
+                channel: 0,
+                data: xs,
+            })
+        }),
     }
     Ok(vec![Tensor::F32(array(x.shape(), data))])
 }
