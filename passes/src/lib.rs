@@ -7,8 +7,70 @@
 //! import each other: each module stands alone.
 
 mod dce;
+mod fold_bn;
+mod fold_constants;
+mod fold_pad;
+mod fuse_conv_bn_act;
+mod fuse_matmul_add;
+mod infer_shapes;
+mod pipeline;
+mod remove_noops;
 
 pub use dce::DeadCodeElimination;
+pub use fold_bn::FoldBatchNorm;
+pub use fold_constants::FoldConstants;
+pub use fold_pad::FoldPad;
+pub use fuse_conv_bn_act::{
+    FuseConvBnAct, GROUP_KEY as FUSION_GROUP_KEY, ROLE_KEY as FUSION_ROLE_KEY,
+};
+pub use fuse_matmul_add::FuseMatMulAdd;
+pub use infer_shapes::InferShapes;
+pub use pipeline::{known_names, parse_pipeline, registry, Params, PassInfo, ALIASES};
+pub use remove_noops::RemoveNoops;
+
+/// Every pass the pipeline parser knows, in alphabetical order.
+static REGISTRY: [PassInfo; 8] = [
+    PassInfo {
+        name: "dce",
+        summary: "remove nodes whose outputs nothing reads, then unused values and initializers",
+        build: |p| p.finish(&[]).map(|_| Box::new(DeadCodeElimination) as Box<dyn Pass>),
+    },
+    PassInfo {
+        name: "fold-bn",
+        summary: "fold inference BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul before it",
+        build: |p| p.finish(&[]).map(|_| Box::new(FoldBatchNorm) as Box<dyn Pass>),
+    },
+    PassInfo {
+        name: "fold-constants",
+        summary: "evaluate nodes whose inputs are all constant and store their outputs as initializers (max-elements=N bounds the size of a new initializer that is larger than the node's inputs; default 65536)",
+        build: FoldConstants::from_params,
+    },
+    PassInfo {
+        name: "fold-pad",
+        summary: "move a zero Pad of the spatial dims into the pads of the Conv or AveragePool that alone reads it",
+        build: |p| p.finish(&[]).map(|_| Box::new(FoldPad) as Box<dyn Pass>),
+    },
+    PassInfo {
+        name: "fuse-conv-bn-act",
+        summary: "mark Conv/ConvTranspose/Gemm/MatMul [+ BatchNormalization] + activation as one fusion group (node metadata qgraph.fusion.group / qgraph.fusion.role) that quantization keeps whole",
+        build: |p| p.finish(&[]).map(|_| Box::new(FuseConvBnAct) as Box<dyn Pass>),
+    },
+    PassInfo {
+        name: "fuse-matmul-add",
+        summary: "turn MatMul of 2-D operands followed by Add of a per-column constant into Gemm",
+        build: |p| p.finish(&[]).map(|_| Box::new(FuseMatMulAdd) as Box<dyn Pass>),
+    },
+    PassInfo {
+        name: "infer-shapes",
+        summary: "declare the type and shape of every computed value (symbolic dims such as the batch kept)",
+        build: |p| p.finish(&[]).map(|_| Box::new(InferShapes) as Box<dyn Pass>),
+    },
+    PassInfo {
+        name: "remove-noops",
+        summary: "remove Identity, inference Dropout, Cast to the same type, Reshape to the same shape, Pad by zeros, Transpose by the identity permutation",
+        build: |p| p.finish(&[]).map(|_| Box::new(RemoveNoops) as Box<dyn Pass>),
+    },
+];
 
 use qgraph_ir::{verify_model, Model};
 
@@ -63,6 +125,10 @@ pub enum PassError {
 pub struct Report {
     pub runs: Vec<(&'static str, bool)>,
     pub rewrites: usize,
+    /// Rounds of the whole pipeline run (see `Driver::fixpoint`).
+    pub rounds: usize,
+    /// Whether the last round changed nothing.
+    pub converged: bool,
 }
 
 /// Runs passes in order, verifying after each.
@@ -70,6 +136,7 @@ pub struct Report {
 pub struct Driver {
     passes: Vec<Box<dyn Pass>>,
     rewrite_limit: Option<usize>,
+    rounds: usize,
 }
 
 impl Driver {
@@ -80,6 +147,26 @@ impl Driver {
     pub fn add(mut self, pass: impl Pass + 'static) -> Driver {
         self.passes.push(Box::new(pass));
         self
+    }
+
+    /// A driver for a pipeline string such as `fold-constants,fold-bn,cleanup`.
+    pub fn from_pipeline(text: &str) -> Result<Driver, String> {
+        Ok(Driver {
+            passes: parse_pipeline(text)?,
+            ..Driver::default()
+        })
+    }
+
+    /// Repeats the whole pipeline while a round changes the model, at most
+    /// `rounds` times (1, the default, runs it once).
+    pub fn fixpoint(mut self, rounds: usize) -> Driver {
+        self.rounds = rounds;
+        self
+    }
+
+    /// The names of the passes, in order.
+    pub fn pass_names(&self) -> Vec<&'static str> {
+        self.passes.iter().map(|p| p.name()).collect()
     }
 
     /// Stop rewriting after `n` rewrites in total (for bisecting).
@@ -97,19 +184,28 @@ impl Driver {
     ) -> Result<Report, PassError> {
         let mut cx = PassContext::with_rewrite_limit(self.rewrite_limit);
         let mut report = Report::default();
-        for pass in &self.passes {
-            let changed = pass
-                .run(model, &mut cx)
-                .map_err(|message| PassError::Failed {
+        for _ in 0..self.rounds.max(1) {
+            let mut any = false;
+            for pass in &self.passes {
+                let changed = pass
+                    .run(model, &mut cx)
+                    .map_err(|message| PassError::Failed {
+                        pass: pass.name(),
+                        message,
+                    })?;
+                verify_model(model).map_err(|e| PassError::Invalid {
                     pass: pass.name(),
-                    message,
+                    message: e.message,
                 })?;
-            verify_model(model).map_err(|e| PassError::Invalid {
-                pass: pass.name(),
-                message: e.message,
-            })?;
-            after(pass.name(), model);
-            report.runs.push((pass.name(), changed));
+                after(pass.name(), model);
+                report.runs.push((pass.name(), changed));
+                any |= changed;
+            }
+            report.rounds += 1;
+            if !any {
+                report.converged = true;
+                break;
+            }
         }
         report.rewrites = cx.rewrites;
         Ok(report)

@@ -74,6 +74,41 @@ enum Command {
         #[arg(long)]
         all_data: bool,
     },
+    /// Run a pipeline of graph passes over a model.
+    #[command(
+        after_help = "A pipeline is a comma-separated list of passes, each with optional parameters \
+                      in parentheses; `cleanup` stands for `remove-noops,dce`. `--list` shows every pass. \
+                      The model is verified after each pass; an error names the pass.\n\n\
+                      Examples:\n  qgraph run --passes \"fold-constants,fold-bn,cleanup\" model.onnx -o folded.onnx\n  \
+                      qgraph run --passes \"fold-constants(max-elements=4096),dce\" model.onnx -o out.onnx --dump-after dumps/\n  \
+                      qgraph run --passes fold-bn model.onnx -o out.onnx --rewrite-limit 3   # bisect a bad rewrite\n  \
+                      qgraph run --list"
+    )]
+    Run {
+        /// The model to read (.onnx or .qgt).
+        #[arg(required_unless_present = "list")]
+        input: Option<PathBuf>,
+        /// The pipeline, e.g. "fold-constants,fold-bn,cleanup".
+        #[arg(long, required_unless_present = "list")]
+        passes: Option<String>,
+        /// Where to write the result: .onnx, or .qgt for the text form.
+        #[arg(short, long, required_unless_present = "list")]
+        output: Option<PathBuf>,
+        /// Write the text form of the model after each pass into this
+        /// folder, as NN-<pass>.qgt.
+        #[arg(long, value_name = "DIR")]
+        dump_after: Option<PathBuf>,
+        /// Stop rewriting after this many rewrites in total (to find the
+        /// rewrite that breaks a model).
+        #[arg(long, value_name = "N")]
+        rewrite_limit: Option<usize>,
+        /// Repeat the pipeline until it changes nothing, at most N times.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        fixpoint: usize,
+        /// List the passes and exit.
+        #[arg(long)]
+        list: bool,
+    },
     /// Run a model on inputs from an .npz file and write its outputs to one.
     #[command(
         after_help = "The input file holds one float32 array per model input, named as the input; \
@@ -283,6 +318,80 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 text += &format!("sqnr       {db:.2} dB\n");
             }
             emit(&text)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            input,
+            passes,
+            output,
+            dump_after,
+            rewrite_limit,
+            fixpoint,
+            list,
+        } => {
+            if list {
+                let mut text = String::new();
+                for p in qgraph::passes::registry() {
+                    text += &format!("{:<16} {}\n", p.name, p.summary);
+                }
+                for (alias, seq) in qgraph::passes::ALIASES {
+                    text += &format!("{:<16} the same as {}\n", alias, seq.join(","));
+                }
+                emit(&text)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let (Some(input), Some(passes), Some(output)) = (input, passes, output) else {
+                return Err(Failure("run needs a model, --passes and -o".into()));
+            };
+            let mut model = load(&input)?.model;
+            let driver = qgraph::passes::Driver::from_pipeline(&passes)
+                .map_err(|e| Failure(format!("--passes: {e}")))?
+                .rewrite_limit(rewrite_limit)
+                .fixpoint(fixpoint);
+            if let Some(dir) = &dump_after {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Failure(format!("{}: {e}", dir.display())))?;
+            }
+            let before = model.graph.node_count();
+            let mut step = 0;
+            let mut dump_error = None;
+            let report = driver
+                .run_with(&mut model, |pass, m| {
+                    step += 1;
+                    let Some(dir) = &dump_after else { return };
+                    let path = dir.join(format!("{step:02}-{pass}.qgt"));
+                    let text = qgraph::text::print_model(m, &Default::default());
+                    if let Err(e) = qgraph::onnx::write_atomic(&path, text.as_bytes()) {
+                        dump_error.get_or_insert(format!("{}: {e}", path.display()));
+                    }
+                })
+                .map_err(|e| Failure(format!("{}: {e}", input.display())))?;
+            if let Some(e) = dump_error {
+                return Err(Failure(e));
+            }
+            qgraph::save(&model, &output, &qgraph::SaveOptions::default())?;
+            let changed: Vec<&str> = report
+                .runs
+                .iter()
+                .filter(|(_, c)| *c)
+                .map(|(p, _)| *p)
+                .collect();
+            eprintln!(
+                "qgraph: {} nodes -> {}; {} rewrites; changed by: {}{}",
+                before,
+                model.graph.node_count(),
+                report.rewrites,
+                if changed.is_empty() {
+                    "none".to_string()
+                } else {
+                    changed.join(", ")
+                },
+                if fixpoint > 1 && !report.converged {
+                    format!(" (still changing after {} rounds)", report.rounds)
+                } else {
+                    String::new()
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert {

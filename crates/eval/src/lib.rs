@@ -10,6 +10,7 @@ mod attrs;
 mod ops;
 mod plan;
 mod pool;
+pub mod shapes;
 
 use plan::Step;
 use qgraph_ir::{Graph, Model, NodeId, Tensor, ValueDef, ValueId};
@@ -37,6 +38,33 @@ pub struct Options {
     /// Worker threads; 0 means one per core. Results do not depend on it:
     /// work is split only across independent outputs.
     pub threads: usize,
+}
+
+/// Runs one node of `graph` on the given inputs (`None` for absent optional
+/// ones), with the default-domain `opset`: what constant folding needs.
+pub fn run_node(
+    graph: &Graph,
+    node: NodeId,
+    opset: i64,
+    inputs: &[Option<&Tensor>],
+) -> Result<Vec<Tensor>, EvalError> {
+    let n = graph.node(node);
+    let Some(kernel) = ops::kernel(&n.domain, &n.op_type) else {
+        return Err(EvalError::Unsupported {
+            node: graph.describe_node(node),
+            op: n.op_type.clone(),
+        });
+    };
+    let buffers = pool::BufferPool::default();
+    let cx = OpCtx {
+        graph,
+        node,
+        opset,
+        epilogue: &[],
+        input_pads: [0; 4],
+        buffers: &buffers,
+    };
+    kernel(&cx, inputs)
 }
 
 /// A prepared model: the node order, each value's last use, the kernels.

@@ -37,6 +37,45 @@ pub enum DataType {
 }
 
 impl DataType {
+    /// The code ONNX uses for this type (`TensorProto.DataType`), also in
+    /// operator attributes such as Cast's `to`.
+    pub fn onnx_code(self) -> i32 {
+        match self {
+            Self::F32 => 1,
+            Self::U8 => 2,
+            Self::I8 => 3,
+            Self::U16 => 4,
+            Self::I16 => 5,
+            Self::I32 => 6,
+            Self::I64 => 7,
+            Self::String => 8,
+            Self::Bool => 9,
+            Self::F16 => 10,
+            Self::F64 => 11,
+            Self::U32 => 12,
+            Self::U64 => 13,
+            Self::C64 => 14,
+            Self::C128 => 15,
+            Self::BF16 => 16,
+            Self::F8E4M3FN => 17,
+            Self::F8E4M3FNUZ => 18,
+            Self::F8E5M2 => 19,
+            Self::F8E5M2FNUZ => 20,
+            Self::U4 => 21,
+            Self::I4 => 22,
+            Self::F4E2M1 => 23,
+            Self::F8E8M0 => 24,
+            Self::U2 => 25,
+            Self::I2 => 26,
+            Self::F6E2M3 => 27,
+            Self::F6E3M2 => 28,
+        }
+    }
+
+    pub fn from_onnx_code(code: i32) -> Option<DataType> {
+        DataType::ALL.into_iter().find(|d| d.onnx_code() == code)
+    }
+
     pub const ALL: [DataType; 28] = [
         DataType::F32,
         DataType::U8,

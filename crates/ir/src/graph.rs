@@ -731,27 +731,7 @@ impl Graph {
                     value: val.name.clone(),
                 });
             }
-            if let Some((p, _)) = self.producer(v) {
-                return Err(IrError::AlreadyProduced {
-                    value: val.name.clone(),
-                    by: self.describe_node(p),
-                });
-            }
-            let what = if val.is_input {
-                Some("a graph input")
-            } else if val.init.is_some() {
-                Some("an initializer")
-            } else if val.captured {
-                Some("captured from an enclosing graph")
-            } else {
-                None
-            };
-            if let Some(what) = what {
-                return Err(IrError::NotProducible {
-                    value: val.name.clone(),
-                    what,
-                });
-            }
+            self.check_producible(v)?;
         }
         let serial = self.next_serial();
         let node = Node {
@@ -787,6 +767,68 @@ impl Graph {
             self.node_names.insert(new.name, id);
         }
         Ok(id)
+    }
+
+    /// Fails unless `v` may become a node's output: nothing produces it and
+    /// it is no graph input, initializer or captured value.
+    fn check_producible(&self, v: ValueId) -> Result<(), IrError> {
+        let val = self.try_value(v)?;
+        if let Some((p, _)) = self.producer(v) {
+            return Err(IrError::AlreadyProduced {
+                value: val.name.clone(),
+                by: self.describe_node(p),
+            });
+        }
+        let what = if val.is_input {
+            Some("a graph input")
+        } else if val.init.is_some() {
+            Some("an initializer")
+        } else if val.captured {
+            Some("captured from an enclosing graph")
+        } else {
+            None
+        };
+        match what {
+            Some(what) => Err(IrError::NotProducible {
+                value: val.name.clone(),
+                what,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes output `slot` of a node define `value` instead (which nothing
+    /// may produce yet); the value it defined before is left unproduced.
+    /// This is how a rewrite keeps a value's name, e.g. a graph output's,
+    /// when another node takes over computing it.
+    pub fn set_node_output(
+        &mut self,
+        node: NodeId,
+        slot: usize,
+        value: ValueId,
+    ) -> Result<(), IrError> {
+        let nix = self.index_of_node(node)?;
+        if slot >= self.node(node).outputs.len() {
+            return Err(IrError::NoSuchSlot {
+                node: self.describe_node(node),
+                slot,
+            });
+        }
+        self.check_producible(value)?;
+        let old_edge = self
+            .g
+            .edges_directed(nix, Outgoing)
+            .find(|e| *e.weight() as usize == slot)
+            .map(|e| e.id());
+        if let Some(e) = old_edge {
+            self.g.remove_edge(e);
+        }
+        let vix = self.index_of_value(value)?;
+        self.g.add_edge(nix, vix, slot as u32);
+        if let Vertex::Node(n) = &mut self.g[nix] {
+            n.outputs[slot] = Some(value);
+        }
+        Ok(())
     }
 
     /// Removes a node. Its output values stay, defined by nothing until a new

@@ -3,40 +3,11 @@
 use qgraph_ir::{AttrKind, DataType};
 
 pub fn dtype_code(d: DataType) -> i32 {
-    match d {
-        DataType::F32 => 1,
-        DataType::U8 => 2,
-        DataType::I8 => 3,
-        DataType::U16 => 4,
-        DataType::I16 => 5,
-        DataType::I32 => 6,
-        DataType::I64 => 7,
-        DataType::String => 8,
-        DataType::Bool => 9,
-        DataType::F16 => 10,
-        DataType::F64 => 11,
-        DataType::U32 => 12,
-        DataType::U64 => 13,
-        DataType::C64 => 14,
-        DataType::C128 => 15,
-        DataType::BF16 => 16,
-        DataType::F8E4M3FN => 17,
-        DataType::F8E4M3FNUZ => 18,
-        DataType::F8E5M2 => 19,
-        DataType::F8E5M2FNUZ => 20,
-        DataType::U4 => 21,
-        DataType::I4 => 22,
-        DataType::F4E2M1 => 23,
-        DataType::F8E8M0 => 24,
-        DataType::U2 => 25,
-        DataType::I2 => 26,
-        DataType::F6E2M3 => 27,
-        DataType::F6E3M2 => 28,
-    }
+    d.onnx_code()
 }
 
 pub fn dtype_from_code(code: i32) -> Option<DataType> {
-    DataType::ALL.into_iter().find(|&d| dtype_code(d) == code)
+    DataType::from_onnx_code(code)
 }
 
 pub fn attr_kind_code(k: AttrKind) -> i32 {

@@ -16,6 +16,7 @@ pub use qgraph_diff as diff;
 pub use qgraph_eval as eval;
 pub use qgraph_ir as ir;
 pub use qgraph_onnx as onnx;
+pub use qgraph_passes as passes;
 pub use qgraph_text as text;
 
 /// An error about one file, naming it.
@@ -144,4 +145,33 @@ pub fn save(model: &ir::Model, path: &Path, options: &SaveOptions) -> Result<(),
 /// The text form of a model, as `qgraph show` prints it.
 pub fn show(model: &ir::Model, options: &text::PrintOptions) -> String {
     text::print_model(model, options)
+}
+
+/// Runs a pass pipeline written as a string, such as
+/// `fold-constants,fold-bn,fuse-conv-bn-act,cleanup`, verifying the model
+/// after every pass.
+///
+/// ```no_run
+/// use std::path::Path;
+/// let mut model = qgraph::load(Path::new("model.onnx"))?.model;
+/// let report = qgraph::run_passes(&mut model, "fold-constants,fold-bn,cleanup")?;
+/// println!("{} rewrites", report.rewrites);
+/// qgraph::save(&model, Path::new("folded.onnx"), &qgraph::SaveOptions::default())?;
+///
+/// // The same pipeline built from code:
+/// use qgraph::passes::{DeadCodeElimination, Driver, FoldBatchNorm, FoldConstants};
+/// Driver::new()
+///     .add(FoldConstants::default())
+///     .add(FoldBatchNorm)
+///     .add(DeadCodeElimination)
+///     .run(&mut model)
+///     .map_err(|e| e.to_string())?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn run_passes(model: &mut ir::Model, pipeline: &str) -> Result<passes::Report, Error> {
+    let driver = passes::Driver::from_pipeline(pipeline)
+        .map_err(|e| Error::new(Path::new("--passes"), e))?;
+    driver
+        .run(model)
+        .map_err(|e| Error::new(Path::new("--passes"), e.to_string()))
 }

@@ -355,15 +355,18 @@ pub fn gather(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalErro
 pub fn cast(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let x = input(cx, i, 0)?;
     let to = cx.int_attr("to", 0)?;
-    let target = match to {
-        1 => DataType::F32,
-        2 => DataType::U8,
-        3 => DataType::I8,
-        6 => DataType::I32,
-        7 => DataType::I64,
-        9 => DataType::Bool,
-        11 => DataType::F64,
-        t => return cx.err(format!("Cast to type code {t} is not implemented")),
+    let target = match i32::try_from(to).ok().and_then(DataType::from_onnx_code) {
+        Some(
+            t @ (DataType::F32
+            | DataType::U8
+            | DataType::I8
+            | DataType::I32
+            | DataType::I64
+            | DataType::Bool
+            | DataType::F64),
+        ) => t,
+        Some(t) => return cx.err(format!("Cast to {t} is not implemented")),
+        None => return cx.err(format!("Cast to type code {to}: not an ONNX type")),
     };
     if x.dtype() == target {
         return Ok(vec![x.clone()]);
