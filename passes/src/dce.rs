@@ -35,11 +35,30 @@ impl Pass for DeadCodeElimination {
                 g.remove_value(*v).map_err(|e| e.to_string())?;
             }
             for v in node.inputs().iter().flatten() {
+                if !g.contains_value(*v) {
+                    continue;
+                }
                 let val = g.value(*v);
                 if !g.is_used(*v) && !val.is_graph_input() && val.initializer().is_some() {
                     g.remove_value(*v).map_err(|e| e.to_string())?;
                 }
             }
+            changed = true;
+        }
+        // Initializers and values nothing reads or defines any more (left by
+        // other passes too).
+        for v in g.value_ids() {
+            let val = g.value(v);
+            if g.is_used(v)
+                || val.is_graph_input()
+                || val.is_graph_output()
+                || val.is_captured()
+                || g.producer(v).is_some()
+                || !cx.allow_rewrite()
+            {
+                continue;
+            }
+            g.remove_value(v).map_err(|e| e.to_string())?;
             changed = true;
         }
         Ok(changed)

@@ -288,7 +288,10 @@ impl Pass for FoldBatchNorm {
             }
             // The statistics, if nothing else reads them, go.
             for v in bn_node.inputs()[1..].iter().flatten() {
-                if !g.is_used(*v) && !g.value(*v).is_graph_input() && !g.value(*v).is_graph_output()
+                if g.contains_value(*v)
+                    && !g.is_used(*v)
+                    && !g.value(*v).is_graph_input()
+                    && !g.value(*v).is_graph_output()
                 {
                     g.remove_value(*v).map_err(|e| e.to_string())?;
                 }

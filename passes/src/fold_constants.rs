@@ -144,7 +144,8 @@ impl Pass for FoldConstants {
                 continue;
             }
             let outputs = node.outputs().to_vec();
-            g.remove_node(n).map_err(|e| e.to_string())?;
+            let removed = g.remove_node(n).map_err(|e| e.to_string())?;
+            remove_orphaned_constants(g, removed.inputs())?;
             for (v, tensor) in outputs.iter().zip(results) {
                 let Some(v) = *v else { continue };
                 g.set_initializer(
@@ -164,6 +165,28 @@ impl Pass for FoldConstants {
         changed |= fold_shape_computations(model, cx)?;
         Ok(changed)
     }
+}
+
+/// Removes the initializers among `inputs` (of a folded node) that nothing
+/// reads any more: their values live on in the folded outputs.
+fn remove_orphaned_constants(
+    g: &mut Graph,
+    inputs: &[Option<qgraph_ir::ValueId>],
+) -> Result<(), String> {
+    for v in inputs.iter().flatten() {
+        if !g.contains_value(*v) {
+            continue; // read twice, already gone
+        }
+        let val = g.value(*v);
+        if !g.is_used(*v)
+            && !val.is_graph_input()
+            && !val.is_graph_output()
+            && val.initializer().is_some()
+        {
+            g.remove_value(*v).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
 }
 
 fn new_initializer(
@@ -254,7 +277,8 @@ fn fold_shape_computations(model: &mut Model, cx: &mut PassContext) -> Result<bo
             continue;
         }
         let tensor = int_vector(&values, dims.is_empty()).ok_or("cannot build a shape tensor")?;
-        g.remove_node(n).map_err(|e| e.to_string())?;
+        let removed = g.remove_node(n).map_err(|e| e.to_string())?;
+        remove_orphaned_constants(g, removed.inputs())?;
         g.set_initializer(
             v,
             Some(Initializer {

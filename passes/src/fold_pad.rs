@@ -160,6 +160,9 @@ impl Pass for FoldPad {
             g.remove_value(out).map_err(|e| e.to_string())?;
             // The pads and value inputs, if nothing else reads them.
             for v in removed.inputs()[1..].iter().flatten() {
+                if !g.contains_value(*v) {
+                    continue;
+                }
                 let val = g.value(*v);
                 if !g.is_used(*v) && !val.is_graph_input() && !val.is_graph_output() {
                     if let Some((p, _)) = g.producer(*v) {
