@@ -14,7 +14,7 @@
 //! so names (graph outputs included) stay. Arithmetic is in f64.
 
 use crate::{Pass, PassContext};
-use qgraph_ir::ndarray::{ArrayD, Dimension, IxDyn};
+use qgraph_ir::ndarray::{ArrayD, IxDyn};
 use qgraph_ir::{
     AttrValue, Graph, Initializer, Model, NewNode, NodeId, Tensor, ValueId, ValueType,
 };
@@ -98,13 +98,17 @@ fn store(g: &mut Graph, v: ValueId, tensor: Tensor) -> Result<(), String> {
 }
 
 /// New weights of a weighted node: `w` scaled, element by element, by
-/// `scale[channel(index)]`.
-fn scaled(w: &ArrayD<f32>, scale: &[f64], channel: impl Fn(&[usize]) -> usize) -> Tensor {
-    let data: Vec<f64> = w
-        .indexed_iter()
-        .map(|(ix, &v)| v as f64 * scale[channel(ix.slice())])
+/// `scale[channel(i)]`, `i` being the element's position in row-major order.
+fn scaled(w: &ArrayD<f32>, scale: &[f64], channel: impl Fn(usize) -> usize) -> Tensor {
+    let w = w.as_standard_layout();
+    let data: Vec<f32> = w
+        .as_slice()
+        .expect("standard layout")
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v as f64 * scale[channel(i)]) as f32)
         .collect();
-    f32_tensor(w.shape(), data)
+    Tensor::F32(ArrayD::from_shape_vec(IxDyn(w.shape()), data).expect("same shape"))
 }
 
 /// What a fold writes: the node's new weights and bias (the bias slot and
@@ -142,11 +146,13 @@ fn plan_fold(g: &Graph, p: NodeId, scale: &[f64], shift: &[f64]) -> Option<Fold>
                 None => 1,
                 _ => return None,
             };
+            let inner: usize = w.shape()[2..].iter().product();
             let weights = if node.op_type == "Conv" {
                 if w.shape()[0] != c {
                     return None;
                 }
-                scaled(w, scale, |ix| ix[0])
+                let per_channel = w.len() / c.max(1);
+                scaled(w, scale, |i| i / per_channel)
             } else {
                 // [C_in, M / group, k...]: output channel g * (M / group) + o.
                 let (cin, mg) = (w.shape()[0], w.shape()[1]);
@@ -154,7 +160,10 @@ fn plan_fold(g: &Graph, p: NodeId, scale: &[f64], shift: &[f64]) -> Option<Fold>
                     return None;
                 }
                 let per = cin / group;
-                scaled(w, scale, |ix| (ix[0] / per) * mg + ix[1])
+                scaled(w, scale, |i| {
+                    let (ic, o) = (i / (mg * inner), (i / inner) % mg);
+                    (ic / per) * mg + o
+                })
             };
             let bias = match input(2) {
                 Some(_) => {
@@ -191,7 +200,8 @@ fn plan_fold(g: &Graph, p: NodeId, scale: &[f64], shift: &[f64]) -> Option<Fold>
             if n != c {
                 return None;
             }
-            let weights = scaled(b, scale, |ix| if trans_b { ix[0] } else { ix[1] });
+            let cols = b.shape()[1];
+            let weights = scaled(b, scale, |i| if trans_b { i / cols } else { i % cols });
             let beta = match node.attr("beta") {
                 Some(AttrValue::Float(v)) => *v as f64,
                 _ => 1.0,
@@ -230,7 +240,7 @@ fn plan_fold(g: &Graph, p: NodeId, scale: &[f64], shift: &[f64]) -> Option<Fold>
                 return None;
             }
             Some(Fold {
-                weights: scaled(b, scale, |ix| ix[1]),
+                weights: scaled(b, scale, |i| i % c),
                 bias_slot: 2,
                 bias: None,
                 add_shift: true,
