@@ -81,7 +81,7 @@ fn every_malformed_file_exits_2_with_its_message_and_writes_nothing() {
 
 #[test]
 fn every_subcommand_has_help_with_an_example() {
-    for cmd in ["show", "diff", "convert", "eval", "infer"] {
+    for cmd in ["show", "diff", "convert", "eval", "infer", "run"] {
         let o = qgraph(&[cmd, "--help"]);
         assert_eq!(o.status.code(), Some(0));
         assert!(
@@ -366,4 +366,109 @@ fn infer_refuses_inputs_that_do_not_fit_and_writes_nothing() {
         stderr(&o)
     );
     assert!(!out.exists());
+}
+
+#[test]
+fn run_applies_a_pipeline_dumps_each_pass_and_refuses_bad_pipelines() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = root().join("testdata/passes/fold-bn/conv_gemm_matmul.qgt");
+    let out = dir.path().join("out.qgt");
+    let dumps = dir.path().join("dumps");
+    let o = qgraph(&[
+        "run",
+        "--passes",
+        "fold-bn,fuse-conv-bn-act,cleanup",
+        path_str(&fixture),
+        "-o",
+        path_str(&out),
+        "--dump-after",
+        path_str(&dumps),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("changed by: fold-bn"), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(!text.contains("BatchNormalization"), "{text}");
+    let mut dumped: Vec<String> = std::fs::read_dir(&dumps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    dumped.sort();
+    assert_eq!(
+        dumped,
+        [
+            "01-fold-bn.qgt",
+            "02-fuse-conv-bn-act.qgt",
+            "03-remove-noops.qgt",
+            "04-dce.qgt"
+        ]
+    );
+
+    // With a rewrite limit of 1, only the first BatchNormalization folds.
+    let limited = dir.path().join("limited.qgt");
+    let o = qgraph(&[
+        "run",
+        "--passes",
+        "fold-bn",
+        path_str(&fixture),
+        "-o",
+        path_str(&limited),
+        "--rewrite-limit",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&limited).unwrap();
+    assert_eq!(text.matches("BatchNormalization").count(), 4, "{text}");
+
+    let bad = dir.path().join("bad.qgt");
+    for (pipeline, want) in [
+        ("fold-everything", "valid passes: cleanup, dce, fold-bn"),
+        ("fold-constants(size=3)", "unknown parameter 'size'"),
+        ("dce,", "ends with ','"),
+    ] {
+        let o = qgraph(&[
+            "run",
+            "--passes",
+            pipeline,
+            path_str(&fixture),
+            "-o",
+            path_str(&bad),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{pipeline}");
+        assert!(stderr(&o).contains(want), "{pipeline}: {}", stderr(&o));
+        assert!(!bad.exists(), "{pipeline}: wrote output");
+    }
+    let o = qgraph(&["run", "--list"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("fold-pad"), "{}", stdout(&o));
+}
+
+#[test]
+fn fusion_groups_survive_writing_and_reading_onnx() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = root().join("testdata/passes/fuse-conv-bn-act/groups.qgt");
+    let onnx = dir.path().join("grouped.onnx");
+    let o = qgraph(&[
+        "run",
+        "--passes",
+        "fuse-conv-bn-act",
+        path_str(&fixture),
+        "-o",
+        path_str(&onnx),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let shown = stdout(&qgraph(&["show", path_str(&onnx)]));
+    assert_eq!(
+        shown
+            .matches("meta \"qgraph.fusion.group\" = \"conv2\"")
+            .count(),
+        3,
+        "{shown}"
+    );
+    assert_eq!(
+        shown
+            .matches("meta \"qgraph.fusion.role\" = \"activation\"")
+            .count(),
+        2,
+        "{shown}"
+    );
 }
