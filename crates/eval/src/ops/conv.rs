@@ -140,6 +140,9 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     }
     let (n, c, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     let (m, cg, kh, kw) = (w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]);
+    if kh == 0 || kw == 0 {
+        return cx.err(format!("the kernel {:?} is empty", w.shape()));
+    }
     let group = cx.int_attr("group", 1)?;
     if group < 1 || c % group as usize != 0 || m % group as usize != 0 || c / group as usize != cg {
         return cx.err(format!(
@@ -203,6 +206,7 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     // time; they are plain loads, multiplies and adds, so the values are the
     // same on every unit.
     let simd = pulp::Arch::new();
+    let layout = PaddedLayout::new(&geometry);
     let task = |(task, dst): (usize, &mut [f32])| {
         let (b, g) = (task / group, task % group);
         let src = &xs[(b * c + g * cg) * h * wd..][..cg * h * wd];
@@ -214,33 +218,20 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
                 src,
                 ker,
                 g: &geometry,
+                layout: &layout,
                 dst,
             });
         } else if pointwise {
             // A 1x1 convolution without stride or padding is a product with
             // the input planes as they are.
-            gemm(
-                dst,
-                plane,
-                wg,
-                MatRef::row_major(src, cg, plane),
-                1.0,
-                false,
-                inner,
-            );
+            let rhs = MatRef::row_major(src, cg, plane);
+            gemm(dst, plane, wg, rhs, 1.0, false, inner);
         } else {
             let cols = im2col(src, cg, &geometry);
-            gemm(
-                dst,
-                plane,
-                wg,
-                MatRef::row_major(&cols, k, plane),
-                1.0,
-                false,
-                inner,
-            );
+            let rhs = MatRef::row_major(&cols, k, plane);
+            gemm(dst, plane, wg, rhs, 1.0, false, inner);
         }
-        for (oc, out_plane) in dst.chunks_mut(plane.max(1)).enumerate() {
+        let finish = |(oc, out_plane): (usize, &mut [f32])| {
             let channel = g * mg + oc;
             if let Some(bias) = &bias {
                 let bv = bias[channel];
@@ -251,6 +242,14 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
                 channel,
                 data: out_plane,
             });
+        };
+        // Per output channel; in parallel when the tasks are not.
+        if parallel_tasks {
+            dst.chunks_mut(plane.max(1)).enumerate().for_each(finish);
+        } else {
+            dst.par_chunks_mut(plane.max(1))
+                .enumerate()
+                .for_each(finish);
         }
     };
     // Every element is written below: products overwrite, depthwise blocks
@@ -331,6 +330,7 @@ struct Depthwise<'a> {
     src: &'a [f32],
     ker: &'a [f32],
     g: &'a Geometry,
+    layout: &'a PaddedLayout,
     dst: &'a mut [f32],
 }
 
@@ -339,7 +339,7 @@ impl pulp::WithSimd for Depthwise<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        depthwise_plane(self.src, self.ker, self.g, self.dst);
+        depthwise_plane(self.src, self.ker, self.g, self.layout, self.dst);
     }
 }
 
@@ -350,34 +350,82 @@ impl pulp::WithSimd for Depthwise<'_> {
 /// over padding adds a product with zero, which leaves the sum unchanged.
 /// Each output receives its taps in kernel order.
 #[inline(always)]
-fn depthwise_plane(src: &[f32], ker: &[f32], g: &Geometry, dst: &mut [f32]) {
-    // The padded extent the windows reach.
-    let rows = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-    let cols = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-    let phase_len = |p: usize| (cols - p).div_ceil(g.sw);
-    let mut phase_start = vec![0usize; g.sw];
-    for p in 1..g.sw {
-        phase_start[p] = phase_start[p - 1] + phase_len(p - 1);
+fn depthwise_plane(src: &[f32], ker: &[f32], g: &Geometry, layout: &PaddedLayout, dst: &mut [f32]) {
+    SCRATCH.with(|scratch| {
+        let mut padded = scratch.borrow_mut();
+        depthwise_plane_in(src, ker, g, layout, dst, &mut padded);
+    });
+}
+
+thread_local! {
+    /// Each worker's padded plane, reused from plane to plane.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Where a plane goes in its padded, phase-split copy; the same for every
+/// plane of one convolution, so computed once.
+struct PaddedLayout {
+    rows: usize,
+    cols: usize,
+    /// Per phase: (to, from, count): `count` input columns from `from`,
+    /// every sw-th, go to `to` in the padded row.
+    copies: Vec<(usize, usize, usize)>,
+    /// Where tap j of an output row starts in its padded row.
+    tap_start: Vec<usize>,
+}
+
+impl PaddedLayout {
+    fn new(g: &Geometry) -> PaddedLayout {
+        // The padded extent the windows reach.
+        let rows = g.oh.saturating_sub(1) * g.sh + (g.kh - 1) * g.dh + 1;
+        let cols = g.ow.saturating_sub(1) * g.sw + (g.kw - 1) * g.dw + 1;
+        let phase_len = |p: usize| cols.saturating_sub(p).div_ceil(g.sw);
+        let mut phase_start = vec![0usize; g.sw];
+        for p in 1..g.sw {
+            phase_start[p] = phase_start[p - 1] + phase_len(p - 1);
+        }
+        // Padded column p + t * sw is input column p + t * sw - pw.
+        let copies = (0..g.sw)
+            .filter_map(|p| {
+                let first = g.pw.saturating_sub(p).div_ceil(g.sw);
+                let from = (p + first * g.sw).checked_sub(g.pw)?;
+                let count = phase_len(p)
+                    .saturating_sub(first)
+                    .min(g.w.saturating_sub(from).div_ceil(g.sw));
+                Some((phase_start[p] + first, from, count))
+            })
+            .collect();
+        let tap_start = (0..g.kw)
+            .map(|j| phase_start[(j * g.dw) % g.sw] + (j * g.dw) / g.sw)
+            .collect();
+        PaddedLayout {
+            rows,
+            cols,
+            copies,
+            tap_start,
+        }
     }
-    // Phase p takes `count` input columns from `from`, every sw-th, to
-    // `to`: padded column p + t * sw is input column p + t * sw - pw.
-    let copies: Vec<(usize, usize, usize)> = (0..g.sw)
-        .filter_map(|p| {
-            let first = g.pw.saturating_sub(p).div_ceil(g.sw);
-            let from = (p + first * g.sw).checked_sub(g.pw)?;
-            let count = phase_len(p)
-                .saturating_sub(first)
-                .min(g.w.saturating_sub(from).div_ceil(g.sw));
-            Some((phase_start[p] + first, from, count))
-        })
-        .collect();
-    let mut padded = vec![0f32; rows * cols];
+}
+
+#[inline(always)]
+fn depthwise_plane_in(
+    src: &[f32],
+    ker: &[f32],
+    g: &Geometry,
+    layout: &PaddedLayout,
+    dst: &mut [f32],
+    padded: &mut Vec<f32>,
+) {
+    let (rows, cols) = (layout.rows, layout.cols);
+    let (copies, tap_start) = (&layout.copies, &layout.tap_start);
+    padded.clear();
+    padded.resize(rows * cols, 0.0);
     for (pr, row) in padded.chunks_exact_mut(cols).enumerate() {
         let Some(r) = pr.checked_sub(g.ph).filter(|&r| r < g.h) else {
             continue;
         };
         let input = &src[r * g.w..][..g.w];
-        for &(to, from, count) in &copies {
+        for &(to, from, count) in copies {
             let out = &mut row[to..][..count];
             if g.sw == 1 {
                 out.copy_from_slice(&input[from..][..count]);
@@ -388,10 +436,6 @@ fn depthwise_plane(src: &[f32], ker: &[f32], g: &Geometry, dst: &mut [f32]) {
             }
         }
     }
-    // Tap j of an output row starts here in its padded row.
-    let tap_start: Vec<usize> = (0..g.kw)
-        .map(|j| phase_start[(j * g.dw) % g.sw] + (j * g.dw) / g.sw)
-        .collect();
     for y in 0..g.oh {
         let drow = &mut dst[y * g.ow..][..g.ow];
         for i in 0..g.kh {
