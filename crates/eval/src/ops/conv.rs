@@ -436,6 +436,16 @@ fn depthwise_plane_in(
             }
         }
     }
+    let n = g.ow;
+    let row_at = |y: usize, i: usize| &padded[(y * g.sh + i * g.dh) * cols..][..cols];
+    if g.kh == 3 && g.kw == 3 {
+        let t = [tap_start[0], tap_start[1], tap_start[2]];
+        for y in 0..g.oh {
+            let rows = [row_at(y, 0), row_at(y, 1), row_at(y, 2)];
+            kernel_3x3(&mut dst[y * n..][..n], ker, rows, t);
+        }
+        return;
+    }
     for y in 0..g.oh {
         let drow = &mut dst[y * g.ow..][..g.ow];
         for i in 0..g.kh {
@@ -455,6 +465,32 @@ fn depthwise_plane_in(
                 }
             }
         }
+    }
+}
+
+/// A whole 3x3 kernel over one output row, the sum kept in a register:
+/// `d += w[0] * r0[t0]; d += w[1] * r0[t1]; ...`, the order of the
+/// row-by-row loop (kernel row, then column).
+#[inline(always)]
+fn kernel_3x3(out: &mut [f32], w: &[f32], rows: [&[f32]; 3], t: [usize; 3]) {
+    let n = out.len();
+    let w: &[f32; 9] = w[..9].try_into().expect("9 weights");
+    let tap = |i: usize, j: usize| &rows[i][t[j]..][..n];
+    let (a0, a1, a2) = (tap(0, 0), tap(0, 1), tap(0, 2));
+    let (b0, b1, b2) = (tap(1, 0), tap(1, 1), tap(1, 2));
+    let (c0, c1, c2) = (tap(2, 0), tap(2, 1), tap(2, 2));
+    for x in 0..n {
+        let mut acc = out[x];
+        acc += w[0] * a0[x];
+        acc += w[1] * a1[x];
+        acc += w[2] * a2[x];
+        acc += w[3] * b0[x];
+        acc += w[4] * b1[x];
+        acc += w[5] * b2[x];
+        acc += w[6] * c0[x];
+        acc += w[7] * c1[x];
+        acc += w[8] * c2[x];
+        out[x] = acc;
     }
 }
 
