@@ -3,7 +3,8 @@
 //! asymmetric, narrow range), quantize and dequantize with ONNX's
 //! arithmetic (`saturate(round_half_even(x / scale) + zero_point)` and
 //! `(q - zero_point) * scale`, in f32), and the fixed-point multipliers of
-//! integer-only inference (Jacob et al. 2018, section 2.2).
+//! integer-only inference (Jacob et al. 2018, section 2.2), and the range
+//! observers of calibration (`observe`).
 //!
 //! Everything here is deterministic and platform-independent: f32
 //! division and rounding are IEEE operations, and the fixed-point
@@ -11,6 +12,7 @@
 
 mod fixed_point;
 mod grid;
+pub mod observe;
 
 pub use fixed_point::{multiply_by_quantized_multiplier, quantize_multiplier, QuantizedMultiplier};
 pub use grid::{Grid, GridError, Params, RangeMode};
