@@ -13,9 +13,11 @@
 mod fixed_point;
 mod grid;
 pub mod observe;
+mod scheme;
 
 pub use fixed_point::{multiply_by_quantized_multiplier, quantize_multiplier, QuantizedMultiplier};
 pub use grid::{Grid, GridError, Params, RangeMode};
+pub use scheme::{Scheme, TensorScheme, SCHEME_NAMES};
 
 /// Rounds half to even, as ONNX QuantizeLinear does.
 pub fn round_half_even(x: f32) -> f32 {
