@@ -331,7 +331,7 @@ fn reshape(x: &[Dim], target: &[Dim], allowzero: bool) -> Option<Vec<Dim>> {
             let total: i64 = x
                 .iter()
                 .filter(|d| !matches!(d, Dim::Symbol(_)))
-                .map(|d| known(d))
+                .map(known)
                 .product::<Option<i64>>()?;
             out[h] = match syms.len() {
                 0 if rest > 0 && total % rest == 0 => Dim::Known(total / rest),

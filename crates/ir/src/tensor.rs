@@ -473,7 +473,7 @@ impl PackedTensor {
         // Bits past the last element carry nothing; zero them so equal
         // values have equal bytes.
         let used_bits = count * dtype.bits().unwrap_or(8);
-        if used_bits % 8 != 0 {
+        if !used_bits.is_multiple_of(8) {
             if let Some(last) = bytes.last_mut() {
                 *last &= (1u8 << (used_bits % 8)) - 1;
             }

@@ -122,7 +122,7 @@ impl Dataset {
             labels,
             key,
         };
-        if ds.len() == 0 {
+        if ds.is_empty() {
             return Err(Error::new(
                 path,
                 format!("array '{}' has no samples", ds.key),
