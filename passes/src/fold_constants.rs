@@ -10,7 +10,8 @@
 //! 0 there (copy the input's dim), so the Shape chain that computed it dies
 //! (run `dce` after).
 //!
-//! Not folded: nodes reading a graph input (an initializer that is also a
+//! Not folded: QuantizeLinear and DequantizeLinear (they are what a QDQ
+//! graph is made of), nodes reading a graph input (an initializer that is also a
 //! graph input is a default the caller may override), nodes of other
 //! domains or with subgraphs, random operators, operators the evaluator
 //! does not run (left as they are), and outputs that would be larger than
@@ -39,6 +40,15 @@ impl FoldConstants {
         Ok(Box::new(FoldConstants { max_elements }))
     }
 }
+
+/// Quantization nodes on constants are what a QDQ graph is made of (a
+/// weight stored as integers behind a DequantizeLinear is what TensorRT and
+/// ONNX Runtime fuse), so they are kept, as ONNX Runtime's folding keeps them.
+const KEPT: &[&str] = &[
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+];
 
 const RANDOM: &[&str] = &[
     "RandomNormal",
@@ -107,6 +117,7 @@ impl Pass for FoldConstants {
             let node = g.node(n);
             if !node.domain.is_empty()
                 || RANDOM.contains(&node.op_type.as_str())
+                || KEPT.contains(&node.op_type.as_str())
                 || node
                     .attrs
                     .iter()
