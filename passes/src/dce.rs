@@ -23,9 +23,7 @@ impl Pass for DeadCodeElimination {
         let mut changed = false;
         // Consumers before producers: one sweep in reverse topological order
         // removes whole dead chains.
-        let order = g
-            .topo_order()
-            .map_err(|_| "the graph has a cycle".to_string())?;
+        let order = crate::util::order(g)?;
         for &n in order.iter().rev() {
             if !is_dead(g, n) || !cx.allow_rewrite() {
                 continue;

@@ -15,19 +15,13 @@
 
 use crate::{Pass, PassContext};
 use qgraph_ir::ndarray::{ArrayD, IxDyn};
-use qgraph_ir::{
-    AttrValue, Graph, Initializer, Model, NewNode, NodeId, Tensor, ValueId, ValueType,
-};
+use qgraph_ir::{AttrValue, Graph, Model, NewNode, NodeId, Tensor, ValueId, ValueType};
 
 pub struct FoldBatchNorm;
 
 /// The f32 tensor of a constant that is no graph input.
 fn constant(g: &Graph, v: Option<ValueId>) -> Option<&ArrayD<f32>> {
-    let v = v?;
-    if g.value(v).is_graph_input() {
-        return None;
-    }
-    match &g.value(v).initializer()?.tensor {
+    match crate::util::constant(g, v)? {
         Tensor::F32(a) => Some(a),
         _ => None,
     }
@@ -50,8 +44,10 @@ fn affine(g: &Graph, bn: NodeId) -> Option<(Vec<f64>, Vec<f64>)> {
     if matches!(node.attr("training_mode"), Some(AttrValue::Int(t)) if *t != 0) {
         return None;
     }
-    if node.outputs()[1..]
+    if node
+        .outputs()
         .iter()
+        .skip(1)
         .flatten()
         .any(|&v| g.is_used(v) || g.value(v).is_graph_output())
     {
@@ -82,19 +78,6 @@ fn f32_tensor(shape: &[usize], data: Vec<f64>) -> Tensor {
         ArrayD::from_shape_vec(IxDyn(shape), data.into_iter().map(|v| v as f32).collect())
             .expect("shape and data agree"),
     )
-}
-
-fn store(g: &mut Graph, v: ValueId, tensor: Tensor) -> Result<(), String> {
-    g.set_initializer(
-        v,
-        Some(Initializer {
-            tensor,
-            doc: String::new(),
-            meta: Default::default(),
-        }),
-    )
-    .map_err(|e| e.to_string())?;
-    g.declare_type(v, None).map_err(|e| e.to_string())
 }
 
 /// New weights of a weighted node: `w` scaled, element by element, by
@@ -264,9 +247,7 @@ impl Pass for FoldBatchNorm {
 
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<bool, String> {
         let g = &mut model.graph;
-        let order = g
-            .topo_order()
-            .map_err(|_| "the graph has a cycle".to_string())?;
+        let order = crate::util::order(g)?;
         let mut changed = false;
         for bn in order {
             if !g.contains_node(bn) {
@@ -293,7 +274,7 @@ impl Pass for FoldBatchNorm {
                 continue;
             }
             let bn_node = g.remove_node(bn).map_err(|e| e.to_string())?;
-            for v in bn_node.outputs()[1..].iter().flatten() {
+            for v in bn_node.outputs().iter().skip(1).flatten() {
                 g.remove_value(*v).map_err(|e| e.to_string())?;
             }
             // The statistics, if nothing else reads them, go.
@@ -310,10 +291,10 @@ impl Pass for FoldBatchNorm {
             match fold {
                 Some((p, fold)) => {
                     let w = g.node(p).inputs()[1].expect("checked weights");
-                    store(g, w, fold.weights)?;
+                    crate::util::set_constant(g, w, fold.weights)?;
                     if let Some(bias) = fold.bias {
                         match g.node(p).inputs().get(fold.bias_slot).copied().flatten() {
-                            Some(b) => store(g, b, bias)?,
+                            Some(b) => crate::util::set_constant(g, b, bias)?,
                             None => {
                                 let name = g.unique_value_name(&format!("{}.bias", bn_node.name()));
                                 let b = g.add_initializer(name, bias).map_err(|e| e.to_string())?;

@@ -19,7 +19,7 @@
 //! a large shape is cheaper to keep than to store).
 
 use crate::{Params, Pass, PassContext};
-use qgraph_ir::{AttrValue, Dim, Graph, Initializer, Model, NodeId, Tensor, ValueType};
+use qgraph_ir::{AttrValue, Dim, Graph, Model, NodeId, Tensor, ValueType};
 
 pub struct FoldConstants {
     pub max_elements: usize,
@@ -58,17 +58,6 @@ const RANDOM: &[&str] = &[
     "Multinomial",
     "Bernoulli",
 ];
-
-/// The tensor of a value that is fixed before the run.
-fn constant(g: &Graph, v: qgraph_ir::ValueId) -> Option<&Tensor> {
-    let val = g.value(v);
-    if val.is_graph_input() {
-        return None;
-    }
-    val.initializer()
-        .map(|i| &i.tensor)
-        .filter(|t| !t.is_elided())
-}
 
 /// A Shape node's output when its input's declared shape is fully static.
 fn static_shape(g: &Graph, n: NodeId) -> Option<Tensor> {
@@ -109,9 +98,7 @@ impl Pass for FoldConstants {
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<bool, String> {
         let opset = model.opset_version("").unwrap_or(1);
         let g = &mut model.graph;
-        let order = g
-            .topo_order()
-            .map_err(|_| "the graph has a cycle".to_string())?;
+        let order = crate::util::order(g)?;
         let mut changed = false;
         for n in order {
             let node = g.node(n);
@@ -137,7 +124,7 @@ impl Pass for FoldConstants {
                     .iter()
                     .map(|v| match v {
                         None => Some(None),
-                        Some(v) => constant(g, *v).map(Some),
+                        Some(v) => crate::util::constant(g, Some(*v)).map(Some),
                     })
                     .collect();
                 let Some(args) = args else { continue };
@@ -159,17 +146,7 @@ impl Pass for FoldConstants {
             remove_orphaned_constants(g, removed.inputs())?;
             for (v, tensor) in outputs.iter().zip(results) {
                 let Some(v) = *v else { continue };
-                g.set_initializer(
-                    v,
-                    Some(Initializer {
-                        tensor,
-                        doc: String::new(),
-                        meta: Default::default(),
-                    }),
-                )
-                .map_err(|e| e.to_string())?;
-                // The tensor carries its own type now.
-                g.declare_type(v, None).map_err(|e| e.to_string())?;
+                crate::util::set_constant(g, v, tensor)?;
             }
             changed = true;
         }
@@ -219,9 +196,7 @@ fn int_vector(values: &[i64], scalar: bool) -> Option<Tensor> {
 fn fold_shape_computations(model: &mut Model, cx: &mut PassContext) -> Result<bool, String> {
     let info = qgraph_eval::shapes::infer(model);
     let g = &mut model.graph;
-    let order = g
-        .topo_order()
-        .map_err(|_| "the graph has a cycle".to_string())?;
+    let order = crate::util::order(g)?;
     let mut changed = false;
     for n in order {
         let node = g.node(n);
@@ -230,8 +205,10 @@ fn fold_shape_computations(model: &mut Model, cx: &mut PassContext) -> Result<bo
         }
         // A Reshape whose target is known up to the input's own symbols.
         if node.op_type == "Reshape" && !matches!(node.attr("allowzero"), Some(AttrValue::Int(1))) {
-            let (Some(x), Some(t)) = (node.inputs()[0], node.inputs().get(1).copied().flatten())
-            else {
+            let (Some(x), Some(t)) = (
+                node.inputs().first().copied().flatten(),
+                node.inputs().get(1).copied().flatten(),
+            ) else {
                 continue;
             };
             if g.producer(t).is_none() {
@@ -290,16 +267,7 @@ fn fold_shape_computations(model: &mut Model, cx: &mut PassContext) -> Result<bo
         let tensor = int_vector(&values, dims.is_empty()).ok_or("cannot build a shape tensor")?;
         let removed = g.remove_node(n).map_err(|e| e.to_string())?;
         remove_orphaned_constants(g, removed.inputs())?;
-        g.set_initializer(
-            v,
-            Some(Initializer {
-                tensor,
-                doc: String::new(),
-                meta: Default::default(),
-            }),
-        )
-        .map_err(|e| e.to_string())?;
-        g.declare_type(v, None).map_err(|e| e.to_string())?;
+        crate::util::set_constant(g, v, tensor)?;
         changed = true;
     }
     Ok(changed)

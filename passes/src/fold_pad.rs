@@ -11,18 +11,9 @@
 //! starting in padding differently from windows over real zeros).
 
 use crate::{Pass, PassContext};
-use qgraph_ir::{AttrValue, Graph, Model, NodeId, Tensor, ValueId};
+use qgraph_ir::{AttrValue, Graph, Model, NodeId, Tensor};
 
 pub struct FoldPad;
-
-fn const_tensor(g: &Graph, v: Option<ValueId>) -> Option<&Tensor> {
-    let v = v?;
-    let val = g.value(v);
-    if val.is_graph_input() {
-        return None;
-    }
-    val.initializer().map(|i| &i.tensor)
-}
 
 /// The spatial pads of a Pad node (begin..., end...), when it is a zero pad
 /// of the spatial axes only.
@@ -41,13 +32,13 @@ fn spatial_zero_pads(g: &Graph, pad: NodeId, opset: i64) -> Option<Vec<i64>> {
         if input(3).is_some() {
             return None;
         }
-        let pads: Vec<i64> = match const_tensor(g, input(1))? {
+        let pads: Vec<i64> = match crate::util::constant(g, input(1))? {
             Tensor::I64(a) => a.iter().copied().collect(),
             _ => return None,
         };
         let zero = match input(2) {
             None => true,
-            Some(_) => match const_tensor(g, input(2))? {
+            Some(_) => match crate::util::constant(g, input(2))? {
                 Tensor::F32(a) => a.iter().all(|&x| x == 0.0),
                 _ => false,
             },
@@ -116,16 +107,15 @@ impl Pass for FoldPad {
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<bool, String> {
         let opset = model.opset_version("").unwrap_or(1);
         let g = &mut model.graph;
-        let order = g
-            .topo_order()
-            .map_err(|_| "the graph has a cycle".to_string())?;
+        let order = crate::util::order(g)?;
         let mut changed = false;
         for pad in order {
             let Some(spatial) = spatial_zero_pads(g, pad, opset) else {
                 continue;
             };
             let node = g.node(pad);
-            let (Some(x), [Some(out)]) = (node.inputs()[0], node.outputs()) else {
+            let (Some(x), [Some(out)]) = (node.inputs().first().copied().flatten(), node.outputs())
+            else {
                 continue;
             };
             let out = *out;

@@ -56,9 +56,7 @@ impl Pass for FuseConvBnAct {
 
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<bool, String> {
         let g = &mut model.graph;
-        let order = g
-            .topo_order()
-            .map_err(|_| "the graph has a cycle".to_string())?;
+        let order = crate::util::order(g)?;
         let mut changed = false;
         for head in order {
             let node = g.node(head);

@@ -31,7 +31,10 @@ fn gemm_parts(g: &Graph, matmul: NodeId) -> Option<(NodeId, ValueId)> {
     if !node.domain.is_empty() || node.op_type != "MatMul" {
         return None;
     }
-    let (Some(a), Some(b)) = (node.inputs()[0], node.inputs().get(1).copied().flatten()) else {
+    let (Some(a), Some(b)) = (
+        node.inputs().first().copied().flatten(),
+        node.inputs().get(1).copied().flatten(),
+    ) else {
         return None;
     };
     let [Some(y)] = node.outputs() else {
@@ -74,9 +77,7 @@ impl Pass for FuseMatMulAdd {
 
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<bool, String> {
         let g = &mut model.graph;
-        let order = g
-            .topo_order()
-            .map_err(|_| "the graph has a cycle".to_string())?;
+        let order = crate::util::order(g)?;
         let mut changed = false;
         for mm in order {
             if !g.contains_node(mm) {

@@ -15,6 +15,7 @@ mod fuse_matmul_add;
 mod infer_shapes;
 mod pipeline;
 mod remove_noops;
+mod util;
 
 pub use dce::DeadCodeElimination;
 pub use fold_bn::FoldBatchNorm;

@@ -33,12 +33,7 @@ fn static_type(g: &Graph, v: ValueId) -> (Option<DataType>, Option<Vec<i64>>) {
 
 /// The constant integers of an input (an initializer that is no graph input).
 fn const_ints(g: &Graph, v: Option<ValueId>) -> Option<Vec<i64>> {
-    let v = v?;
-    let val = g.value(v);
-    if val.is_graph_input() {
-        return None;
-    }
-    match &val.initializer()?.tensor {
+    match crate::util::constant(g, v)? {
         Tensor::I64(a) => Some(a.iter().copied().collect()),
         Tensor::I32(a) => Some(a.iter().map(|&x| x as i64).collect()),
         _ => None,
@@ -52,7 +47,12 @@ fn is_noop(g: &Graph, n: NodeId, opset: i64) -> bool {
     }
     let input = |i: usize| node.inputs().get(i).copied().flatten();
     let Some(x) = input(0) else { return false };
-    let extra_outputs_unused = node.outputs()[1..].iter().flatten().all(|&v| !g.is_used(v));
+    let extra_outputs_unused = node
+        .outputs()
+        .iter()
+        .skip(1)
+        .flatten()
+        .all(|&v| !g.is_used(v));
     match node.op_type.as_str() {
         "Identity" => true,
         "Dropout" => {
@@ -122,9 +122,7 @@ impl Pass for RemoveNoops {
         let opset = model.opset_version("").unwrap_or(1);
         let g = &mut model.graph;
         let mut changed = false;
-        let order = g
-            .topo_order()
-            .map_err(|_| "the graph has a cycle".to_string())?;
+        let order = crate::util::order(g)?;
         for n in order {
             if !is_noop(g, n, opset) {
                 continue;

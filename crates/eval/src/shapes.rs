@@ -438,7 +438,11 @@ fn rule(g: &Graph, n: NodeId, opset: i64, ins: &[Info]) -> Vec<Info> {
             one(out)
         }
         "Conv" => {
-            let w = ins.get(1).and_then(|w| w.known_dims());
+            // Weights [M, C/group, k...]: a malformed rank gives no shape.
+            let w = ins
+                .get(1)
+                .and_then(|w| w.known_dims())
+                .filter(|w| w.len() >= 3);
             let Some(w) = w else {
                 return one(Info {
                     dtype: x.dtype,

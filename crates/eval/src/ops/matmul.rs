@@ -4,7 +4,7 @@ use super::elementwise::broadcast_shape;
 use super::gemm::{gemm as gemm_kernel, MatRef, Threads};
 use super::{array, f32_input};
 use crate::{EvalError, OpCtx};
-use qgraph_ir::ndarray::{ArrayBase, ArrayViewD, Axis, Data, IxDyn};
+use qgraph_ir::ndarray::{ArrayBase, Axis, Data, IxDyn};
 use qgraph_ir::Tensor;
 
 /// A 2-D f32 input as a matrix over its data, transposed when `flag` is set.
@@ -93,14 +93,10 @@ pub fn matmul(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
     let count: usize = batch.iter().product();
     // Each operand as a stack of matrices; a batch dim of 1 on one side is
     // read again for every matrix of the other (stride 0, no copy).
-    let stack = |x: &ArrayViewD<f32>, rows: usize, cols: usize| {
-        let lead = x.ndim() - 2;
-        let std = x.as_standard_layout().into_owned();
-        let dims: Vec<usize> = x.shape()[..lead].to_vec();
-        (std, dims, rows * cols)
-    };
-    let (ad, a_dims, a_size) = stack(&a, m, k);
-    let (bd, b_dims, b_size) = stack(&b, k, n);
+    // (Copied only when not already in standard layout.)
+    let (ad, bd) = (a.as_standard_layout(), b.as_standard_layout());
+    let (a_dims, b_dims) = (&a.shape()[..ar - 2], &b.shape()[..br - 2]);
+    let (a_size, b_size) = (m * k, k * n);
     let (a_data, b_data) = (
         ad.as_slice().expect("standard layout"),
         bd.as_slice().expect("standard layout"),
@@ -124,8 +120,8 @@ pub fn matmul(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
     };
     let mut out = vec![0f32; count * m * n];
     for (i, chunk) in out.chunks_mut((m * n).max(1)).enumerate().take(count) {
-        let am = MatRef::row_major(&a_data[offset(&a_dims, a_size, i)..], m, k);
-        let bm = MatRef::row_major(&b_data[offset(&b_dims, b_size, i)..], k, n);
+        let am = MatRef::row_major(&a_data[offset(a_dims, a_size, i)..], m, k);
+        let bm = MatRef::row_major(&b_data[offset(b_dims, b_size, i)..], k, n);
         gemm_kernel(chunk, n, am, bm, 1.0, false, Threads::Pool);
     }
     let mut shape = batch;
