@@ -4,7 +4,8 @@
 //! values between them: a zero Pad before it becomes wider convolution
 //! padding (decided per run, as the pads are often computed from shapes),
 //! and elementwise nodes after it (activations, inference
-//! BatchNormalization) become its epilogue, applied to each output block
+//! BatchNormalization, and one Add of a tensor that already exists, as in a
+//! residual connection) become its epilogue, applied to each output block
 //! while it is in cache. This is how the evaluator avoids three passes over
 //! memory where one does, without rewriting the graph. Fusing never changes
 //! a value: the epilogue applies the very function the node's own kernel
@@ -26,6 +27,8 @@ pub struct Step {
     pub epilogue: Vec<ops::Pointwise>,
     /// The values between the absorbed nodes, never materialised.
     pub hidden: Vec<ValueId>,
+    /// The other input of a fused Add (`Pointwise::AddInput`).
+    pub added: Option<ValueId>,
 }
 
 impl Step {
@@ -36,6 +39,7 @@ impl Step {
             fused: Vec::new(),
             epilogue: Vec::new(),
             hidden: Vec::new(),
+            added: None,
         }
     }
 
@@ -86,8 +90,18 @@ pub fn plan(
             Some((p, _)) => position[&p] < position[&n],
             None => true,
         };
-        while let Some((next, value, map)) = fusable_successor(graph, opset, current, uses, &ready)
-        {
+        loop {
+            let (next, value, map) = match fusable_successor(graph, opset, current, uses, &ready) {
+                Some(found) => found,
+                None if step.added.is_none() => match fusable_add(graph, current, uses, &ready) {
+                    Some((next, value, other)) => {
+                        step.added = Some(other);
+                        (next, value, ops::Pointwise::AddInput)
+                    }
+                    None => break,
+                },
+                None => break,
+            };
             step.fused.push(next);
             step.epilogue.push(map);
             step.hidden.push(value);
@@ -234,11 +248,38 @@ fn fusable_successor(
         node: next,
         opset,
         epilogue: &[],
+        added: None,
         input_pads: [0; 4],
         buffers: &pool,
     };
     let map = ops::build_pointwise(&cx, &args).ok()?;
     Some((next, *value, map))
+}
+
+/// An Add reading the output of `node` and a value that exists before the
+/// step runs (a residual connection): the Add, the value between them and
+/// the other value. Whether the other value has the output's shape is
+/// known only when it runs; when it does not, the step runs node by node.
+fn fusable_add(
+    graph: &Graph,
+    node: NodeId,
+    uses: &HashMap<ValueId, usize>,
+    ready: &dyn Fn(ValueId) -> bool,
+) -> Option<(NodeId, ValueId, ValueId)> {
+    let [Some(value)] = graph.node(node).outputs() else {
+        return None;
+    };
+    let (next, slot) = only_reader(graph, *value, uses)?;
+    let add = graph.node(next);
+    if !add.domain.is_empty() || add.op_type != "Add" || add.outputs().len() != 1 {
+        return None;
+    }
+    let [Some(a), Some(b)] = add.inputs()[..] else {
+        return None;
+    };
+    let other = if slot == 0 { b } else { a };
+    add.outputs()[0]?;
+    (other != *value && ready(other)).then_some((next, *value, other))
 }
 
 /// The tensor of a value known before the run: an initializer, or the

@@ -61,3 +61,20 @@ fn outputs_are_identical_whatever_the_thread_count() {
         }
     }
 }
+
+/// At batch 1 one thread takes the convolutions' task-per-image branch and
+/// two take the one that splits each product: the bits are the same.
+#[test]
+fn single_images_give_the_same_bits_on_one_and_two_threads() {
+    for path in shared_models() {
+        let model = qgraph_onnx::read_model(&path).unwrap().model;
+        let inputs = Evaluator::new(&model).unwrap().example_inputs(1).unwrap();
+        let run = |threads| {
+            Evaluator::with_options(&model, Options { threads })
+                .unwrap()
+                .run(inputs.clone())
+                .unwrap()
+        };
+        assert!(run(1) == run(2), "{}: batch 1 differs", path.display());
+    }
+}

@@ -4,12 +4,13 @@
 //! onnxruntime onnx numpy`).
 //!
 //!   cargo bench -p qgraph --bench eval_speed [-- REPEATS]
+//!   QGRAPH_BENCH_MODELS=a.onnx,b.onnx cargo bench -p qgraph --bench eval_speed
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-fn ort_seconds(root: &PathBuf, model: &PathBuf, batch: usize, repeats: usize) -> Option<f64> {
+fn ort_seconds(root: &Path, model: &Path, batch: usize, repeats: usize) -> Option<f64> {
     let out = Command::new("python3")
         .arg(root.join("tools/ort_time.py"))
         .arg(model)
@@ -28,11 +29,19 @@ fn main() {
         .collect();
     let repeats: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(11);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let models = ["mobilenetv2_bn.onnx", "efficientnet_lite0_bn.onnx"];
+    // QGRAPH_BENCH_MODELS (paths, comma separated) replaces the two shared
+    // models, for timing single layers.
+    let models: Vec<PathBuf> = match std::env::var("QGRAPH_BENCH_MODELS") {
+        Ok(list) => list.split(',').map(PathBuf::from).collect(),
+        Err(_) => ["mobilenetv2_bn.onnx", "efficientnet_lite0_bn.onnx"]
+            .iter()
+            .map(|m| root.join("../shared/models").join(m))
+            .collect(),
+    };
     println!("| model | batch | qgraph ms | ONNX Runtime ms | qgraph / ORT |");
     println!("|---|---:|---:|---:|---:|");
-    for name in models {
-        let path = root.join("../shared/models").join(name);
+    for path in models {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
         if !path.exists() {
             eprintln!("SKIPPED: {} is absent", path.display());
             continue;
@@ -49,8 +58,11 @@ fn main() {
             }
             let mut times: Vec<f64> = (0..reps)
                 .map(|_| {
+                    // The input is copied outside the timing, as ONNX
+                    // Runtime reads its input in place.
+                    let input = x.clone();
                     let t = Instant::now();
-                    ev.run(x.clone()).expect("run");
+                    ev.run(input).expect("run");
                     t.elapsed().as_secs_f64()
                 })
                 .collect();

@@ -2,7 +2,7 @@
 //! depthwise convolution, and the window arithmetic shared with pooling.
 
 use super::gemm::{gemm, MatRef, Threads};
-use super::pointwise::Epilogue;
+use super::pointwise::{apply_maps, Epilogue, Pointwise};
 use super::{array, f32_input};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::Tensor;
@@ -166,6 +166,23 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
             "the batch normalization after it has {ch} channels, the convolution makes {m}"
         ));
     }
+    // The tensor a fused Add adds; the executor runs the nodes one by one
+    // when it does not have the output's shape.
+    let added = match cx.added {
+        None => None,
+        Some(Tensor::F32(a)) if a.shape() == [n, m, oh, ow] => Some(a.as_standard_layout()),
+        Some(t) => {
+            return cx.err(format!(
+                "the fused Add's other input is {} {:?}, the output {:?}",
+                t.dtype(),
+                t.shape(),
+                [n, m, oh, ow]
+            ))
+        }
+    };
+    let added = added
+        .as_ref()
+        .map(|a| a.as_slice().expect("standard layout"));
     let x = x.as_standard_layout();
     let xs = x.as_slice().expect("standard layout");
     let w = w.as_standard_layout();
@@ -193,73 +210,108 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     let k = cg * kh * kw;
     let plane = oh * ow;
     let tasks = n * group;
-    // One task per (image, group): their outputs are disjoint blocks. With
-    // enough of them every thread has work; otherwise each matrix product
-    // splits itself. The product gives the same bits either way.
-    let parallel_tasks = tasks >= rayon::current_num_threads();
-    let inner = if parallel_tasks {
-        Threads::One
-    } else {
-        Threads::Pool
-    };
     // The loops below are compiled for the best vector unit found at run
     // time; they are plain loads, multiplies and adds, so the values are the
     // same on every unit.
     let simd = pulp::Arch::new();
-    let layout = PaddedLayout::new(&geometry);
-    let task = |(task, dst): (usize, &mut [f32])| {
-        let (b, g) = (task / group, task % group);
-        let src = &xs[(b * c + g * cg) * h * wd..][..cg * h * wd];
-        let wg = MatRef::row_major(&ws[g * mg * k..][..mg * k], mg, k);
-        if depthwise {
-            let ker = &ws[g * kh * kw..][..kh * kw];
-            dst.fill(0.0);
-            simd.dispatch(Depthwise {
-                src,
-                ker,
-                g: &geometry,
-                layout: &layout,
-                dst,
+    let mut out = cx.buffers.take(n * m * plane);
+    if depthwise {
+        // Each plane is independent; tasks take several small ones, so
+        // that per-task costs do not dominate the 7x7 planes, but stay
+        // many enough to share out.
+        let planes = n * m;
+        let per_task = (16384 / plane.max(1))
+            .min(planes / (8 * rayon::current_num_threads()))
+            .max(1);
+        let layout = PaddedLayout::new(&geometry);
+        out.par_chunks_mut(per_task * plane.max(1))
+            .enumerate()
+            .for_each(|(t, dst)| {
+                SCRATCH.with(|scratch| {
+                    simd.dispatch(Depthwise {
+                        first_plane: t * per_task,
+                        channels: m,
+                        src: xs,
+                        weights: ws,
+                        bias: bias.as_deref(),
+                        epilogue: cx.epilogue,
+                        added,
+                        g: &geometry,
+                        layout: &layout,
+                        dst,
+                        // Borrowed before dispatching: code in a closure (as
+                        // `with` takes) is not compiled for the vector unit.
+                        scratch: &mut scratch.borrow_mut(),
+                    })
+                })
             });
-        } else if pointwise {
-            // A 1x1 convolution without stride or padding is a product with
-            // the input planes as they are.
-            let rhs = MatRef::row_major(src, cg, plane);
-            gemm(dst, plane, wg, rhs, 1.0, false, inner);
-        } else {
-            let cols = im2col(src, cg, &geometry);
-            let rhs = MatRef::row_major(&cols, k, plane);
-            gemm(dst, plane, wg, rhs, 1.0, false, inner);
+        return Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))]);
+    }
+    // Bias, then the epilogue, on the values of one output channel that
+    // start at `offset` in the output.
+    let finish = |channel: usize, offset: usize, values: &mut [f32]| {
+        if let Some(bias) = &bias {
+            let bv = bias[channel];
+            values.iter_mut().for_each(|v| *v += bv);
         }
-        let finish = |(oc, out_plane): (usize, &mut [f32])| {
-            let channel = g * mg + oc;
-            if let Some(bias) = &bias {
-                let bv = bias[channel];
-                out_plane.iter_mut().for_each(|v| *v += bv);
-            }
-            simd.dispatch(Epilogue {
-                maps: cx.epilogue,
-                channel,
-                data: out_plane,
+        simd.dispatch(Epilogue {
+            maps: cx.epilogue,
+            channel,
+            added: added.map(|a| &a[offset..][..values.len()]),
+            data: values,
+        });
+    };
+    let block = (mg * plane).max(1);
+    if tasks >= rayon::current_num_threads() {
+        // One task per (image, group), taking its output pixels in blocks
+        // that stay in cache from the product through the epilogue. Blocks
+        // have more than 64 columns (or are the whole plane), so that each
+        // product gives the bits of one over the whole plane (see gemm.rs):
+        // the result does not depend on which branch the thread count picks.
+        let rows = block_rows(mg + k, oh, ow);
+        out.par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(task, dst)| {
+                let (b, g) = (task / group, task % group);
+                let src = &xs[(b * c + g * cg) * h * wd..][..cg * h * wd];
+                let wg = MatRef::row_major(&ws[g * mg * k..][..mg * k], mg, k);
+                let mut columns = Vec::new();
+                for y0 in (0..oh).step_by(rows) {
+                    let (first, width) = (y0 * ow, (rows.min(oh - y0)) * ow);
+                    let rhs = if pointwise {
+                        // A 1x1 convolution without stride or padding is a
+                        // product with the input planes as they are.
+                        MatRef::row_major(src, cg, plane).columns(first, width)
+                    } else {
+                        im2col_rows(src, cg, &geometry, y0..y0 + width / ow, &mut columns);
+                        MatRef::row_major(&columns, k, width)
+                    };
+                    gemm(&mut dst[first..], plane, wg, rhs, 1.0, false, Threads::One);
+                    for oc in 0..mg {
+                        let at = oc * plane + first;
+                        finish(g * mg + oc, task * block + at, &mut dst[at..][..width]);
+                    }
+                }
             });
-        };
-        // Per output channel; in parallel when the tasks are not.
-        if parallel_tasks {
-            dst.chunks_mut(plane.max(1)).enumerate().for_each(finish);
-        } else {
+    } else {
+        // Fewer tasks than threads: each product splits itself over the
+        // threads, then the epilogue runs per output channel in parallel.
+        for (task, dst) in out.chunks_mut(block).enumerate() {
+            let (b, g) = (task / group, task % group);
+            let src = &xs[(b * c + g * cg) * h * wd..][..cg * h * wd];
+            let wg = MatRef::row_major(&ws[g * mg * k..][..mg * k], mg, k);
+            let mut columns = Vec::new();
+            let rhs = if pointwise {
+                MatRef::row_major(src, cg, plane)
+            } else {
+                im2col_rows(src, cg, &geometry, 0..oh, &mut columns);
+                MatRef::row_major(&columns, k, plane)
+            };
+            gemm(dst, plane, wg, rhs, 1.0, false, Threads::Pool);
             dst.par_chunks_mut(plane.max(1))
                 .enumerate()
-                .for_each(finish);
+                .for_each(|(oc, values)| finish(g * mg + oc, task * block + oc * plane, values));
         }
-    };
-    // Every element is written below: products overwrite, depthwise blocks
-    // start from zeros.
-    let mut out = cx.buffers.take(n * m * plane);
-    let block = (mg * plane).max(1);
-    if parallel_tasks {
-        out.par_chunks_mut(block).enumerate().for_each(task);
-    } else {
-        out.chunks_mut(block).enumerate().for_each(task);
     }
     Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))])
 }
@@ -290,48 +342,37 @@ impl Geometry {
     }
 
     /// For kernel column `j`: output column `x` reads input column
-    /// `x * sw + j * dw - pw`. Splitting the input row into `sw` phases
-    /// (`phase[t] = row[t * sw + p]`), that is element `x + shift` of phase
-    /// `p`. Returns (p, shift, first x, end x) with every read inside.
-    fn column_span(&self, j: usize) -> (usize, isize, usize, usize) {
-        let sw = self.sw as isize;
+    /// `x * sw + j * dw - pw`. Returns (first x, end x, input column of the
+    /// first x), every read in between inside the row.
+    fn column_range(&self, j: usize) -> (usize, usize, usize) {
         let offset = (j * self.dw) as isize - self.pw as isize;
-        let phase = offset.rem_euclid(sw);
-        let shift = offset.div_euclid(sw);
-        let phase_len = (self.w as isize - phase + sw - 1).div_euclid(sw);
-        let first = (-shift).clamp(0, self.ow as isize) as usize;
-        let end = (phase_len - shift).clamp(0, self.ow as isize) as usize;
-        (phase as usize, shift, first, end.max(first))
+        let sw = self.sw as isize;
+        // The smallest x with x * sw + offset >= 0, and the first x with
+        // x * sw + offset >= w.
+        let first = ((-offset).max(0) + sw - 1).div_euclid(sw);
+        let end = (self.w as isize - offset + sw - 1).div_euclid(sw).max(0);
+        let end = (end as usize).min(self.ow);
+        let first = (first as usize).min(end);
+        (first, end, (first as isize * sw + offset).max(0) as usize)
     }
 }
 
-/// Splits each row of `plane` into its `stride` phases, one after the
-/// other: row r's phase p holds `plane[r][p], plane[r][p + stride], ...`.
-/// With stride 1 this is the plane itself.
-fn phases(plane: &[f32], g: &Geometry) -> Vec<f32> {
-    let mut out = Vec::with_capacity(plane.len());
-    for row in plane.chunks(g.w.max(1)) {
-        for p in 0..g.sw {
-            out.extend(row.iter().skip(p).step_by(g.sw));
-        }
-    }
-    out
-}
-
-/// The start of phase `p` of row `r` in the output of [`phases`].
-fn phase_start(g: &Geometry, r: usize, p: usize) -> usize {
-    let before: usize = (0..p).map(|q| (g.w - q).div_ceil(g.sw)).sum();
-    r * g.w + before
-}
-
-/// [`depthwise_plane`] as a `pulp` operation, compiled once per vector
-/// unit and chosen at run time.
+/// Depthwise planes `first_plane..` (plane = image * channels + channel)
+/// into `dst`, each with its bias and epilogue while it is in cache; a
+/// `pulp` operation, compiled once per vector unit and chosen at run time.
 struct Depthwise<'a> {
+    first_plane: usize,
+    channels: usize,
     src: &'a [f32],
-    ker: &'a [f32],
+    weights: &'a [f32],
+    bias: Option<&'a [f32]>,
+    epilogue: &'a [Pointwise],
+    /// What a fused Add adds, the whole output's worth.
+    added: Option<&'a [f32]>,
     g: &'a Geometry,
     layout: &'a PaddedLayout,
     dst: &'a mut [f32],
+    scratch: &'a mut Scratch,
 }
 
 impl pulp::WithSimd for Depthwise<'_> {
@@ -339,27 +380,72 @@ impl pulp::WithSimd for Depthwise<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        depthwise_plane(self.src, self.ker, self.g, self.layout, self.dst);
+        let g = self.g;
+        let (in_plane, taps) = (g.h * g.w, g.kh * g.kw);
+        let out_plane = (g.oh * g.ow).max(1);
+        // The padding is zeroed once: each plane overwrites only the inside.
+        let padded = &mut self.scratch.padded;
+        padded.clear();
+        padded.resize(self.layout.rows * self.layout.cols + LANES, 0.0);
+        for (i, dst) in self.dst.chunks_mut(out_plane).enumerate() {
+            let plane = self.first_plane + i;
+            let channel = plane % self.channels;
+            let src = &self.src[plane * in_plane..][..in_plane];
+            let ker = &self.weights[channel * taps..][..taps];
+            let finish = Finish {
+                bias: self.bias.map(|b| b[channel]),
+                epilogue: self.epilogue,
+                channel,
+            };
+            match self.added {
+                // The sums are not laid out as the output; the Add needs
+                // them stored first.
+                Some(added) => {
+                    let no_finish = Finish {
+                        bias: None,
+                        epilogue: &[],
+                        channel,
+                    };
+                    depthwise_plane(src, ker, g, self.layout, dst, self.scratch, &no_finish);
+                    let added = &added[plane * out_plane..][..dst.len()];
+                    finish.apply(dst, Some(added));
+                }
+                None => depthwise_plane(src, ker, g, self.layout, dst, self.scratch, &finish),
+            }
+        }
     }
 }
 
-/// A depthwise convolution of one plane. The plane is first copied with
-/// its zero padding, each row split into its `sw` phases (phase p holds
-/// columns p, p + sw, ...), so that every tap of an output row reads a
-/// contiguous run without bounds tests, which the compiler vectorises; a tap
-/// over padding adds a product with zero, which leaves the sum unchanged.
-/// Each output receives its taps in kernel order.
-#[inline(always)]
-fn depthwise_plane(src: &[f32], ker: &[f32], g: &Geometry, layout: &PaddedLayout, dst: &mut [f32]) {
-    SCRATCH.with(|scratch| {
-        let mut padded = scratch.borrow_mut();
-        depthwise_plane_in(src, ker, g, layout, dst, &mut padded);
-    });
+/// What follows a depthwise plane's sums: its bias, then the epilogue.
+struct Finish<'a> {
+    bias: Option<f32>,
+    epilogue: &'a [Pointwise],
+    channel: usize,
+}
+
+impl Finish<'_> {
+    /// A method, not a closure: closures are not compiled for the vector
+    /// unit of the function that calls them.
+    #[inline(always)]
+    fn apply(&self, sums: &mut [f32], added: Option<&[f32]>) {
+        if let Some(bv) = self.bias {
+            sums.iter_mut().for_each(|v| *v += bv);
+        }
+        apply_maps(self.epilogue, self.channel, sums, added);
+    }
+}
+
+/// A worker's buffers for depthwise planes, reused from plane to plane.
+#[derive(Default)]
+struct Scratch {
+    /// The padded, phase-split input plane.
+    padded: Vec<f32>,
+    /// Sums over whole vectors, before the valid columns are copied out.
+    sums: Vec<f32>,
 }
 
 thread_local! {
-    /// Each worker's padded plane, reused from plane to plane.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// Where a plane goes in its padded, phase-split copy; the same for every
@@ -370,8 +456,8 @@ struct PaddedLayout {
     /// Per phase: (to, from, count): `count` input columns from `from`,
     /// every sw-th, go to `to` in the padded row.
     copies: Vec<(usize, usize, usize)>,
-    /// Where tap j of an output row starts in its padded row.
-    tap_start: Vec<usize>,
+    /// Where tap (i, j) of output row 0 starts in the padded plane.
+    offsets: Vec<usize>,
 }
 
 impl PaddedLayout {
@@ -395,40 +481,60 @@ impl PaddedLayout {
                 Some((phase_start[p] + first, from, count))
             })
             .collect();
-        let tap_start = (0..g.kw)
+        let tap_start: Vec<usize> = (0..g.kw)
             .map(|j| phase_start[(j * g.dw) % g.sw] + (j * g.dw) / g.sw)
+            .collect();
+        let offsets = (0..g.kh)
+            .flat_map(|i| tap_start.iter().map(move |&t| i * g.dh * cols + t))
             .collect();
         PaddedLayout {
             rows,
             cols,
             copies,
-            tap_start,
+            offsets,
         }
     }
 }
 
+/// A depthwise convolution of one plane, `finish` applied to its sums
+/// before they are stored. The plane is first copied inside its zero
+/// padding (`scratch.padded`, zeroed by the caller), each row split into its `sw` phases (phase p holds
+/// columns p, p + sw, ...), so that every tap of an output row reads a
+/// contiguous run without bounds tests, which the compiler vectorises; a tap
+/// over padding adds a product with zero, which leaves the sum unchanged.
+/// Each output receives its taps in kernel order.
 #[inline(always)]
-fn depthwise_plane_in(
+fn depthwise_plane(
     src: &[f32],
     ker: &[f32],
     g: &Geometry,
     layout: &PaddedLayout,
     dst: &mut [f32],
-    padded: &mut Vec<f32>,
+    scratch: &mut Scratch,
+    finish: &Finish,
 ) {
-    let (rows, cols) = (layout.rows, layout.cols);
-    let (copies, tap_start) = (&layout.copies, &layout.tap_start);
-    padded.clear();
-    padded.resize(rows * cols, 0.0);
+    let Scratch { padded, sums } = scratch;
+    let cols = layout.cols;
     for (pr, row) in padded.chunks_exact_mut(cols).enumerate() {
         let Some(r) = pr.checked_sub(g.ph).filter(|&r| r < g.h) else {
             continue;
         };
         let input = &src[r * g.w..][..g.w];
-        for &(to, from, count) in copies {
+        for &(to, from, count) in &layout.copies {
             let out = &mut row[to..][..count];
             if g.sw == 1 {
                 out.copy_from_slice(&input[from..][..count]);
+            } else if g.sw == 2 {
+                // Pairs with a constant stride, which the compiler turns
+                // into vector shuffles rather than one load per element.
+                let pairs = &input[from..];
+                let whole = count.min(pairs.len() / 2);
+                for (d, pair) in out[..whole].iter_mut().zip(pairs.chunks_exact(2)) {
+                    *d = pair[0];
+                }
+                for (t, d) in out.iter_mut().enumerate().skip(whole) {
+                    *d = pairs[2 * t];
+                }
             } else {
                 for (t, d) in out.iter_mut().enumerate() {
                     *d = input[from + t * g.sw];
@@ -436,31 +542,73 @@ fn depthwise_plane_in(
             }
         }
     }
-    let n = g.ow;
-    let row_at = |y: usize, i: usize| &padded[(y * g.sh + i * g.dh) * cols..][..cols];
-    if g.kh == 3 && g.kw == 3 {
-        let t = [tap_start[0], tap_start[1], tap_start[2]];
-        for y in 0..g.oh {
-            let rows = [row_at(y, 0), row_at(y, 1), row_at(y, 2)];
-            kernel_3x3(&mut dst[y * n..][..n], ker, rows, t);
-        }
+    // The sums are taken over whole vectors, into `sums`, then the valid
+    // columns are copied out: no scalar tail loops, which dominate small
+    // planes. With a row step of 1 output row y, column x reads padded
+    // element `y * cols + x + offset`, so one flat loop covers the plane
+    // (the columns past `ow` of each row are discarded); with a larger step
+    // each output row is its own loop.
+    if g.oh == 0 || g.ow == 0 {
         return;
     }
-    for y in 0..g.oh {
-        let drow = &mut dst[y * g.ow..][..g.ow];
-        for i in 0..g.kh {
-            let row = &padded[(y * g.sh + i * g.dh) * cols..][..cols];
-            let w = &ker[i * g.kw..][..g.kw];
-            let n = g.ow;
-            let tap = |j: usize| &row[tap_start[j]..][..n];
-            match g.kw {
-                3 => kernel_row3(drow, w, tap(0), tap(1), tap(2)),
-                5 => kernel_row5(drow, w, [tap(0), tap(1), tap(2), tap(3), tap(4)]),
-                _ => {
-                    for (j, &wv) in w.iter().enumerate() {
-                        for (d, s) in drow.iter_mut().zip(&row[tap_start[j]..]) {
-                            *d += wv * s;
-                        }
+    let offsets = &layout.offsets;
+    if g.sh == 1 {
+        let len = ((g.oh - 1) * cols + g.ow).next_multiple_of(LANES);
+        sums.resize(len, 0.0);
+        depthwise_sums(&mut sums[..len], ker, g, &padded[..], offsets);
+        finish.apply(&mut sums[..len], None);
+        for (y, drow) in dst.chunks_exact_mut(g.ow).enumerate() {
+            drow.copy_from_slice(&sums[y * cols..][..g.ow]);
+        }
+    } else {
+        let len = g.ow.next_multiple_of(LANES);
+        sums.resize(len, 0.0);
+        for (y, drow) in dst.chunks_exact_mut(g.ow).enumerate() {
+            let base = &padded[y * g.sh * cols..];
+            depthwise_sums(&mut sums[..len], ker, g, base, offsets);
+            finish.apply(&mut sums[..len], None);
+            drow.copy_from_slice(&sums[..g.ow]);
+        }
+    }
+}
+
+/// The widest vector (in f32 lanes) the sums are rounded up to; the padded
+/// copy has this much slack at its end for the discarded lanes to read.
+const LANES: usize = 16;
+
+/// `out[x] = sum over taps k of ker[k] * src[offsets[k] + x]`, the taps in
+/// kernel order, starting from zero.
+#[inline(always)]
+fn depthwise_sums(out: &mut [f32], ker: &[f32], g: &Geometry, src: &[f32], offsets: &[usize]) {
+    let n = out.len();
+    let tap = |k: usize| &src[offsets[k]..][..n];
+    if g.kh == 3 && g.kw == 3 {
+        let t = [
+            tap(0),
+            tap(1),
+            tap(2),
+            tap(3),
+            tap(4),
+            tap(5),
+            tap(6),
+            tap(7),
+            tap(8),
+        ];
+        kernel_3x3(out, ker, t);
+        return;
+    }
+    // Other kernels add kernel row by kernel row.
+    out.fill(0.0);
+    for i in 0..g.kh {
+        let w = &ker[i * g.kw..][..g.kw];
+        let row = |j: usize| tap(i * g.kw + j);
+        match g.kw {
+            3 => kernel_row3(out, w, row(0), row(1), row(2)),
+            5 => kernel_row5(out, w, [row(0), row(1), row(2), row(3), row(4)]),
+            _ => {
+                for (j, &wv) in w.iter().enumerate() {
+                    for (d, s) in out.iter_mut().zip(row(j)) {
+                        *d += wv * s;
                     }
                 }
             }
@@ -468,28 +616,28 @@ fn depthwise_plane_in(
     }
 }
 
-/// A whole 3x3 kernel over one output row, the sum kept in a register:
-/// `d += w[0] * r0[t0]; d += w[1] * r0[t1]; ...`, the order of the
-/// row-by-row loop (kernel row, then column).
+/// A whole 3x3 kernel, the sum kept in a register: `d = 0; d += w[0] *
+/// t[0][x]; d += w[1] * t[1][x]; ...`, the order of the row-by-row loop
+/// (kernel row, then column).
 #[inline(always)]
-fn kernel_3x3(out: &mut [f32], w: &[f32], rows: [&[f32]; 3], t: [usize; 3]) {
+fn kernel_3x3(out: &mut [f32], w: &[f32], t: [&[f32]; 9]) {
     let n = out.len();
     let w: &[f32; 9] = w[..9].try_into().expect("9 weights");
-    let tap = |i: usize, j: usize| &rows[i][t[j]..][..n];
-    let (a0, a1, a2) = (tap(0, 0), tap(0, 1), tap(0, 2));
-    let (b0, b1, b2) = (tap(1, 0), tap(1, 1), tap(1, 2));
-    let (c0, c1, c2) = (tap(2, 0), tap(2, 1), tap(2, 2));
+    let [t0, t1, t2, t3, t4, t5, t6, t7, t8] = t;
+    let (t0, t1, t2) = (&t0[..n], &t1[..n], &t2[..n]);
+    let (t3, t4, t5) = (&t3[..n], &t4[..n], &t5[..n]);
+    let (t6, t7, t8) = (&t6[..n], &t7[..n], &t8[..n]);
     for x in 0..n {
-        let mut acc = out[x];
-        acc += w[0] * a0[x];
-        acc += w[1] * a1[x];
-        acc += w[2] * a2[x];
-        acc += w[3] * b0[x];
-        acc += w[4] * b1[x];
-        acc += w[5] * b2[x];
-        acc += w[6] * c0[x];
-        acc += w[7] * c1[x];
-        acc += w[8] * c2[x];
+        let mut acc = 0.0;
+        acc += w[0] * t0[x];
+        acc += w[1] * t1[x];
+        acc += w[2] * t2[x];
+        acc += w[3] * t3[x];
+        acc += w[4] * t4[x];
+        acc += w[5] * t5[x];
+        acc += w[6] * t6[x];
+        acc += w[7] * t7[x];
+        acc += w[8] * t8[x];
         out[x] = acc;
     }
 }
@@ -528,33 +676,70 @@ fn kernel_row5(out: &mut [f32], w: &[f32], t: [&[f32]; 5]) {
     }
 }
 
-/// im2col: one row per (channel, ky, kx), one column per output pixel,
-/// zeros where the window reads padding.
-fn im2col(src: &[f32], channels: usize, g: &Geometry) -> Vec<f32> {
-    let plane = g.oh * g.ow;
-    let mut cols = vec![0f32; channels * g.kh * g.kw * plane];
-    let spans: Vec<_> = (0..g.kw).map(|j| g.column_span(j)).collect();
-    for (ci, block) in cols.chunks_mut((g.kh * g.kw * plane).max(1)).enumerate() {
+/// Output rows per block of a product: the block's columns of the right
+/// operand and of the output (`rows_and_cols` = k + output channels values
+/// each) fit in about 1 MiB of cache; at least 65 columns, or the whole
+/// plane (see gemm.rs: a product with more than 64 columns takes the
+/// general path).
+fn block_rows(rows_and_cols: usize, oh: usize, ow: usize) -> usize {
+    // Measured on MobileNetV2: 256 KiB blocks were slower than 1 MiB ones.
+    const BLOCK_VALUES: usize = 262144;
+    let width = (BLOCK_VALUES / rows_and_cols.max(1)).max(65);
+    width.div_ceil(ow.max(1)).clamp(1, oh.max(1))
+}
+
+/// im2col for the output rows `ys`: one row per (channel, ky, kx), one
+/// column per output pixel of those rows, zeros where the window reads
+/// padding. Written into `cols`, reused between calls.
+fn im2col_rows(
+    src: &[f32],
+    channels: usize,
+    g: &Geometry,
+    ys: std::ops::Range<usize>,
+    cols: &mut Vec<f32>,
+) {
+    let width = ys.len() * g.ow;
+    cols.clear();
+    cols.resize(channels * g.kh * g.kw * width, 0.0);
+    if width == 0 {
+        return;
+    }
+    let spans: Vec<_> = (0..g.kw).map(|j| g.column_range(j)).collect();
+    for (ci, block) in cols.chunks_mut(g.kh * g.kw * width).enumerate() {
         let input = &src[ci * g.h * g.w..][..g.h * g.w];
-        let split;
-        let rows = if g.sw == 1 {
-            input
-        } else {
-            split = phases(input, g);
-            &split[..]
-        };
         for i in 0..g.kh {
-            for (j, &(p, shift, first, end)) in spans.iter().enumerate() {
-                let row = &mut block[(i * g.kw + j) * plane..][..plane];
-                for (y, drow) in row.chunks_mut(g.ow.max(1)).enumerate() {
+            for (j, &(first, end, from)) in spans.iter().enumerate() {
+                if first == end {
+                    continue;
+                }
+                let row = &mut block[(i * g.kw + j) * width..][..width];
+                for (y, drow) in ys.clone().zip(row.chunks_exact_mut(g.ow)) {
                     let Some(r) = g.input_row(y, i) else { continue };
-                    let start = (phase_start(g, r, p) as isize + first as isize + shift) as usize;
-                    drow[first..end].copy_from_slice(&rows[start..][..end - first]);
+                    let out = &mut drow[first..end];
+                    let input = &input[r * g.w + from..];
+                    match g.sw {
+                        1 => out.copy_from_slice(&input[..out.len()]),
+                        // A constant stride, which the compiler turns into
+                        // vector shuffles rather than one load per element.
+                        2 => {
+                            let whole = out.len().min(input.len() / 2);
+                            for (d, pair) in out.iter_mut().zip(input.chunks_exact(2)) {
+                                *d = pair[0];
+                            }
+                            for (t, d) in out.iter_mut().enumerate().skip(whole) {
+                                *d = input[2 * t];
+                            }
+                        }
+                        sw => {
+                            for (d, s) in out.iter_mut().zip(input.iter().step_by(sw)) {
+                                *d = *s;
+                            }
+                        }
+                    }
                 }
             }
         }
     }
-    cols
 }
 
 /// ConvTranspose (2-D): each input pixel scatters its kernel into the output.

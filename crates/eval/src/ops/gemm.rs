@@ -27,6 +27,16 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Columns `first..first + count` of the matrix.
+    pub fn columns(self, first: usize, count: usize) -> MatRef<'a> {
+        assert!(first + count <= self.cols, "columns outside the matrix");
+        MatRef {
+            data: &self.data[(first * self.col_stride).min(self.data.len())..],
+            cols: count,
+            ..self
+        }
+    }
+
     pub fn transposed(self) -> MatRef<'a> {
         MatRef {
             rows: self.cols,

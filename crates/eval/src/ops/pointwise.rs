@@ -33,6 +33,10 @@ pub enum Pointwise {
         scale: Vec<f32>,
         shift: Vec<f32>,
     },
+    /// An Add of another tensor of the output's shape (a residual
+    /// connection). Only an epilogue has it: the tensor's values come with
+    /// the data (see [`apply_maps`]).
+    AddInput,
 }
 
 impl Pointwise {
@@ -65,6 +69,26 @@ impl Pointwise {
                 let (a, b) = (scale[channel], shift[channel]);
                 xs.iter_mut().for_each(|x| *x = *x * a + b);
             }
+            // Needs the added values: see apply_maps.
+            Pointwise::AddInput => {}
+        }
+    }
+}
+
+/// Applies `maps` in order to `data`, all of channel `channel`; `added` is
+/// the slice of the tensor an [`Pointwise::AddInput`] adds, aligned with
+/// `data`. `x + y` is the Add kernel's own arithmetic (and commutes
+/// exactly), so the fused Add gives its bits.
+#[inline(always)]
+pub fn apply_maps(maps: &[Pointwise], channel: usize, data: &mut [f32], added: Option<&[f32]>) {
+    for map in maps {
+        match (map, added) {
+            (Pointwise::AddInput, Some(added)) => {
+                let added = &added[..data.len()];
+                data.iter_mut().zip(added).for_each(|(x, y)| *x += *y);
+            }
+            (Pointwise::AddInput, None) => panic!("an epilogue Add without its input"),
+            (map, _) => map.apply(channel, data),
         }
     }
 }
@@ -76,6 +100,8 @@ pub struct Epilogue<'a> {
     pub maps: &'a [Pointwise],
     pub channel: usize,
     pub data: &'a mut [f32],
+    /// For [`Pointwise::AddInput`]: the added values, aligned with `data`.
+    pub added: Option<&'a [f32]>,
 }
 
 impl pulp::WithSimd for Epilogue<'_> {
@@ -83,9 +109,7 @@ impl pulp::WithSimd for Epilogue<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        for map in self.maps {
-            map.apply(self.channel, self.data);
-        }
+        apply_maps(self.maps, self.channel, self.data, self.added);
     }
 }
 
@@ -199,6 +223,7 @@ pub fn kernel(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
                         maps: std::slice::from_ref(&map),
                         channel: plane % c,
                         data: xs,
+                        added: None,
                     })
                 });
         }
@@ -207,6 +232,7 @@ pub fn kernel(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
                 maps: std::slice::from_ref(&map),
                 channel: 0,
                 data: xs,
+                added: None,
             })
         }),
     }
