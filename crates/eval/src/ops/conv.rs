@@ -2,7 +2,9 @@
 //! depthwise convolution, and the window arithmetic shared with pooling.
 
 use super::gemm::{gemm, MatRef, Threads};
-use super::pointwise::{apply_maps, Epilogue, Pointwise};
+use super::pointwise::{
+    apply_maps, Epilogue, MapValue, Pointwise, Unchanged, ValueMap, WithValueMap,
+};
 use super::{array, f32_input};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::Tensor;
@@ -250,11 +252,8 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     // Bias, then the epilogue, on the values of one output channel that
     // start at `offset` in the output.
     let finish = |channel: usize, offset: usize, values: &mut [f32]| {
-        if let Some(bias) = &bias {
-            let bv = bias[channel];
-            values.iter_mut().for_each(|v| *v += bv);
-        }
         simd.dispatch(Epilogue {
+            bias: bias.as_ref().map(|b| b[channel]),
             maps: cx.epilogue,
             channel,
             added: added.map(|a| &a[offset..][..values.len()]),
@@ -392,27 +391,71 @@ impl pulp::WithSimd for Depthwise<'_> {
             let channel = plane % self.channels;
             let src = &self.src[plane * in_plane..][..in_plane];
             let ker = &self.weights[channel * taps..][..taps];
+            let bias = self.bias.map(|b| b[channel]);
             let finish = Finish {
-                bias: self.bias.map(|b| b[channel]),
+                bias,
                 epilogue: self.epilogue,
                 channel,
             };
-            match self.added {
+            let layout = self.layout;
+            match (self.added, ValueMap::new(bias, self.epilogue, channel)) {
+                // The common epilogues are applied to each sum as it is
+                // stored.
+                (None, Some(map)) => map.dispatch(PlaneWithMap {
+                    src,
+                    ker,
+                    g,
+                    layout,
+                    dst,
+                    scratch: self.scratch,
+                }),
+                (None, None) => depthwise_plane(
+                    src,
+                    ker,
+                    g,
+                    layout,
+                    dst,
+                    self.scratch,
+                    Unchanged,
+                    Some(&finish),
+                ),
                 // The sums are not laid out as the output; the Add needs
                 // them stored first.
-                Some(added) => {
-                    let no_finish = Finish {
-                        bias: None,
-                        epilogue: &[],
-                        channel,
-                    };
-                    depthwise_plane(src, ker, g, self.layout, dst, self.scratch, &no_finish);
+                (Some(added), _) => {
+                    depthwise_plane(src, ker, g, layout, dst, self.scratch, Unchanged, None);
                     let added = &added[plane * out_plane..][..dst.len()];
                     finish.apply(dst, Some(added));
                 }
-                None => depthwise_plane(src, ker, g, self.layout, dst, self.scratch, &finish),
             }
         }
+    }
+}
+
+/// [`depthwise_plane`] with a [`ValueMap`] compiled for its form.
+struct PlaneWithMap<'a> {
+    src: &'a [f32],
+    ker: &'a [f32],
+    g: &'a Geometry,
+    layout: &'a PaddedLayout,
+    dst: &'a mut [f32],
+    scratch: &'a mut Scratch,
+}
+
+impl WithValueMap for PlaneWithMap<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<M: MapValue>(self, map: M) {
+        depthwise_plane(
+            self.src,
+            self.ker,
+            self.g,
+            self.layout,
+            self.dst,
+            self.scratch,
+            map,
+            None,
+        );
     }
 }
 
@@ -496,22 +539,26 @@ impl PaddedLayout {
     }
 }
 
-/// A depthwise convolution of one plane, `finish` applied to its sums
-/// before they are stored. The plane is first copied inside its zero
-/// padding (`scratch.padded`, zeroed by the caller), each row split into its `sw` phases (phase p holds
+/// A depthwise convolution of one plane: `map` applied to each sum as it
+/// is computed, then `finish` (when given) to the sums, before they are
+/// stored. The plane is first copied inside its zero padding
+/// (`scratch.padded`, zeroed by the caller), each row split into its `sw`
+/// phases (phase p holds
 /// columns p, p + sw, ...), so that every tap of an output row reads a
 /// contiguous run without bounds tests, which the compiler vectorises; a tap
 /// over padding adds a product with zero, which leaves the sum unchanged.
 /// Each output receives its taps in kernel order.
 #[inline(always)]
-fn depthwise_plane(
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane<M: MapValue>(
     src: &[f32],
     ker: &[f32],
     g: &Geometry,
     layout: &PaddedLayout,
     dst: &mut [f32],
     scratch: &mut Scratch,
-    finish: &Finish,
+    map: M,
+    finish: Option<&Finish>,
 ) {
     let Scratch { padded, sums } = scratch;
     let cols = layout.cols;
@@ -555,8 +602,10 @@ fn depthwise_plane(
     if g.sh == 1 {
         let len = ((g.oh - 1) * cols + g.ow).next_multiple_of(LANES);
         sums.resize(len, 0.0);
-        depthwise_sums(&mut sums[..len], ker, g, &padded[..], offsets);
-        finish.apply(&mut sums[..len], None);
+        depthwise_sums(&mut sums[..len], ker, g, &padded[..], offsets, map);
+        if let Some(finish) = finish {
+            finish.apply(&mut sums[..len], None);
+        }
         for (y, drow) in dst.chunks_exact_mut(g.ow).enumerate() {
             drow.copy_from_slice(&sums[y * cols..][..g.ow]);
         }
@@ -565,8 +614,10 @@ fn depthwise_plane(
         sums.resize(len, 0.0);
         for (y, drow) in dst.chunks_exact_mut(g.ow).enumerate() {
             let base = &padded[y * g.sh * cols..];
-            depthwise_sums(&mut sums[..len], ker, g, base, offsets);
-            finish.apply(&mut sums[..len], None);
+            depthwise_sums(&mut sums[..len], ker, g, base, offsets, map);
+            if let Some(finish) = finish {
+                finish.apply(&mut sums[..len], None);
+            }
             drow.copy_from_slice(&sums[..g.ow]);
         }
     }
@@ -576,10 +627,17 @@ fn depthwise_plane(
 /// copy has this much slack at its end for the discarded lanes to read.
 const LANES: usize = 16;
 
-/// `out[x] = sum over taps k of ker[k] * src[offsets[k] + x]`, the taps in
-/// kernel order, starting from zero.
+/// `out[x] = map(sum over taps k of ker[k] * src[offsets[k] + x])`, the
+/// taps in kernel order, starting from zero.
 #[inline(always)]
-fn depthwise_sums(out: &mut [f32], ker: &[f32], g: &Geometry, src: &[f32], offsets: &[usize]) {
+fn depthwise_sums<M: MapValue>(
+    out: &mut [f32],
+    ker: &[f32],
+    g: &Geometry,
+    src: &[f32],
+    offsets: &[usize],
+    map: M,
+) {
     let n = out.len();
     let tap = |k: usize| &src[offsets[k]..][..n];
     if g.kh == 3 && g.kw == 3 {
@@ -594,7 +652,7 @@ fn depthwise_sums(out: &mut [f32], ker: &[f32], g: &Geometry, src: &[f32], offse
             tap(7),
             tap(8),
         ];
-        kernel_3x3(out, ker, t);
+        kernel_3x3(out, ker, t, map);
         return;
     }
     // Other kernels add kernel row by kernel row.
@@ -614,13 +672,14 @@ fn depthwise_sums(out: &mut [f32], ker: &[f32], g: &Geometry, src: &[f32], offse
             }
         }
     }
+    out.iter_mut().for_each(|x| *x = map.map(*x));
 }
 
 /// A whole 3x3 kernel, the sum kept in a register: `d = 0; d += w[0] *
 /// t[0][x]; d += w[1] * t[1][x]; ...`, the order of the row-by-row loop
-/// (kernel row, then column).
+/// (kernel row, then column); `map` is applied before the store.
 #[inline(always)]
-fn kernel_3x3(out: &mut [f32], w: &[f32], t: [&[f32]; 9]) {
+fn kernel_3x3<M: MapValue>(out: &mut [f32], w: &[f32], t: [&[f32]; 9], map: M) {
     let n = out.len();
     let w: &[f32; 9] = w[..9].try_into().expect("9 weights");
     let [t0, t1, t2, t3, t4, t5, t6, t7, t8] = t;
@@ -638,7 +697,7 @@ fn kernel_3x3(out: &mut [f32], w: &[f32], t: [&[f32]; 9]) {
         acc += w[6] * t6[x];
         acc += w[7] * t7[x];
         acc += w[8] * t8[x];
-        out[x] = acc;
+        out[x] = map.map(acc);
     }
 }
 

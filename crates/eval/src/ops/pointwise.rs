@@ -52,8 +52,10 @@ impl Pointwise {
     #[inline(always)]
     pub fn apply(&self, channel: usize, xs: &mut [f32]) {
         match self {
-            Pointwise::Relu => xs.iter_mut().for_each(|x| *x = x.max(0.0)),
-            Pointwise::Clip { lo, hi } => xs.iter_mut().for_each(|x| *x = x.max(*lo).min(*hi)),
+            Pointwise::Relu => xs
+                .iter_mut()
+                .for_each(|x| *x = clamp(*x, 0.0, f32::INFINITY)),
+            Pointwise::Clip { lo, hi } => xs.iter_mut().for_each(|x| *x = clamp(*x, *lo, *hi)),
             Pointwise::LeakyRelu { alpha } => xs
                 .iter_mut()
                 .for_each(|x| *x = if *x >= 0.0 { *x } else { alpha * *x }),
@@ -75,6 +77,20 @@ impl Pointwise {
     }
 }
 
+/// `x` limited to `[lo, hi]`, NaN kept (as ONNX's reference, `np.clip` and
+/// `np.maximum`, keeps it). Written as comparisons, each is one vector
+/// instruction (`maxps(lo, x)`, `minps(hi, x)`), where `f32::max` needs three
+/// to turn NaN into the bound.
+#[inline(always)]
+pub fn clamp(x: f32, lo: f32, hi: f32) -> f32 {
+    let x = if x < lo { lo } else { x };
+    if x > hi {
+        hi
+    } else {
+        x
+    }
+}
+
 /// Applies `maps` in order to `data`, all of channel `channel`; `added` is
 /// the slice of the tensor an [`Pointwise::AddInput`] adds, aligned with
 /// `data`. `x + y` is the Add kernel's own arithmetic (and commutes
@@ -93,10 +109,133 @@ pub fn apply_maps(maps: &[Pointwise], channel: usize, data: &mut [f32], added: O
     }
 }
 
-/// Maps applied in order to values of one channel, as a `pulp` operation:
-/// compiled once per vector unit and chosen at run time (the values do not
-/// depend on the unit: no fused multiply-add is formed).
+/// A channel's bias and maps as one function of each value, for the
+/// common epilogues: `x + bias`, then `x * scale + shift` (inference
+/// batch normalization), then a clamp (Clip; Relu is the clamp to
+/// `[0, inf]`). Each step is the very
+/// operation its own kernel performs, so one pass gives the bits of several.
+#[derive(Clone, Copy, Debug)]
+pub struct ValueMap {
+    bias: Option<f32>,
+    affine: Option<(f32, f32)>,
+    clamp: Option<(f32, f32)>,
+}
+
+impl ValueMap {
+    /// The map of `bias` then `maps` for channel `channel`, when they have
+    /// that form.
+    pub fn new(bias: Option<f32>, maps: &[Pointwise], channel: usize) -> Option<ValueMap> {
+        let mut map = ValueMap {
+            bias,
+            affine: None,
+            clamp: None,
+        };
+        let mut rest = maps;
+        if let [Pointwise::ChannelAffine { scale, shift }, tail @ ..] = rest {
+            map.affine = Some((*scale.get(channel)?, *shift.get(channel)?));
+            rest = tail;
+        }
+        match rest {
+            [] => {}
+            [Pointwise::Relu] => map.clamp = Some((0.0, f32::INFINITY)),
+            [Pointwise::Clip { lo, hi }] => map.clamp = Some((*lo, *hi)),
+            _ => return None,
+        }
+        Some(map)
+    }
+
+    /// Calls `op` with this map compiled for its form: the branches on the
+    /// form are taken once here, not per value.
+    #[inline(always)]
+    pub fn dispatch<Op: WithValueMap>(self, op: Op) -> Op::Output {
+        let b = self.bias.unwrap_or(0.0);
+        let (s, t) = self.affine.unwrap_or((1.0, 0.0));
+        let (lo, hi) = self.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+        match (
+            self.bias.is_some(),
+            self.affine.is_some(),
+            self.clamp.is_some(),
+        ) {
+            (false, false, false) => op.run(Steps::<false, false, false> { b, s, t, lo, hi }),
+            (false, false, true) => op.run(Steps::<false, false, true> { b, s, t, lo, hi }),
+            (false, true, false) => op.run(Steps::<false, true, false> { b, s, t, lo, hi }),
+            (false, true, true) => op.run(Steps::<false, true, true> { b, s, t, lo, hi }),
+            (true, false, false) => op.run(Steps::<true, false, false> { b, s, t, lo, hi }),
+            (true, false, true) => op.run(Steps::<true, false, true> { b, s, t, lo, hi }),
+            (true, true, false) => op.run(Steps::<true, true, false> { b, s, t, lo, hi }),
+            (true, true, true) => op.run(Steps::<true, true, true> { b, s, t, lo, hi }),
+        }
+    }
+}
+
+/// A function of each value, compiled for one form of [`ValueMap`].
+pub trait MapValue: Copy {
+    fn map(self, x: f32) -> f32;
+}
+
+/// What runs with a [`ValueMap`] compiled for its form.
+pub trait WithValueMap {
+    type Output;
+    fn run<M: MapValue>(self, map: M) -> Self::Output;
+}
+
+/// The steps of a [`ValueMap`], those that are off removed at compile time.
+#[derive(Clone, Copy)]
+pub struct Steps<const BIAS: bool, const AFFINE: bool, const CLAMP: bool> {
+    b: f32,
+    s: f32,
+    t: f32,
+    lo: f32,
+    hi: f32,
+}
+
+impl<const BIAS: bool, const AFFINE: bool, const CLAMP: bool> MapValue
+    for Steps<BIAS, AFFINE, CLAMP>
+{
+    #[inline(always)]
+    fn map(self, mut x: f32) -> f32 {
+        if BIAS {
+            x += self.b;
+        }
+        if AFFINE {
+            x = x * self.s + self.t;
+        }
+        if CLAMP {
+            x = clamp(x, self.lo, self.hi);
+        }
+        x
+    }
+}
+
+/// A map that leaves values unchanged.
+#[derive(Clone, Copy)]
+pub struct Unchanged;
+
+impl MapValue for Unchanged {
+    #[inline(always)]
+    fn map(self, x: f32) -> f32 {
+        x
+    }
+}
+
+/// Maps every value of a slice in place.
+struct MapSlice<'a>(&'a mut [f32]);
+
+impl WithValueMap for MapSlice<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<M: MapValue>(self, map: M) {
+        self.0.iter_mut().for_each(|x| *x = map.map(*x));
+    }
+}
+
+/// A bias, then maps applied in order, to values of one channel, as a
+/// `pulp` operation: compiled once per vector unit and chosen at run time
+/// (the values do not depend on the unit: no fused multiply-add is formed).
+/// The common forms run as one pass (see [`ValueMap`]).
 pub struct Epilogue<'a> {
+    pub bias: Option<f32>,
     pub maps: &'a [Pointwise],
     pub channel: usize,
     pub data: &'a mut [f32],
@@ -109,7 +248,15 @@ impl pulp::WithSimd for Epilogue<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        apply_maps(self.maps, self.channel, self.data, self.added);
+        match ValueMap::new(self.bias, self.maps, self.channel) {
+            Some(map) => map.dispatch(MapSlice(self.data)),
+            None => {
+                if let Some(b) = self.bias {
+                    self.data.iter_mut().for_each(|x| *x += b);
+                }
+                apply_maps(self.maps, self.channel, self.data, self.added);
+            }
+        }
     }
 }
 
@@ -221,6 +368,7 @@ pub fn kernel(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
                 .for_each(|(plane, xs)| {
                     simd.dispatch(Epilogue {
                         maps: std::slice::from_ref(&map),
+                        bias: None,
                         channel: plane % c,
                         data: xs,
                         added: None,
@@ -230,6 +378,7 @@ pub fn kernel(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
         None => data.par_chunks_mut(1 << 14).for_each(|xs| {
             simd.dispatch(Epilogue {
                 maps: std::slice::from_ref(&map),
+                bias: None,
                 channel: 0,
                 data: xs,
                 added: None,
@@ -237,4 +386,68 @@ pub fn kernel(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
         }),
     }
     Ok(vec![Tensor::F32(array(x.shape(), data))])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values() -> Vec<f32> {
+        let mut v: Vec<f32> = (0..203).map(|i| (i as f32 * 0.731).sin() * 9.0).collect();
+        v.extend([
+            f32::NAN,
+            -0.0,
+            0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            6.0,
+            -1.0,
+        ]);
+        v
+    }
+
+    #[test]
+    fn clip_and_relu_keep_nan_as_the_onnx_reference_does() {
+        let mut xs = vec![f32::NAN, -2.0, 0.5, 9.0];
+        Pointwise::Clip { lo: -1.0, hi: 6.0 }.apply(0, &mut xs);
+        assert!(xs[0].is_nan());
+        assert_eq!(&xs[1..], &[-1.0, 0.5, 6.0]);
+        let mut xs = vec![f32::NAN, -2.0, 3.0];
+        Pointwise::Relu.apply(0, &mut xs);
+        assert!(xs[0].is_nan());
+        assert_eq!(&xs[1..], &[0.0, 3.0]);
+    }
+
+    #[test]
+    fn a_value_map_gives_the_bits_of_its_steps_one_by_one() {
+        let affine = Pointwise::ChannelAffine {
+            scale: vec![1.0, 0.37],
+            shift: vec![0.0, -1.25],
+        };
+        let cases: Vec<(Option<f32>, Vec<Pointwise>)> = vec![
+            (None, vec![]),
+            (Some(0.3), vec![]),
+            (None, vec![Pointwise::Relu]),
+            (Some(-0.7), vec![affine.clone()]),
+            (
+                Some(0.1),
+                vec![affine.clone(), Pointwise::Clip { lo: 0.0, hi: 6.0 }],
+            ),
+            (None, vec![affine.clone(), Pointwise::Relu]),
+        ];
+        for (bias, maps) in cases {
+            let map = ValueMap::new(bias, &maps, 1).expect("a common form");
+            let mut fused = values();
+            map.dispatch(MapSlice(&mut fused));
+            let mut steps = values();
+            if let Some(b) = bias {
+                steps.iter_mut().for_each(|x| *x += b);
+            }
+            apply_maps(&maps, 1, &mut steps, None);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fused), bits(&steps), "{bias:?} {maps:?}");
+        }
+        assert!(ValueMap::new(None, &[Pointwise::Sigmoid], 0).is_none());
+        assert!(ValueMap::new(None, &[Pointwise::AddInput], 0).is_none());
+    }
 }
