@@ -4,8 +4,8 @@ Runtime with outputs equal to the original model's.
 
 usage: onnx_check.py QGRAPH_BINARY MODEL.onnx [MODEL.onnx ...]
 
-For each model: `qgraph convert` it, and `qgraph run` the standard pass
-pipeline on it; run onnx.checker (full check) on both results, run the
+For each model: `qgraph convert` it, `qgraph run` the standard pass
+pipeline on it, and `qgraph insert` Q/DQ pairs (int8 and w4a8, no data); run onnx.checker (full check) on both results, run the
 original and each result in ONNX Runtime on the same seeded random input, and
 require max |difference| == 0 for the conversion and <= 1e-4 relative (to the
 largest output magnitude) for the pipeline. Prints one line per check and a
@@ -52,6 +52,29 @@ def check(qgraph, model, workdir, pipeline=None):
     return None
 
 
+def check_insert(qgraph, model, workdir, scheme):
+    """`qgraph insert` without data (weights quantized): the result passes the
+    checker and runs in ONNX Runtime, with its optimisations off and on, with
+    finite outputs that agree between the two within 1e-3 relative."""
+    out = Path(workdir) / f"{model.stem}.{scheme}.qgraph.onnx"
+    proc = subprocess.run([qgraph, "insert", "--scheme", scheme, str(model), "-o", str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"qgraph insert failed: {proc.stderr.strip()}"
+    onnx.checker.check_model(str(out), full_check=True)
+    feeds = random_feeds(onnx.load(str(model)), batch=1, seed=0)
+    plain = run(out, feeds)
+    opts = ort.SessionOptions()
+    fused = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(plain, fused):
+        if not np.all(np.isfinite(a)):
+            return "non-finite outputs"
+        scale = float(np.max(np.abs(a))) or 1.0
+        if float(np.max(np.abs(a - b))) / scale > 1e-3:
+            return "ONNX Runtime's optimised session differs from the plain one"
+    return None
+
+
 def main():
     qgraph, models = sys.argv[1], [Path(m) for m in sys.argv[2:]]
     passed = failed = 0
@@ -72,6 +95,17 @@ def main():
                 else:
                     passed += 1
                     print(f"ok   {m.name} (convert): onnx checker passes, ONNX Runtime outputs identical (max abs diff 0)")
+            for scheme in ("int8", "w4a8"):
+                try:
+                    problem = check_insert(qgraph, m, workdir, scheme)
+                except Exception as e:
+                    problem = f"{type(e).__name__}: {e}"
+                if problem:
+                    failed += 1
+                    print(f"FAIL {m.name} (insert {scheme}): {problem}")
+                else:
+                    passed += 1
+                    print(f"ok   {m.name} (insert {scheme}): onnx checker passes, runs in ONNX Runtime")
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

@@ -13,6 +13,7 @@ mod fold_pad;
 mod fuse_conv_bn_act;
 mod fuse_matmul_add;
 mod infer_shapes;
+mod insert_qdq;
 mod pipeline;
 mod remove_noops;
 mod util;
@@ -26,11 +27,15 @@ pub use fuse_conv_bn_act::{
 };
 pub use fuse_matmul_add::FuseMatMulAdd;
 pub use infer_shapes::InferShapes;
+pub use insert_qdq::{
+    insert_qdq, plan_qdq, recorded_range, InsertOptions, InsertQdq, InsertReport, Placement,
+    QdqPlan, Site, RANGE_KEY,
+};
 pub use pipeline::{known_names, parse_pipeline, registry, Params, PassInfo, ALIASES};
 pub use remove_noops::RemoveNoops;
 
 /// Every pass the pipeline parser knows, in alphabetical order.
-static REGISTRY: [PassInfo; 8] = [
+static REGISTRY: [PassInfo; 9] = [
     PassInfo {
         name: "dce",
         summary: "remove nodes whose outputs nothing reads, then unused values and initializers",
@@ -65,6 +70,11 @@ static REGISTRY: [PassInfo; 8] = [
         name: "infer-shapes",
         summary: "declare the type and shape of every computed value (symbolic dims such as the batch kept)",
         build: |p| p.finish(&[]).map(|_| Box::new(InferShapes) as Box<dyn Pass>),
+    },
+    PassInfo {
+        name: "insert-qdq",
+        summary: "insert QuantizeLinear/DequantizeLinear pairs by TensorRT's placement rules (scheme=int8|int8-asym|wNaM, ends-at-8-bits=true|false); weights from their values, activations where a calibrated range is recorded (qgraph insert calibrates)",
+        build: InsertQdq::from_params,
     },
     PassInfo {
         name: "remove-noops",

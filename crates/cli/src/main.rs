@@ -109,6 +109,61 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+    /// Insert QuantizeLinear/DequantizeLinear pairs by a scheme, calibrating
+    /// activation ranges on data.
+    #[command(after_help = "Schemes:\n  \
+                      int8       TensorRT style: weights int8 symmetric per output channel (narrow grid \
+                      [-127, 127]), activations int8 symmetric per tensor, zero points 0\n  \
+                      int8-asym  ONNX Runtime style: weights as int8, activations uint8 asymmetric per tensor\n  \
+                      wNaM       N-bit weights (symmetric, per channel), M-bit activations (unsigned, \
+                      asymmetric), N and M from 2 to 8, e.g. w4a8, w2a2; the first and last weighted \
+                      layers stay at 8 bits unless --low-bit-ends\n\n\
+                      Placement follows TensorRT: every input of Conv, ConvTranspose, Gemm and MatMul, and \
+                      the residual input of an Add joining a convolution's branch; the outputs of \
+                      weighted ops and everything else stay float.\n\n\
+                      Without --calib only weights are quantized (and any activation whose calibrated \
+                      range the model records).\n\n\
+                      Examples:\n  qgraph insert --scheme int8 model.onnx --calib photos.npz --norm imagenet -o q.onnx\n  \
+                      qgraph insert --scheme w4a8 model.onnx --calib data.npz --calib-count 256 --method percentile -o q.onnx")]
+    Insert {
+        /// The float model (.onnx or .qgt).
+        model: PathBuf,
+        /// Where to write the Q/DQ model (.onnx or .qgt), atomically.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The quantization scheme: int8, int8-asym or wNaM (see below).
+        #[arg(long, default_value = "int8")]
+        scheme: String,
+        /// Calibration data (.npz with samples N first, uint8 or float32).
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// The array of samples in --calib (default: x, else x_u8).
+        #[arg(long)]
+        key: Option<String>,
+        /// Input normalisation of the calibration samples.
+        #[arg(long, value_enum, default_value_t = NormArg::None)]
+        norm: NormArg,
+        /// Calibrate on N samples spread evenly over the file (default: all).
+        #[arg(long, value_name = "N")]
+        calib_count: Option<usize>,
+        /// How activation ranges are chosen from what calibration saw.
+        #[arg(long, value_enum, default_value_t = MethodArg::Minmax)]
+        method: MethodArg,
+        /// The percentile for --method percentile.
+        #[arg(long, default_value_t = 99.99)]
+        percentile: f64,
+        /// Samples per calibration batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// With a sub-8-bit scheme, quantize the first and last weighted
+        /// layers at the scheme's width too (by default they stay at 8 bits).
+        #[arg(long)]
+        low_bit_ends: bool,
+        /// Skip the passes run first (fold constants, batch normalization
+        /// and zero pads; see `qgraph run --list`).
+        #[arg(long)]
+        no_prepare: bool,
+    },
     /// Run a model on inputs from an .npz file and write its outputs to one.
     #[command(
         after_help = "The input file holds one float32 array per model input, named as the input; \
@@ -162,6 +217,18 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MethodArg {
+    /// The extremes seen.
+    Minmax,
+    /// The |x| below --percentile percent of the values.
+    Percentile,
+    /// TensorRT's entropy calibration (least KL divergence, 2048 bins).
+    Entropy,
+    /// The clipping threshold of least expected squared quantization error.
+    Mse,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -390,6 +457,103 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     format!(" (still changing after {} rounds)", report.rounds)
                 } else {
                     String::new()
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Insert {
+            model,
+            output,
+            scheme,
+            calib,
+            key,
+            norm,
+            calib_count,
+            method,
+            percentile,
+            batch,
+            low_bit_ends,
+            no_prepare,
+        } => {
+            let scheme = qgraph::quant::Scheme::parse(&scheme)
+                .map_err(|e| Failure(format!("--scheme: {e}")))?;
+            if !(0.0..=100.0).contains(&percentile) || percentile == 0.0 {
+                return Err(Failure(format!(
+                    "--percentile must be in (0, 100], not {percentile}"
+                )));
+            }
+            let mut m = load(&model)?.model;
+            let options = qgraph::passes::InsertOptions {
+                scheme,
+                placement: qgraph::passes::Placement::TensorRt,
+                ends_at_8_bits: !low_bit_ends,
+            };
+            let data = calib
+                .as_ref()
+                .map(|path| qgraph::data::Dataset::load_npz(path, key.as_deref(), Some("")))
+                .transpose()?;
+            let norm = match norm {
+                NormArg::Imagenet => qgraph::data::Norm::Imagenet,
+                NormArg::Tf => qgraph::data::Norm::Tf,
+                NormArg::None => qgraph::data::Norm::None,
+            };
+            if let (Some(ds), Some(path)) = (&data, &calib) {
+                ds.check_norm(norm)
+                    .map_err(|e| Failure(format!("{}: {e}", path.display())))?;
+            }
+            let method = match method {
+                MethodArg::Minmax => qgraph::insert::Method::MinMax,
+                MethodArg::Percentile => qgraph::insert::Method::Percentile(percentile),
+                MethodArg::Entropy => qgraph::insert::Method::Entropy,
+                MethodArg::Mse => qgraph::insert::Method::Mse,
+            };
+            let calibration = data.as_ref().map(|ds| qgraph::insert::Calibration {
+                data: ds,
+                samples: qgraph::insert::spread_samples(
+                    ds.len(),
+                    calib_count.unwrap_or(usize::MAX),
+                ),
+                norm,
+                batch,
+                method,
+            });
+            let total = calibration.as_ref().map_or(0, |c| c.samples.len());
+            let bar = indicatif::ProgressBar::new(total as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "calibrating {bar:40} {pos}/{len} samples {per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let summary = qgraph::insert::insert(
+                &mut m,
+                &options,
+                !no_prepare,
+                calibration.as_ref(),
+                |done| bar.set_position(done as u64),
+            )
+            .map_err(|e| Failure(format!("{}: {e}", model.display())))?;
+            bar.finish_and_clear();
+            qgraph::save(&m, &output, &qgraph::SaveOptions::default())?;
+            for note in &summary.plan.notes {
+                eprintln!("qgraph: note: {note}");
+            }
+            let r = &summary.report;
+            eprintln!(
+                "qgraph: {} weights and {} activations quantized ({}){}",
+                r.weights,
+                r.activations,
+                match &calibration {
+                    Some(c) => format!("{} over {} samples", c.method.describe(), c.samples.len()),
+                    None => "no calibration data".into(),
+                },
+                if r.unranged.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; {} activations left float without a range (give --calib): {}",
+                        r.unranged.len(),
+                        r.unranged.join(", ")
+                    )
                 }
             );
             Ok(ExitCode::SUCCESS)

@@ -472,3 +472,81 @@ fn fusion_groups_survive_writing_and_reading_onnx() {
         "{shown}"
     );
 }
+
+#[test]
+fn insert_quantizes_lenet_deterministically_and_refuses_bad_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("testdata/data/mnist64.npz");
+    let data = path_str(&data);
+    let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
+    for out in [&a, &b] {
+        let o = qgraph(&[
+            "insert",
+            "--scheme",
+            "int8",
+            &lenet(),
+            "--calib",
+            data,
+            "-o",
+            path_str(out),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("4 weights and 4 activations quantized (minmax over 64 samples)"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let shown = stdout(&qgraph(&["show", path_str(&a)]));
+    assert_eq!(shown.matches("= QuantizeLinear(").count(), 8, "{shown}");
+    assert!(shown.contains("meta \"qgraph.scheme\" = \"int8\""));
+    // The quantized model still classifies as the float one on these digits.
+    let o = qgraph(&["eval", path_str(&a), "--data", data, "--ref", &lenet()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let agreement: f64 = stdout(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("agreement  "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("an agreement line");
+    assert!(agreement >= 0.95, "{}", stdout(&o));
+    // Sub-8-bit activations are clipped to their grid before an int8 Q/DQ;
+    // the first and last weighted layers stay at 8 bits.
+    let low = dir.path().join("w4a4.onnx");
+    let o = qgraph(&[
+        "insert",
+        "--scheme",
+        "w4a4",
+        &lenet(),
+        "--calib",
+        data,
+        "-o",
+        path_str(&low),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shown = stdout(&qgraph(&["show", path_str(&low)]));
+    assert_eq!(shown.matches("= Clip(").count(), 2, "{shown}");
+    // Bad options and files: exit 2, a message naming them, nothing written.
+    let out = dir.path().join("never.onnx");
+    let model = lenet();
+    for (args, want) in [
+        (vec!["--scheme", "int9"], "the schemes are int8, int8-asym"),
+        (
+            vec!["--calib", "/nonexistent/calib.npz"],
+            "/nonexistent/calib.npz",
+        ),
+        (
+            vec!["--calib", data, "--key", "nope"],
+            "no array named 'nope'",
+        ),
+        (vec!["--calib", data, "--norm", "imagenet"], "3 channels"),
+    ] {
+        let mut full = vec!["insert", model.as_str(), "-o", path_str(&out)];
+        full.extend(args);
+        let o = qgraph(&full);
+        assert_eq!(o.status.code(), Some(2), "{full:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{full:?}: {}", stderr(&o));
+        assert!(!out.exists());
+    }
+}

@@ -39,7 +39,7 @@ fn inputs(batch: usize) -> Vec<qgraph_ir::Tensor> {
     let tensor = |shape: &[usize], seed: f32| {
         let count: usize = shape.iter().product();
         let values = (0..count)
-            .map(|i| ((i as f32 * 0.37 + seed).sin() * 3.0))
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 3.0)
             .collect();
         qgraph_ir::Tensor::F32(
             qgraph_ir::ndarray::ArrayD::from_shape_vec(shape.to_vec(), values).unwrap(),

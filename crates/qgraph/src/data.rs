@@ -159,28 +159,43 @@ impl Dataset {
 
     /// Samples `start..end` as an f32 batch, normalised.
     pub fn batch(&self, start: usize, end: usize, norm: Norm) -> Tensor {
-        let mut x: ArrayD<f32> = match &self.samples {
+        let x: ArrayD<f32> = match &self.samples {
             Samples::U8(a) => a
                 .slice_axis(Axis(0), (start..end).into())
                 .mapv(|v| v as f32 / 255.0),
             Samples::F32(a) => a.slice_axis(Axis(0), (start..end).into()).to_owned(),
         };
-        match norm {
-            Norm::None => {}
-            Norm::Tf => x.mapv_inplace(|v| (v * 255.0 - 127.0) / 128.0),
-            Norm::Imagenet => {
-                const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-                const STD: [f32; 3] = [0.229, 0.224, 0.225];
-                if x.ndim() >= 2 && x.shape()[1] == 3 {
-                    for c in 0..3 {
-                        x.index_axis_mut(Axis(1), c)
-                            .mapv_inplace(|v| (v - MEAN[c]) / STD[c]);
-                    }
+        normalise(x, norm)
+    }
+
+    /// The samples at `indices` (each below `len()`) as an f32 batch,
+    /// normalised.
+    pub fn select(&self, indices: &[usize], norm: Norm) -> Tensor {
+        let x: ArrayD<f32> = match &self.samples {
+            Samples::U8(a) => a.select(Axis(0), indices).mapv(|v| v as f32 / 255.0),
+            Samples::F32(a) => a.select(Axis(0), indices),
+        };
+        normalise(x, norm)
+    }
+}
+
+/// Applies a normalisation to samples already scaled to [0, 1].
+fn normalise(mut x: ArrayD<f32>, norm: Norm) -> Tensor {
+    match norm {
+        Norm::None => {}
+        Norm::Tf => x.mapv_inplace(|v| (v * 255.0 - 127.0) / 128.0),
+        Norm::Imagenet => {
+            const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+            const STD: [f32; 3] = [0.229, 0.224, 0.225];
+            if x.ndim() >= 2 && x.shape()[1] == 3 {
+                for c in 0..3 {
+                    x.index_axis_mut(Axis(1), c)
+                        .mapv_inplace(|v| (v - MEAN[c]) / STD[c]);
                 }
             }
         }
-        Tensor::F32(x)
     }
+    Tensor::F32(x)
 }
 
 /// What a measurement found.

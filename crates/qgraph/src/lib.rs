@@ -9,6 +9,7 @@
 //! ```
 
 pub mod data;
+pub mod insert;
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,7 @@ pub use qgraph_eval as eval;
 pub use qgraph_ir as ir;
 pub use qgraph_onnx as onnx;
 pub use qgraph_passes as passes;
+pub use qgraph_quant as quant;
 pub use qgraph_text as text;
 
 /// An error about one file, naming it.

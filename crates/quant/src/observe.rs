@@ -22,7 +22,10 @@ pub struct MinMax {
 
 impl MinMax {
     pub fn observe(&mut self, data: &[f32]) {
-        for &x in data.iter().filter(|x| x.is_finite()) {
+        // Exact zeros are left out: every grid holds 0 exactly, so they never
+        // weigh on a threshold, and after a ReLU they are a spike that makes
+        // the entropy search smear it over a level and pick tiny ranges.
+        for &x in data.iter().filter(|x| x.is_finite() && **x != 0.0) {
             if self.seen == 0 {
                 (self.min, self.max) = (x, x);
             } else {
@@ -112,7 +115,8 @@ impl MovingAverage {
 /// Bins of the histograms, TensorRT's count.
 pub const BINS: usize = 2048;
 
-/// A histogram of |x| over `[0, width)`, plus the signed extremes.
+/// A histogram of the nonzero |x| over `[0, width)`, plus the signed
+/// extremes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AbsHistogram {
     pub counts: Vec<u64>,
@@ -164,7 +168,10 @@ impl AbsHistogram {
         let amax = self.extremes.min.abs().max(self.extremes.max.abs());
         self.grow_to(amax);
         let scale = BINS as f32 / self.width;
-        for &x in data.iter().filter(|x| x.is_finite()) {
+        // Exact zeros are left out: every grid holds 0 exactly, so they never
+        // weigh on a threshold, and after a ReLU they are a spike that makes
+        // the entropy search smear it over a level and pick tiny ranges.
+        for &x in data.iter().filter(|x| x.is_finite() && **x != 0.0) {
             let b = ((x.abs() * scale) as usize).min(BINS - 1);
             self.counts[b] += 1;
         }

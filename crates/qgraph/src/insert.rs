@@ -1,0 +1,210 @@
+//! `qgraph insert`: place Q/DQ pairs by a scheme, calibrate the activation
+//! ranges on data, and rewrite the model (the `insert-qdq` pass's code).
+//!
+//! Calibration streams: the evaluator hands each watched activation to its
+//! observer as it is computed, batch by batch, and the observers keep only
+//! their bounded state (a min-max pair or a 2048-bin histogram), never the
+//! activations.
+
+use crate::data::{Dataset, Norm};
+use qgraph_eval::Evaluator;
+use qgraph_ir::{Model, Tensor, ValueId};
+use qgraph_passes::{insert_qdq, plan_qdq, InsertOptions, InsertReport, QdqPlan, Site, RANGE_KEY};
+use qgraph_quant::observe::{AbsHistogram, MinMax};
+use qgraph_quant::RangeMode;
+use std::collections::HashMap;
+
+/// How an activation's range is chosen from what calibration observed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Method {
+    /// The extremes seen.
+    MinMax,
+    /// The |x| below which this percentage of the values lie.
+    Percentile(f64),
+    /// TensorRT's entropy calibration (least KL divergence).
+    Entropy,
+    /// The clipping threshold of least expected squared error.
+    Mse,
+}
+
+impl Method {
+    pub fn describe(&self) -> String {
+        match self {
+            Method::MinMax => "minmax".into(),
+            Method::Percentile(p) => format!("percentile {p}"),
+            Method::Entropy => "entropy".into(),
+            Method::Mse => "mse".into(),
+        }
+    }
+}
+
+enum Observer {
+    MinMax(MinMax),
+    Histogram(AbsHistogram),
+}
+
+/// The calibration data: samples of a data set, normalised, in batches.
+pub struct Calibration<'a> {
+    pub data: &'a Dataset,
+    /// The samples used, in order.
+    pub samples: Vec<usize>,
+    pub norm: Norm,
+    pub batch: usize,
+    pub method: Method,
+}
+
+/// `count` sample indices spread evenly over `len` (all when `count >=
+/// len`): deterministic, and covering the whole file rather than its start.
+pub fn spread_samples(len: usize, count: usize) -> Vec<usize> {
+    if count >= len {
+        return (0..len).collect();
+    }
+    (0..count).map(|i| i * len / count).collect()
+}
+
+/// The range of each site's value over the calibration data.
+pub fn calibrate(
+    model: &Model,
+    sites: &[Site],
+    calibration: &Calibration,
+    mut progress: impl FnMut(usize),
+) -> Result<HashMap<ValueId, (f32, f32)>, String> {
+    let ev = Evaluator::new(model).map_err(|e| e.to_string())?;
+    let watch: Vec<ValueId> = sites
+        .iter()
+        .filter(|s| !s.weight)
+        .map(|s| s.value)
+        .collect();
+    let mut observers: HashMap<ValueId, Observer> = watch
+        .iter()
+        .map(|&v| {
+            let o = match calibration.method {
+                Method::MinMax => Observer::MinMax(MinMax::default()),
+                _ => Observer::Histogram(AbsHistogram::default()),
+            };
+            (v, o)
+        })
+        .collect();
+    let batch = calibration.batch.max(1);
+    let mut done = 0;
+    for chunk in calibration.samples.chunks(batch) {
+        let x = calibration.data.select(chunk, calibration.norm);
+        let mut failure = None;
+        let mut observe = |v: ValueId, t: &Tensor| {
+            let Some(o) = observers.get_mut(&v) else {
+                return;
+            };
+            let Tensor::F32(a) = t else {
+                failure.get_or_insert_with(|| {
+                    format!(
+                        "'{}' is {}, not f32: it cannot be quantized",
+                        model.graph.value(v).name(),
+                        t.dtype()
+                    )
+                });
+                return;
+            };
+            let a = a.as_standard_layout();
+            let values = a.as_slice().expect("standard layout");
+            match o {
+                Observer::MinMax(m) => m.observe(values),
+                Observer::Histogram(h) => h.observe(values),
+            }
+        };
+        ev.run_observed(vec![x], &watch, &mut observe)
+            .map_err(|e| e.to_string())?;
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        done += chunk.len();
+        progress(done);
+    }
+    let mut ranges = HashMap::new();
+    for site in sites.iter().filter(|s| !s.weight) {
+        let grid = site.scheme.grid;
+        let range = match &observers[&site.value] {
+            Observer::MinMax(m) => m.range(),
+            Observer::Histogram(h) => {
+                // Levels on the side a threshold covers: half the grid when
+                // it is symmetric about zero.
+                let (qmin, qmax) = (grid.qmin(), grid.qmax());
+                let positive = h.extremes.min >= 0.0 && site.scheme.mode == RangeMode::Asymmetric;
+                let levels = if positive {
+                    (qmax - qmin) as usize
+                } else {
+                    qmax.max(1) as usize
+                };
+                match calibration.method {
+                    Method::Percentile(p) => h.percentile(p),
+                    Method::Entropy => h.entropy(levels + 1),
+                    Method::Mse => h.mse(levels),
+                    Method::MinMax => h.extremes.range(),
+                }
+            }
+        };
+        ranges.insert(site.value, range);
+    }
+    Ok(ranges)
+}
+
+/// The passes run before placement: a deployable Q/DQ graph quantizes the
+/// weights a runtime will use, so batch normalization is folded into them
+/// first (as ONNX Runtime's `quant_pre_process` and TensorRT do), and
+/// constant subgraphs and zero pads are folded away.
+pub const PREPARE: &str = "infer-shapes,fold-constants,fold-bn,fold-pad,fuse-matmul-add,cleanup";
+
+/// What `insert` did.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub plan: QdqPlan,
+    pub report: InsertReport,
+    pub calibrated: bool,
+}
+
+/// Runs the [`PREPARE`] passes when `prepare`, places Q/DQ pairs by
+/// `options`, calibrates on `calibration` when given,
+/// and rewrites `model`. Calibrated ranges are also recorded on the values
+/// (metadata `qgraph.range`), and the model's metadata names the scheme,
+/// the method and the qgraph version.
+pub fn insert(
+    model: &mut Model,
+    options: &InsertOptions,
+    prepare: bool,
+    calibration: Option<&Calibration>,
+    progress: impl FnMut(usize),
+) -> Result<Summary, String> {
+    if prepare {
+        qgraph_passes::Driver::from_pipeline(PREPARE)?
+            .run(model)
+            .map_err(|e| e.to_string())?;
+    }
+    let plan = plan_qdq(model, options)?;
+    let ranges = match calibration {
+        Some(c) => calibrate(model, &plan.sites, c, progress)?,
+        None => HashMap::new(),
+    };
+    let mut sorted: Vec<(&ValueId, &(f32, f32))> = ranges.iter().collect();
+    sorted.sort_by_key(|(v, _)| **v);
+    for (&v, &(lo, hi)) in sorted {
+        let meta = &mut model.graph.value_mut(v).map_err(|e| e.to_string())?.meta;
+        meta.retain(|(k, _)| k != RANGE_KEY);
+        meta.push((RANGE_KEY.to_string(), format!("{lo:e},{hi:e}")));
+    }
+    let report = insert_qdq(model, &plan, &ranges)?;
+    let method = calibration
+        .map(|c| format!("{} over {} samples", c.method.describe(), c.samples.len()))
+        .unwrap_or_else(|| "none (weights from their values)".into());
+    for (k, v) in [
+        ("qgraph.scheme", options.scheme.name.clone()),
+        ("qgraph.calibration", method),
+        ("qgraph.version", env!("CARGO_PKG_VERSION").to_string()),
+    ] {
+        model.meta.retain(|(key, _)| key != k);
+        model.meta.push((k.to_string(), v));
+    }
+    Ok(Summary {
+        plan,
+        report,
+        calibrated: calibration.is_some(),
+    })
+}

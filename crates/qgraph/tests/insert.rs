@@ -1,0 +1,151 @@
+//! `qgraph insert` as a library: TensorRT's placement on a small graph with
+//! a residual connection, and calibrated Q/DQ graphs that keep the float
+//! graph's function (output SQNR above a stated bound) and run in tract.
+
+use qgraph::insert::{insert, Calibration, Method};
+use qgraph::ir::{Model, Tensor};
+use qgraph::passes::{plan_qdq, InsertOptions, Placement};
+use qgraph::quant::Scheme;
+
+const MODEL: &str = r#"
+ir_version 8
+opset "" 13
+
+graph main {
+  input %x: f32[N,2,4,4]
+  output %y: f32[N,3]
+  init %w1 = f32[2,2,1,1] [0.5, -1.0, 0.25, 2.0]
+  init %w2 = f32[2,2,3,3] [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, -0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7, -0.8, -0.9, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 0.3, 0.1, -0.2, 0.5, -0.7, 0.9, -0.4, 0.6, 0.8]
+  init %wg = f32[3,2] [1.0, -0.5, 0.25, 0.75, -1.5, 2.0]
+  init %bg = f32[3] [0.1, 0.2, 0.3]
+  c1: %c1 = Conv(%x, %w1)
+  r1: %r1 = Relu(%c1)
+  c2: %c2 = Conv(%r1, %w2) {pads = [1, 1, 1, 1]}
+  add: %a = Add(%c2, %x)
+  pool: %p = GlobalAveragePool(%a)
+  flat: %f = Flatten(%p)
+  gemm: %y = Gemm(%f, %wg, %bg) {transB = 1}
+}
+"#;
+
+fn options(scheme: &str) -> InsertOptions {
+    InsertOptions {
+        scheme: Scheme::parse(scheme).unwrap(),
+        placement: Placement::TensorRt,
+        ends_at_8_bits: true,
+    }
+}
+
+#[test]
+fn tensorrt_placement_quantizes_weighted_inputs_and_the_residual() {
+    let model = qgraph::text::parse_model(MODEL).unwrap();
+    let g = &model.graph;
+    let plan = plan_qdq(&model, &options("int8")).unwrap();
+    let mut sites: Vec<String> = plan
+        .sites
+        .iter()
+        .map(|s| {
+            let uses: Vec<String> = s
+                .uses
+                .iter()
+                .map(|(n, slot)| format!("{}.{slot}", g.node(*n).name()))
+                .collect();
+            format!(
+                "{} {} axis={:?} bits={} uses={}",
+                g.value(s.value).name(),
+                if s.weight { "weight" } else { "activation" },
+                s.axis,
+                s.scheme.grid.bits,
+                uses.join(",")
+            )
+        })
+        .collect();
+    sites.sort();
+    assert_eq!(
+        sites,
+        [
+            "f activation axis=None bits=8 uses=gemm.0",
+            "r1 activation axis=None bits=8 uses=c2.0",
+            "w1 weight axis=Some(0) bits=8 uses=c1.1",
+            "w2 weight axis=Some(0) bits=8 uses=c2.1",
+            "wg weight axis=Some(0) bits=8 uses=gemm.1",
+            "x activation axis=None bits=8 uses=c1.0,add.1",
+        ]
+    );
+    // Low-bit schemes keep the first and last weighted layers at 8 bits.
+    let plan = plan_qdq(&model, &options("w4a4")).unwrap();
+    let bits = |name: &str| {
+        let v = g.value_by_name(name).unwrap();
+        plan.sites
+            .iter()
+            .find(|s| s.value == v)
+            .unwrap()
+            .scheme
+            .grid
+            .bits
+    };
+    assert_eq!((bits("w1"), bits("w2"), bits("wg")), (8, 4, 8));
+    assert_eq!((bits("x"), bits("r1"), bits("f")), (8, 4, 8));
+}
+
+fn sqnr_db(reference: &Tensor, other: &Tensor) -> f64 {
+    let (Tensor::F32(a), Tensor::F32(b)) = (reference, other) else {
+        panic!("f32 outputs")
+    };
+    let signal: f64 = a.iter().map(|&v| (v as f64).powi(2)).sum();
+    let noise: f64 = a
+        .iter()
+        .zip(b.iter())
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum();
+    10.0 * (signal / noise.max(1e-30)).log10()
+}
+
+/// Quantizes LeNet-5 on 64 digits with every method and checks the output
+/// against the float model on the same digits: int8 within 30 dB SQNR.
+#[test]
+fn calibrated_lenet_keeps_its_function_with_every_method() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let float = qgraph::load(&root.join("testdata/models/lenet5_mnist_clntrained.onnx"))
+        .unwrap()
+        .model;
+    let data =
+        qgraph::data::Dataset::load_npz(&root.join("testdata/data/mnist64.npz"), None, Some(""))
+            .unwrap();
+    let x = data.batch(0, data.len(), qgraph::data::Norm::None);
+    let reference = qgraph::eval::Evaluator::new(&float)
+        .unwrap()
+        .run(vec![x.clone()])
+        .unwrap();
+    for method in [
+        Method::MinMax,
+        Method::Percentile(99.99),
+        Method::Entropy,
+        Method::Mse,
+    ] {
+        let mut model: Model = float.clone();
+        let calibration = Calibration {
+            data: &data,
+            samples: (0..data.len()).collect(),
+            norm: qgraph::data::Norm::None,
+            batch: 16,
+            method,
+        };
+        let summary = insert(
+            &mut model,
+            &options("int8"),
+            true,
+            Some(&calibration),
+            |_| {},
+        )
+        .unwrap();
+        assert!(summary.report.unranged.is_empty());
+        assert_eq!((summary.report.weights, summary.report.activations), (4, 4));
+        let out = qgraph::eval::Evaluator::new(&model)
+            .unwrap()
+            .run(vec![x.clone()])
+            .unwrap();
+        let db = sqnr_db(&reference[0], &out[0]);
+        assert!(db > 30.0, "{method:?}: output SQNR {db:.1} dB");
+    }
+}

@@ -1,0 +1,521 @@
+//! `insert-qdq`: QuantizeLinear/DequantizeLinear pairs placed by TensorRT's
+//! rules, with a quantization scheme's grids.
+//!
+//! Placement (`plan_qdq`), then the rewrite (`insert_qdq`), so that a
+//! calibrator can observe exactly the values the plan quantizes between the
+//! two. TensorRT's rules:
+//! - every input of Conv, ConvTranspose, Gemm and MatMul is quantized:
+//!   constant weights per output channel (when the scheme says so and the
+//!   opset allows per-axis Q/DQ, 13 and later), data per tensor; biases stay
+//!   float;
+//! - the outputs of weighted ops are not quantized: the normalization and
+//!   activation after them belong to their fusion group, and the next
+//!   weighted op quantizes its own input;
+//! - of an Add joining a weighted op's branch and another (a residual
+//!   connection), the other input is quantized, so that the runtime fuses the
+//!   Add into the convolution;
+//! - everything else stays float.
+//!
+//! A value gets one Q/DQ pair, read by the uses that quantize it; its other
+//! readers (and the graph outputs) keep the float value. Grids below 8 bits
+//! are held in int8/uint8 tensors: weights are within their range by
+//! construction, and activations pass a Clip to the grid's range first, so
+//! that the int8 QuantizeLinear saturates where the narrower grid would.
+//! Activation ranges come from calibration (`ranges`), or from the value
+//! metadata `qgraph.range` ("min,max") that a calibration left in a model.
+
+use crate::{util, Params as PassParams, Pass, PassContext};
+use qgraph_ir::{AttrValue, DataType, Graph, Model, NewNode, NodeId, Tensor, ValueId};
+use qgraph_quant::{Grid, Params, Scheme, TensorScheme};
+use std::collections::HashMap;
+
+/// Where Q/DQ pairs go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// TensorRT's rules (see the module documentation).
+    TensorRt,
+}
+
+/// Options of the placement.
+#[derive(Clone, Debug)]
+pub struct InsertOptions {
+    pub scheme: Scheme,
+    pub placement: Placement,
+    /// With a scheme below 8 bits: keep the first and the last weighted op
+    /// (inputs and weights) at 8 bits, as the low-bit literature does.
+    pub ends_at_8_bits: bool,
+}
+
+/// One quantized value: its grid, the axis of per-channel parameters, and
+/// the uses (node, input slot) that read the quantized value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Site {
+    pub value: ValueId,
+    pub scheme: TensorScheme,
+    pub axis: Option<usize>,
+    pub weight: bool,
+    pub uses: Vec<(NodeId, usize)>,
+}
+
+/// What `plan_qdq` decided.
+#[derive(Clone, Debug, Default)]
+pub struct QdqPlan {
+    pub sites: Vec<Site>,
+    /// Decisions a user should know about (weights kept per tensor, ...).
+    pub notes: Vec<String>,
+}
+
+impl QdqPlan {
+    /// The activation values whose ranges calibration must find.
+    pub fn activations(&self) -> Vec<ValueId> {
+        self.sites
+            .iter()
+            .filter(|s| !s.weight)
+            .map(|s| s.value)
+            .collect()
+    }
+}
+
+/// The metadata key of a calibrated range on a value.
+pub const RANGE_KEY: &str = "qgraph.range";
+
+const WEIGHTED: [&str; 4] = ["Conv", "ConvTranspose", "Gemm", "MatMul"];
+
+/// Ops through which a weighted op's output still belongs to its fusion
+/// group (the chain a runtime fuses into the op).
+const GROUP_TAIL: [&str; 8] = [
+    "BatchNormalization",
+    "Relu",
+    "Clip",
+    "LeakyRelu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+];
+
+fn is_op(g: &Graph, n: NodeId, ops: &[&str]) -> bool {
+    let node = g.node(n);
+    node.domain.is_empty() && ops.contains(&node.op_type.as_str())
+}
+
+fn int_attr(g: &Graph, n: NodeId, name: &str, default: i64) -> i64 {
+    match g.node(n).attr(name) {
+        Some(AttrValue::Int(v)) => *v,
+        _ => default,
+    }
+}
+
+/// Whether `v` is the output of a weighted op's fusion group: a weighted op
+/// followed only by normalization and activations, each read by one node.
+fn from_weighted_group(g: &Graph, mut v: ValueId) -> bool {
+    loop {
+        let Some((p, _)) = g.producer(v) else {
+            return false;
+        };
+        if is_op(g, p, &WEIGHTED) {
+            return g.consumers(v).len() == 1;
+        }
+        if !is_op(g, p, &GROUP_TAIL) || g.consumers(v).len() != 1 {
+            return false;
+        }
+        match g.node(p).inputs().first().copied().flatten() {
+            Some(input) => v = input,
+            None => return false,
+        }
+    }
+}
+
+/// Decides which values get Q/DQ pairs.
+pub fn plan_qdq(model: &Model, options: &InsertOptions) -> Result<QdqPlan, String> {
+    let g = &model.graph;
+    let order = util::order(g)?;
+    let opset = model.opset_version("").unwrap_or(1);
+    let mut plan = QdqPlan::default();
+    if opset < 10 {
+        return Err(format!(
+            "QuantizeLinear needs opset 10 or later; the model imports opset {opset}"
+        ));
+    }
+    let per_axis = opset >= 13;
+    let scheme = &options.scheme;
+    if scheme.weights.per_channel && !per_axis {
+        plan.notes.push(format!(
+            "weights are quantized per tensor: per-channel Q/DQ needs opset 13, the model imports {opset}"
+        ));
+    }
+    let weighted: Vec<NodeId> = order
+        .iter()
+        .copied()
+        .filter(|&n| is_op(g, n, &WEIGHTED))
+        .collect();
+    let at_8_bits = |n: NodeId| {
+        options.ends_at_8_bits
+            && scheme.is_low_bit()
+            && (weighted.first() == Some(&n) || weighted.last() == Some(&n))
+    };
+    let widen = |s: TensorScheme| TensorScheme {
+        grid: Grid {
+            bits: s.grid.bits.max(8),
+            ..s.grid
+        },
+        ..s
+    };
+    let mut sites: Vec<Site> = Vec::new();
+    let mut add_use =
+        |value: ValueId, scheme: TensorScheme, axis, weight, use_: (NodeId, usize)| match sites
+            .iter_mut()
+            .find(|s| s.value == value)
+        {
+            Some(site) => {
+                if scheme.grid.bits > site.scheme.grid.bits {
+                    site.scheme = scheme;
+                }
+                site.uses.push(use_);
+            }
+            None => sites.push(Site {
+                value,
+                scheme,
+                axis,
+                weight,
+                uses: vec![use_],
+            }),
+        };
+    for &n in &order {
+        let node = g.node(n);
+        if !node.domain.is_empty() {
+            continue;
+        }
+        let inputs = node.inputs();
+        let input = |k: usize| inputs.get(k).copied().flatten();
+        match node.op_type.as_str() {
+            "Conv" | "ConvTranspose" | "Gemm" | "MatMul" => {
+                let wide = at_8_bits(n);
+                let (act, wts) = if wide {
+                    (widen(scheme.activations), widen(scheme.weights))
+                } else {
+                    (scheme.activations, scheme.weights)
+                };
+                // The weight's output-channel axis, when per-channel applies.
+                let weight_axis = match node.op_type.as_str() {
+                    "Conv" => Some(0),
+                    "ConvTranspose" if int_attr(g, n, "group", 1) == 1 => Some(1),
+                    "Gemm" => Some(if int_attr(g, n, "transB", 0) != 0 {
+                        0
+                    } else {
+                        1
+                    }),
+                    "MatMul" => input(1)
+                        .and_then(|w| util::constant(g, Some(w)))
+                        .filter(|t| t.shape().len() >= 2)
+                        .map(|t| t.shape().len() - 1),
+                    _ => None,
+                };
+                for slot in 0..2 {
+                    let Some(v) = input(slot) else { continue };
+                    if !is_float(g, v) {
+                        continue;
+                    }
+                    if util::constant(g, Some(v)).is_some() {
+                        let axis = if slot == 1 && wts.per_channel && per_axis {
+                            weight_axis
+                        } else {
+                            None
+                        };
+                        add_use(v, wts, axis, true, (n, slot));
+                    } else {
+                        add_use(v, act, None, false, (n, slot));
+                    }
+                }
+            }
+            "Add" => {
+                let (Some(a), Some(b)) = (input(0), input(1)) else {
+                    continue;
+                };
+                let constant = |v| util::constant(g, Some(v)).is_some();
+                if constant(a) || constant(b) || !is_float(g, a) || !is_float(g, b) {
+                    continue;
+                }
+                let residual = match (from_weighted_group(g, a), from_weighted_group(g, b)) {
+                    (true, false) => Some((b, 1)),
+                    (false, true) | (true, true) => Some((a, 0)),
+                    (false, false) => None,
+                };
+                if let Some((v, slot)) = residual {
+                    add_use(v, scheme.activations, None, false, (n, slot));
+                }
+            }
+            _ => {}
+        }
+    }
+    plan.sites = sites;
+    Ok(plan)
+}
+
+/// Whether `v` is known to be f32 (declared, or an initializer), or of
+/// unknown type (computed values often are until shapes are inferred).
+fn is_float(g: &Graph, v: ValueId) -> bool {
+    match g.value(v).effective_type() {
+        Some(qgraph_ir::ValueType::Tensor(t)) => t.dtype.is_none_or(|d| d == DataType::F32),
+        Some(_) => false,
+        None => true,
+    }
+}
+
+/// The integer type that holds a grid: int8/uint8 up to 8 bits.
+fn storage(grid: Grid) -> Result<DataType, String> {
+    match (grid.bits, grid.signed) {
+        (2..=8, true) => Ok(DataType::I8),
+        (2..=8, false) => Ok(DataType::U8),
+        (9..=16, true) => Ok(DataType::I16),
+        (9..=16, false) => Ok(DataType::U16),
+        (bits, _) => Err(format!("no integer type holds a {bits}-bit grid")),
+    }
+}
+
+/// A range recorded on a value by calibration (`RANGE_KEY`).
+pub fn recorded_range(g: &Graph, v: ValueId) -> Option<(f32, f32)> {
+    let text = &g.value(v).meta.iter().find(|(k, _)| k == RANGE_KEY)?.1;
+    let (lo, hi) = text.split_once(',')?;
+    Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))
+}
+
+/// Scale and zero point per channel of `axis` (or one pair) for a weight.
+fn weight_params(
+    tensor: &Tensor,
+    scheme: TensorScheme,
+    axis: Option<usize>,
+) -> Result<Vec<Params>, String> {
+    let Tensor::F32(w) = tensor else {
+        return Err(format!("a weight of type {} is not f32", tensor.dtype()));
+    };
+    let ranges: Vec<(f32, f32)> = match axis {
+        None => vec![min_max(w.iter().copied())],
+        Some(axis) => w
+            .axis_iter(qgraph_ir::ndarray::Axis(axis))
+            .map(|c| min_max(c.iter().copied()))
+            .collect(),
+    };
+    ranges
+        .into_iter()
+        .map(|(lo, hi)| {
+            Params::from_range(lo, hi, scheme.grid, scheme.mode).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+fn min_max(values: impl Iterator<Item = f32>) -> (f32, f32) {
+    values
+        .filter(|x| x.is_finite())
+        .fold((0f32, 0f32), |(lo, hi), x| (lo.min(x), hi.max(x)))
+}
+
+/// What `insert_qdq` did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InsertReport {
+    pub weights: usize,
+    pub activations: usize,
+    /// Activation values left float for want of a range.
+    pub unranged: Vec<String>,
+}
+
+/// Inserts the plan's Q/DQ pairs. Activation ranges come from `ranges`, else
+/// from the value's recorded range; without either the value stays float
+/// (listed in the report).
+pub fn insert_qdq(
+    model: &mut Model,
+    plan: &QdqPlan,
+    ranges: &HashMap<ValueId, (f32, f32)>,
+) -> Result<InsertReport, String> {
+    let mut report = InsertReport::default();
+    for site in &plan.sites {
+        let g = &mut model.graph;
+        let name = g.value(site.value).name().to_string();
+        let params = if site.weight {
+            let tensor = util::constant(g, Some(site.value))
+                .ok_or_else(|| format!("weight '{name}' is not a constant"))?;
+            weight_params(tensor, site.scheme, site.axis)
+                .map_err(|e| format!("weight '{name}': {e}"))?
+        } else {
+            let Some(&(lo, hi)) = ranges
+                .get(&site.value)
+                .or(recorded_range(g, site.value).as_ref())
+            else {
+                report.unranged.push(name);
+                continue;
+            };
+            vec![
+                Params::from_range(lo, hi, site.scheme.grid, site.scheme.mode)
+                    .map_err(|e| format!("activation '{name}': {e}"))?,
+            ]
+        };
+        let dtype = storage(site.scheme.grid)?;
+        let shape: Vec<usize> = if site.axis.is_some() {
+            vec![params.len()]
+        } else {
+            vec![]
+        };
+        let scales: Vec<f64> = params.iter().map(|p| p.scale as f64).collect();
+        let zeros: Vec<i128> = params.iter().map(|p| p.zero_point as i128).collect();
+        let scale =
+            Tensor::from_floats(DataType::F32, &shape, &scales).map_err(|e| e.to_string())?;
+        let zero = Tensor::from_ints(dtype, &shape, &zeros).map_err(|e| e.to_string())?;
+        let err = |e: qgraph_ir::IrError| e.to_string();
+        let scale = g
+            .add_initializer(g.unique_value_name(&format!("{name}_scale")), scale)
+            .map_err(err)?;
+        let zero = g
+            .add_initializer(g.unique_value_name(&format!("{name}_zero_point")), zero)
+            .map_err(err)?;
+        // Below 8 bits an activation is first clipped to the grid's range.
+        let mut source = site.value;
+        if !site.weight && site.scheme.grid.bits < 8 {
+            let p = params[0];
+            let (lo, hi) = p.representable(site.scheme.grid);
+            let lo = g
+                .add_initializer(
+                    g.unique_value_name(&format!("{name}_clip_min")),
+                    Tensor::scalar_f32(lo),
+                )
+                .map_err(err)?;
+            let hi = g
+                .add_initializer(
+                    g.unique_value_name(&format!("{name}_clip_max")),
+                    Tensor::scalar_f32(hi),
+                )
+                .map_err(err)?;
+            let clipped = g
+                .add_value(g.unique_value_name(&format!("{name}_clipped")), None)
+                .map_err(err)?;
+            g.add_node(
+                NewNode::new("Clip")
+                    .named(g.unique_node_name(&format!("{name}_Clip")))
+                    .inputs([site.value, lo, hi])
+                    .outputs([clipped]),
+            )
+            .map_err(err)?;
+            source = clipped;
+        }
+        let quantized = g
+            .add_value(g.unique_value_name(&format!("{name}_quantized")), None)
+            .map_err(err)?;
+        let dequantized = g
+            .add_value(g.unique_value_name(&format!("{name}_dequantized")), None)
+            .map_err(err)?;
+        let mut q = NewNode::new("QuantizeLinear")
+            .named(g.unique_node_name(&format!("{name}_QuantizeLinear")))
+            .inputs([source, scale, zero])
+            .outputs([quantized]);
+        let mut dq = NewNode::new("DequantizeLinear")
+            .named(g.unique_node_name(&format!("{name}_DequantizeLinear")))
+            .inputs([quantized, scale, zero])
+            .outputs([dequantized]);
+        if let Some(axis) = site.axis {
+            q = q.attr("axis", AttrValue::Int(axis as i64));
+            dq = dq.attr("axis", AttrValue::Int(axis as i64));
+        }
+        g.add_node(q).map_err(err)?;
+        g.add_node(dq).map_err(err)?;
+        for &(node, slot) in &site.uses {
+            g.set_node_input(node, slot, Some(dequantized))
+                .map_err(err)?;
+        }
+        if site.weight {
+            report.weights += 1;
+        } else {
+            report.activations += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// The pass form: `insert-qdq(scheme=int8)`. Weights are quantized from
+/// their values; activations where the model records a calibrated range
+/// (`qgraph insert` calibrates on data and then runs the same code).
+pub struct InsertQdq {
+    pub options: InsertOptions,
+}
+
+impl InsertQdq {
+    pub fn from_params(mut p: PassParams) -> Result<Box<dyn Pass>, String> {
+        let scheme = p.take("scheme").unwrap_or_else(|| "int8".to_string());
+        let scheme = Scheme::parse(&scheme)?;
+        let ends = match p.take("ends-at-8-bits").as_deref() {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                return Err(format!(
+                    "ends-at-8-bits must be true or false, not '{other}'"
+                ))
+            }
+        };
+        p.finish(&["scheme", "ends-at-8-bits"])?;
+        Ok(Box::new(InsertQdq {
+            options: InsertOptions {
+                scheme,
+                placement: Placement::TensorRt,
+                ends_at_8_bits: ends,
+            },
+        }))
+    }
+}
+
+impl Pass for InsertQdq {
+    fn name(&self) -> &'static str {
+        "insert-qdq"
+    }
+
+    fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<bool, String> {
+        if !cx.allow_rewrite() {
+            return Ok(false);
+        }
+        let plan = plan_qdq(model, &self.options)?;
+        let report = insert_qdq(model, &plan, &HashMap::new())?;
+        Ok(report.weights + report.activations > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_recorded_as_text() {
+        let mut g = Graph::new("g");
+        let x = g.add_input("x", None).unwrap();
+        g.value_mut(x)
+            .unwrap()
+            .meta
+            .push((RANGE_KEY.into(), "-1.5, 2.25".into()));
+        assert_eq!(recorded_range(&g, x), Some((-1.5, 2.25)));
+    }
+
+    #[test]
+    fn grids_are_held_in_the_smallest_integer_type() {
+        let grid = |bits, signed| Grid {
+            bits,
+            signed,
+            narrow: false,
+        };
+        assert_eq!(storage(grid(4, true)), Ok(DataType::I8));
+        assert_eq!(storage(grid(8, false)), Ok(DataType::U8));
+        assert_eq!(storage(grid(16, true)), Ok(DataType::I16));
+    }
+
+    #[test]
+    fn weights_get_one_scale_per_output_channel() {
+        let w = Tensor::F32(
+            qgraph_ir::ndarray::ArrayD::from_shape_vec(
+                vec![2, 3],
+                vec![1.0, -2.0, 0.5, 0.1, 0.2, -0.4],
+            )
+            .unwrap(),
+        );
+        let scheme = Scheme::parse("int8").unwrap().weights;
+        let p = weight_params(&w, scheme, Some(0)).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].scale, 2.0 / 127.0);
+        assert_eq!(p[1].scale, 0.4 / 127.0);
+        assert!(p.iter().all(|p| p.zero_point == 0));
+    }
+}

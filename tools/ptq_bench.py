@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""qgraph insert against ONNX Runtime's quantize_static, one table.
+
+Both tools get the same calibration views and are judged on the same held-back
+views: the split and the choice of calibration samples are those of
+../shared/peers/ort_ptq.py (photos split by source photo, every third photo
+held back; 200 calibration views drawn with seed 1). For each model, each
+qgraph method and each ONNX Runtime method, the quantized model's top-1
+agreement with the float model is measured in ONNX Runtime with graph
+optimisations off ('sim': exact Q/DQ arithmetic) and with its default
+optimisations ('int8': its integer kernels), with wall time and peak memory
+of the quantization run.
+
+usage: ptq_bench.py [--models a.onnx,b.onnx] [--scheme int8] [--methods minmax,entropy]
+                    [--ort-methods MinMax,Entropy,Percentile] [--qgraph PATH]
+Needs `pip install onnxruntime onnx numpy` and a release build of qgraph.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+sys.path.insert(0, os.path.join(SHARED, "peers"))
+import ort_ptq  # noqa: E402  (the peer's own split and loading)
+
+
+def peak_gb(cmd):
+    """Runs cmd under /usr/bin/time; returns (seconds, peak RSS GB, stdout)."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    kb = int(proc.stderr.strip().splitlines()[-1])
+    return seconds, kb / 2**20, proc.stdout
+
+
+def agreement(path, xe, ref_top1):
+    out = {}
+    for tag, opt in (("sim", False), ("int8", True)):
+        q = ort_ptq.run(ort_ptq.session(path, opt), xe)
+        out[tag] = float((q.argmax(1) == ref_top1).mean())
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="mobilenetv2_bn.onnx,efficientnet_lite0_bn.onnx")
+    ap.add_argument("--data", default=os.path.join(SHARED, "data", "photos_calib_dev.npz"))
+    ap.add_argument("--scheme", default="int8")
+    ap.add_argument("--methods", default="minmax,percentile,entropy,mse")
+    ap.add_argument("--ort-methods", default="MinMax,Entropy,Percentile")
+    ap.add_argument("--n-cal", type=int, default=200)
+    ap.add_argument("--qgraph", default=os.path.join(ROOT, "target", "release", "qgraph"))
+    a = ap.parse_args()
+
+    x, _, src = ort_ptq.load(a.data, "imagenet")
+    cal_m, ev_m = ort_ptq.split(src)
+    pick = np.random.default_rng(1).permutation(int(cal_m.sum()))[: a.n_cal]
+    raw = np.load(a.data)
+    key = "x_u8" if "x_u8" in raw.files else "x"
+    tmp = tempfile.mkdtemp()
+    calib = os.path.join(tmp, "calib.npz")
+    # The same views as the peer, before normalisation (qgraph normalises).
+    np.savez(calib, **{key: raw[key][cal_m][pick]})
+    xe = x[ev_m]
+    print(f"calibration: {len(pick)} views; evaluation: {len(xe)} views of held-back photos")
+    print("| model | tool | method | agree sim | agree int8 | time s | peak GB |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for name in a.models.split(","):
+        model = name if os.path.isabs(name) else os.path.join(SHARED, "models", name)
+        ref_top1 = ort_ptq.run(ort_ptq.session(model, True), xe).argmax(1)
+        for method in filter(None, a.methods.split(",")):
+            out = os.path.join(tmp, f"{os.path.basename(model)}.{method}.onnx")
+            cmd = [a.qgraph, "insert", "--scheme", a.scheme, model, "--calib", calib,
+                   "--norm", "imagenet", "--method", method, "-o", out]
+            secs, gb, _ = peak_gb(cmd)
+            ag = agreement(out, xe, ref_top1)
+            print(f"| {os.path.basename(model)} | qgraph {a.scheme} | {method} | {ag['sim']:.4f} | "
+                  f"{ag['int8']:.4f} | {secs:.1f} | {gb:.2f} |", flush=True)
+        for method in filter(None, a.ort_methods.split(",")):
+            cmd = [sys.executable, os.path.join(SHARED, "peers", "ort_ptq.py"), "--model", model,
+                   "--data", a.data, "--norm", "imagenet", "--method", method, "--per-channel",
+                   "--n-cal", str(a.n_cal)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"| {os.path.basename(model)} | onnxruntime | {method} | failed: "
+                      f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'} | | | |")
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            secs = row["pre_process_s"] + row["quantize_static_s"]
+            print(f"| {os.path.basename(model)} | onnxruntime u8/s8 per-channel | {method} | "
+                  f"{row['agree_sim']:.4f} | {row['agree_int8']:.4f} | {secs:.1f} | "
+                  f"{row['peak_rss_gb']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
