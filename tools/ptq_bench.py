@@ -11,7 +11,7 @@ optimisations off ('sim': exact Q/DQ arithmetic) and with its default
 optimisations ('int8': its integer kernels), with wall time and peak memory
 of the quantization run.
 
-usage: ptq_bench.py [--models a.onnx,b.onnx] [--scheme int8] [--methods minmax,entropy]
+usage: ptq_bench.py [--models a.onnx,b.onnx] [--schemes int8,int8-asym] [--methods minmax,entropy]
                     [--ort-methods MinMax,Entropy,Percentile] [--qgraph PATH]
 Needs `pip install onnxruntime onnx numpy` and a release build of qgraph.
 """
@@ -55,7 +55,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="mobilenetv2_bn.onnx,efficientnet_lite0_bn.onnx")
     ap.add_argument("--data", default=os.path.join(SHARED, "data", "photos_calib_dev.npz"))
-    ap.add_argument("--scheme", default="int8")
+    ap.add_argument("--schemes", default="int8,int8-asym")
     ap.add_argument("--methods", default="minmax,percentile,entropy,mse")
     ap.add_argument("--ort-methods", default="MinMax,Entropy,Percentile")
     ap.add_argument("--n-cal", type=int, default=200)
@@ -78,14 +78,15 @@ def main():
     for name in a.models.split(","):
         model = name if os.path.isabs(name) else os.path.join(SHARED, "models", name)
         ref_top1 = ort_ptq.run(ort_ptq.session(model, True), xe).argmax(1)
-        for method in filter(None, a.methods.split(",")):
-            out = os.path.join(tmp, f"{os.path.basename(model)}.{method}.onnx")
-            cmd = [a.qgraph, "insert", "--scheme", a.scheme, model, "--calib", calib,
-                   "--norm", "imagenet", "--method", method, "-o", out]
-            secs, gb, _ = peak_gb(cmd)
-            ag = agreement(out, xe, ref_top1)
-            print(f"| {os.path.basename(model)} | qgraph {a.scheme} | {method} | {ag['sim']:.4f} | "
-                  f"{ag['int8']:.4f} | {secs:.1f} | {gb:.2f} |", flush=True)
+        for scheme in filter(None, a.schemes.split(",")):
+            for method in filter(None, a.methods.split(",")):
+                out = os.path.join(tmp, f"{os.path.basename(model)}.{scheme}.{method}.onnx")
+                cmd = [a.qgraph, "insert", "--scheme", scheme, model, "--calib", calib,
+                       "--norm", "imagenet", "--method", method, "-o", out]
+                secs, gb, _ = peak_gb(cmd)
+                ag = agreement(out, xe, ref_top1)
+                print(f"| {os.path.basename(model)} | qgraph {scheme} | {method} | {ag['sim']:.4f} | "
+                      f"{ag['int8']:.4f} | {secs:.1f} | {gb:.2f} |", flush=True)
         for method in filter(None, a.ort_methods.split(",")):
             cmd = [sys.executable, os.path.join(SHARED, "peers", "ort_ptq.py"), "--model", model,
                    "--data", a.data, "--norm", "imagenet", "--method", method, "--per-channel",

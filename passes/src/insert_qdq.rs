@@ -317,17 +317,142 @@ pub struct InsertReport {
     pub activations: usize,
     /// Activation values left float for want of a range.
     pub unranged: Vec<String>,
+    /// Weighted ops whose bias absorbed their weight's quantization shift.
+    pub bias_corrected: usize,
 }
 
-/// Inserts the plan's Q/DQ pairs. Activation ranges come from `ranges`, else
-/// from the value's recorded range; without either the value stays float
-/// (listed in the report).
+/// What calibration measured: the range of each activation, and the mean
+/// of each of its channels (axis 1), which bias correction needs.
+#[derive(Clone, Debug, Default)]
+pub struct Calibrated {
+    pub ranges: HashMap<ValueId, (f32, f32)>,
+    pub channel_means: HashMap<ValueId, Vec<f64>>,
+}
+
+/// The expected change of each output channel of the weighted op `node`
+/// when its weight `w` becomes `wq`, for inputs whose channel means are
+/// `means` (empirical bias correction, Nagel et al. 2019, "Data-Free
+/// Quantization", section 4.2: `E[(Wq - W) x] = (Wq - W) E[x]`, the mean
+/// taken per input channel, borders ignored). `None` when the op has no
+/// additive bias to absorb it or the shapes do not fit.
+fn output_shift(
+    g: &Graph,
+    node: NodeId,
+    w: &[usize],
+    dw: &[f32],
+    means: &[f64],
+) -> Option<Vec<f64>> {
+    match g.node(node).op_type.as_str() {
+        "Conv" if w.len() >= 3 => {
+            let group = int_attr(g, node, "group", 1).max(1) as usize;
+            let (m, cg) = (w[0], w[1]);
+            let taps: usize = w[2..].iter().product();
+            if m % group != 0 || means.len() != cg * group {
+                return None;
+            }
+            let per_group = m / group;
+            Some(
+                (0..m)
+                    .map(|o| {
+                        let first = (o / per_group) * cg;
+                        (0..cg)
+                            .map(|j| {
+                                let row = &dw[(o * cg + j) * taps..][..taps];
+                                row.iter().map(|&d| d as f64).sum::<f64>() * means[first + j]
+                            })
+                            .sum()
+                    })
+                    .collect(),
+            )
+        }
+        "Gemm" if w.len() == 2 => {
+            let plain = |name, default: f32| match g.node(node).attr(name) {
+                Some(AttrValue::Float(v)) => *v == default,
+                None => true,
+                _ => false,
+            };
+            if int_attr(g, node, "transA", 0) != 0 || !plain("alpha", 1.0) || !plain("beta", 1.0) {
+                return None;
+            }
+            let trans_b = int_attr(g, node, "transB", 0) != 0;
+            let (k, n) = if trans_b { (w[1], w[0]) } else { (w[0], w[1]) };
+            if means.len() != k {
+                return None;
+            }
+            let at = |kk: usize, nn: usize| {
+                if trans_b {
+                    dw[nn * k + kk]
+                } else {
+                    dw[kk * n + nn]
+                }
+            };
+            Some(
+                (0..n)
+                    .map(|nn| (0..k).map(|kk| at(kk, nn) as f64 * means[kk]).sum())
+                    .collect(),
+            )
+        }
+        _ => None,
+    }
+}
+
+/// Subtracts `shift` from the bias of `node` (input 2 of Conv and Gemm),
+/// creating the bias when there is none; the corrected bias is a new
+/// initializer, the old one removed when nothing else reads it.
+fn correct_bias(g: &mut Graph, node: NodeId, shift: &[f64]) -> Result<bool, String> {
+    let old = g.node(node).inputs().get(2).copied().flatten();
+    let bias: Vec<f64> = match old {
+        None => vec![0.0; shift.len()],
+        Some(b) => match util::constant(g, Some(b)) {
+            Some(Tensor::F32(a)) if a.len() == shift.len() => a.iter().map(|&v| v as f64).collect(),
+            Some(Tensor::F32(a)) if a.len() == 1 => {
+                vec![a.iter().next().copied().unwrap_or(0.0) as f64; shift.len()]
+            }
+            _ => return Ok(false),
+        },
+    };
+    let corrected: Vec<f64> = bias.iter().zip(shift).map(|(b, s)| b - s).collect();
+    let tensor = Tensor::from_floats(DataType::F32, &[shift.len()], &corrected)
+        .map_err(|e| e.to_string())?;
+    let name = g.unique_value_name(&format!("{}_bias_corrected", g.node(node).name()));
+    let err = |e: qgraph_ir::IrError| e.to_string();
+    let new = g.add_initializer(name, tensor).map_err(err)?;
+    while g.node(node).inputs().len() < 3 {
+        g.push_node_input(node, None).map_err(err)?;
+    }
+    g.set_node_input(node, 2, Some(new)).map_err(err)?;
+    if let Some(old) = old {
+        if g.consumers(old).is_empty()
+            && !g.value(old).is_graph_input()
+            && !g.value(old).is_graph_output()
+        {
+            g.remove_value(old).map_err(err)?;
+        }
+    }
+    Ok(true)
+}
+
+/// Inserts the plan's Q/DQ pairs. Activation ranges come from `calibrated`,
+/// else from the value's recorded range; without either the value stays
+/// float (listed in the report). With `bias_correction` and the channel
+/// means of a weighted op's input, the op's bias absorbs the mean shift its
+/// quantized weight causes.
 pub fn insert_qdq(
     model: &mut Model,
     plan: &QdqPlan,
-    ranges: &HashMap<ValueId, (f32, f32)>,
+    calibrated: &Calibrated,
+    bias_correction: bool,
 ) -> Result<InsertReport, String> {
+    let ranges = &calibrated.ranges;
     let mut report = InsertReport::default();
+    // The data input of each weighted op, before any is rewired.
+    let data_input: HashMap<NodeId, ValueId> = plan
+        .sites
+        .iter()
+        .filter(|s| s.weight)
+        .flat_map(|s| s.uses.iter().map(|&(n, _)| n))
+        .filter_map(|n| Some((n, model.graph.node(n).inputs().first().copied().flatten()?)))
+        .collect();
     for site in &plan.sites {
         let g = &mut model.graph;
         let name = g.value(site.value).name().to_string();
@@ -349,6 +474,45 @@ pub fn insert_qdq(
                     .map_err(|e| format!("activation '{name}': {e}"))?,
             ]
         };
+        if site.weight && bias_correction {
+            let g = &mut model.graph;
+            let tensor = util::constant(g, Some(site.value)).cloned();
+            if let Some(Tensor::F32(w)) = tensor {
+                let w = w.as_standard_layout();
+                let values = w.as_slice().expect("standard layout");
+                let shape = w.shape().to_vec();
+                let inner: usize = match site.axis {
+                    Some(axis) => shape[axis + 1..].iter().product(),
+                    None => 1,
+                };
+                let axis_len = site.axis.map_or(1, |a| shape[a]);
+                let dw: Vec<f32> = values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        let p = if site.axis.is_some() {
+                            params[(i / inner) % axis_len]
+                        } else {
+                            params[0]
+                        };
+                        p.fake_quantize(v, site.scheme.grid) - v
+                    })
+                    .collect();
+                for &(node, slot) in &site.uses {
+                    let shift = data_input
+                        .get(&node)
+                        .and_then(|x| calibrated.channel_means.get(x))
+                        .filter(|_| slot == 1)
+                        .and_then(|means| output_shift(g, node, &shape, &dw, means));
+                    if let Some(shift) = shift {
+                        if correct_bias(g, node, &shift)? {
+                            report.bias_corrected += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let g = &mut model.graph;
         let dtype = storage(site.scheme.grid)?;
         let shape: Vec<usize> = if site.axis.is_some() {
             vec![params.len()]
@@ -470,7 +634,7 @@ impl Pass for InsertQdq {
             return Ok(false);
         }
         let plan = plan_qdq(model, &self.options)?;
-        let report = insert_qdq(model, &plan, &HashMap::new())?;
+        let report = insert_qdq(model, &plan, &Calibrated::default(), false)?;
         Ok(report.weights + report.activations > 0)
     }
 }
@@ -500,6 +664,52 @@ mod tests {
         assert_eq!(storage(grid(4, true)), Ok(DataType::I8));
         assert_eq!(storage(grid(8, false)), Ok(DataType::U8));
         assert_eq!(storage(grid(16, true)), Ok(DataType::I16));
+    }
+
+    #[test]
+    fn bias_correction_shifts_each_output_channel_by_its_expected_error() {
+        let g = qgraph_text::parse_model(
+            r#"
+ir_version 8
+opset "" 13
+graph main {
+  input %x: f32[N,4,3,3]
+  input %v: f32[N,2]
+  output %y: f32[N,2,3,3]
+  output %z: f32[N,3]
+  init %w = f32[2,2,1,1] [1.0, 2.0, 3.0, 4.0]
+  init %m = f32[3,2] [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+  conv: %y = Conv(%x, %w) {group = 2}
+  gemm: %z = Gemm(%v, %m) {transB = 1}
+}
+"#,
+        )
+        .unwrap()
+        .graph;
+        let node = |name| g.node_by_name(name).unwrap();
+        // Grouped: output 0 reads channels 0 and 1, output 1 channels 2 and 3.
+        let shift = output_shift(
+            &g,
+            node("conv"),
+            &[2, 2, 1, 1],
+            &[0.5, -1.0, 2.0, 0.25],
+            &[1.0, 2.0, 3.0, 4.0],
+        );
+        assert_eq!(shift, Some(vec![0.5 - 2.0, 6.0 + 1.0]));
+        // Gemm with transB: output n sums dw[n][k] * mean[k].
+        let shift = output_shift(
+            &g,
+            node("gemm"),
+            &[3, 2],
+            &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+            &[2.0, 3.0],
+        );
+        assert_eq!(shift, Some(vec![2.0, 3.0, 5.0]));
+        // Means that do not fit the weight: no correction.
+        assert_eq!(
+            output_shift(&g, node("gemm"), &[3, 2], &[0.0; 6], &[1.0]),
+            None
+        );
     }
 
     #[test]

@@ -163,6 +163,11 @@ enum Command {
         /// and zero pads; see `qgraph run --list`).
         #[arg(long)]
         no_prepare: bool,
+        /// Leave biases as they are (by default each Conv and Gemm bias
+        /// absorbs the mean output shift its quantized weight causes on the
+        /// calibration data).
+        #[arg(long)]
+        no_bias_correction: bool,
     },
     /// Run a model on inputs from an .npz file and write its outputs to one.
     #[command(
@@ -474,6 +479,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             batch,
             low_bit_ends,
             no_prepare,
+            no_bias_correction,
         } => {
             let scheme = qgraph::quant::Scheme::parse(&scheme)
                 .map_err(|e| Failure(format!("--scheme: {e}")))?;
@@ -528,6 +534,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 &mut m,
                 &options,
                 !no_prepare,
+                !no_bias_correction,
                 calibration.as_ref(),
                 |done| bar.set_position(done as u64),
             )
@@ -539,13 +546,14 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             let r = &summary.report;
             eprintln!(
-                "qgraph: {} weights and {} activations quantized ({}){}",
+                "qgraph: {} weights and {} activations quantized ({}); {} biases corrected{}",
                 r.weights,
                 r.activations,
                 match &calibration {
                     Some(c) => format!("{} over {} samples", c.method.describe(), c.samples.len()),
                     None => "no calibration data".into(),
                 },
+                r.bias_corrected,
                 if r.unranged.is_empty() {
                     String::new()
                 } else {

@@ -9,7 +9,9 @@
 use crate::data::{Dataset, Norm};
 use qgraph_eval::Evaluator;
 use qgraph_ir::{Model, Tensor, ValueId};
-use qgraph_passes::{insert_qdq, plan_qdq, InsertOptions, InsertReport, QdqPlan, Site, RANGE_KEY};
+use qgraph_passes::{
+    insert_qdq, plan_qdq, Calibrated, InsertOptions, InsertReport, QdqPlan, Site, RANGE_KEY,
+};
 use qgraph_quant::observe::{AbsHistogram, MinMax};
 use qgraph_quant::RangeMode;
 use std::collections::HashMap;
@@ -62,13 +64,47 @@ pub fn spread_samples(len: usize, count: usize) -> Vec<usize> {
     (0..count).map(|i| i * len / count).collect()
 }
 
-/// The range of each site's value over the calibration data.
+/// Per-channel sums (axis 1) of a tensor's values, and how many each has.
+#[derive(Default)]
+struct ChannelSums {
+    sums: Vec<f64>,
+    count: u64,
+}
+
+impl ChannelSums {
+    fn observe(&mut self, shape: &[usize], values: &[f32]) {
+        let (n, c) = (
+            shape.first().copied().unwrap_or(1),
+            shape.get(1).copied().unwrap_or(1),
+        );
+        let inner: usize = shape.iter().skip(2).product();
+        if self.sums.len() != c {
+            self.sums = vec![0.0; c];
+        }
+        for image in values.chunks(c * inner.max(1)).take(n) {
+            for (sum, plane) in self.sums.iter_mut().zip(image.chunks(inner.max(1))) {
+                *sum += plane.iter().map(|&v| v as f64).sum::<f64>();
+            }
+        }
+        self.count += (n * inner) as u64;
+    }
+
+    fn means(&self) -> Vec<f64> {
+        self.sums
+            .iter()
+            .map(|s| s / self.count.max(1) as f64)
+            .collect()
+    }
+}
+
+/// The range and the channel means of each activation site's value over
+/// the calibration data.
 pub fn calibrate(
     model: &Model,
     sites: &[Site],
     calibration: &Calibration,
     mut progress: impl FnMut(usize),
-) -> Result<HashMap<ValueId, (f32, f32)>, String> {
+) -> Result<Calibrated, String> {
     let ev = Evaluator::new(model).map_err(|e| e.to_string())?;
     let watch: Vec<ValueId> = sites
         .iter()
@@ -85,6 +121,7 @@ pub fn calibrate(
             (v, o)
         })
         .collect();
+    let mut sums: HashMap<ValueId, ChannelSums> = HashMap::new();
     let batch = calibration.batch.max(1);
     let mut done = 0;
     for chunk in calibration.samples.chunks(batch) {
@@ -110,6 +147,7 @@ pub fn calibrate(
                 Observer::MinMax(m) => m.observe(values),
                 Observer::Histogram(h) => h.observe(values),
             }
+            sums.entry(v).or_default().observe(a.shape(), values);
         };
         ev.run_observed(vec![x], &watch, &mut observe)
             .map_err(|e| e.to_string())?;
@@ -144,7 +182,11 @@ pub fn calibrate(
         };
         ranges.insert(site.value, range);
     }
-    Ok(ranges)
+    let channel_means = sums.into_iter().map(|(v, s)| (v, s.means())).collect();
+    Ok(Calibrated {
+        ranges,
+        channel_means,
+    })
 }
 
 /// The passes run before placement: a deployable Q/DQ graph quantizes the
@@ -162,7 +204,8 @@ pub struct Summary {
 }
 
 /// Runs the [`PREPARE`] passes when `prepare`, places Q/DQ pairs by
-/// `options`, calibrates on `calibration` when given,
+/// `options`, calibrates (with `bias_correction`, the biases also absorb the
+/// mean output shift of quantized weights, measured on the calibration data), on `calibration` when given,
 /// and rewrites `model`. Calibrated ranges are also recorded on the values
 /// (metadata `qgraph.range`), and the model's metadata names the scheme,
 /// the method and the qgraph version.
@@ -170,6 +213,7 @@ pub fn insert(
     model: &mut Model,
     options: &InsertOptions,
     prepare: bool,
+    bias_correction: bool,
     calibration: Option<&Calibration>,
     progress: impl FnMut(usize),
 ) -> Result<Summary, String> {
@@ -179,18 +223,18 @@ pub fn insert(
             .map_err(|e| e.to_string())?;
     }
     let plan = plan_qdq(model, options)?;
-    let ranges = match calibration {
+    let calibrated = match calibration {
         Some(c) => calibrate(model, &plan.sites, c, progress)?,
-        None => HashMap::new(),
+        None => Calibrated::default(),
     };
-    let mut sorted: Vec<(&ValueId, &(f32, f32))> = ranges.iter().collect();
+    let mut sorted: Vec<(&ValueId, &(f32, f32))> = calibrated.ranges.iter().collect();
     sorted.sort_by_key(|(v, _)| **v);
     for (&v, &(lo, hi)) in sorted {
         let meta = &mut model.graph.value_mut(v).map_err(|e| e.to_string())?.meta;
         meta.retain(|(k, _)| k != RANGE_KEY);
         meta.push((RANGE_KEY.to_string(), format!("{lo:e},{hi:e}")));
     }
-    let report = insert_qdq(model, &plan, &ranges)?;
+    let report = insert_qdq(model, &plan, &calibrated, bias_correction)?;
     let method = calibration
         .map(|c| format!("{} over {} samples", c.method.describe(), c.samples.len()))
         .unwrap_or_else(|| "none (weights from their values)".into());

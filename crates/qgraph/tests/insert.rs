@@ -135,12 +135,14 @@ fn calibrated_lenet_keeps_its_function_with_every_method() {
             &mut model,
             &options("int8"),
             true,
+            true,
             Some(&calibration),
             |_| {},
         )
         .unwrap();
         assert!(summary.report.unranged.is_empty());
         assert_eq!((summary.report.weights, summary.report.activations), (4, 4));
+        assert_eq!(summary.report.bias_corrected, 4);
         let out = qgraph::eval::Evaluator::new(&model)
             .unwrap()
             .run(vec![x.clone()])
