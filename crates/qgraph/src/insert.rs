@@ -64,6 +64,20 @@ pub fn spread_samples(len: usize, count: usize) -> Vec<usize> {
     (0..count).map(|i| i * len / count).collect()
 }
 
+/// The sum of `values` in f64, over eight lanes the compiler keeps in
+/// vector registers (a single running sum cannot be reordered into them).
+fn sum_f64(values: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = values.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v as f64;
+        }
+    }
+    let rest: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    lanes.iter().sum::<f64>() + rest
+}
+
 /// Per-channel sums (axis 1) of a tensor's values, and how many each has.
 #[derive(Default)]
 struct ChannelSums {
@@ -83,7 +97,7 @@ impl ChannelSums {
         }
         for image in values.chunks(c * inner.max(1)).take(n) {
             for (sum, plane) in self.sums.iter_mut().zip(image.chunks(inner.max(1))) {
-                *sum += plane.iter().map(|&v| v as f64).sum::<f64>();
+                *sum += sum_f64(plane);
             }
         }
         self.count += (n * inner) as u64;

@@ -12,6 +12,8 @@
 //!   come the percentile, entropy (TensorRT's KL-divergence search) and MSE
 //!   ranges.
 
+use rayon::prelude::*;
+
 /// Extremes of everything observed.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MinMax {
@@ -22,18 +24,38 @@ pub struct MinMax {
 
 impl MinMax {
     pub fn observe(&mut self, data: &[f32]) {
-        // Exact zeros are left out: every grid holds 0 exactly, so they never
-        // weigh on a threshold, and after a ReLU they are a spike that makes
-        // the entropy search smear it over a level and pick tiny ranges.
-        for &x in data.iter().filter(|x| x.is_finite() && **x != 0.0) {
-            if self.seen == 0 {
-                (self.min, self.max) = (x, x);
-            } else {
-                self.min = self.min.min(x);
-                self.max = self.max.max(x);
+        // Eight lanes of comparisons the compiler keeps in vector registers;
+        // NaN and infinities fail them and are left out.
+        const LANES: usize = 8;
+        let (mut lo, mut hi) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
+        let mut finite = [0u64; LANES];
+        let mut chunks = data.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                let x = c[l];
+                let ok = x.is_finite();
+                lo[l] = if ok && x < lo[l] { x } else { lo[l] };
+                hi[l] = if ok && x > hi[l] { x } else { hi[l] };
+                finite[l] += ok as u64;
             }
-            self.seen += 1;
         }
+        for &x in chunks.remainder() {
+            if x.is_finite() {
+                lo[0] = lo[0].min(x);
+                hi[0] = hi[0].max(x);
+                finite[0] += 1;
+            }
+        }
+        let seen: u64 = finite.iter().sum();
+        if seen == 0 {
+            return;
+        }
+        let batch = MinMax {
+            min: lo.iter().copied().fold(f32::INFINITY, f32::min),
+            max: hi.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            seen,
+        };
+        self.merge(&batch);
     }
 
     pub fn merge(&mut self, other: &MinMax) {
@@ -112,6 +134,30 @@ impl MovingAverage {
     }
 }
 
+/// The histogram of one block of values (see `AbsHistogram::observe`):
+/// four interleaved counters, so that runs of equal values (a ReLU6
+/// saturating) do not wait on one memory cell.
+fn count_block(block: &[f32], scale: f32) -> Vec<u64> {
+    let bin = |x: f32| ((x.abs() * scale) as usize).min(BINS - 1);
+    let keep = |x: &f32| x.is_finite() && *x != 0.0;
+    let mut lanes = vec![[0u32; 4]; BINS];
+    let mut chunks = block.chunks_exact(4);
+    for c in &mut chunks {
+        for (lane, &x) in c.iter().enumerate() {
+            if keep(&x) {
+                lanes[bin(x)][lane] += 1;
+            }
+        }
+    }
+    for &x in chunks.remainder().iter().filter(|x| keep(x)) {
+        lanes[bin(x)][0] += 1;
+    }
+    lanes
+        .iter()
+        .map(|l| l.iter().map(|&c| c as u64).sum())
+        .collect()
+}
+
 /// Bins of the histograms, TensorRT's count.
 pub const BINS: usize = 2048;
 
@@ -171,9 +217,20 @@ impl AbsHistogram {
         // Exact zeros are left out: every grid holds 0 exactly, so they never
         // weigh on a threshold, and after a ReLU they are a spike that makes
         // the entropy search smear it over a level and pick tiny ranges.
-        for &x in data.iter().filter(|x| x.is_finite() && **x != 0.0) {
-            let b = ((x.abs() * scale) as usize).min(BINS - 1);
-            self.counts[b] += 1;
+        // Blocks counted in parallel and summed: integer counts, so the
+        // result is the same whatever the split.
+        let counts = data
+            .par_chunks(1 << 16)
+            .map(|block| count_block(block, scale))
+            .reduce(
+                || vec![0u64; BINS],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        for (total, c) in self.counts.iter_mut().zip(&counts) {
+            *total += c;
         }
     }
 
