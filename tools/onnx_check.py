@@ -75,6 +75,32 @@ def check_insert(qgraph, model, workdir, scheme):
     return None
 
 
+MNIST = Path(__file__).resolve().parent.parent / "testdata" / "data" / "mnist64.npz"
+
+
+def check_calibrated(qgraph, model, workdir, scheme, placement):
+    """For a model on 1x28x28 inputs: `qgraph insert` calibrated on the 64
+    MNIST digits in testdata; ONNX Runtime (optimisations off) must agree
+    with the float model's top-1 on at least 95% of them."""
+    out = Path(workdir) / f"{model.stem}.{scheme}.{placement}.onnx"
+    proc = subprocess.run([qgraph, "insert", "--scheme", scheme, "--placement", placement, str(model),
+                           "--calib", str(MNIST), "-o", str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"qgraph insert failed: {proc.stderr.strip()}"
+    onnx.checker.check_model(str(out), full_check=True)
+    x = (np.load(MNIST)["x_u8"] / 255.0).astype(np.float32)
+    name = onnx.load(str(model)).graph.input[0].name
+    ref = run(model, {name: x})[0].argmax(1)
+    got = run(out, {name: x})[0].argmax(1)
+    agree = float((ref == got).mean())
+    return None if agree >= 0.95 else f"top-1 agreement {agree:.3f} < 0.95"
+
+
+def takes_mnist(model):
+    dims = onnx.load(str(model), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value for d in dims[1:]] == [1, 28, 28]
+
+
 def main():
     qgraph, models = sys.argv[1], [Path(m) for m in sys.argv[2:]]
     passed = failed = 0
@@ -106,6 +132,19 @@ def main():
                 else:
                     passed += 1
                     print(f"ok   {m.name} (insert {scheme}): onnx checker passes, runs in ONNX Runtime")
+            if MNIST.exists() and takes_mnist(m):
+                for scheme, placement in (("int8", "tensorrt"), ("int8-asym", "ort"), ("w4a4", "ort")):
+                    try:
+                        problem = check_calibrated(qgraph, m, workdir, scheme, placement)
+                    except Exception as e:
+                        problem = f"{type(e).__name__}: {e}"
+                    what = f"insert {scheme} --placement {placement}, calibrated"
+                    if problem:
+                        failed += 1
+                        print(f"FAIL {m.name} ({what}): {problem}")
+                    else:
+                        passed += 1
+                        print(f"ok   {m.name} ({what}): runs in ONNX Runtime, agrees with float on 95%+")
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

@@ -11,7 +11,7 @@ optimisations off ('sim': exact Q/DQ arithmetic) and with its default
 optimisations ('int8': its integer kernels), with wall time and peak memory
 of the quantization run.
 
-usage: ptq_bench.py [--models a.onnx,b.onnx] [--schemes int8,int8-asym] [--methods minmax,entropy]
+usage: ptq_bench.py [--models a.onnx,b.onnx] [--configs int8/tensorrt,int8-asym/ort] [--methods minmax,mse]
                     [--ort-methods MinMax,Entropy,Percentile] [--qgraph PATH]
 Needs `pip install onnxruntime onnx numpy` and a release build of qgraph.
 """
@@ -55,7 +55,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="mobilenetv2_bn.onnx,efficientnet_lite0_bn.onnx")
     ap.add_argument("--data", default=os.path.join(SHARED, "data", "photos_calib_dev.npz"))
-    ap.add_argument("--schemes", default="int8,int8-asym")
+    # scheme/placement[/extra insert flags]; w7a8 with --low-bit-ends is
+    # int8-asym with 7-bit weights, which ONNX Runtime's u8 x s8 kernels
+    # compute without saturating on CPUs without VNNI.
+    ap.add_argument("--configs", default="int8/tensorrt,int8-asym/tensorrt,int8-asym/ort,"
+                                          "w7a8/ort/--low-bit-ends")
     ap.add_argument("--methods", default="minmax,percentile,entropy,mse")
     ap.add_argument("--ort-methods", default="MinMax,Entropy,Percentile")
     ap.add_argument("--n-cal", type=int, default=200)
@@ -78,14 +82,16 @@ def main():
     for name in a.models.split(","):
         model = name if os.path.isabs(name) else os.path.join(SHARED, "models", name)
         ref_top1 = ort_ptq.run(ort_ptq.session(model, True), xe).argmax(1)
-        for scheme in filter(None, a.schemes.split(",")):
+        for config in filter(None, a.configs.split(",")):
+            scheme, placement, *flags = config.split("/")
             for method in filter(None, a.methods.split(",")):
-                out = os.path.join(tmp, f"{os.path.basename(model)}.{scheme}.{method}.onnx")
-                cmd = [a.qgraph, "insert", "--scheme", scheme, model, "--calib", calib,
-                       "--norm", "imagenet", "--method", method, "-o", out]
+                out = os.path.join(tmp, f"{os.path.basename(model)}.{scheme}.{placement}.{method}.onnx")
+                cmd = [a.qgraph, "insert", "--scheme", scheme, "--placement", placement, model,
+                       "--calib", calib, "--norm", "imagenet", "--method", method, "-o", out] + flags
                 secs, gb, _ = peak_gb(cmd)
                 ag = agreement(out, xe, ref_top1)
-                print(f"| {os.path.basename(model)} | qgraph {scheme} | {method} | {ag['sim']:.4f} | "
+                label = " ".join([scheme, placement] + flags)
+                print(f"| {os.path.basename(model)} | qgraph {label} | {method} | {ag['sim']:.4f} | "
                       f"{ag['int8']:.4f} | {secs:.1f} | {gb:.2f} |", flush=True)
         for method in filter(None, a.ort_methods.split(",")):
             cmd = [sys.executable, os.path.join(SHARED, "peers", "ort_ptq.py"), "--model", model,

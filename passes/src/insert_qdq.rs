@@ -34,7 +34,54 @@ use std::collections::HashMap;
 pub enum Placement {
     /// TensorRT's rules (see the module documentation).
     TensorRt,
+    /// ONNX Runtime's `quantize_static` (QDQ format): every float tensor
+    /// that a quantizable op reads or writes, read through one Q/DQ pair by
+    /// the quantizable ops; a Relu or Clip right after a weighted op is
+    /// removed when the quantization range lies inside its bounds (the
+    /// QuantizeLinear then clamps as it did); Conv and Gemm biases become
+    /// int32 with scale `input scale * weight scale`. This is the graph ONNX
+    /// Runtime fuses into its integer kernels.
+    Ort,
 }
+
+impl Placement {
+    pub fn parse(name: &str) -> Result<Placement, String> {
+        match name {
+            "tensorrt" => Ok(Placement::TensorRt),
+            "ort" => Ok(Placement::Ort),
+            other => Err(format!(
+                "unknown placement '{other}'; the placements are tensorrt, ort"
+            )),
+        }
+    }
+}
+
+/// The ops ONNX Runtime's QDQ quantizer quantizes (its QDQ registry, for
+/// the ops the evaluator knows).
+const ORT_QUANTIZABLE: [&str; 22] = [
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Mul",
+    "Relu",
+    "Clip",
+    "LeakyRelu",
+    "Sigmoid",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Concat",
+    "Split",
+    "Resize",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Softmax",
+];
 
 /// Options of the placement.
 #[derive(Clone, Debug)]
@@ -55,6 +102,10 @@ pub struct Site {
     pub axis: Option<usize>,
     pub weight: bool,
     pub uses: Vec<(NodeId, usize)>,
+    /// A Relu or Clip producing `value` from a weighted op's output, to be
+    /// removed when the quantization range lies inside its bounds
+    /// (`Placement::Ort`).
+    pub fold: Option<NodeId>,
 }
 
 /// What `plan_qdq` decided.
@@ -63,6 +114,8 @@ pub struct QdqPlan {
     pub sites: Vec<Site>,
     /// Decisions a user should know about (weights kept per tensor, ...).
     pub notes: Vec<String>,
+    /// Whether Conv and Gemm biases become int32 (`Placement::Ort`).
+    pub int32_biases: bool,
 }
 
 impl QdqPlan {
@@ -126,6 +179,34 @@ fn from_weighted_group(g: &Graph, mut v: ValueId) -> bool {
     }
 }
 
+/// Adds a use of `value` to its site, creating the site; a use asking for
+/// more bits widens the site's grid.
+fn add_use(
+    sites: &mut Vec<Site>,
+    value: ValueId,
+    scheme: TensorScheme,
+    axis: Option<usize>,
+    weight: bool,
+    use_: (NodeId, usize),
+) {
+    match sites.iter_mut().find(|s| s.value == value) {
+        Some(site) => {
+            if scheme.grid.bits > site.scheme.grid.bits {
+                site.scheme = scheme;
+            }
+            site.uses.push(use_);
+        }
+        None => sites.push(Site {
+            value,
+            scheme,
+            axis,
+            weight,
+            uses: vec![use_],
+            fold: None,
+        }),
+    }
+}
+
 /// Decides which values get Q/DQ pairs.
 pub fn plan_qdq(model: &Model, options: &InsertOptions) -> Result<QdqPlan, String> {
     let g = &model.graph;
@@ -162,25 +243,6 @@ pub fn plan_qdq(model: &Model, options: &InsertOptions) -> Result<QdqPlan, Strin
         ..s
     };
     let mut sites: Vec<Site> = Vec::new();
-    let mut add_use =
-        |value: ValueId, scheme: TensorScheme, axis, weight, use_: (NodeId, usize)| match sites
-            .iter_mut()
-            .find(|s| s.value == value)
-        {
-            Some(site) => {
-                if scheme.grid.bits > site.scheme.grid.bits {
-                    site.scheme = scheme;
-                }
-                site.uses.push(use_);
-            }
-            None => sites.push(Site {
-                value,
-                scheme,
-                axis,
-                weight,
-                uses: vec![use_],
-            }),
-        };
     for &n in &order {
         let node = g.node(n);
         if !node.domain.is_empty() {
@@ -222,13 +284,13 @@ pub fn plan_qdq(model: &Model, options: &InsertOptions) -> Result<QdqPlan, Strin
                         } else {
                             None
                         };
-                        add_use(v, wts, axis, true, (n, slot));
+                        add_use(&mut sites, v, wts, axis, true, (n, slot));
                     } else {
-                        add_use(v, act, None, false, (n, slot));
+                        add_use(&mut sites, v, act, None, false, (n, slot));
                     }
                 }
             }
-            "Add" => {
+            "Add" if options.placement == Placement::TensorRt => {
                 let (Some(a), Some(b)) = (input(0), input(1)) else {
                     continue;
                 };
@@ -242,13 +304,83 @@ pub fn plan_qdq(model: &Model, options: &InsertOptions) -> Result<QdqPlan, Strin
                     (false, false) => None,
                 };
                 if let Some((v, slot)) = residual {
-                    add_use(v, scheme.activations, None, false, (n, slot));
+                    add_use(&mut sites, v, scheme.activations, None, false, (n, slot));
                 }
             }
             _ => {}
         }
     }
+    if options.placement == Placement::Ort {
+        // Removable: a Relu or Clip (constant bounds) that alone reads a
+        // weighted op's output.
+        let removable = |a: NodeId| -> Option<ValueId> {
+            if !is_op(g, a, &["Relu", "Clip"]) {
+                return None;
+            }
+            let u = g.node(a).inputs().first().copied().flatten()?;
+            let (p, _) = g.producer(u)?;
+            let out = g.node(a).outputs().first().copied().flatten()?;
+            let bounds_constant = g.node(a).inputs()[1..]
+                .iter()
+                .flatten()
+                .all(|&b| util::constant(g, Some(b)).is_some());
+            (is_op(g, p, &WEIGHTED)
+                && g.consumers(u).len() == 1
+                && !g.value(u).is_graph_output()
+                && !g.value(out).is_graph_output()
+                && bounds_constant)
+                .then_some(u)
+        };
+        let folded_inputs: Vec<ValueId> = order.iter().filter_map(|&a| removable(a)).collect();
+        let quantizable = |n: NodeId| is_op(g, n, &ORT_QUANTIZABLE);
+        for &n in &order {
+            if !quantizable(n) {
+                continue;
+            }
+            let node = g.node(n);
+            let weighted = is_op(g, n, &WEIGHTED);
+            let mut tensors: Vec<ValueId> = node
+                .inputs()
+                .iter()
+                .enumerate()
+                // A weighted op's first two inputs are placed above; its
+                // third is the bias.
+                .filter(|_| !weighted)
+                .filter_map(|(_, v)| *v)
+                .collect();
+            tensors.extend(node.outputs().iter().flatten());
+            for v in tensors {
+                let skip = util::constant(g, Some(v)).is_some()
+                    || !is_float(g, v)
+                    || g.value(v).is_graph_output()
+                    || folded_inputs.contains(&v);
+                if skip {
+                    continue;
+                }
+                for (c, slot) in g.consumers(v) {
+                    let is_weight_slot = is_op(g, c, &WEIGHTED) && slot >= 1;
+                    let known = sites
+                        .iter()
+                        .any(|s| s.value == v && s.uses.contains(&(c, slot)));
+                    if quantizable(c) && !is_weight_slot && !known {
+                        add_use(&mut sites, v, scheme.activations, None, false, (c, slot));
+                    }
+                }
+                // The output of a removable activation: quantized where the
+                // activation's input was, the activation then removed.
+                if let Some((p, _)) = g.producer(v) {
+                    if removable(p).is_some() {
+                        if let Some(site) = sites.iter_mut().find(|s| s.value == v) {
+                            let all_read = g.consumers(v).iter().all(|u| site.uses.contains(u));
+                            site.fold = all_read.then_some(p);
+                        }
+                    }
+                }
+            }
+        }
+    }
     plan.sites = sites;
+    plan.int32_biases = options.placement == Placement::Ort;
     Ok(plan)
 }
 
@@ -319,6 +451,10 @@ pub struct InsertReport {
     pub unranged: Vec<String>,
     /// Weighted ops whose bias absorbed their weight's quantization shift.
     pub bias_corrected: usize,
+    /// Relu/Clip nodes removed, their clamp done by a QuantizeLinear.
+    pub folded: usize,
+    /// Biases stored as int32 (`Placement::Ort`).
+    pub int32_biases: usize,
 }
 
 /// What calibration measured: the range of each activation, and the mean
@@ -444,7 +580,10 @@ pub fn insert_qdq(
     bias_correction: bool,
 ) -> Result<InsertReport, String> {
     let ranges = &calibrated.ranges;
+    let opset = model.opset_version("").unwrap_or(1);
     let mut report = InsertReport::default();
+    // The scales of each quantized value, for int32 biases.
+    let mut site_scales: HashMap<ValueId, Vec<f32>> = HashMap::new();
     // The data input of each weighted op, before any is rewired.
     let data_input: HashMap<NodeId, ValueId> = plan
         .sites
@@ -560,6 +699,18 @@ pub fn insert_qdq(
             .map_err(err)?;
             source = clipped;
         }
+        // A removable activation whose bounds the quantization range keeps
+        // goes: the QuantizeLinear reads its input and clamps as it did.
+        let fold = site
+            .fold
+            .filter(|_| !site.weight && site.scheme.grid.bits >= 8)
+            .filter(|&a| {
+                let (lo, hi) = params[0].representable(site.scheme.grid);
+                activation_bounds(g, opset, a).is_some_and(|(a_lo, a_hi)| lo >= a_lo && hi <= a_hi)
+            });
+        if let Some(a) = fold {
+            source = g.node(a).inputs()[0].ok_or("an activation without input")?;
+        }
         let quantized = g
             .add_value(g.unique_value_name(&format!("{name}_quantized")), None)
             .map_err(err)?;
@@ -584,13 +735,163 @@ pub fn insert_qdq(
             g.set_node_input(node, slot, Some(dequantized))
                 .map_err(err)?;
         }
+        if let Some(a) = fold {
+            let bounds: Vec<ValueId> = g.node(a).inputs()[1..].iter().flatten().copied().collect();
+            g.remove_node(a).map_err(err)?;
+            g.remove_value(site.value).map_err(err)?;
+            for b in bounds {
+                let v = g.value(b);
+                if g.consumers(b).is_empty()
+                    && g.producer(b).is_none()
+                    && !v.is_graph_input()
+                    && !v.is_graph_output()
+                {
+                    g.remove_value(b).map_err(err)?;
+                }
+            }
+            report.folded += 1;
+        }
         if site.weight {
             report.weights += 1;
         } else {
             report.activations += 1;
         }
+        site_scales.insert(site.value, params.iter().map(|p| p.scale).collect());
+    }
+    if plan.int32_biases {
+        report.int32_biases = quantize_biases(&mut model.graph, plan, &site_scales)?;
     }
     Ok(report)
+}
+
+/// The bounds a Relu or Clip clamps to.
+fn activation_bounds(g: &Graph, opset: i64, a: NodeId) -> Option<(f32, f32)> {
+    let node = g.node(a);
+    match node.op_type.as_str() {
+        "Relu" => Some((0.0, f32::INFINITY)),
+        "Clip" if opset < 11 => {
+            let attr = |name, default| match node.attr(name) {
+                Some(AttrValue::Float(v)) => *v,
+                _ => default,
+            };
+            Some((attr("min", f32::NEG_INFINITY), attr("max", f32::INFINITY)))
+        }
+        "Clip" => {
+            let bound = |k: usize, default: f32| match node.inputs().get(k).copied().flatten() {
+                None => Some(default),
+                Some(v) => match util::constant(g, Some(v))? {
+                    Tensor::F32(t) if t.len() == 1 => t.iter().next().copied(),
+                    _ => None,
+                },
+            };
+            Some((bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?))
+        }
+        _ => None,
+    }
+}
+
+/// ONNX Runtime's bias quantization: the f32 bias of a Conv or Gemm whose
+/// input and weight are quantized becomes int32 with scale `input scale *
+/// weight scale` (per output channel) and zero point 0, behind a
+/// DequantizeLinear. Returns how many biases it quantized.
+fn quantize_biases(
+    g: &mut Graph,
+    plan: &QdqPlan,
+    scales: &HashMap<ValueId, Vec<f32>>,
+) -> Result<usize, String> {
+    let err = |e: qgraph_ir::IrError| e.to_string();
+    let mut done = 0;
+    let ops: Vec<NodeId> = plan
+        .sites
+        .iter()
+        .filter(|s| s.weight)
+        .flat_map(|s| {
+            s.uses
+                .iter()
+                .filter(|(_, slot)| *slot == 1)
+                .map(|&(n, _)| n)
+        })
+        .collect();
+    for n in ops {
+        if !is_op(g, n, &["Conv", "Gemm"]) {
+            continue;
+        }
+        let inputs = g.node(n).inputs().to_vec();
+        let (Some(Some(x)), Some(Some(w)), Some(Some(b))) =
+            (inputs.first(), inputs.get(1), inputs.get(2))
+        else {
+            continue;
+        };
+        // The Q/DQ sources: the values the plan quantized.
+        let source = |v: ValueId| {
+            plan.sites
+                .iter()
+                .find(|s| s.uses.contains(&(n, if v == *x { 0 } else { 1 })))
+                .map(|s| s.value)
+        };
+        let (Some(xs), Some(ws)) = (
+            source(*x).and_then(|v| scales.get(&v)),
+            source(*w).and_then(|v| scales.get(&v)),
+        ) else {
+            continue;
+        };
+        let Some(Tensor::F32(bias)) = util::constant(g, Some(*b)).cloned() else {
+            continue;
+        };
+        let (Some(&sx), m) = (xs.first(), bias.len()) else {
+            continue;
+        };
+        if ws.len() != m && ws.len() != 1 {
+            continue;
+        }
+        let scale: Vec<f64> = (0..m)
+            .map(|c| (sx * ws[if ws.len() == 1 { 0 } else { c }]) as f64)
+            .collect();
+        if scale.iter().any(|&s| !(s > 0.0) || !s.is_finite()) {
+            continue;
+        }
+        let q: Vec<i128> = bias
+            .iter()
+            .zip(&scale)
+            .map(|(&v, &s)| {
+                ((v as f64 / s).round_ties_even()).clamp(i32::MIN as f64, i32::MAX as f64) as i128
+            })
+            .collect();
+        let name = g.value(*b).name().to_string();
+        let q = Tensor::from_ints(DataType::I32, &[m], &q).map_err(|e| e.to_string())?;
+        let scale = Tensor::from_floats(DataType::F32, &[m], &scale).map_err(|e| e.to_string())?;
+        let zero =
+            Tensor::from_ints(DataType::I32, &[m], &vec![0; m]).map_err(|e| e.to_string())?;
+        let q = g
+            .add_initializer(g.unique_value_name(&format!("{name}_quantized")), q)
+            .map_err(err)?;
+        let scale = g
+            .add_initializer(g.unique_value_name(&format!("{name}_scale")), scale)
+            .map_err(err)?;
+        let zero = g
+            .add_initializer(g.unique_value_name(&format!("{name}_zero_point")), zero)
+            .map_err(err)?;
+        let out = g
+            .add_value(g.unique_value_name(&format!("{name}_dequantized")), None)
+            .map_err(err)?;
+        g.add_node(
+            NewNode::new("DequantizeLinear")
+                .named(g.unique_node_name(&format!("{name}_DequantizeLinear")))
+                .inputs([q, scale, zero])
+                .outputs([out])
+                .attr("axis", AttrValue::Int(0)),
+        )
+        .map_err(err)?;
+        g.set_node_input(n, 2, Some(out)).map_err(err)?;
+        if g.consumers(*b).is_empty()
+            && !g.value(*b).is_graph_input()
+            && !g.value(*b).is_graph_output()
+        {
+            g.remove_value(*b).map_err(err)?;
+        }
+        done += 1;
+    }
+    Ok(done)
 }
 
 /// The pass form: `insert-qdq(scheme=int8)`. Weights are quantized from
@@ -613,11 +914,13 @@ impl InsertQdq {
                 ))
             }
         };
-        p.finish(&["scheme", "ends-at-8-bits"])?;
+        let placement =
+            Placement::parse(&p.take("placement").unwrap_or_else(|| "tensorrt".into()))?;
+        p.finish(&["scheme", "placement", "ends-at-8-bits"])?;
         Ok(Box::new(InsertQdq {
             options: InsertOptions {
                 scheme,
-                placement: Placement::TensorRt,
+                placement,
                 ends_at_8_bits: ends,
             },
         }))

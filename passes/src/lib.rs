@@ -73,7 +73,7 @@ static REGISTRY: [PassInfo; 9] = [
     },
     PassInfo {
         name: "insert-qdq",
-        summary: "insert QuantizeLinear/DequantizeLinear pairs by TensorRT's placement rules (scheme=int8|int8-asym|wNaM, ends-at-8-bits=true|false); weights from their values, activations where a calibrated range is recorded (qgraph insert calibrates)",
+        summary: "insert QuantizeLinear/DequantizeLinear pairs by TensorRT's placement rules (scheme=int8|int8-asym|wNaM, placement=tensorrt|ort, ends-at-8-bits=true|false); weights from their values, activations where a calibrated range is recorded (qgraph insert calibrates)",
         build: InsertQdq::from_params,
     },
     PassInfo {

@@ -120,7 +120,10 @@ enum Command {
                       layers stay at 8 bits unless --low-bit-ends\n\n\
                       Placement follows TensorRT: every input of Conv, ConvTranspose, Gemm and MatMul, and \
                       the residual input of an Add joining a convolution's branch; the outputs of \
-                      weighted ops and everything else stay float.\n\n\
+                      weighted ops and everything else stay float. With --placement ort, as ONNX Runtime's \
+                      quantize_static: every float tensor a quantizable op reads or writes, a Relu/Clip after \
+                      a weighted op removed when the quantization range lies inside its bounds, and int32 \
+                      biases: the graph ONNX Runtime fuses into its integer kernels.\n\n\
                       Without --calib only weights are quantized (and any activation whose calibrated \
                       range the model records).\n\n\
                       Examples:\n  qgraph insert --scheme int8 model.onnx --calib photos.npz --norm imagenet -o q.onnx\n  \
@@ -134,6 +137,10 @@ enum Command {
         /// The quantization scheme: int8, int8-asym or wNaM (see below).
         #[arg(long, default_value = "int8")]
         scheme: String,
+        /// Where Q/DQ pairs go: TensorRT's rules, or ONNX Runtime's
+        /// quantize_static (see below).
+        #[arg(long, value_enum, default_value_t = PlacementArg::Tensorrt)]
+        placement: PlacementArg,
         /// Calibration data (.npz with samples N first, uint8 or float32).
         #[arg(long)]
         calib: Option<PathBuf>,
@@ -222,6 +229,14 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PlacementArg {
+    /// TensorRT's Q/DQ placement rules.
+    Tensorrt,
+    /// ONNX Runtime's quantize_static (QDQ format).
+    Ort,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -470,6 +485,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             model,
             output,
             scheme,
+            placement,
             calib,
             key,
             norm,
@@ -491,7 +507,10 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let mut m = load(&model)?.model;
             let options = qgraph::passes::InsertOptions {
                 scheme,
-                placement: qgraph::passes::Placement::TensorRt,
+                placement: match placement {
+                    PlacementArg::Tensorrt => qgraph::passes::Placement::TensorRt,
+                    PlacementArg::Ort => qgraph::passes::Placement::Ort,
+                },
                 ends_at_8_bits: !low_bit_ends,
             };
             let data = calib

@@ -151,3 +151,63 @@ fn calibrated_lenet_keeps_its_function_with_every_method() {
         assert!(db > 30.0, "{method:?}: output SQNR {db:.1} dB");
     }
 }
+
+/// ONNX Runtime's placement: every tensor a quantizable op reads or writes,
+/// a Relu after a convolution removed (its range lies inside [0, inf)), the
+/// Gemm bias stored as int32; the graph still computes the float function
+/// closely.
+#[test]
+fn ort_placement_quantizes_every_tensor_folds_relu_and_makes_int32_biases() {
+    use qgraph::passes::{insert_qdq, Calibrated};
+    let float = qgraph::text::parse_model(MODEL).unwrap();
+    let mut model = float.clone();
+    let mut opts = options("int8-asym");
+    opts.placement = Placement::Ort;
+    let plan = plan_qdq(&model, &opts).unwrap();
+    let g = &model.graph;
+    let mut names: Vec<String> = plan
+        .sites
+        .iter()
+        .filter(|s| !s.weight)
+        .map(|s| {
+            let fold = s.fold.map(|n| format!(" fold {}", g.node(n).name()));
+            format!("{}{}", g.value(s.value).name(), fold.unwrap_or_default())
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "c2", "f", "p", "r1 fold r1", "x"]);
+    let range = |name: &str, lo: f32, hi: f32| (g.value_by_name(name).unwrap(), (lo, hi));
+    let ranges = [
+        range("x", -3.0, 3.0),
+        range("r1", 0.0, 8.0),
+        range("c2", -20.0, 20.0),
+        range("a", -20.0, 20.0),
+        range("p", -10.0, 10.0),
+        range("f", -10.0, 10.0),
+    ]
+    .into_iter()
+    .collect();
+    let calibrated = Calibrated {
+        ranges,
+        channel_means: Default::default(),
+    };
+    let report = insert_qdq(&mut model, &plan, &calibrated, false).unwrap();
+    assert_eq!((report.folded, report.int32_biases), (1, 1));
+    qgraph::ir::verify_model(&model).unwrap();
+    let text = qgraph::show(&model, &Default::default());
+    assert!(!text.contains("Relu("), "{text}");
+    assert!(text.contains("i32[3]"), "{text}");
+    // Inputs inside the calibrated range: the output stays close.
+    let x = Tensor::F32(qgraph::ir::ndarray::ArrayD::from_shape_fn(
+        vec![4, 2, 4, 4],
+        |i| ((i[0] * 31 + i[1] * 7 + i[2] * 3 + i[3]) as f32 * 0.7).sin() * 2.5,
+    ));
+    let run = |m: &Model| {
+        qgraph::eval::Evaluator::new(m)
+            .unwrap()
+            .run(vec![x.clone()])
+            .unwrap()
+    };
+    let db = sqnr_db(&run(&float)[0], &run(&model)[0]);
+    assert!(db > 25.0, "output SQNR {db:.1} dB");
+}
