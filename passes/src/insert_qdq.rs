@@ -847,7 +847,7 @@ fn quantize_biases(
         let scale: Vec<f64> = (0..m)
             .map(|c| (sx * ws[if ws.len() == 1 { 0 } else { c }]) as f64)
             .collect();
-        if scale.iter().any(|&s| !(s > 0.0) || !s.is_finite()) {
+        if scale.iter().any(|&s| s <= 0.0 || !s.is_finite()) {
             continue;
         }
         let q: Vec<i128> = bias

@@ -176,6 +176,41 @@ enum Command {
         #[arg(long)]
         no_bias_correction: bool,
     },
+    /// Per-layer error of a quantized model: the SQNR of each quantized
+    /// tensor against its float twin, worst first, as a table and a chart.
+    #[command(
+        after_help = "Each quantized tensor (a DequantizeLinear whose QuantizeLinear reads a value the float \
+                      model also has) is compared with the float model's value on the same samples, so \
+                      errors growing through the network show where they grow; weights are compared \
+                      with the float values they quantize. The worst tensors head the table: that is \
+                      where to look (or to keep at higher precision).\n\n\
+                      Examples:\n  qgraph report float.onnx q.onnx --data photos.npz --norm imagenet --svg layers.svg\n  \
+                      qgraph report float.onnx q.onnx --data photos.npz --norm imagenet --limit 32 | head"
+    )]
+    Report {
+        /// The float model (.onnx or .qgt).
+        float: PathBuf,
+        /// The quantized (Q/DQ) model.
+        quantized: PathBuf,
+        /// The data set (.npz).
+        #[arg(long)]
+        data: PathBuf,
+        /// The array of samples (default: x, else x_u8).
+        #[arg(long)]
+        key: Option<String>,
+        /// Input normalisation.
+        #[arg(long, value_enum, default_value_t = NormArg::None)]
+        norm: NormArg,
+        /// Use N samples spread evenly over the file (default: 64).
+        #[arg(long, default_value_t = 64)]
+        limit: usize,
+        /// Samples per batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Also write the chart as SVG (in graph order), atomically.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+    },
     /// Run a model on inputs from an .npz file and write its outputs to one.
     #[command(
         after_help = "The input file holds one float32 array per model input, named as the input; \
@@ -583,6 +618,41 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     )
                 }
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report {
+            float,
+            quantized,
+            data,
+            key,
+            norm,
+            limit,
+            batch,
+            svg,
+        } => {
+            let (f, q) = (load(&float)?.model, load(&quantized)?.model);
+            let ds = qgraph::data::Dataset::load_npz(&data, key.as_deref(), Some(""))?;
+            let norm = match norm {
+                NormArg::Imagenet => qgraph::data::Norm::Imagenet,
+                NormArg::Tf => qgraph::data::Norm::Tf,
+                NormArg::None => qgraph::data::Norm::None,
+            };
+            let samples = qgraph::insert::spread_samples(ds.len(), limit.max(1));
+            let bar = indicatif::ProgressBar::new(samples.len() as u64).with_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples eta {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let rows = qgraph::report::report(&f, &q, &ds, &samples, norm, batch, |done| {
+                bar.set_position(done as u64)
+            })
+            .map_err(|e| Failure(format!("{}: {e}", quantized.display())))?;
+            bar.finish_and_clear();
+            if let Some(path) = &svg {
+                let chart = qgraph::report::svg(&rows, &quantized.display().to_string());
+                qgraph::onnx::write_atomic(path, chart.as_bytes())
+                    .map_err(|e| Failure(format!("{}: {e}", path.display())))?;
+            }
+            emit(&qgraph::report::table(&rows))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert {

@@ -550,3 +550,58 @@ fn insert_quantizes_lenet_deterministically_and_refuses_bad_options() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn report_lists_every_quantized_tensor_worst_first_and_draws_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("testdata/data/mnist64.npz");
+    let data = path_str(&data);
+    let q = dir.path().join("q.onnx");
+    let o = qgraph(&[
+        "insert",
+        "--scheme",
+        "w4a4",
+        &lenet(),
+        "--calib",
+        data,
+        "-o",
+        path_str(&q),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let svg = dir.path().join("layers.svg");
+    let o = qgraph(&[
+        "report",
+        &lenet(),
+        path_str(&q),
+        "--data",
+        data,
+        "--limit",
+        "16",
+        "--svg",
+        path_str(&svg),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    let rows: Vec<(&str, f64)> = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1], f[2].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(rows.len(), 8, "{text}");
+    assert_eq!(rows.iter().filter(|(k, _)| *k == "weight").count(), 4);
+    assert!(
+        rows.windows(2).all(|w| w[0].1 <= w[1].1),
+        "worst first: {text}"
+    );
+    // 4-bit tensors are far noisier than 8-bit ones, but not noise alone.
+    assert!(rows.iter().all(|(_, db)| *db > 5.0), "{text}");
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.matches("<rect").count() == 8);
+    // A float model against itself has nothing quantized.
+    let o = qgraph(&["report", &lenet(), &lenet(), "--data", data]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no QuantizeLinear"), "{}", stderr(&o));
+}
