@@ -91,6 +91,45 @@ pub struct InsertOptions {
     /// With a scheme below 8 bits: keep the first and the last weighted op
     /// (inputs and weights) at 8 bits, as the low-bit literature does.
     pub ends_at_8_bits: bool,
+    /// Per-layer rules, later ones winning (see [`Override`]).
+    pub overrides: Vec<Override>,
+}
+
+/// A per-layer rule: the nodes it matches (name by regular expression,
+/// anywhere in the name unless anchored, and/or op type) stay float
+/// (`exclude`), or get other bit widths for their weights and the
+/// activations they read. Mixed precision comes from these.
+#[derive(Clone, Debug, Default)]
+pub struct Override {
+    pub name: Option<regex::Regex>,
+    pub op: Option<String>,
+    pub exclude: bool,
+    pub weight_bits: Option<u8>,
+    pub activation_bits: Option<u8>,
+}
+
+impl Override {
+    fn matches(&self, g: &Graph, n: NodeId) -> bool {
+        let node = g.node(n);
+        self.name.as_ref().is_none_or(|r| r.is_match(node.name()))
+            && self.op.as_ref().is_none_or(|op| *op == node.op_type)
+    }
+}
+
+/// The last rule matching node `n`.
+fn rule_for<'a>(options: &'a InsertOptions, g: &Graph, n: NodeId) -> Option<&'a Override> {
+    options.overrides.iter().rev().find(|o| o.matches(g, n))
+}
+
+/// `s` with `bits` instead of its own width, when given.
+fn with_bits(s: TensorScheme, bits: Option<u8>) -> TensorScheme {
+    match bits {
+        Some(bits) => TensorScheme {
+            grid: Grid { bits, ..s.grid },
+            ..s
+        },
+        None => s,
+    }
 }
 
 /// One quantized value: its grid, the axis of per-channel parameters, and
@@ -252,12 +291,18 @@ pub fn plan_qdq(model: &Model, options: &InsertOptions) -> Result<QdqPlan, Strin
         let input = |k: usize| inputs.get(k).copied().flatten();
         match node.op_type.as_str() {
             "Conv" | "ConvTranspose" | "Gemm" | "MatMul" => {
+                let rule = rule_for(options, g, n);
+                if rule.is_some_and(|r| r.exclude) {
+                    continue;
+                }
                 let wide = at_8_bits(n);
                 let (act, wts) = if wide {
                     (widen(scheme.activations), widen(scheme.weights))
                 } else {
                     (scheme.activations, scheme.weights)
                 };
+                let act = with_bits(act, rule.and_then(|r| r.activation_bits));
+                let wts = with_bits(wts, rule.and_then(|r| r.weight_bits));
                 // The weight's output-channel axis, when per-channel applies.
                 let weight_axis = match node.op_type.as_str() {
                     "Conv" => Some(0),
@@ -291,6 +336,11 @@ pub fn plan_qdq(model: &Model, options: &InsertOptions) -> Result<QdqPlan, Strin
                 }
             }
             "Add" if options.placement == Placement::TensorRt => {
+                let rule = rule_for(options, g, n);
+                if rule.is_some_and(|r| r.exclude) {
+                    continue;
+                }
+                let act = with_bits(scheme.activations, rule.and_then(|r| r.activation_bits));
                 let (Some(a), Some(b)) = (input(0), input(1)) else {
                     continue;
                 };
@@ -304,7 +354,7 @@ pub fn plan_qdq(model: &Model, options: &InsertOptions) -> Result<QdqPlan, Strin
                     (false, false) => None,
                 };
                 if let Some((v, slot)) = residual {
-                    add_use(&mut sites, v, scheme.activations, None, false, (n, slot));
+                    add_use(&mut sites, v, act, None, false, (n, slot));
                 }
             }
             _ => {}
@@ -362,8 +412,12 @@ pub fn plan_qdq(model: &Model, options: &InsertOptions) -> Result<QdqPlan, Strin
                     let known = sites
                         .iter()
                         .any(|s| s.value == v && s.uses.contains(&(c, slot)));
-                    if quantizable(c) && !is_weight_slot && !known {
-                        add_use(&mut sites, v, scheme.activations, None, false, (c, slot));
+                    let rule = rule_for(options, g, c);
+                    let excluded = rule.is_some_and(|r| r.exclude);
+                    if quantizable(c) && !is_weight_slot && !known && !excluded {
+                        let act =
+                            with_bits(scheme.activations, rule.and_then(|r| r.activation_bits));
+                        add_use(&mut sites, v, act, None, false, (c, slot));
                     }
                 }
                 // The output of a removable activation: quantized where the
@@ -922,6 +976,7 @@ impl InsertQdq {
                 scheme,
                 placement,
                 ends_at_8_bits: ends,
+                overrides: Vec::new(),
             },
         }))
     }

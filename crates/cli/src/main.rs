@@ -124,6 +124,10 @@ enum Command {
                       quantize_static: every float tensor a quantizable op reads or writes, a Relu/Clip after \
                       a weighted op removed when the quantization range lies inside its bounds, and int32 \
                       biases: the graph ONNX Runtime fuses into its integer kernels.\n\n\
+                      Overrides (--overrides rules.toml), later rules winning:\n  \
+                      [[override]]\n  name = \"^/classifier/\"   # regular expression over node names\n  \
+                      exclude = true              # keep float\n  [[override]]\n  op = \"Conv\"\n  \
+                      weight-bits = 8             # and/or activation-bits (2 to 16)\n\n\
                       Without --calib only weights are quantized (and any activation whose calibrated \
                       range the model records).\n\n\
                       Examples:\n  qgraph insert --scheme int8 model.onnx --calib photos.npz --norm imagenet -o q.onnx\n  \
@@ -162,6 +166,10 @@ enum Command {
         /// Samples per calibration batch.
         #[arg(long, default_value_t = 16)]
         batch: usize,
+        /// Per-layer rules (TOML): keep layers float or change their widths,
+        /// by node name (regular expression) or op type; see below.
+        #[arg(long, value_name = "FILE")]
+        overrides: Option<PathBuf>,
         /// With a sub-8-bit scheme, quantize the first and last weighted
         /// layers at the scheme's width too (by default they stay at 8 bits).
         #[arg(long)]
@@ -521,6 +529,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             output,
             scheme,
             placement,
+            overrides,
             calib,
             key,
             norm,
@@ -547,6 +556,15 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     PlacementArg::Ort => qgraph::passes::Placement::Ort,
                 },
                 ends_at_8_bits: !low_bit_ends,
+                overrides: match &overrides {
+                    None => Vec::new(),
+                    Some(path) => {
+                        let text = std::fs::read_to_string(path)
+                            .map_err(|e| Failure(format!("{}: {e}", path.display())))?;
+                        qgraph::insert::parse_overrides(&text)
+                            .map_err(|e| Failure(format!("{}: {e}", path.display())))?
+                    }
+                },
             };
             let data = calib
                 .as_ref()

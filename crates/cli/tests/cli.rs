@@ -605,3 +605,43 @@ fn report_lists_every_quantized_tensor_worst_first_and_draws_them() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("no QuantizeLinear"), "{}", stderr(&o));
 }
+
+#[test]
+fn insert_applies_an_overrides_file_and_names_it_when_it_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, "[[override]]\nop = \"Gemm\"\nexclude = true\n").unwrap();
+    let out = dir.path().join("q.onnx");
+    let o = qgraph(&[
+        "insert",
+        &lenet(),
+        "--overrides",
+        path_str(&rules),
+        "-o",
+        path_str(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // LeNet's two Gemm layers stay float: two quantized weights remain.
+    assert!(
+        stderr(&o).contains("2 weights and 0 activations"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&rules, "[[override]]\nop = \"Gemm\"\nexclude = \"yes\"\n").unwrap();
+    let bad = dir.path().join("bad.onnx");
+    let o = qgraph(&[
+        "insert",
+        &lenet(),
+        "--overrides",
+        path_str(&rules),
+        "-o",
+        path_str(&bad),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("rules.toml: override 1: 'exclude' has the wrong type"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!bad.exists());
+}

@@ -10,11 +10,78 @@ use crate::data::{Dataset, Norm};
 use qgraph_eval::Evaluator;
 use qgraph_ir::{Model, Tensor, ValueId};
 use qgraph_passes::{
-    insert_qdq, plan_qdq, Calibrated, InsertOptions, InsertReport, QdqPlan, Site, RANGE_KEY,
+    insert_qdq, plan_qdq, Calibrated, InsertOptions, InsertReport, Override, QdqPlan, Site,
+    RANGE_KEY,
 };
 use qgraph_quant::observe::{AbsHistogram, MinMax};
 use qgraph_quant::RangeMode;
 use std::collections::HashMap;
+
+/// Per-layer overrides from TOML: a list of `[[override]]` tables, each
+/// with a matcher (`name`, a regular expression searched in node names, and
+/// or `op`, an op type) and what to do (`exclude = true` keeps the matched
+/// nodes float; `weight-bits`, `activation-bits` from 2 to 16 set their
+/// widths). Later entries win. Errors name the entry and the key.
+pub fn parse_overrides(text: &str) -> Result<Vec<Override>, String> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+    let mut out = Vec::new();
+    for key in table.keys() {
+        if key != "override" {
+            return Err(format!(
+                "unknown key '{key}' (the file holds [[override]] tables)"
+            ));
+        }
+    }
+    let entries = match table.get("override") {
+        None => return Ok(out),
+        Some(toml::Value::Array(a)) => a,
+        Some(_) => return Err("'override' must be an array of tables ([[override]])".into()),
+    };
+    for (i, entry) in entries.iter().enumerate() {
+        let at = |msg: String| format!("override {}: {msg}", i + 1);
+        let toml::Value::Table(t) = entry else {
+            return Err(at("not a table".into()));
+        };
+        let mut o = Override::default();
+        for (k, v) in t {
+            match (k.as_str(), v) {
+                ("name", toml::Value::String(r)) => {
+                    o.name = Some(
+                        regex::Regex::new(r)
+                            .map_err(|e| at(format!("'name' is not a regular expression: {e}")))?,
+                    )
+                }
+                ("op", toml::Value::String(op)) => o.op = Some(op.clone()),
+                ("exclude", toml::Value::Boolean(b)) => o.exclude = *b,
+                ("weight-bits" | "activation-bits", toml::Value::Integer(b)) => {
+                    if !(2..=16).contains(b) {
+                        return Err(at(format!("'{k}' must be from 2 to 16, not {b}")));
+                    }
+                    if k == "weight-bits" {
+                        o.weight_bits = Some(*b as u8);
+                    } else {
+                        o.activation_bits = Some(*b as u8);
+                    }
+                }
+                ("name" | "op" | "exclude" | "weight-bits" | "activation-bits", v) => {
+                    return Err(at(format!("'{k}' has the wrong type ({})", v.type_str())))
+                }
+                _ => {
+                    return Err(at(format!(
+                        "unknown key '{k}' (known: name, op, exclude, weight-bits, activation-bits)"
+                    )))
+                }
+            }
+        }
+        if o.name.is_none() && o.op.is_none() {
+            return Err(at(
+                "give 'name' or 'op' (a rule without them matches every node)".into(),
+            ));
+        }
+        out.push(o);
+    }
+    Ok(out)
+}
 
 /// How an activation's range is chosen from what calibration observed.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -33,6 +33,7 @@ fn options(scheme: &str) -> InsertOptions {
         scheme: Scheme::parse(scheme).unwrap(),
         placement: Placement::TensorRt,
         ends_at_8_bits: true,
+        overrides: Vec::new(),
     }
 }
 
@@ -210,4 +211,63 @@ fn ort_placement_quantizes_every_tensor_folds_relu_and_makes_int32_biases() {
     };
     let db = sqnr_db(&run(&float)[0], &run(&model)[0]);
     assert!(db > 25.0, "output SQNR {db:.1} dB");
+}
+
+#[test]
+fn overrides_exclude_layers_and_set_their_widths_later_rules_winning() {
+    let model = qgraph::text::parse_model(MODEL).unwrap();
+    let g = &model.graph;
+    let mut opts = options("w4a4");
+    opts.overrides = qgraph::insert::parse_overrides(
+        r#"
+[[override]]
+op = "Conv"
+weight-bits = 6
+
+[[override]]
+name = "^c2$"
+weight-bits = 3
+activation-bits = 5
+
+[[override]]
+op = "Gemm"
+exclude = true
+"#,
+    )
+    .unwrap();
+    let plan = plan_qdq(&model, &opts).unwrap();
+    let bits = |name: &str| {
+        let v = g.value_by_name(name).unwrap();
+        plan.sites
+            .iter()
+            .find(|s| s.value == v)
+            .map(|s| s.scheme.grid.bits)
+    };
+    // c1 is the first weighted layer (8-bit activations by default), its
+    // weights set to 6; c2's rule comes later and wins; the Gemm is float.
+    assert_eq!((bits("w1"), bits("x")), (Some(6), Some(8)));
+    assert_eq!((bits("w2"), bits("r1")), (Some(3), Some(5)));
+    assert_eq!((bits("wg"), bits("f")), (None, None));
+    for (text, want) in [
+        (
+            "[[override]]\nexclude = true",
+            "override 1: give 'name' or 'op'",
+        ),
+        (
+            "[[override]]\nname = \"(\"",
+            "override 1: 'name' is not a regular expression",
+        ),
+        (
+            "[[override]]\nop = \"Conv\"\nweight-bits = 1",
+            "'weight-bits' must be from 2 to 16",
+        ),
+        (
+            "[[override]]\nop = \"Conv\"\nbits = 4",
+            "unknown key 'bits'",
+        ),
+        ("[layer]\nop = 1", "unknown key 'layer'"),
+    ] {
+        let err = qgraph::insert::parse_overrides(text).unwrap_err();
+        assert!(err.contains(want), "{text}: {err}");
+    }
 }
