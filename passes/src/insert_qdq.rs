@@ -26,7 +26,7 @@
 
 use crate::{util, Params as PassParams, Pass, PassContext};
 use qgraph_ir::{AttrValue, DataType, Graph, Model, NewNode, NodeId, Tensor, ValueId};
-use qgraph_quant::{Grid, Params, Scheme, TensorScheme};
+use qgraph_quant::{Grid, Params, RangeInit, Scheme, TensorScheme, PACT_INITIAL_ALPHA};
 use std::collections::HashMap;
 
 /// Where Q/DQ pairs go.
@@ -475,11 +475,20 @@ fn weight_params(
     let Tensor::F32(w) = tensor else {
         return Err(format!("a weight of type {} is not f32", tensor.dtype()));
     };
+    // LSQ's initial step comes from the mean |w|, other schemes' from the
+    // extremes.
+    let range = |values: &mut dyn Iterator<Item = f32>| match scheme.init {
+        RangeInit::LsqMeanAbs => {
+            let (sum, n) = values.fold((0f64, 0usize), |(s, n), v| (s + v.abs() as f64, n + 1));
+            Scheme::lsq_range(scheme.grid, sum / n.max(1) as f64)
+        }
+        _ => min_max(values),
+    };
     let ranges: Vec<(f32, f32)> = match axis {
-        None => vec![min_max(w.iter().copied())],
+        None => vec![range(&mut w.iter().copied())],
         Some(axis) => w
             .axis_iter(qgraph_ir::ndarray::Axis(axis))
-            .map(|c| min_max(c.iter().copied()))
+            .map(|c| range(&mut c.iter().copied()))
             .collect(),
     };
     ranges
@@ -490,7 +499,7 @@ fn weight_params(
         .collect()
 }
 
-fn min_max(values: impl Iterator<Item = f32>) -> (f32, f32) {
+fn min_max(values: &mut dyn Iterator<Item = f32>) -> (f32, f32) {
     values
         .filter(|x| x.is_finite())
         .fold((0f32, 0f32), |(lo, hi), x| (lo.min(x), hi.max(x)))
@@ -655,9 +664,13 @@ pub fn insert_qdq(
             weight_params(tensor, site.scheme, site.axis)
                 .map_err(|e| format!("weight '{name}': {e}"))?
         } else {
+            // PACT without data: the paper's initial clipping level.
+            let pact =
+                (site.scheme.init == RangeInit::PactClip).then_some((0.0, PACT_INITIAL_ALPHA));
             let Some(&(lo, hi)) = ranges
                 .get(&site.value)
                 .or(recorded_range(g, site.value).as_ref())
+                .or(pact.as_ref())
             else {
                 report.unranged.push(name);
                 continue;

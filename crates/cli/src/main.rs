@@ -117,7 +117,12 @@ enum Command {
                       int8-asym  ONNX Runtime style: weights as int8, activations uint8 asymmetric per tensor\n  \
                       wNaM       N-bit weights (symmetric, per channel), M-bit activations (unsigned, \
                       asymmetric), N and M from 2 to 8, e.g. w4a8, w2a2; the first and last weighted \
-                      layers stay at 8 bits unless --low-bit-ends\n\n\
+                      layers stay at 8 bits unless --low-bit-ends\n  \
+                      pact-wNaM  as wNaM, activations on [0, alpha] (PACT): alpha the calibrated maximum, \
+                      or 10 without data\n  \
+                      lsq-wNaM   LSQ: one step per layer, s = 2<|v|>/sqrt(Qp) from the weights and the \
+                      first calibration batch; weights on the full signed grid\n  \
+                      The learned-range schemes place the same Q/DQ pairs; `qgraph train` learns them.\n\n\
                       Placement follows TensorRT: every input of Conv, ConvTranspose, Gemm and MatMul, and \
                       the residual input of an Add joining a convolution's branch; the outputs of \
                       weighted ops and everything else stay float. With --placement ort, as ONNX Runtime's \
@@ -621,10 +626,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 "qgraph: {} weights and {} activations quantized ({}); {} biases corrected{}",
                 r.weights,
                 r.activations,
-                match &calibration {
-                    Some(c) => format!("{} over {} samples", c.method.describe(), c.samples.len()),
-                    None => "no calibration data".into(),
-                },
+                summary.calibration,
                 r.bias_corrected,
                 if r.unranged.is_empty() {
                     String::new()

@@ -14,7 +14,7 @@ use qgraph_passes::{
     RANGE_KEY,
 };
 use qgraph_quant::observe::{AbsHistogram, MinMax};
-use qgraph_quant::RangeMode;
+use qgraph_quant::{RangeInit, RangeMode, Scheme, PACT_INITIAL_ALPHA};
 use std::collections::HashMap;
 
 /// Per-layer overrides from TOML: a list of `[[override]]` tables, each
@@ -110,6 +110,11 @@ impl Method {
 enum Observer {
     MinMax(MinMax),
     Histogram(AbsHistogram),
+    /// LSQ: the mean |x| of the first batch, and the extremes (for the sign).
+    FirstBatchMeanAbs {
+        mean: Option<f64>,
+        extremes: MinMax,
+    },
 }
 
 /// The calibration data: samples of a data set, normalised, in batches.
@@ -195,8 +200,15 @@ pub fn calibrate(
     let mut observers: HashMap<ValueId, Observer> = watch
         .iter()
         .map(|&v| {
-            let o = match calibration.method {
-                Method::MinMax => Observer::MinMax(MinMax::default()),
+            let init = sites.iter().find(|s| s.value == v).map(|s| s.scheme.init);
+            let o = match (init, calibration.method) {
+                (Some(RangeInit::LsqMeanAbs), _) => Observer::FirstBatchMeanAbs {
+                    mean: None,
+                    extremes: MinMax::default(),
+                },
+                (Some(RangeInit::PactClip), _) | (_, Method::MinMax) => {
+                    Observer::MinMax(MinMax::default())
+                }
                 _ => Observer::Histogram(AbsHistogram::default()),
             };
             (v, o)
@@ -227,6 +239,13 @@ pub fn calibrate(
             match o {
                 Observer::MinMax(m) => m.observe(values),
                 Observer::Histogram(h) => h.observe(values),
+                Observer::FirstBatchMeanAbs { mean, extremes } => {
+                    extremes.observe(values);
+                    if mean.is_none() {
+                        let sum: f64 = values.iter().map(|v| v.abs() as f64).sum();
+                        *mean = Some(sum / values.len().max(1) as f64);
+                    }
+                }
             }
             sums.entry(v).or_default().observe(a.shape(), values);
         };
@@ -242,7 +261,22 @@ pub fn calibrate(
     for site in sites.iter().filter(|s| !s.weight) {
         let grid = site.scheme.grid;
         let range = match &observers[&site.value] {
+            // PACT clips at 0: unless the values go below it (the network's
+            // input, a residual sum), the range starts there.
+            Observer::MinMax(m) if site.scheme.init == RangeInit::PactClip => {
+                let (lo, hi) = m.range();
+                (lo.min(0.0), hi)
+            }
             Observer::MinMax(m) => m.range(),
+            Observer::FirstBatchMeanAbs { mean, extremes } => {
+                let (_, hi) = Scheme::lsq_range(grid, mean.unwrap_or(0.0));
+                // Values below zero: the same reach on both sides.
+                if extremes.range().0 < 0.0 {
+                    (-hi, hi)
+                } else {
+                    (0.0, hi)
+                }
+            }
             Observer::Histogram(h) => {
                 // Levels on the side a threshold covers: half the grid when
                 // it is symmetric about zero.
@@ -282,6 +316,8 @@ pub struct Summary {
     pub plan: QdqPlan,
     pub report: InsertReport,
     pub calibrated: bool,
+    /// How ranges were chosen, as recorded in the model's metadata.
+    pub calibration: String,
 }
 
 /// Runs the [`PREPARE`] passes when `prepare`, places Q/DQ pairs by
@@ -316,12 +352,26 @@ pub fn insert(
         meta.push((RANGE_KEY.to_string(), format!("{lo:e},{hi:e}")));
     }
     let report = insert_qdq(model, &plan, &calibrated, bias_correction)?;
+    let init = match options.scheme.activations.init {
+        RangeInit::Observed => String::new(),
+        RangeInit::PactClip if calibration.is_some() => {
+            "; PACT alpha from the calibrated maximum".into()
+        }
+        RangeInit::PactClip => format!("; PACT alpha = {PACT_INITIAL_ALPHA} (no data)"),
+        RangeInit::LsqMeanAbs => "; LSQ steps 2<|v|>/sqrt(Qp) (activations: first batch)".into(),
+    };
     let method = calibration
-        .map(|c| format!("{} over {} samples", c.method.describe(), c.samples.len()))
-        .unwrap_or_else(|| "none (weights from their values)".into());
+        .map(|c| match options.scheme.activations.init {
+            RangeInit::Observed => {
+                format!("{} over {} samples", c.method.describe(), c.samples.len())
+            }
+            _ => format!("{} samples", c.samples.len()),
+        })
+        .unwrap_or_else(|| "none (weights from their values)".into())
+        + &init;
     for (k, v) in [
         ("qgraph.scheme", options.scheme.name.clone()),
-        ("qgraph.calibration", method),
+        ("qgraph.calibration", method.clone()),
         ("qgraph.version", env!("CARGO_PKG_VERSION").to_string()),
     ] {
         model.meta.retain(|(key, _)| key != k);
@@ -331,5 +381,6 @@ pub fn insert(
         plan,
         report,
         calibrated: calibration.is_some(),
+        calibration: method,
     })
 }

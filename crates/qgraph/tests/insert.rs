@@ -271,3 +271,43 @@ exclude = true
         assert!(err.contains(want), "{text}: {err}");
     }
 }
+
+/// The learned-range schemes start from their papers' rules: PACT's alpha
+/// = 10 without data, LSQ's step 2<|w|>/sqrt(Qp) from the weights.
+#[test]
+fn learned_range_schemes_start_from_their_papers_rules() {
+    let scale_of = |model: &Model, name: &str| -> Vec<f32> {
+        let g = &model.graph;
+        let v = g.value_by_name(&format!("{name}_scale")).unwrap();
+        match &g.initializer(v).unwrap().tensor {
+            Tensor::F32(a) => a.iter().copied().collect(),
+            t => panic!("{t:?}"),
+        }
+    };
+    let mut model = qgraph::text::parse_model(MODEL).unwrap();
+    let summary = insert(
+        &mut model,
+        &options("pact-w4a4"),
+        false,
+        false,
+        None,
+        |_| {},
+    )
+    .unwrap();
+    assert!(summary.report.unranged.is_empty());
+    assert!(summary.calibration.contains("PACT alpha = 10"));
+    // r1 feeds the middle layer: 4 bits, [0, 10] over 15 steps.
+    assert_eq!(scale_of(&model, "r1"), [10.0 / 15.0]);
+    let mut model = qgraph::text::parse_model(MODEL).unwrap();
+    insert(&mut model, &options("lsq-w4a4"), false, false, None, |_| {}).unwrap();
+    let w2 = [
+        0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, -0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7,
+        -0.8, -0.9, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 0.3, 0.1, -0.2, 0.5, -0.7,
+        0.9, -0.4, 0.6, 0.8,
+    ];
+    let mean = w2.iter().map(|v| v.abs() as f64).sum::<f64>() / w2.len() as f64;
+    let want = (2.0 * mean / 7f64.sqrt()) as f32;
+    let got = scale_of(&model, "w2");
+    assert_eq!(got.len(), 1, "one step per layer");
+    assert!((got[0] - want).abs() <= 1e-6 * want, "{got:?} vs {want}");
+}

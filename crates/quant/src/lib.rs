@@ -17,7 +17,7 @@ mod scheme;
 
 pub use fixed_point::{multiply_by_quantized_multiplier, quantize_multiplier, QuantizedMultiplier};
 pub use grid::{Grid, GridError, Params, RangeMode};
-pub use scheme::{Scheme, TensorScheme, SCHEME_NAMES};
+pub use scheme::{RangeInit, Scheme, TensorScheme, PACT_INITIAL_ALPHA, SCHEME_NAMES};
 
 /// Rounds half to even, as ONNX QuantizeLinear does.
 pub fn round_half_even(x: f32) -> f32 {

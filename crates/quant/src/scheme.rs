@@ -10,6 +10,14 @@
 //!   symmetric per output channel on the narrow grid; activations M-bit
 //!   unsigned asymmetric per tensor, which gives post-ReLU values the whole
 //!   grid and keeps 0 exact.
+//! - `pact-wNaM`: as `wNaM`, activations on `[0, alpha]` (PACT, Choi et al.
+//!   2018): alpha the calibrated maximum, or 10 without data.
+//! - `lsq-wNaM`: LSQ (Esser et al. 2020): one step size per layer,
+//!   `s = 2 <|v|> / sqrt(Qp)` from the weight or from the first calibration
+//!   batch; weights on the full signed grid, activations unsigned from 0.
+//!
+//! The learned-range schemes place the same Q/DQ pairs; the trainer then
+//! learns their scales.
 
 use crate::{Grid, RangeMode};
 
@@ -21,7 +29,27 @@ pub struct TensorScheme {
     /// One scale per output channel (axis 0 of a weight) instead of one
     /// per tensor.
     pub per_channel: bool,
+    /// How the initial range is chosen.
+    pub init: RangeInit,
 }
+
+/// How a scheme's initial range is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeInit {
+    /// From the values (weights) or the calibration observer (activations).
+    Observed,
+    /// LSQ (Esser et al. 2020): step size `s = 2 <|v|> / sqrt(Qp)`, the mean
+    /// |v| over the weight or over the first calibration batch, so the range
+    /// is `Qp * s` (and `-Qn * s` when signed).
+    LsqMeanAbs,
+    /// PACT (Choi et al. 2018): activations clipped to `[0, alpha]`,
+    /// `alpha` the calibrated maximum, or 10 without data (the paper's
+    /// initial value, its Appendix B).
+    PactClip,
+}
+
+/// PACT's initial clipping level without data.
+pub const PACT_INITIAL_ALPHA: f32 = 10.0;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scheme {
@@ -31,7 +59,8 @@ pub struct Scheme {
 }
 
 /// The scheme names, for `--help` and messages.
-pub const SCHEME_NAMES: &str = "int8, int8-asym, wNaM (N, M in 2..=8, e.g. w4a8)";
+pub const SCHEME_NAMES: &str =
+    "int8, int8-asym, wNaM, pact-wNaM, lsq-wNaM (N, M in 2..=8, e.g. w4a8, pact-w4a4)";
 
 impl Scheme {
     pub fn parse(name: &str) -> Result<Scheme, String> {
@@ -43,6 +72,7 @@ impl Scheme {
             },
             mode: RangeMode::Symmetric,
             per_channel: true,
+            init: RangeInit::Observed,
         };
         let (w, a) = match name {
             "int8" => (
@@ -51,6 +81,7 @@ impl Scheme {
                     grid: Grid::int8(),
                     mode: RangeMode::Symmetric,
                     per_channel: false,
+                    init: RangeInit::Observed,
                 },
             ),
             "int8-asym" => (
@@ -59,24 +90,57 @@ impl Scheme {
                     grid: Grid::uint8(),
                     mode: RangeMode::Asymmetric,
                     per_channel: false,
+                    init: RangeInit::Observed,
                 },
             ),
             _ => {
-                let (wb, ab) = parse_wa(name).ok_or_else(|| {
-                    format!("unknown scheme '{name}'; the schemes are {SCHEME_NAMES}")
-                })?;
-                (
-                    weights(wb),
-                    TensorScheme {
-                        grid: Grid {
-                            bits: ab,
-                            signed: false,
-                            narrow: false,
-                        },
-                        mode: RangeMode::Asymmetric,
-                        per_channel: false,
+                let unknown = || format!("unknown scheme '{name}'; the schemes are {SCHEME_NAMES}");
+                let (learned, rest) = match name.split_once('-') {
+                    Some((l @ ("pact" | "lsq"), rest)) => (Some(l), rest),
+                    _ => (None, name),
+                };
+                let (wb, ab) = parse_wa(rest).ok_or_else(unknown)?;
+                let activations = TensorScheme {
+                    grid: Grid {
+                        bits: ab,
+                        signed: false,
+                        narrow: false,
                     },
-                )
+                    mode: RangeMode::Asymmetric,
+                    per_channel: false,
+                    init: RangeInit::Observed,
+                };
+                match learned {
+                    None => (weights(wb), activations),
+                    // PACT quantizes activations on [0, alpha]; its
+                    // weights here are those of wNaM.
+                    Some("pact") => (
+                        weights(wb),
+                        TensorScheme {
+                            init: RangeInit::PactClip,
+                            ..activations
+                        },
+                    ),
+                    // LSQ: one step size per layer, weights on the full
+                    // signed grid [-2^(N-1), 2^(N-1) - 1], activations
+                    // unsigned with zero point 0.
+                    _ => (
+                        TensorScheme {
+                            grid: Grid {
+                                bits: wb,
+                                signed: true,
+                                narrow: false,
+                            },
+                            mode: RangeMode::Symmetric,
+                            per_channel: false,
+                            init: RangeInit::LsqMeanAbs,
+                        },
+                        TensorScheme {
+                            init: RangeInit::LsqMeanAbs,
+                            ..activations
+                        },
+                    ),
+                }
             }
         };
         Ok(Scheme {
@@ -84,6 +148,16 @@ impl Scheme {
             weights: w,
             activations: a,
         })
+    }
+
+    /// The initial range of an LSQ tensor from its mean |v|: `[-Qp s, Qp s]`
+    /// (signed grids: with zero point 0 the grid then reaches `-Qn s`) or
+    /// `[0, Qp s]`, with `s = 2 mean / sqrt(Qp)`, so that the scale is `s`.
+    pub fn lsq_range(grid: Grid, mean_abs: f64) -> (f32, f32) {
+        let qp = (grid.qmax() - if grid.signed { 0 } else { grid.qmin() }) as f64;
+        let s = 2.0 * mean_abs / qp.max(1.0).sqrt();
+        let hi = (qp * s) as f32;
+        (if grid.signed { -hi } else { 0.0 }, hi)
     }
 
     /// Whether either kind of tensor uses fewer than 8 bits.
@@ -123,6 +197,20 @@ mod tests {
         assert_eq!((low.weights.grid.qmin(), low.weights.grid.qmax()), (-7, 7));
         assert_eq!(low.activations.grid.qmax(), 255);
         assert!(low.is_low_bit() && !trt.is_low_bit());
+        let pact = Scheme::parse("pact-w4a4").unwrap();
+        assert_eq!(pact.activations.init, RangeInit::PactClip);
+        assert_eq!(pact.weights, Scheme::parse("w4a4").unwrap().weights);
+        let lsq = Scheme::parse("lsq-w3a2").unwrap();
+        assert_eq!((lsq.weights.grid.qmin(), lsq.weights.grid.qmax()), (-4, 3));
+        assert!(!lsq.weights.per_channel && lsq.weights.init == RangeInit::LsqMeanAbs);
+        // s = 2 <|v|> / sqrt(Qp): with <|v|> = 0.5 and Qp = 3, s = 1/sqrt(3).
+        let (lo, hi) = Scheme::lsq_range(lsq.weights.grid, 0.5);
+        let p = crate::Params::from_range(lo, hi, lsq.weights.grid, lsq.weights.mode).unwrap();
+        assert!((p.scale - 1.0 / 3f32.sqrt()).abs() < 1e-6 && p.zero_point == 0);
+        let (lo, hi) = Scheme::lsq_range(lsq.activations.grid, 0.5);
+        let p =
+            crate::Params::from_range(lo, hi, lsq.activations.grid, lsq.activations.mode).unwrap();
+        assert!((p.scale - 1.0 / 3f32.sqrt()).abs() < 1e-6 && p.zero_point == 0);
         let w2a2 = Scheme::parse("w2a2").unwrap();
         assert_eq!(
             (w2a2.weights.grid.qmin(), w2a2.weights.grid.qmax()),
@@ -133,7 +221,17 @@ mod tests {
 
     #[test]
     fn unknown_names_list_the_schemes() {
-        for bad in ["int9", "w1a8", "w4a9", "w4", "a8", "w4a8x", ""] {
+        for bad in [
+            "int9",
+            "w1a8",
+            "w4a9",
+            "w4",
+            "a8",
+            "w4a8x",
+            "",
+            "pact-int8",
+            "dorefa-w4a4x",
+        ] {
             let err = Scheme::parse(bad).unwrap_err();
             assert!(
                 err.contains("the schemes are int8, int8-asym"),
