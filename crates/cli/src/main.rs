@@ -136,7 +136,8 @@ enum Command {
                       Without --calib only weights are quantized (and any activation whose calibrated \
                       range the model records).\n\n\
                       Examples:\n  qgraph insert --scheme int8 model.onnx --calib photos.npz --norm imagenet -o q.onnx\n  \
-                      qgraph insert --scheme w4a8 model.onnx --calib data.npz --calib-count 256 --method percentile -o q.onnx")]
+                      qgraph insert --scheme w4a8 model.onnx --calib data.npz --calib-count 256 --method percentile -o q.onnx\n  \
+                      qgraph insert --scheme int8 model.onnx --calib photos/ --preprocess resize=256,crop=224,norm=imagenet -o q.onnx")]
     Insert {
         /// The float model (.onnx or .qgt).
         model: PathBuf,
@@ -150,9 +151,14 @@ enum Command {
         /// quantize_static (see below).
         #[arg(long, value_enum, default_value_t = PlacementArg::Tensorrt)]
         placement: PlacementArg,
-        /// Calibration data (.npz with samples N first, uint8 or float32).
+        /// Calibration data: an .npz file (samples N first, uint8 or float32),
+        /// or a folder of JPEG/PNG images (see --preprocess).
         #[arg(long)]
         calib: Option<PathBuf>,
+        /// For a folder of images: resize=N (shorter side), crop=N (centred
+        /// square), norm=imagenet|tf|none, gray; e.g. "resize=256,crop=224,norm=imagenet".
+        #[arg(long, value_name = "SPEC")]
+        preprocess: Option<String>,
         /// The array of samples in --calib (default: x, else x_u8).
         #[arg(long)]
         key: Option<String>,
@@ -536,6 +542,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             placement,
             overrides,
             calib,
+            preprocess,
             key,
             norm,
             calib_count,
@@ -571,14 +578,35 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     }
                 },
             };
-            let data = calib
-                .as_ref()
-                .map(|path| qgraph::data::Dataset::load_npz(path, key.as_deref(), Some("")))
-                .transpose()?;
-            let norm = match norm {
+            let mut norm = match norm {
                 NormArg::Imagenet => qgraph::data::Norm::Imagenet,
                 NormArg::Tf => qgraph::data::Norm::Tf,
                 NormArg::None => qgraph::data::Norm::None,
+            };
+            let (prep, prep_norm) =
+                qgraph::data::Preprocess::parse(preprocess.as_deref().unwrap_or(""))
+                    .map_err(|e| Failure(format!("--preprocess: {e}")))?;
+            if let Some(n) = prep_norm {
+                norm = n;
+            }
+            let data = match &calib {
+                Some(path) if path.is_dir() => {
+                    Some(qgraph::data::Dataset::load_images(path, prep)?)
+                }
+                Some(path) => {
+                    if preprocess.is_some() {
+                        return Err(Failure(format!(
+                            "--preprocess applies to a folder of images; {} is a file",
+                            path.display()
+                        )));
+                    }
+                    Some(qgraph::data::Dataset::load_npz(
+                        path,
+                        key.as_deref(),
+                        Some(""),
+                    )?)
+                }
+                None => None,
             };
             if let (Some(ds), Some(path)) = (&data, &calib) {
                 ds.check_norm(norm)

@@ -23,6 +23,103 @@ pub enum Norm {
 enum Samples {
     U8(ArrayD<u8>),
     F32(ArrayD<f32>),
+    /// Image files, decoded a batch at a time.
+    Images {
+        files: Vec<std::path::PathBuf>,
+        preprocess: Preprocess,
+    },
+}
+
+/// How image files become samples: the shorter side resized to `resize`
+/// (bilinear), then a centred `crop` x `crop` square, RGB (or luma with
+/// `gray`) scaled to [0, 1], channels first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Preprocess {
+    pub resize: Option<u32>,
+    pub crop: Option<u32>,
+    pub gray: bool,
+}
+
+impl Preprocess {
+    /// Parses `resize=256,crop=224,norm=imagenet,gray`; the normalisation,
+    /// when given, is returned beside.
+    pub fn parse(spec: &str) -> Result<(Preprocess, Option<Norm>), String> {
+        let mut p = Preprocess::default();
+        let mut norm = None;
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (key, value) = item.split_once('=').unwrap_or((item, ""));
+            let size = || {
+                value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&v| v > 0)
+                    .ok_or_else(|| format!("'{key}' needs a positive size, not '{value}'"))
+            };
+            match key {
+                "resize" => p.resize = Some(size()?),
+                "crop" => p.crop = Some(size()?),
+                "gray" if value.is_empty() => p.gray = true,
+                "norm" => {
+                    norm = Some(match value {
+                        "imagenet" => Norm::Imagenet,
+                        "tf" => Norm::Tf,
+                        "none" => Norm::None,
+                        other => return Err(format!("unknown norm '{other}' (imagenet, tf, none)")),
+                    })
+                }
+                other => {
+                    return Err(format!(
+                        "unknown preprocessing step '{other}' (resize=N, crop=N, norm=imagenet|tf|none, gray)"
+                    ))
+                }
+            }
+        }
+        Ok((p, norm))
+    }
+
+    /// One image file as a [C, H, W] array in [0, 1].
+    fn load(&self, path: &Path) -> Result<ArrayD<f32>, String> {
+        use image::imageops::FilterType;
+        let img = image::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let img = match self.resize {
+            Some(r) => {
+                let (w, h) = (img.width().max(1), img.height().max(1));
+                let (nw, nh) = if w <= h {
+                    (r, ((h as u64 * r as u64) / w as u64).max(1) as u32)
+                } else {
+                    (((w as u64 * r as u64) / h as u64).max(1) as u32, r)
+                };
+                img.resize_exact(nw, nh, FilterType::Triangle)
+            }
+            None => img,
+        };
+        let img = match self.crop {
+            Some(c) => {
+                if img.width() < c || img.height() < c {
+                    return Err(format!(
+                        "{}: {}x{} is smaller than the crop {c}",
+                        path.display(),
+                        img.width(),
+                        img.height()
+                    ));
+                }
+                img.crop_imm((img.width() - c) / 2, (img.height() - c) / 2, c, c)
+            }
+            None => img,
+        };
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        if self.gray {
+            let luma = img.to_luma8();
+            Ok(ArrayD::from_shape_fn(vec![1, h, w], |i| {
+                luma.get_pixel(i[2] as u32, i[1] as u32).0[0] as f32 / 255.0
+            }))
+        } else {
+            let rgb = img.to_rgb8();
+            Ok(ArrayD::from_shape_fn(vec![3, h, w], |i| {
+                rgb.get_pixel(i[2] as u32, i[1] as u32).0[i[0]] as f32 / 255.0
+            }))
+        }
+    }
 }
 
 /// Samples (N first) and optional integer labels.
@@ -134,10 +231,35 @@ impl Dataset {
         Ok(ds)
     }
 
+    /// The JPEG and PNG files of a folder, in name order, decoded batch by
+    /// batch with `preprocess` (samples of one size: give `crop`, or
+    /// `resize` with images of one aspect).
+    pub fn load_images(dir: &Path, preprocess: Preprocess) -> Result<Dataset, Error> {
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::new(dir, e))?;
+        let mut files: Vec<std::path::PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                    matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
+                })
+            })
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::new(dir, "holds no .jpg, .jpeg or .png file"));
+        }
+        Ok(Dataset {
+            samples: Samples::Images { files, preprocess },
+            labels: None,
+            key: "images".into(),
+        })
+    }
+
     pub fn len(&self) -> usize {
         match &self.samples {
             Samples::U8(a) => a.shape().first().copied().unwrap_or(0),
             Samples::F32(a) => a.shape().first().copied().unwrap_or(0),
+            Samples::Images { files, .. } => files.len(),
         }
     }
 
@@ -147,9 +269,14 @@ impl Dataset {
 
     /// Checks that the samples suit a normalisation (ImageNet needs 3 channels).
     pub fn check_norm(&self, norm: Norm) -> Result<(), String> {
+        let channels = match &self.samples {
+            Samples::Images { preprocess, .. } => [0, if preprocess.gray { 1 } else { 3 }],
+            _ => [0, 0],
+        };
         let shape = match &self.samples {
             Samples::U8(a) => a.shape(),
             Samples::F32(a) => a.shape(),
+            Samples::Images { .. } => &channels[..],
         };
         if norm == Norm::Imagenet && (shape.len() < 2 || shape[1] != 3) {
             return Err(format!("ImageNet normalisation needs NCHW samples with 3 channels; '{}' has shape {shape:?}", self.key));
@@ -158,24 +285,40 @@ impl Dataset {
     }
 
     /// Samples `start..end` as an f32 batch, normalised.
-    pub fn batch(&self, start: usize, end: usize, norm: Norm) -> Tensor {
-        let x: ArrayD<f32> = match &self.samples {
-            Samples::U8(a) => a
-                .slice_axis(Axis(0), (start..end).into())
-                .mapv(|v| v as f32 / 255.0),
-            Samples::F32(a) => a.slice_axis(Axis(0), (start..end).into()).to_owned(),
-        };
-        normalise(x, norm)
+    pub fn batch(&self, start: usize, end: usize, norm: Norm) -> Result<Tensor, String> {
+        self.select(&(start..end).collect::<Vec<_>>(), norm)
     }
 
     /// The samples at `indices` (each below `len()`) as an f32 batch,
-    /// normalised.
-    pub fn select(&self, indices: &[usize], norm: Norm) -> Tensor {
+    /// normalised. Image files are decoded here; one that cannot be, or
+    /// whose size differs from the others', is an error naming it.
+    pub fn select(&self, indices: &[usize], norm: Norm) -> Result<Tensor, String> {
         let x: ArrayD<f32> = match &self.samples {
             Samples::U8(a) => a.select(Axis(0), indices).mapv(|v| v as f32 / 255.0),
             Samples::F32(a) => a.select(Axis(0), indices),
+            Samples::Images { files, preprocess } => {
+                let images: Vec<ArrayD<f32>> = indices
+                    .iter()
+                    .map(|&i| preprocess.load(&files[i]))
+                    .collect::<Result<_, _>>()?;
+                if let Some((k, _)) = images
+                    .iter()
+                    .enumerate()
+                    .find(|(_, a)| a.shape() != images[0].shape())
+                {
+                    return Err(format!(
+                        "{}: {:?} differs from {}'s {:?} (give --preprocess crop=N)",
+                        files[indices[k]].display(),
+                        images[k].shape(),
+                        files[indices[0]].display(),
+                        images[0].shape()
+                    ));
+                }
+                let views: Vec<_> = images.iter().map(|a| a.view()).collect();
+                ndarray::stack(Axis(0), &views).map_err(|e| e.to_string())?
+            }
         };
-        normalise(x, norm)
+        Ok(normalise(x, norm))
     }
 }
 
@@ -263,7 +406,7 @@ pub fn measure(
     let mut start = 0;
     while start < total {
         let end = (start + batch.max(1)).min(total);
-        let x = data.batch(start, end, norm);
+        let x = data.batch(start, end, norm)?;
         let out = ev.run(vec![x.clone()]).map_err(|e| e.to_string())?;
         let (n, logits) = out
             .first()

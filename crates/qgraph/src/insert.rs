@@ -218,7 +218,7 @@ pub fn calibrate(
     let batch = calibration.batch.max(1);
     let mut done = 0;
     for chunk in calibration.samples.chunks(batch) {
-        let x = calibration.data.select(chunk, calibration.norm);
+        let x = calibration.data.select(chunk, calibration.norm)?;
         let mut failure = None;
         let mut observe = |v: ValueId, t: &Tensor| {
             let Some(o) = observers.get_mut(&v) else {

@@ -120,7 +120,7 @@ pub fn report(
             .filter(|p| !p.3 || b == 0)
             .map(|p| p.1)
             .collect();
-        let x = data.select(chunk, norm);
+        let x = data.select(chunk, norm)?;
         // The float values of this batch, then each quantized one against
         // its twin as it is computed.
         let mut floats: HashMap<ValueId, Tensor> = HashMap::new();

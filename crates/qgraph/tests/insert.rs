@@ -113,7 +113,7 @@ fn calibrated_lenet_keeps_its_function_with_every_method() {
     let data =
         qgraph::data::Dataset::load_npz(&root.join("testdata/data/mnist64.npz"), None, Some(""))
             .unwrap();
-    let x = data.batch(0, data.len(), qgraph::data::Norm::None);
+    let x = data.batch(0, data.len(), qgraph::data::Norm::None).unwrap();
     let reference = qgraph::eval::Evaluator::new(&float)
         .unwrap()
         .run(vec![x.clone()])
@@ -310,4 +310,59 @@ fn learned_range_schemes_start_from_their_papers_rules() {
     let got = scale_of(&model, "w2");
     assert_eq!(got.len(), 1, "one step per layer");
     assert!((got[0] - want).abs() <= 1e-6 * want, "{got:?} vs {want}");
+}
+
+/// A folder of images calibrates like the arrays they came from: the 64
+/// MNIST digits written as PNG files read back exactly (no resize or
+/// crop), and resize + crop give the requested size whatever the input's.
+#[test]
+fn image_folders_decode_to_the_samples_and_preprocess_to_one_size() {
+    use qgraph::data::{Dataset, Norm, Preprocess};
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let digits =
+        Dataset::load_npz(&root.join("testdata/data/mnist64.npz"), None, Some("")).unwrap();
+    let x = digits.batch(0, 8, Norm::None).unwrap();
+    let Tensor::F32(a) = &x else { panic!() };
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..8 {
+        let img = image::GrayImage::from_fn(28, 28, |c, r| {
+            image::Luma([(a[[i, 0, r as usize, c as usize]] * 255.0).round() as u8])
+        });
+        img.save(dir.path().join(format!("digit{i}.png"))).unwrap();
+    }
+    let gray = Preprocess {
+        gray: true,
+        ..Preprocess::default()
+    };
+    let images = Dataset::load_images(dir.path(), gray).unwrap();
+    assert_eq!(images.len(), 8);
+    assert_eq!(
+        images
+            .select(&(0..8).collect::<Vec<_>>(), Norm::None)
+            .unwrap(),
+        x
+    );
+    // Another size: resized on its shorter side, then cropped.
+    image::RgbImage::from_pixel(40, 30, image::Rgb([255, 0, 0]))
+        .save(dir.path().join("wide.png"))
+        .unwrap();
+    let (prep, norm) = Preprocess::parse("resize=30,crop=28,gray,norm=none").unwrap();
+    assert_eq!(norm, Some(Norm::None));
+    let images = Dataset::load_images(dir.path(), prep).unwrap();
+    let Tensor::F32(b) = images.select(&[0, 8], Norm::None).unwrap() else {
+        panic!()
+    };
+    assert_eq!(b.shape(), [2, 1, 28, 28]);
+    // Without a crop, sizes differ: an error naming the file.
+    let err = Dataset::load_images(dir.path(), gray)
+        .unwrap()
+        .select(&[0, 8], Norm::None)
+        .unwrap_err();
+    assert!(err.contains("wide.png"), "{err}");
+    assert!(Preprocess::parse("resize=0")
+        .unwrap_err()
+        .contains("positive size"));
+    assert!(Preprocess::parse("blur=3")
+        .unwrap_err()
+        .contains("unknown preprocessing step 'blur'"));
 }
