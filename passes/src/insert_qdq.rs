@@ -171,6 +171,10 @@ impl QdqPlan {
 /// The metadata key of a calibrated range on a value.
 pub const RANGE_KEY: &str = "qgraph.range";
 
+/// The metadata key, on a DequantizeLinear `insert-qdq` made, naming the
+/// float value it stands for.
+pub const QUANTIZES_KEY: &str = "qgraph.quantizes";
+
 const WEIGHTED: [&str; 4] = ["Conv", "ConvTranspose", "Gemm", "MatMul"];
 
 /// Ops through which a weighted op's output still belongs to its fusion
@@ -797,7 +801,13 @@ pub fn insert_qdq(
             dq = dq.attr("axis", AttrValue::Int(axis as i64));
         }
         g.add_node(q).map_err(err)?;
-        g.add_node(dq).map_err(err)?;
+        let dq = g.add_node(dq).map_err(err)?;
+        // The value this pair stands for, which a folded activation's
+        // removal takes out of the graph (for `qgraph report`).
+        g.node_mut(dq)
+            .map_err(err)?
+            .meta
+            .push((QUANTIZES_KEY.to_string(), name.clone()));
         for &(node, slot) in &site.uses {
             g.set_node_input(node, slot, Some(dequantized))
                 .map_err(err)?;

@@ -29,7 +29,7 @@ pub use fuse_matmul_add::FuseMatMulAdd;
 pub use infer_shapes::InferShapes;
 pub use insert_qdq::{
     insert_qdq, plan_qdq, recorded_range, Calibrated, InsertOptions, InsertQdq, InsertReport,
-    Override, Placement, QdqPlan, Site, RANGE_KEY,
+    Override, Placement, QdqPlan, Site, QUANTIZES_KEY, RANGE_KEY,
 };
 pub use pipeline::{known_names, parse_pipeline, registry, Params, PassInfo, ALIASES};
 pub use remove_noops::RemoveNoops;

@@ -57,7 +57,14 @@ fn pairs(float: &Graph, quant: &Graph) -> Result<Vec<(String, ValueId, ValueId, 
                 }
             }
         }
-        let name = quant.value(source).name().to_string();
+        // The float value the pair stands for: recorded by `insert` (a
+        // folded Relu's output is no longer in the graph), else its input.
+        let recorded = node
+            .meta
+            .iter()
+            .find(|(k, _)| k == qgraph_passes::QUANTIZES_KEY)
+            .map(|(_, v)| v.clone());
+        let name = recorded.unwrap_or_else(|| quant.value(source).name().to_string());
         // A weight's twin is its float value in the quantized model (the
         // float model's may be before batch normalization was folded in).
         if quant.initializer(source).is_some() {

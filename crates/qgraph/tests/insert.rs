@@ -197,6 +197,15 @@ fn ort_placement_quantizes_every_tensor_folds_relu_and_makes_int32_biases() {
     qgraph::ir::verify_model(&model).unwrap();
     let text = qgraph::show(&model, &Default::default());
     assert!(!text.contains("Relu("), "{text}");
+    // The pair standing for the removed Relu's output still names it.
+    let g = &model.graph;
+    let names_r1 = g.node_ids().into_iter().any(|n| {
+        g.node(n)
+            .meta
+            .iter()
+            .any(|(k, v)| k == qgraph::passes::QUANTIZES_KEY && v == "r1")
+    });
+    assert!(names_r1, "{text}");
     assert!(text.contains("i32[3]"), "{text}");
     // Inputs inside the calibrated range: the output stays close.
     let x = Tensor::F32(qgraph::ir::ndarray::ArrayD::from_shape_fn(
