@@ -26,6 +26,7 @@
 
 use crate::{util, Params as PassParams, Pass, PassContext};
 use qgraph_ir::{AttrValue, DataType, Graph, Model, NewNode, NodeId, Tensor, ValueId};
+use qgraph_quant::rounding::{round_rows, SecondMoment};
 use qgraph_quant::{Grid, Params, RangeInit, Scheme, TensorScheme, PACT_INITIAL_ALPHA};
 use std::collections::HashMap;
 
@@ -437,6 +438,18 @@ pub fn plan_qdq(model: &Model, options: &InsertOptions) -> Result<QdqPlan, Strin
             }
         }
     }
+    // int16/uint16 QuantizeLinear came with opset 21; an older model
+    // would be written with operators no runtime accepts.
+    if opset < 21 {
+        if let Some(wide) = sites.iter().find(|s| s.scheme.grid.bits > 8) {
+            return Err(format!(
+                "'{}' would be quantized on a {}-bit grid, which needs int16 Q/DQ (opset 21); \
+                 the model imports opset {opset}: keep widths at 8 bits or below",
+                g.value(wide.value).name(),
+                wide.scheme.grid.bits
+            ));
+        }
+    }
     plan.sites = sites;
     plan.int32_biases = options.placement == Placement::Ort;
     Ok(plan)
@@ -522,14 +535,93 @@ pub struct InsertReport {
     pub folded: usize,
     /// Biases stored as int32 (`Placement::Ort`).
     pub int32_biases: usize,
+    /// For each weight rounded to minimise its op's output error on the
+    /// calibration data rather than to the nearest grid point, how much
+    /// smaller (dB) that error is than with nearest rounding.
+    pub rounding_gains_db: Vec<f64>,
 }
 
-/// What calibration measured: the range of each activation, and the mean
-/// of each of its channels (axis 1), which bias correction needs.
+/// What calibration measured: the range of each activation, the mean of
+/// each of its channels (axis 1), which bias correction needs, and the
+/// second moments of weighted ops' input vectors (one per group), which
+/// output-aware rounding needs.
 #[derive(Clone, Debug, Default)]
 pub struct Calibrated {
     pub ranges: HashMap<ValueId, (f32, f32)>,
     pub channel_means: HashMap<ValueId, Vec<f64>>,
+    pub input_moments: HashMap<NodeId, Vec<SecondMoment>>,
+}
+
+/// How a weighted op's weight splits into rows, one per output channel,
+/// each multiplying one input vector: `(rows, k, transposed)`, where a
+/// transposed weight holds row `r` in its column `r` (Gemm without transB,
+/// MatMul).
+fn weight_rows(g: &Graph, node: NodeId, shape: &[usize]) -> Option<(usize, usize, bool)> {
+    match (g.node(node).op_type.as_str(), shape) {
+        ("Conv", [m, rest @ ..]) if !rest.is_empty() => Some((*m, rest.iter().product(), false)),
+        ("Gemm", [a, b]) if int_attr(g, node, "transB", 0) != 0 => Some((*a, *b, false)),
+        ("Gemm" | "MatMul", [a, b]) => Some((*b, *a, true)),
+        _ => None,
+    }
+}
+
+/// The weight `w` of the weighted op `node`, each output channel's row
+/// rounded onto the grid so as to minimise the op's output error for inputs
+/// with second moments `moments` (one per group; see
+/// `qgraph_quant::rounding`). `None` when the shapes do not fit. Returns
+/// the rounded weight (dequantized values, which quantize back exactly)
+/// and the output errors of nearest and of this rounding.
+fn round_weight(
+    g: &Graph,
+    node: NodeId,
+    w: &Tensor,
+    params: &[Params],
+    grid: Grid,
+    moments: &[SecondMoment],
+) -> Result<Option<(Tensor, (f64, f64))>, String> {
+    let Tensor::F32(a) = w else { return Ok(None) };
+    let shape = a.shape().to_vec();
+    let Some((rows, k, transposed)) = weight_rows(g, node, &shape) else {
+        return Ok(None);
+    };
+    let groups = moments.len();
+    let fits = groups >= 1
+        && rows % groups == 0
+        && moments.iter().all(|m| m.k == k && m.count > 0)
+        && (params.len() == rows || params.len() == 1);
+    if !fits {
+        return Ok(None);
+    }
+    let a = a.as_standard_layout();
+    let flat = a.as_slice().expect("standard layout");
+    let mut row_major: Vec<f32> = if transposed {
+        (0..rows * k)
+            .map(|i| flat[(i % k) * rows + i / k])
+            .collect()
+    } else {
+        flat.to_vec()
+    };
+    let per_group = rows / groups;
+    let mut errors = (0.0, 0.0);
+    for (gi, (chunk, moment)) in row_major.chunks_mut(per_group * k).zip(moments).enumerate() {
+        let p = if params.len() == 1 {
+            params
+        } else {
+            &params[gi * per_group..(gi + 1) * per_group]
+        };
+        let e = round_rows(chunk, k, &moment.mean(), p, grid)?;
+        errors.0 += e.nearest / rows as f64;
+        errors.1 += e.chosen / rows as f64;
+    }
+    let values: Vec<f32> = if transposed {
+        (0..rows * k)
+            .map(|i| row_major[(i % rows) * k + i / rows])
+            .collect()
+    } else {
+        row_major
+    };
+    let t = qgraph_ir::ndarray::ArrayD::from_shape_vec(shape, values).map_err(|e| e.to_string())?;
+    Ok(Some((Tensor::F32(t), errors)))
 }
 
 /// The expected change of each output channel of the weighted op `node`
@@ -684,10 +776,24 @@ pub fn insert_qdq(
                     .map_err(|e| format!("activation '{name}': {e}"))?,
             ]
         };
-        if site.weight && bias_correction {
+        if site.weight {
             let g = &mut model.graph;
-            let tensor = util::constant(g, Some(site.value)).cloned();
-            if let Some(Tensor::F32(w)) = tensor {
+            let original = util::constant(g, Some(site.value)).cloned();
+            // Output-aware rounding, when calibration measured the one op
+            // reading this weight: the weight becomes its rounded values.
+            let rounded = match (&site.uses[..], &original) {
+                ([(node, 1)], Some(w)) if g.consumers(site.value).len() == 1 => {
+                    match calibrated.input_moments.get(node) {
+                        Some(moments) => {
+                            round_weight(g, *node, w, &params, site.scheme.grid, moments)
+                                .map_err(|e| format!("weight '{name}': {e}"))?
+                        }
+                        None => None,
+                    }
+                }
+                _ => None,
+            };
+            if let (Some(Tensor::F32(w)), true) = (&original, bias_correction) {
                 let w = w.as_standard_layout();
                 let values = w.as_slice().expect("standard layout");
                 let shape = w.shape().to_vec();
@@ -696,18 +802,23 @@ pub fn insert_qdq(
                     None => 1,
                 };
                 let axis_len = site.axis.map_or(1, |a| shape[a]);
-                let dw: Vec<f32> = values
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| {
-                        let p = if site.axis.is_some() {
-                            params[(i / inner) % axis_len]
-                        } else {
-                            params[0]
-                        };
-                        p.fake_quantize(v, site.scheme.grid) - v
-                    })
-                    .collect();
+                let dw: Vec<f32> = match &rounded {
+                    Some((Tensor::F32(r), _)) => {
+                        r.iter().zip(values).map(|(&q, &v)| q - v).collect()
+                    }
+                    _ => values
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| {
+                            let p = if site.axis.is_some() {
+                                params[(i / inner) % axis_len]
+                            } else {
+                                params[0]
+                            };
+                            p.fake_quantize(v, site.scheme.grid) - v
+                        })
+                        .collect(),
+                };
                 for &(node, slot) in &site.uses {
                     let shift = data_input
                         .get(&node)
@@ -720,6 +831,15 @@ pub fn insert_qdq(
                         }
                     }
                 }
+            }
+            if let Some((tensor, (nearest, chosen))) = rounded {
+                util::set_constant(g, site.value, tensor)?;
+                let gain = if chosen > 0.0 {
+                    10.0 * (nearest / chosen).log10()
+                } else {
+                    0.0
+                };
+                report.rounding_gains_db.push(gain);
             }
         }
         let g = &mut model.graph;

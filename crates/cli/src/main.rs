@@ -194,6 +194,10 @@ enum Command {
         /// calibration data).
         #[arg(long)]
         no_bias_correction: bool,
+        /// How weights are rounded onto their grids when there is
+        /// calibration data (without it, to nearest).
+        #[arg(long, value_enum, default_value_t = RoundingArg::Auto)]
+        rounding: RoundingArg,
     },
     /// Per-layer error of a quantized model: the SQNR of each quantized
     /// tensor against its float twin, worst first, as a table and a chart.
@@ -303,6 +307,18 @@ enum MethodArg {
     Entropy,
     /// The clipping threshold of least expected squared quantization error.
     Mse,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoundingArg {
+    /// gptq for weights below 8 bits, nearest for 8 bits and more.
+    Auto,
+    /// Each weight to its nearest grid point.
+    Nearest,
+    /// Each output channel's weights together, so as to minimise the op's
+    /// output error on the calibration data (GPTQ's optimal brain
+    /// quantizer); needs --calib.
+    Gptq,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -552,6 +568,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             low_bit_ends,
             no_prepare,
             no_bias_correction,
+            rounding,
         } => {
             let scheme = qgraph::quant::Scheme::parse(&scheme)
                 .map_err(|e| Failure(format!("--scheme: {e}")))?;
@@ -627,6 +644,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 norm,
                 batch,
                 method,
+                rounding: match rounding {
+                    RoundingArg::Auto => qgraph::insert::Rounding::GptqBelow8Bits,
+                    RoundingArg::Nearest => qgraph::insert::Rounding::Nearest,
+                    RoundingArg::Gptq => qgraph::insert::Rounding::Gptq,
+                },
             });
             let total = calibration.as_ref().map_or(0, |c| c.samples.len());
             let bar = indicatif::ProgressBar::new(total as u64).with_style(
@@ -650,8 +672,19 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 eprintln!("qgraph: note: {note}");
             }
             let r = &summary.report;
+            let gains = &r.rounding_gains_db;
+            let rounded = if !gains.is_empty() {
+                format!(
+                    "; {} weights rounded for their ops' outputs (output error {:.1} dB below \
+                     nearest rounding, on average)",
+                    gains.len(),
+                    gains.iter().sum::<f64>() / gains.len() as f64
+                )
+            } else {
+                String::new()
+            };
             eprintln!(
-                "qgraph: {} weights and {} activations quantized ({}); {} biases corrected{}",
+                "qgraph: {} weights and {} activations quantized ({}); {} biases corrected{rounded}{}",
                 r.weights,
                 r.activations,
                 summary.calibration,

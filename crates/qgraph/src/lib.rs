@@ -10,6 +10,7 @@
 
 pub mod data;
 pub mod insert;
+pub mod moments;
 pub mod report;
 
 use std::path::{Path, PathBuf};

@@ -13,6 +13,7 @@
 mod fixed_point;
 mod grid;
 pub mod observe;
+pub mod rounding;
 mod scheme;
 
 pub use fixed_point::{multiply_by_quantized_multiplier, quantize_multiplier, QuantizedMultiplier};
