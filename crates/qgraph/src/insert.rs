@@ -221,18 +221,20 @@ struct ChannelSums {
 
 impl ChannelSums {
     fn observe(&mut self, shape: &[usize], values: &[f32]) {
+        use rayon::prelude::*;
         let (n, c) = (
             shape.first().copied().unwrap_or(1),
             shape.get(1).copied().unwrap_or(1),
         );
-        let inner: usize = shape.iter().skip(2).product();
+        let inner: usize = shape.iter().skip(2).product::<usize>().max(1);
         if self.sums.len() != c {
             self.sums = vec![0.0; c];
         }
-        for image in values.chunks(c * inner.max(1)).take(n) {
-            for (sum, plane) in self.sums.iter_mut().zip(image.chunks(inner.max(1))) {
-                *sum += sum_f64(plane);
-            }
+        // One sum per (image, channel) plane in parallel, added in plane
+        // order: the same result whatever the thread count.
+        let planes: Vec<f64> = values.par_chunks(inner).take(n * c).map(sum_f64).collect();
+        for (i, s) in planes.iter().enumerate() {
+            self.sums[i % c] += s;
         }
         self.count += (n * inner) as u64;
     }

@@ -24,37 +24,15 @@ pub struct MinMax {
 
 impl MinMax {
     pub fn observe(&mut self, data: &[f32]) {
-        // Eight lanes of comparisons the compiler keeps in vector registers;
-        // NaN and infinities fail them and are left out.
-        const LANES: usize = 8;
-        let (mut lo, mut hi) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
-        let mut finite = [0u64; LANES];
-        let mut chunks = data.chunks_exact(LANES);
-        for c in &mut chunks {
-            for l in 0..LANES {
-                let x = c[l];
-                let ok = x.is_finite();
-                lo[l] = if ok && x < lo[l] { x } else { lo[l] };
-                hi[l] = if ok && x > hi[l] { x } else { hi[l] };
-                finite[l] += ok as u64;
-            }
-        }
-        for &x in chunks.remainder() {
-            if x.is_finite() {
-                lo[0] = lo[0].min(x);
-                hi[0] = hi[0].max(x);
-                finite[0] += 1;
-            }
-        }
-        let seen: u64 = finite.iter().sum();
-        if seen == 0 {
-            return;
-        }
-        let batch = MinMax {
-            min: lo.iter().copied().fold(f32::INFINITY, f32::min),
-            max: hi.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-            seen,
-        };
+        // Blocks in parallel; extremes and counts merge exactly in any
+        // order.
+        let batch =
+            data.par_chunks(1 << 16)
+                .map(block_min_max)
+                .reduce(MinMax::default, |mut a, b| {
+                    a.merge(&b);
+                    a
+                });
         self.merge(&batch);
     }
 
@@ -77,6 +55,46 @@ impl MinMax {
         } else {
             (self.min, self.max)
         }
+    }
+}
+
+/// The extremes of one block, over sixteen lanes of comparisons the
+/// compiler keeps in vector registers; NaN and infinities fail `|x| < inf`
+/// and are left out.
+fn block_min_max(block: &[f32]) -> MinMax {
+    const LANES: usize = 16;
+    let (mut lo, mut hi) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
+    let mut finite = [0u32; LANES];
+    let mut chunks = block.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let x = c[l];
+            let ok = x.abs() < f32::INFINITY;
+            let (low, high) = if ok {
+                (x, x)
+            } else {
+                (f32::INFINITY, f32::NEG_INFINITY)
+            };
+            lo[l] = if low < lo[l] { low } else { lo[l] };
+            hi[l] = if high > hi[l] { high } else { hi[l] };
+            finite[l] += ok as u32;
+        }
+    }
+    for &x in chunks.remainder() {
+        if x.is_finite() {
+            lo[0] = lo[0].min(x);
+            hi[0] = hi[0].max(x);
+            finite[0] += 1;
+        }
+    }
+    let seen: u64 = finite.iter().map(|&c| c as u64).sum();
+    if seen == 0 {
+        return MinMax::default();
+    }
+    MinMax {
+        min: lo.iter().copied().fold(f32::INFINITY, f32::min),
+        max: hi.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        seen,
     }
 }
 
@@ -138,21 +156,31 @@ impl MovingAverage {
 /// four interleaved counters, so that runs of equal values (a ReLU6
 /// saturating) do not wait on one memory cell.
 fn count_block(block: &[f32], scale: f32) -> Vec<u64> {
-    let bin = |x: f32| ((x.abs() * scale) as usize).min(BINS - 1);
-    let keep = |x: &f32| x.is_finite() && *x != 0.0;
-    let mut lanes = vec![[0u32; 4]; BINS];
+    // Zeros and non-finite values go to one extra bin that is dropped: a
+    // select rather than a branch, which a ReLU's zeros would make
+    // unpredictable.
+    let bin = |x: f32| {
+        let keep = x.abs() < f32::INFINITY && x != 0.0;
+        // In [0, BINS - 1] before the conversion, which is then exact and
+        // needs no saturation.
+        let b = (x.abs() * scale).min((BINS - 1) as f32) as u32 as usize;
+        if keep {
+            b
+        } else {
+            BINS
+        }
+    };
+    let mut lanes = vec![[0u32; 4]; BINS + 1];
     let mut chunks = block.chunks_exact(4);
     for c in &mut chunks {
         for (lane, &x) in c.iter().enumerate() {
-            if keep(&x) {
-                lanes[bin(x)][lane] += 1;
-            }
+            lanes[bin(x)][lane] += 1;
         }
     }
-    for &x in chunks.remainder().iter().filter(|x| keep(x)) {
+    for &x in chunks.remainder() {
         lanes[bin(x)][0] += 1;
     }
-    lanes
+    lanes[..BINS]
         .iter()
         .map(|l| l.iter().map(|&c| c as u64).sum())
         .collect()
