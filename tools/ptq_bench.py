@@ -11,7 +11,10 @@ optimisations off ('sim': exact Q/DQ arithmetic) and with its default
 optimisations ('int8': its integer kernels), with wall time and peak memory
 of the quantization run.
 
-usage: ptq_bench.py [--models a.onnx,b.onnx] [--configs int8/tensorrt,int8-asym/ort] [--methods minmax,mse]
+Each model is named with the input normalisation it was trained with
+(`model.onnx:imagenet`, `model.onnx:tf`); both tools get the same.
+
+usage: ptq_bench.py [--models a.onnx:imagenet,b.onnx:tf] [--configs int8/tensorrt,int8-asym/ort] [--methods minmax,mse]
                     [--ort-methods MinMax,Entropy,Percentile] [--qgraph PATH]
 Needs `pip install onnxruntime onnx numpy` and a release build of qgraph.
 """
@@ -53,7 +56,7 @@ def agreement(path, xe, ref_top1):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="mobilenetv2_bn.onnx,efficientnet_lite0_bn.onnx")
+    ap.add_argument("--models", default="mobilenetv2_bn.onnx:imagenet,efficientnet_lite0_bn.onnx:tf")
     ap.add_argument("--data", default=os.path.join(SHARED, "data", "photos_calib_dev.npz"))
     # scheme/placement[/extra insert flags]; w7a8 with --low-bit-ends is
     # int8-asym with 7-bit weights, which ONNX Runtime's u8 x s8 kernels
@@ -66,7 +69,7 @@ def main():
     ap.add_argument("--qgraph", default=os.path.join(ROOT, "target", "release", "qgraph"))
     a = ap.parse_args()
 
-    x, _, src = ort_ptq.load(a.data, "imagenet")
+    _, _, src = ort_ptq.load(a.data, "none")
     cal_m, ev_m = ort_ptq.split(src)
     pick = np.random.default_rng(1).permutation(int(cal_m.sum()))[: a.n_cal]
     raw = np.load(a.data)
@@ -75,11 +78,13 @@ def main():
     calib = os.path.join(tmp, "calib.npz")
     # The same views as the peer, before normalisation (qgraph normalises).
     np.savez(calib, **{key: raw[key][cal_m][pick]})
-    xe = x[ev_m]
-    print(f"calibration: {len(pick)} views; evaluation: {len(xe)} views of held-back photos")
+    print(f"calibration: {len(pick)} views; evaluation: {int(ev_m.sum())} views of held-back photos")
     print("| model | tool | method | agree sim | agree int8 | time s | peak GB |")
     print("|---|---|---|---:|---:|---:|---:|")
-    for name in a.models.split(","):
+    for spec in a.models.split(","):
+        name, _, norm = spec.partition(":")
+        norm = norm or "imagenet"
+        xe = ort_ptq.load(a.data, norm)[0][ev_m]
         model = name if os.path.isabs(name) else os.path.join(SHARED, "models", name)
         ref_top1 = ort_ptq.run(ort_ptq.session(model, True), xe).argmax(1)
         for config in filter(None, a.configs.split(",")):
@@ -87,7 +92,7 @@ def main():
             for method in filter(None, a.methods.split(",")):
                 out = os.path.join(tmp, f"{os.path.basename(model)}.{scheme}.{placement}.{method}.onnx")
                 cmd = [a.qgraph, "insert", "--scheme", scheme, "--placement", placement, model,
-                       "--calib", calib, "--norm", "imagenet", "--method", method, "-o", out] + flags
+                       "--calib", calib, "--norm", norm, "--method", method, "-o", out] + flags
                 secs, gb, _ = peak_gb(cmd)
                 ag = agreement(out, xe, ref_top1)
                 label = " ".join([scheme, placement] + flags)
@@ -95,7 +100,7 @@ def main():
                       f"{ag['int8']:.4f} | {secs:.1f} | {gb:.2f} |", flush=True)
         for method in filter(None, a.ort_methods.split(",")):
             cmd = [sys.executable, os.path.join(SHARED, "peers", "ort_ptq.py"), "--model", model,
-                   "--data", a.data, "--norm", "imagenet", "--method", method, "--per-channel",
+                   "--data", a.data, "--norm", norm, "--method", method, "--per-channel",
                    "--n-cal", str(a.n_cal)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:

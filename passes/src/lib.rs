@@ -6,22 +6,29 @@
 //! error, so a broken rewrite is caught where it happened. Passes never
 //! import each other: each module stands alone.
 
+mod commute_dequantize;
 mod dce;
 mod fold_bn;
 mod fold_constants;
 mod fold_pad;
+mod fold_weight_quant;
 mod fuse_conv_bn_act;
 mod fuse_matmul_add;
 mod infer_shapes;
 mod insert_qdq;
+mod lower_to_integer;
+mod opset_upgrade;
 mod pipeline;
 mod remove_noops;
+mod remove_requantize;
 mod util;
 
+pub use commute_dequantize::{CommuteDequantize, COMMUTES};
 pub use dce::DeadCodeElimination;
 pub use fold_bn::FoldBatchNorm;
 pub use fold_constants::FoldConstants;
 pub use fold_pad::FoldPad;
+pub use fold_weight_quant::FoldWeightQuant;
 pub use fuse_conv_bn_act::{
     FuseConvBnAct, GROUP_KEY as FUSION_GROUP_KEY, ROLE_KEY as FUSION_ROLE_KEY,
 };
@@ -31,11 +38,18 @@ pub use insert_qdq::{
     insert_qdq, plan_qdq, recorded_range, Calibrated, InsertOptions, InsertQdq, InsertReport,
     Override, Placement, QdqPlan, Site, QUANTIZES_KEY, RANGE_KEY,
 };
+pub use lower_to_integer::{float_ops, LowerToInteger};
 pub use pipeline::{known_names, parse_pipeline, registry, Params, PassInfo, ALIASES};
 pub use remove_noops::RemoveNoops;
+pub use remove_requantize::RemoveRequantize;
 
 /// Every pass the pipeline parser knows, in alphabetical order.
-static REGISTRY: [PassInfo; 9] = [
+static REGISTRY: [PassInfo; 13] = [
+    PassInfo {
+        name: "commute-dequantize",
+        summary: "move a per-tensor DequantizeLinear below the Reshape, Flatten, Squeeze, Unsqueeze, Transpose, MaxPool or Concat (equal scales) that reads it, so the op runs on integers",
+        build: |p| p.finish(&[]).map(|_| Box::new(CommuteDequantize) as Box<dyn Pass>),
+    },
     PassInfo {
         name: "dce",
         summary: "remove nodes whose outputs nothing reads, then unused values and initializers",
@@ -55,6 +69,11 @@ static REGISTRY: [PassInfo; 9] = [
         name: "fold-pad",
         summary: "move a zero Pad of the spatial dims into the pads of the Conv or AveragePool that alone reads it",
         build: |p| p.finish(&[]).map(|_| Box::new(FoldPad) as Box<dyn Pass>),
+    },
+    PassInfo {
+        name: "fold-weight-quant",
+        summary: "store quantized weights as integers: a QuantizeLinear of constants becomes its integer output (int4=true packs 4-bit grids as int4/uint4, at opset 21)",
+        build: FoldWeightQuant::from_params,
     },
     PassInfo {
         name: "fuse-conv-bn-act",
@@ -77,9 +96,19 @@ static REGISTRY: [PassInfo; 9] = [
         build: InsertQdq::from_params,
     },
     PassInfo {
+        name: "lower-to-integer",
+        summary: "turn DequantizeLinear -> Conv/Gemm/MatMul/Add/Mul/GlobalAveragePool/Concat/Sigmoid -> QuantizeLinear groups into QLinearConv, QLinearMatMul and the com.microsoft QLinear ops and QGemm",
+        build: |p| p.finish(&[]).map(|_| Box::new(LowerToInteger) as Box<dyn Pass>),
+    },
+    PassInfo {
         name: "remove-noops",
         summary: "remove Identity, inference Dropout, Cast to the same type, Reshape to the same shape, Pad by zeros, Transpose by the identity permutation",
         build: |p| p.finish(&[]).map(|_| Box::new(RemoveNoops) as Box<dyn Pass>),
+    },
+    PassInfo {
+        name: "remove-requantize",
+        summary: "read the integers directly where a QuantizeLinear undoes a DequantizeLinear with the same scale, zero point and axis",
+        build: |p| p.finish(&[]).map(|_| Box::new(RemoveRequantize) as Box<dyn Pass>),
     },
 ];
 

@@ -234,6 +234,68 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         svg: Option<PathBuf>,
     },
+    /// Turn a Q/DQ model into the graph a runtime deploys: integer weights,
+    /// Q/DQ pairs where the target fuses them, or integer operators.
+    #[command(after_help = "Targets:\n  \
+                      tensorrt  weights stored as int8 (int4 packed two per byte, low nibble first, at \
+                      opset 21, for 4-bit weights) behind DequantizeLinear, the weights' QuantizeLinear \
+                      folded away; DequantizeLinear moved below Reshape, Flatten, Squeeze, Unsqueeze, \
+                      Transpose, MaxPool and Concat (equal scales); Q/DQ round trips removed; biases \
+                      stay float\n  \
+                      ort       the same, for ONNX Runtime's QDQ fusions (freeze a model inserted with \
+                      --placement ort)\n  \
+                      integer   QLinearConv / QLinearMatMul / MatMulInteger and the com.microsoft QLinear \
+                      ops ONNX Runtime runs, integers between the input's QuantizeLinear and the \
+                      output's DequantizeLinear; ops that cannot be made integer are named and keep \
+                      their Q/DQ boundary (freeze a model inserted with --placement ort)\n\n\
+                      `qgraph verify q.onnx frozen.onnx --data ...` shows that both compute the same.\n\n\
+                      Examples:\n  qgraph freeze --target tensorrt q.onnx -o q.trt.onnx\n  \
+                      qgraph freeze --target integer q_ort.onnx -o q.int.onnx")]
+    Freeze {
+        /// The Q/DQ model (from `qgraph insert` or `qgraph train`).
+        model: PathBuf,
+        /// Where to write the frozen model, atomically.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The runtime to shape the graph for.
+        #[arg(long, value_enum, default_value_t = TargetArg::Tensorrt)]
+        target: TargetArg,
+        /// Pack weights whose integers fit 4 bits as int4/uint4 (opset 21):
+        /// auto does so when the model's scheme has weights of 4 bits or
+        /// fewer.
+        #[arg(long, value_enum, default_value_t = Int4Arg::Auto)]
+        int4: Int4Arg,
+    },
+    /// Compare a Q/DQ model and its frozen form on data: per output, the
+    /// largest difference in quantization steps (LSB), the share of
+    /// elements within one step, and top-1 agreement.
+    #[command(
+        after_help = "An output's step is the scale of the DequantizeLinear that produces it, or, for \
+                      a Conv/Gemm/MatMul reading dequantized values, the product of its input and \
+                      weight scales.\n\n\
+                      Examples:\n  qgraph verify q.onnx q.int.onnx --data photos.npz --norm imagenet"
+    )]
+    Verify {
+        /// The reference (Q/DQ) model.
+        reference: PathBuf,
+        /// The frozen model.
+        frozen: PathBuf,
+        /// The data set (.npz).
+        #[arg(long)]
+        data: PathBuf,
+        /// The array of samples (default: x, else x_u8).
+        #[arg(long)]
+        key: Option<String>,
+        /// Input normalisation.
+        #[arg(long, value_enum, default_value_t = NormArg::None)]
+        norm: NormArg,
+        /// Use N samples spread evenly over the file (default: all).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Samples per batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+    },
     /// Run a model on inputs from an .npz file and write its outputs to one.
     #[command(
         after_help = "The input file holds one float32 array per model input, named as the input; \
@@ -287,6 +349,24 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    /// TensorRT: int8/int4 weights behind DequantizeLinear, float biases.
+    Tensorrt,
+    /// ONNX Runtime's QDQ fusions.
+    Ort,
+    /// Integer operators only, between input and output.
+    Integer,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Int4Arg {
+    /// When the model's scheme has weights of 4 bits or fewer.
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -734,6 +814,96 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     .map_err(|e| Failure(format!("{}: {e}", path.display())))?;
             }
             emit(&qgraph::report::table(&rows))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Freeze {
+            model,
+            output,
+            target,
+            int4,
+        } => {
+            let mut m = load(&model)?.model;
+            let target = match target {
+                TargetArg::Tensorrt => qgraph::freeze::Target::TensorRt,
+                TargetArg::Ort => qgraph::freeze::Target::Ort,
+                TargetArg::Integer => qgraph::freeze::Target::Integer,
+            };
+            let int4 = match int4 {
+                Int4Arg::Auto => qgraph::freeze::scheme_has_int4_weights(&m),
+                Int4Arg::Always => true,
+                Int4Arg::Never => false,
+            };
+            let frozen = qgraph::freeze::freeze(&mut m, target, int4)
+                .map_err(|e| Failure(format!("{}: {e}", model.display())))?;
+            qgraph::save(&m, &output, &qgraph::SaveOptions::default())?;
+            eprintln!(
+                "qgraph: frozen by {}",
+                if frozen.changed.is_empty() {
+                    "nothing (no pass changed the model)".to_string()
+                } else {
+                    frozen.changed.join(", ")
+                }
+            );
+            if !frozen.float_ops.is_empty() {
+                let ops: Vec<String> = frozen
+                    .float_ops
+                    .iter()
+                    .map(|(op, n)| format!("{op} ({n})"))
+                    .collect();
+                eprintln!(
+                    "qgraph: still float, between DequantizeLinear and QuantizeLinear: {}",
+                    ops.join(", ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            reference,
+            frozen,
+            data,
+            key,
+            norm,
+            limit,
+            batch,
+        } => {
+            let (r, f) = (load(&reference)?.model, load(&frozen)?.model);
+            let ds = qgraph::data::Dataset::load_npz(&data, key.as_deref(), Some(""))?;
+            let norm = match norm {
+                NormArg::Imagenet => qgraph::data::Norm::Imagenet,
+                NormArg::Tf => qgraph::data::Norm::Tf,
+                NormArg::None => qgraph::data::Norm::None,
+            };
+            let samples =
+                qgraph::insert::spread_samples(ds.len(), limit.unwrap_or(usize::MAX).max(1));
+            let bar = indicatif::ProgressBar::new(samples.len() as u64).with_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples eta {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let rows = qgraph::freeze::verify(&r, &f, &ds, &samples, norm, batch, |done| {
+                bar.set_position(done as u64)
+            })
+            .map_err(|e| Failure(format!("{}: {e}", frozen.display())))?;
+            bar.finish_and_clear();
+            let mut text = format!(
+                "{:<24} {:>10} {:>10} {:>12} {:>14} {:>8}\n",
+                "output", "elements", "max LSB", "within 1 LSB", "max relative", "top-1"
+            );
+            let opt = |v: Option<f64>, digits: usize| {
+                v.map_or("-".to_string(), |v| format!("{v:.digits$}"))
+            };
+            for row in &rows {
+                text.push_str(&format!(
+                    "{:<24} {:>10} {:>10} {:>12} {:>14.3e} {:>8}\n",
+                    row.name,
+                    row.elements,
+                    opt(row.max_lsb, 2),
+                    row.within_one_lsb
+                        .map_or("-".to_string(), |v| format!("{:.3}%", v * 100.0)),
+                    row.max_relative,
+                    opt(row.top1, 4)
+                ));
+            }
+            emit(&text)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert {

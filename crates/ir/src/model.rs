@@ -73,6 +73,22 @@ impl Model {
             .map(|o| o.version)
     }
 
+    /// Imports `domain` at `version`, replacing its import if there is one.
+    pub fn set_opset_version(&mut self, domain: &str, version: i64) {
+        let canon = canonical_domain(domain);
+        match self
+            .opset_imports
+            .iter_mut()
+            .find(|o| canonical_domain(&o.domain) == canon)
+        {
+            Some(o) => o.version = version,
+            None => self.opset_imports.push(OpsetImport {
+                domain: domain.to_string(),
+                version,
+            }),
+        }
+    }
+
     pub fn function(&self, domain: &str, name: &str, overload: &str) -> Option<&Function> {
         self.functions
             .iter()

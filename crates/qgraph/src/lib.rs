@@ -9,6 +9,7 @@
 //! ```
 
 pub mod data;
+pub mod freeze;
 pub mod insert;
 pub mod moments;
 pub mod report;

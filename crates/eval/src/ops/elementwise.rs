@@ -234,3 +234,63 @@ pub fn pow(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> 
     };
     Ok(vec![Tensor::F32(zip_with(cx, x, &y, f32::powf)?)])
 }
+
+/// Clip: integer tensors (opset 12 and later) clamped in their own type;
+/// float ones by the pointwise kernel.
+pub fn clip(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    fn bound<T: Copy>(
+        cx: &OpCtx,
+        i: &[Option<&Tensor>],
+        k: usize,
+        get: impl Fn(&Tensor) -> Option<T>,
+        default: T,
+    ) -> Result<T, EvalError> {
+        match i.get(k).copied().flatten() {
+            None => Ok(default),
+            Some(t) if t.shape().iter().product::<usize>() == 1 => match get(t) {
+                Some(v) => Ok(v),
+                None => cx.err(format!(
+                    "bound {k} must have the input's type, found {}",
+                    t.dtype()
+                )),
+            },
+            Some(_) => cx.err(format!("bound {k} must be a scalar")),
+        }
+    }
+    match input(cx, i, 0)? {
+        Tensor::I8(a) => {
+            let get = |t: &Tensor| match t {
+                Tensor::I8(b) => b.iter().next().copied(),
+                _ => None,
+            };
+            let (lo, hi) = (
+                bound(cx, i, 1, get, i8::MIN)?,
+                bound(cx, i, 2, get, i8::MAX)?,
+            );
+            Ok(vec![Tensor::I8(a.mapv(|v| v.max(lo).min(hi)))])
+        }
+        Tensor::U8(a) => {
+            let get = |t: &Tensor| match t {
+                Tensor::U8(b) => b.iter().next().copied(),
+                _ => None,
+            };
+            let (lo, hi) = (
+                bound(cx, i, 1, get, u8::MIN)?,
+                bound(cx, i, 2, get, u8::MAX)?,
+            );
+            Ok(vec![Tensor::U8(a.mapv(|v| v.max(lo).min(hi)))])
+        }
+        Tensor::I32(a) => {
+            let get = |t: &Tensor| match t {
+                Tensor::I32(b) => b.iter().next().copied(),
+                _ => None,
+            };
+            let (lo, hi) = (
+                bound(cx, i, 1, get, i32::MIN)?,
+                bound(cx, i, 2, get, i32::MAX)?,
+            );
+            Ok(vec![Tensor::I32(a.mapv(|v| v.max(lo).min(hi)))])
+        }
+        _ => super::pointwise::kernel(cx, i),
+    }
+}

@@ -11,7 +11,7 @@ use super::{array, f32_input, input};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::{DataType, Tensor};
 
-fn ints(cx: &OpCtx, t: &Tensor, what: &str) -> Result<Vec<i32>, EvalError> {
+pub(super) fn ints(cx: &OpCtx, t: &Tensor, what: &str) -> Result<Vec<i32>, EvalError> {
     Ok(match t {
         Tensor::I8(a) => a.iter().map(|&v| v as i32).collect(),
         Tensor::U8(a) => a.iter().map(|&v| v as i32).collect(),
@@ -21,7 +21,7 @@ fn ints(cx: &OpCtx, t: &Tensor, what: &str) -> Result<Vec<i32>, EvalError> {
 }
 
 /// A zero point: absent (0), one value, or one per channel (`per` values).
-fn zero_points(
+pub(super) fn zero_points(
     cx: &OpCtx,
     t: Option<&Tensor>,
     per: usize,
@@ -43,7 +43,12 @@ fn zero_points(
     }
 }
 
-fn scales(cx: &OpCtx, t: &Tensor, per: usize, what: &str) -> Result<Vec<f32>, EvalError> {
+pub(super) fn scales(
+    cx: &OpCtx,
+    t: &Tensor,
+    per: usize,
+    what: &str,
+) -> Result<Vec<f32>, EvalError> {
     let Tensor::F32(a) = t else {
         return cx.err(format!("{what} must be f32, found {}", t.dtype()));
     };
@@ -83,6 +88,12 @@ fn pick<T: Copy>(v: &[T], i: usize) -> T {
 
 /// 2-D convolution of int32 data (zero points already subtracted), with
 /// wrap-around accumulation. Returns the output and its shape.
+///
+/// Per image and group: the input's patches gathered into a `K x P` matrix
+/// (im2col; padding reads 0, the zero point once centred), then each output
+/// channel's row is a sum of `K` scaled rows of it, an inner loop over
+/// pixels that the compiler vectorises. Images and groups run in parallel;
+/// integer sums do not depend on the order, so neither does the result.
 fn conv_i32(
     cx: &OpCtx,
     x: &[i32],
@@ -90,6 +101,7 @@ fn conv_i32(
     w: &[i32],
     ws: &[usize],
 ) -> Result<(Vec<i32>, Vec<usize>), EvalError> {
+    use rayon::prelude::*;
     if xs.len() != 4 || ws.len() != 4 {
         return cx.err("only 2-D convolution is implemented");
     }
@@ -101,42 +113,55 @@ fn conv_i32(
             "group {group} does not fit {c} input channels, weights {ws:?}"
         ));
     }
-    let mg = m / group as usize;
+    let groups = group as usize;
+    let mg = m / groups;
     let win = window(cx, &[h, wd], Some(vec![kh, kw]), false)?;
     let (oh, ow) = (win.out[0], win.out[1]);
-    let mut out = vec![0i32; n * m * oh * ow];
-    for b in 0..n {
-        for oc in 0..m {
-            let g = oc / mg;
-            for y in 0..oh {
-                for xo in 0..ow {
-                    let mut acc = 0i32;
-                    for ci in 0..cg {
-                        let plane = &x[(b * c + g * cg + ci) * h * wd..][..h * wd];
-                        let ker = &w[(oc * cg + ci) * kh * kw..][..kh * kw];
-                        for i in 0..kh {
-                            let iy = (y * win.strides[0] + i * win.dilations[0]) as isize
-                                - win.pad_begin[0] as isize;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            for j in 0..kw {
-                                let ix = (xo * win.strides[1] + j * win.dilations[1]) as isize
-                                    - win.pad_begin[1] as isize;
-                                if ix >= 0 && ix < wd as isize {
-                                    acc = acc.wrapping_add(
-                                        plane[iy as usize * wd + ix as usize]
-                                            .wrapping_mul(ker[i * kw + j]),
-                                    );
-                                }
-                            }
-                        }
+    let pixels = oh * ow;
+    let k = cg * kh * kw;
+    // Where each tap reads for each output pixel (None: padding).
+    let taps: Vec<Vec<Option<usize>>> = (0..kh * kw)
+        .map(|t| {
+            let (i, j) = (t / kw, t % kw);
+            (0..pixels)
+                .map(|p| {
+                    let iy = ((p / ow) * win.strides[0] + i * win.dilations[0])
+                        .checked_sub(win.pad_begin[0])?;
+                    let ix = ((p % ow) * win.strides[1] + j * win.dilations[1])
+                        .checked_sub(win.pad_begin[1])?;
+                    (iy < h && ix < wd).then_some(iy * wd + ix)
+                })
+                .collect()
+        })
+        .collect();
+    let mut out = vec![0i32; n * m * pixels];
+    out.par_chunks_mut((mg * pixels).max(1))
+        .enumerate()
+        .for_each(|(block, dst)| {
+            let (b, g) = (block / groups, block % groups);
+            let mut cols = vec![0i32; k * pixels];
+            for ci in 0..cg {
+                let plane = &x[(b * c + g * cg + ci) * h * wd..][..h * wd];
+                for (t, tap) in taps.iter().enumerate() {
+                    let row = &mut cols[(ci * kh * kw + t) * pixels..][..pixels];
+                    for (d, src) in row.iter_mut().zip(tap) {
+                        *d = src.map_or(0, |s| plane[s]);
                     }
-                    out[((b * m + oc) * oh + y) * ow + xo] = acc;
                 }
             }
-        }
-    }
+            for (o, acc) in dst.chunks_mut(pixels.max(1)).enumerate() {
+                let ker = &w[(g * mg + o) * k..][..k];
+                for (kk, &wv) in ker.iter().enumerate() {
+                    if wv == 0 {
+                        continue;
+                    }
+                    let row = &cols[kk * pixels..][..pixels];
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a = a.wrapping_add(v.wrapping_mul(wv));
+                    }
+                }
+            }
+        });
     Ok((out, vec![n, m, oh, ow]))
 }
 
@@ -181,18 +206,26 @@ fn matmul_i32(
         idx * block
     };
     let mut out = vec![0i32; count * m * n];
-    for bi in 0..count {
-        let (ao, bo) = (offset(bi, ab, m * k), offset(bi, bb, k * n));
-        for r in 0..m {
-            for col in 0..n {
-                let mut acc = 0i32;
-                for t in 0..k {
-                    acc = acc.wrapping_add(a[ao + r * k + t].wrapping_mul(b[bo + t * n + col]));
+    // Each output row is a sum of scaled rows of b: an inner loop over
+    // columns that vectorises; rows in parallel (integer sums, so the result
+    // does not depend on the split).
+    use rayon::prelude::*;
+    out.par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (bi, r) = (row / m.max(1), row % m.max(1));
+            let (ao, bo) = (offset(bi, ab, m * k), offset(bi, bb, k * n));
+            for t in 0..k {
+                let av = a[ao + r * k + t];
+                if av == 0 {
+                    continue;
                 }
-                out[(bi * m + r) * n + col] = acc;
+                let brow = &b[bo + t * n..][..n];
+                for (d, &bv) in dst.iter_mut().zip(brow) {
+                    *d = d.wrapping_add(av.wrapping_mul(bv));
+                }
             }
-        }
-    }
+        });
     let mut shape = batch;
     shape.extend([m, n]);
     Ok((out, shape))

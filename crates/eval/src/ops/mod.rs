@@ -2,6 +2,7 @@
 //! and its inputs (`None` for an absent optional input) and returns its
 //! outputs.
 
+mod contrib;
 mod conv;
 mod elementwise;
 mod gemm;
@@ -27,16 +28,28 @@ use qgraph_ir::Tensor;
 
 pub type Kernel = fn(&OpCtx, &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError>;
 
-/// The kernel for an operator of the default ONNX domain.
+/// The kernel for an operator of the default ONNX domain, or of ONNX
+/// Runtime's `com.microsoft` quantized operators.
 pub fn kernel(domain: &str, op: &str) -> Option<Kernel> {
-    if !(domain.is_empty() || domain == "ai.onnx") {
-        return None;
-    }
-    KERNELS
-        .iter()
-        .find(|(name, _)| *name == op)
-        .map(|(_, k)| *k)
+    let table = match domain {
+        "" | "ai.onnx" => KERNELS,
+        "com.microsoft" => MICROSOFT_KERNELS,
+        _ => return None,
+    };
+    table.iter().find(|(name, _)| *name == op).map(|(_, k)| *k)
 }
+
+const MICROSOFT_KERNELS: &[(&str, Kernel)] = &[
+    ("QLinearAdd", contrib::qlinear_add),
+    ("QLinearMul", contrib::qlinear_mul),
+    (
+        "QLinearGlobalAveragePool",
+        contrib::qlinear_global_average_pool,
+    ),
+    ("QLinearConcat", contrib::qlinear_concat),
+    ("QLinearSigmoid", contrib::qlinear_sigmoid),
+    ("QGemm", contrib::qgemm),
+];
 
 /// Names of the operators the evaluator runs.
 pub fn supported_ops() -> Vec<&'static str> {
@@ -46,7 +59,7 @@ pub fn supported_ops() -> Vec<&'static str> {
 const KERNELS: &[(&str, Kernel)] = &[
     ("Relu", pointwise::kernel),
     ("LeakyRelu", pointwise::kernel),
-    ("Clip", pointwise::kernel),
+    ("Clip", elementwise::clip),
     ("Sigmoid", pointwise::kernel),
     ("HardSigmoid", pointwise::kernel),
     ("HardSwish", pointwise::kernel),

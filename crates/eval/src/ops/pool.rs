@@ -72,7 +72,31 @@ pub fn max_pool(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalEr
     if cx.int_attr("storage_order", 0)? != 0 {
         return cx.err("storage_order 1 is not implemented");
     }
-    pool(cx, i, true)
+    // 8-bit integers (MaxPool takes them from opset 12): every one is exact
+    // in f32, and a maximum picks one of them.
+    let narrow = |t: &[Tensor]| -> Vec<f32> {
+        match &t[0] {
+            Tensor::F32(a) => a.iter().copied().collect(),
+            _ => Vec::new(),
+        }
+    };
+    match super::input(cx, i, 0)? {
+        Tensor::I8(a) => {
+            let f = Tensor::F32(a.mapv(|v| v as f32));
+            let out = pool(cx, &[Some(&f)], true)?;
+            let shape = out[0].shape().to_vec();
+            let v: Vec<i8> = narrow(&out).into_iter().map(|v| v as i8).collect();
+            Ok(vec![Tensor::I8(array(&shape, v))])
+        }
+        Tensor::U8(a) => {
+            let f = Tensor::F32(a.mapv(|v| v as f32));
+            let out = pool(cx, &[Some(&f)], true)?;
+            let shape = out[0].shape().to_vec();
+            let v: Vec<u8> = narrow(&out).into_iter().map(|v| v as u8).collect();
+            Ok(vec![Tensor::U8(array(&shape, v))])
+        }
+        _ => pool(cx, i, true),
+    }
 }
 
 pub fn average_pool(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {

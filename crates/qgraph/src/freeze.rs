@@ -1,0 +1,288 @@
+//! `qgraph freeze`: from a Q/DQ graph that simulates quantization to the
+//! graph a runtime deploys, and `qgraph verify`, the proof that the two
+//! compute the same.
+//!
+//! Freezing is a pass pipeline per target (see [`pipeline`]); every pass
+//! keeps the graph's function, and the driver verifies the model after
+//! each.
+
+use crate::data::{Dataset, Norm};
+use qgraph_eval::Evaluator;
+use qgraph_ir::{AttrValue, Graph, Model, Tensor, ValueId};
+use qgraph_passes::Driver;
+
+/// The runtime a frozen graph is shaped for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// TensorRT: integer weights behind DequantizeLinear, activation Q/DQ
+    /// pairs where TensorRT's rules put them, DequantizeLinear moved through
+    /// data-movement ops, float biases.
+    TensorRt,
+    /// ONNX Runtime's QDQ fusions: the same steps; the placement (from
+    /// `qgraph insert --placement ort`) decides what it fuses.
+    Ort,
+    /// Integer operators between the input's QuantizeLinear and the output's
+    /// DequantizeLinear.
+    Integer,
+}
+
+impl Target {
+    pub fn parse(name: &str) -> Result<Target, String> {
+        match name {
+            "tensorrt" => Ok(Target::TensorRt),
+            "ort" => Ok(Target::Ort),
+            "integer" => Ok(Target::Integer),
+            other => Err(format!(
+                "unknown target '{other}'; the targets are tensorrt, ort, integer"
+            )),
+        }
+    }
+}
+
+/// The passes that freeze for `target`; `int4` packs 4-bit weights.
+pub fn pipeline(target: Target, int4: bool) -> String {
+    let fold = if int4 {
+        "fold-weight-quant(int4=true)"
+    } else {
+        "fold-weight-quant"
+    };
+    let common = format!("{fold},commute-dequantize,remove-requantize");
+    match target {
+        Target::TensorRt | Target::Ort => format!("{common},dce"),
+        Target::Integer => format!("{common},lower-to-integer,dce"),
+    }
+}
+
+/// Whether the model's scheme (metadata `qgraph.scheme`, left by `qgraph
+/// insert`) puts weights on grids of 4 bits or fewer.
+pub fn scheme_has_int4_weights(model: &Model) -> bool {
+    model
+        .meta
+        .iter()
+        .find(|(k, _)| k == "qgraph.scheme")
+        .and_then(|(_, v)| qgraph_quant::Scheme::parse(v).ok())
+        .is_some_and(|s| s.weights.grid.bits <= 4)
+}
+
+/// What `freeze` did.
+#[derive(Clone, Debug, Default)]
+pub struct Frozen {
+    /// The passes that changed the model.
+    pub changed: Vec<String>,
+    /// Ops still computing in float between a DequantizeLinear and a
+    /// QuantizeLinear, by type, with counts (integer target).
+    pub float_ops: Vec<(String, usize)>,
+}
+
+/// Freezes `model` for `target`.
+pub fn freeze(model: &mut Model, target: Target, int4: bool) -> Result<Frozen, String> {
+    let report = Driver::from_pipeline(&pipeline(target, int4))?
+        .run(model)
+        .map_err(|e| e.to_string())?;
+    let target_name = match target {
+        Target::TensorRt => "tensorrt",
+        Target::Ort => "ort",
+        Target::Integer => "integer",
+    };
+    model.meta.retain(|(k, _)| k != "qgraph.frozen");
+    model
+        .meta
+        .push(("qgraph.frozen".to_string(), target_name.to_string()));
+    Ok(Frozen {
+        changed: report
+            .runs
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(name, _)| name.to_string())
+            .collect(),
+        float_ops: if target == Target::Integer {
+            qgraph_passes::float_ops(&model.graph)
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+/// How one output of two models compares.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OutputAgreement {
+    pub name: String,
+    pub elements: usize,
+    /// The largest difference in units of the output's quantization step
+    /// (`None` when the output has no step to measure in).
+    pub max_lsb: Option<f64>,
+    /// The share of elements within one step.
+    pub within_one_lsb: Option<f64>,
+    /// The largest difference relative to the reference's largest |value|.
+    pub max_relative: f64,
+    /// Top-1 agreement over rows, for outputs of rank 2.
+    pub top1: Option<f64>,
+}
+
+/// The quantization step of each element of output `v` of `g`, when it has
+/// one: the scale of the DequantizeLinear producing it, or the product of
+/// the input and weight scales of a Conv/Gemm/MatMul whose inputs are
+/// dequantized (the step of its integer accumulator).
+fn output_steps(g: &Graph, v: ValueId, shape: &[usize]) -> Option<Vec<f32>> {
+    let (p, _) = g.producer(v)?;
+    let node = g.node(p);
+    let constant = |v: Option<ValueId>| -> Option<Vec<f32>> {
+        let t = &g.value(v?).initializer()?.tensor;
+        match t {
+            Tensor::F32(a) => Some(a.iter().copied().collect()),
+            _ => None,
+        }
+    };
+    let dq_scale = |v: Option<ValueId>| -> Option<Vec<f32>> {
+        let (d, _) = g.producer(v?)?;
+        let dn = g.node(d);
+        (dn.op_type == "DequantizeLinear").then_some(())?;
+        constant(dn.inputs().get(1).copied().flatten())
+    };
+    let count: usize = shape.iter().product();
+    let spread = |steps: Vec<f32>, axis: usize| -> Option<Vec<f32>> {
+        if steps.len() == 1 {
+            return Some(vec![steps[0]; count]);
+        }
+        let inner: usize = shape.get(axis + 1..)?.iter().product();
+        let len = *shape.get(axis)?;
+        (steps.len() == len).then(|| (0..count).map(|e| steps[(e / inner) % len]).collect())
+    };
+    match node.op_type.as_str() {
+        "DequantizeLinear" => {
+            let s = constant(node.inputs().get(1).copied().flatten())?;
+            let axis = match node.attr("axis") {
+                Some(AttrValue::Int(a)) if *a >= 0 => *a as usize,
+                Some(AttrValue::Int(a)) => (shape.len() as i64 + a) as usize,
+                _ => 1,
+            };
+            spread(s, axis)
+        }
+        "Conv" | "Gemm" | "MatMul" => {
+            let xs = dq_scale(node.inputs().first().copied().flatten())?;
+            let ws = dq_scale(node.inputs().get(1).copied().flatten())?;
+            let x = *xs.first()?;
+            spread(ws.iter().map(|w| w * x).collect(), 1)
+        }
+        _ => None,
+    }
+}
+
+/// Runs `reference` and `frozen` on `samples` of `data` and compares each
+/// output.
+pub fn verify(
+    reference: &Model,
+    frozen: &Model,
+    data: &Dataset,
+    samples: &[usize],
+    norm: Norm,
+    batch: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<OutputAgreement>, String> {
+    data.check_norm(norm)?;
+    let rev = Evaluator::new(reference).map_err(|e| format!("reference: {e}"))?;
+    let fev = Evaluator::new(frozen).map_err(|e| format!("frozen model: {e}"))?;
+    let (rg, fg) = (&reference.graph, &frozen.graph);
+    if rg.outputs().len() != fg.outputs().len() {
+        return Err(format!(
+            "the models have {} and {} outputs",
+            rg.outputs().len(),
+            fg.outputs().len()
+        ));
+    }
+    struct Acc {
+        elements: usize,
+        max_lsb: Option<f64>,
+        within: usize,
+        max_diff: f64,
+        max_ref: f64,
+        rows: usize,
+        agree: usize,
+    }
+    let mut acc: Vec<Acc> = rg
+        .outputs()
+        .iter()
+        .map(|_| Acc {
+            elements: 0,
+            max_lsb: None,
+            within: 0,
+            max_diff: 0.0,
+            max_ref: 0.0,
+            rows: 0,
+            agree: 0,
+        })
+        .collect();
+    let mut has_steps = vec![true; acc.len()];
+    let mut done = 0;
+    for chunk in samples.chunks(batch.max(1)) {
+        let x = data.select(chunk, norm)?;
+        let r = rev
+            .run(vec![x.clone()])
+            .map_err(|e| format!("reference: {e}"))?;
+        let f = fev.run(vec![x]).map_err(|e| format!("frozen model: {e}"))?;
+        for (i, (a, b)) in r.iter().zip(&f).enumerate() {
+            let (Tensor::F32(a), Tensor::F32(b)) = (a, b) else {
+                return Err(format!("output {i} is not f32 in both models"));
+            };
+            if a.shape() != b.shape() {
+                return Err(format!(
+                    "output {i} has shape {:?} and {:?}",
+                    a.shape(),
+                    b.shape()
+                ));
+            }
+            let steps = output_steps(rg, rg.outputs()[i], a.shape())
+                .or_else(|| output_steps(fg, fg.outputs()[i], a.shape()));
+            has_steps[i] &= steps.is_some();
+            let acc = &mut acc[i];
+            for (e, (&x, &y)) in a.iter().zip(b.iter()).enumerate() {
+                let d = (x as f64 - y as f64).abs();
+                acc.max_diff = acc.max_diff.max(d);
+                acc.max_ref = acc.max_ref.max((x as f64).abs());
+                if let Some(s) = &steps {
+                    let lsb = d / s[e] as f64;
+                    acc.max_lsb = Some(acc.max_lsb.unwrap_or(0.0).max(lsb));
+                    acc.within += (lsb <= 1.0 + 1e-6) as usize;
+                }
+            }
+            acc.elements += a.len();
+            if a.ndim() == 2 && a.shape()[1] > 1 {
+                let argmax = |row: qgraph_ir::ndarray::ArrayView1<f32>| {
+                    row.iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                            if v > best.1 {
+                                (i, v)
+                            } else {
+                                best
+                            }
+                        })
+                        .0
+                };
+                for (ra, rb) in a.rows().into_iter().zip(b.rows()) {
+                    acc.rows += 1;
+                    acc.agree += (argmax(ra) == argmax(rb)) as usize;
+                }
+            }
+        }
+        done += chunk.len();
+        progress(done);
+    }
+    Ok(acc
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| OutputAgreement {
+            name: rg.value(rg.outputs()[i]).name().to_string(),
+            elements: a.elements,
+            max_lsb: a.max_lsb.filter(|_| has_steps[i]),
+            within_one_lsb: (has_steps[i] && a.elements > 0)
+                .then(|| a.within as f64 / a.elements as f64),
+            max_relative: if a.max_ref > 0.0 {
+                a.max_diff / a.max_ref
+            } else {
+                a.max_diff
+            },
+            top1: (a.rows > 0).then(|| a.agree as f64 / a.rows as f64),
+        })
+        .collect())
+}

@@ -1,0 +1,615 @@
+//! `lower-to-integer`: turns `DequantizeLinear -> op -> QuantizeLinear`
+//! groups into integer operators, so that values stay int8/uint8 from the
+//! input's QuantizeLinear to the output.
+//!
+//! Each rule matches one float op whose data inputs are per-tensor
+//! DequantizeLinear nodes (weights may be per channel) and whose output one
+//! per-tensor QuantizeLinear alone reads, then replaces the group by the
+//! operator that computes the same quantized result:
+//! - Conv [-> Relu | Clip] -> Q: `QLinearConv` (int32 bias of scale
+//!   `x_scale * w_scale`), then an integer `Clip` when the activation's
+//!   bounds cut into the output grid (`Q(clip(y, a, b)) = clip(Q(y), Q(a),
+//!   Q(b))`, since Q is monotone);
+//! - Gemm [-> Q]: `com.microsoft.QGemm`, with a float output when nothing
+//!   quantizes it (the model's output: that is its DequantizeLinear);
+//! - MatMul -> Q with a 2-D weight: `QLinearMatMul`;
+//! - Add, Mul -> Q: `com.microsoft.QLinearAdd`, `QLinearMul`;
+//! - GlobalAveragePool -> Q: `com.microsoft.QLinearGlobalAveragePool`;
+//! - Concat -> Q: `com.microsoft.QLinearConcat`;
+//! - Sigmoid -> Q: `com.microsoft.QLinearSigmoid`.
+//!
+//! Anything else keeps its DequantizeLinear/QuantizeLinear boundary and
+//! runs in float ([`float_ops`] lists what is left).
+
+use crate::{util, Pass, PassContext};
+use qgraph_ir::{AttrValue, DataType, Graph, Model, NewNode, NodeId, Tensor, ValueId};
+
+pub struct LowerToInteger;
+
+/// A DequantizeLinear feeding a value: its integer input, scale and zero
+/// point.
+#[derive(Clone, Copy)]
+struct Dequantized {
+    integer: ValueId,
+    scale: ValueId,
+    zero: Option<ValueId>,
+}
+
+fn f32s(g: &Graph, v: ValueId) -> Option<Vec<f32>> {
+    match util::constant(g, Some(v))? {
+        Tensor::F32(a) => Some(a.iter().copied().collect()),
+        _ => None,
+    }
+}
+
+fn ints(g: &Graph, v: ValueId) -> Option<Vec<i64>> {
+    match util::constant(g, Some(v))? {
+        Tensor::I8(a) => Some(a.iter().map(|&x| x as i64).collect()),
+        Tensor::U8(a) => Some(a.iter().map(|&x| x as i64).collect()),
+        Tensor::I32(a) => Some(a.iter().map(|&x| x as i64).collect()),
+        _ => None,
+    }
+}
+
+/// `v` as the output of a default-domain DequantizeLinear with constant
+/// parameters; `per_tensor` asks for scalar ones.
+fn dequantized(g: &Graph, v: ValueId, per_tensor: bool) -> Option<Dequantized> {
+    let (d, _) = g.producer(v)?;
+    let node = g.node(d);
+    if !node.domain.is_empty() || node.op_type != "DequantizeLinear" {
+        return None;
+    }
+    if node.attr("block_size").is_some() {
+        return None;
+    }
+    let integer = node.inputs().first().copied().flatten()?;
+    let scale = node.inputs().get(1).copied().flatten()?;
+    let zero = node.inputs().get(2).copied().flatten();
+    let s = f32s(g, scale)?;
+    let z_ok = zero.is_none_or(|z| ints(g, z).is_some_and(|z| !per_tensor || z.len() == 1));
+    (z_ok && (!per_tensor || s.len() == 1)).then_some(Dequantized {
+        integer,
+        scale,
+        zero,
+    })
+}
+
+/// The one per-tensor QuantizeLinear reading `v` (alone), with the value it
+/// defines.
+fn sole_quantize(g: &Graph, v: ValueId) -> Option<(NodeId, Dequantized, ValueId)> {
+    if g.value(v).is_graph_output() {
+        return None;
+    }
+    let [(q, 0)] = g.consumers(v)[..] else {
+        return None;
+    };
+    let node = g.node(q);
+    if !node.domain.is_empty() || node.op_type != "QuantizeLinear" {
+        return None;
+    }
+    let scale = node.inputs().get(1).copied().flatten()?;
+    let zero = node.inputs().get(2).copied().flatten();
+    let out = node.outputs().first().copied().flatten()?;
+    (f32s(g, scale)?.len() == 1 && zero.is_none_or(|z| ints(g, z).is_some_and(|z| z.len() == 1)))
+        .then_some((
+            q,
+            Dequantized {
+                integer: out,
+                scale,
+                zero,
+            },
+            out,
+        ))
+}
+
+/// The node reading `v` alone, when it is a Relu or a Clip with constant
+/// bounds, and its bounds.
+fn sole_activation(g: &Graph, v: ValueId, opset: i64) -> Option<(NodeId, f32, f32)> {
+    if g.value(v).is_graph_output() {
+        return None;
+    }
+    let [(a, 0)] = g.consumers(v)[..] else {
+        return None;
+    };
+    let node = g.node(a);
+    if !node.domain.is_empty() {
+        return None;
+    }
+    match node.op_type.as_str() {
+        "Relu" => Some((a, 0.0, f32::INFINITY)),
+        "Clip" if opset < 11 => {
+            let attr = |name, default| match node.attr(name) {
+                Some(AttrValue::Float(v)) => *v,
+                _ => default,
+            };
+            Some((
+                a,
+                attr("min", f32::NEG_INFINITY),
+                attr("max", f32::INFINITY),
+            ))
+        }
+        "Clip" => {
+            let bound = |k: usize, default: f32| match node.inputs().get(k).copied().flatten() {
+                None => Some(default),
+                Some(b) => f32s(g, b).filter(|v| v.len() == 1).map(|v| v[0]),
+            };
+            Some((a, bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?))
+        }
+        _ => None,
+    }
+}
+
+/// The integer type of a quantized value (its zero point's, else uint8).
+fn int_type(g: &Graph, d: &Dequantized) -> DataType {
+    d.zero
+        .and_then(|z| util::constant(g, Some(z)))
+        .map_or(DataType::U8, Tensor::dtype)
+}
+
+/// What a rule found: the nodes it replaces and the new ones' recipe.
+struct Lowering {
+    /// Nodes to remove (the float op, its activation, its QuantizeLinear).
+    remove: Vec<NodeId>,
+    /// The value the integer op defines (the QuantizeLinear's output, or
+    /// the float op's output when nothing quantizes it).
+    output: ValueId,
+    op: &'static str,
+    domain: &'static str,
+    inputs: Vec<Input>,
+    attrs: Vec<(String, AttrValue)>,
+    /// An integer Clip after the op: (low, high) on its output grid, and
+    /// the grid's type.
+    clip: Option<(i64, i64, DataType)>,
+    /// A float value added to the op's (float) output.
+    add_after: Option<ValueId>,
+}
+
+/// An input of the new op: an existing value, a zero point to create (an
+/// absent one), or a new initializer.
+enum Input {
+    Value(ValueId),
+    Absent,
+    New(String, Tensor),
+}
+
+fn zero_or_new(d: &Dequantized, g: &Graph) -> Input {
+    match d.zero {
+        Some(z) => Input::Value(z),
+        None => Input::New(
+            format!("{}_zero_point", g.value(d.integer).name()),
+            Tensor::from_ints(DataType::U8, &[], &[0]).expect("a scalar"),
+        ),
+    }
+}
+
+fn triple(d: &Dequantized, g: &Graph) -> [Input; 3] {
+    [
+        Input::Value(d.integer),
+        Input::Value(d.scale),
+        zero_or_new(d, g),
+    ]
+}
+
+/// The bias of a weighted op as int32 on the grid of `x_scale * w_scale`:
+/// an int32 DequantizeLinear of that scale as it is; a float bias rounded
+/// onto it.
+fn int32_bias(g: &Graph, bias: Option<ValueId>, step: &[f32], n: usize) -> Option<Input> {
+    let b = match bias {
+        None => return Some(Input::Absent),
+        Some(b) => b,
+    };
+    let step_of = |c: usize| step[if step.len() == 1 { 0 } else { c }];
+    let values: Vec<f64> = match dequantized(g, b, false) {
+        Some(d) => {
+            let q = ints(g, d.integer)?;
+            let s = f32s(g, d.scale)?;
+            let z = d.zero.map_or(Some(vec![0]), |z| ints(g, z))?;
+            let pick = |v: &[f32], c| v[if v.len() == 1 { 0 } else { c }];
+            let same_grid = z.iter().all(|&z| z == 0)
+                && (0..q.len()).all(|c| pick(&s, c) == step_of(c))
+                && matches!(util::constant(g, Some(d.integer)), Some(Tensor::I32(_)));
+            if same_grid && q.len() == n {
+                return Some(Input::Value(d.integer));
+            }
+            (0..q.len())
+                .map(|c| (q[c] - z[if z.len() == 1 { 0 } else { c }]) as f64 * pick(&s, c) as f64)
+                .collect()
+        }
+        None => f32s(g, b)?.into_iter().map(|v| v as f64).collect(),
+    };
+    if values.len() != n && values.len() != 1 {
+        return None;
+    }
+    let q: Vec<i128> = (0..n)
+        .map(|c| {
+            let v = values[if values.len() == 1 { 0 } else { c }];
+            (v / step_of(c) as f64)
+                .round_ties_even()
+                .clamp(i32::MIN as f64, i32::MAX as f64) as i128
+        })
+        .collect();
+    let t = Tensor::from_ints(DataType::I32, &[n], &q).ok()?;
+    Some(Input::New(format!("{}_int32", g.value(b).name()), t))
+}
+
+/// The integer bounds of an activation on the output grid, when they cut
+/// into it (`None`: the grid's own saturation clamps the same).
+fn clip_on_grid(
+    g: &Graph,
+    out: &Dequantized,
+    lo: f32,
+    hi: f32,
+) -> Option<Option<(i64, i64, DataType)>> {
+    let s = f32s(g, out.scale)?[0];
+    let z = out.zero.map_or(Some(vec![0]), |z| ints(g, z))?[0];
+    let (qmin, qmax) = match int_type(g, out) {
+        DataType::I8 => (-128i64, 127i64),
+        DataType::U8 => (0, 255),
+        _ => return None,
+    };
+    let q = |v: f32| -> i64 {
+        if v == f32::INFINITY {
+            qmax
+        } else if v == f32::NEG_INFINITY {
+            qmin
+        } else {
+            ((v / s).round_ties_even() as i64 + z).clamp(qmin, qmax)
+        }
+    };
+    let (a, b) = (q(lo), q(hi));
+    Some((a > qmin || b < qmax).then_some((a, b, int_type(g, out))))
+}
+
+fn copied_attrs(g: &Graph, n: NodeId) -> Vec<(String, AttrValue)> {
+    g.node(n)
+        .attrs
+        .iter()
+        .map(|a| (a.name.clone(), a.value.clone()))
+        .collect()
+}
+
+fn match_node(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
+    let node = g.node(n);
+    if !node.domain.is_empty() {
+        return None;
+    }
+    let input = |k: usize| node.inputs().get(k).copied().flatten();
+    let out = node.outputs().first().copied().flatten()?;
+    if node.outputs().len() != 1 {
+        return None;
+    }
+    match node.op_type.as_str() {
+        "Conv" => {
+            let x = dequantized(g, input(0)?, true)?;
+            let w = dequantized(g, input(1)?, false)?;
+            let m = util::constant(g, Some(w.integer))?
+                .shape()
+                .first()
+                .copied()?;
+            let (activation, quantized) = match sole_quantize(g, out) {
+                Some(q) => (None, q),
+                None => {
+                    let (a, lo, hi) = sole_activation(g, out, opset)?;
+                    let a_out = g.node(a).outputs().first().copied().flatten()?;
+                    (Some((a, lo, hi)), sole_quantize(g, a_out)?)
+                }
+            };
+            let (q, y, y_value) = quantized;
+            let xs = f32s(g, x.scale)?[0];
+            let ws = f32s(g, w.scale)?;
+            let step: Vec<f32> = ws.iter().map(|w| xs * w).collect();
+            let bias = int32_bias(g, input(2), &step, m)?;
+            let clip = match activation {
+                Some((_, lo, hi)) => clip_on_grid(g, &y, lo, hi)?,
+                None => None,
+            };
+            let [xi, xsc, xz] = triple(&x, g);
+            let [wi, wsc, wz] = triple(&w, g);
+            let mut remove = vec![n, q];
+            remove.extend(activation.map(|a| a.0));
+            Some(Lowering {
+                remove,
+                output: y_value,
+                op: "QLinearConv",
+                domain: "",
+                inputs: vec![
+                    xi,
+                    xsc,
+                    xz,
+                    wi,
+                    wsc,
+                    wz,
+                    Input::Value(y.scale),
+                    zero_or_new(&y, g),
+                    bias,
+                ],
+                attrs: copied_attrs(g, n),
+                clip,
+                add_after: None,
+            })
+        }
+        "Gemm" => {
+            let int = |name, default| match node.attr(name) {
+                Some(AttrValue::Int(v)) => *v,
+                _ => default,
+            };
+            let float = |name| match node.attr(name) {
+                Some(AttrValue::Float(v)) => *v,
+                _ => 1.0,
+            };
+            if int("transA", 0) != 0 || float("alpha") != 1.0 || float("beta") != 1.0 {
+                return None;
+            }
+            let trans_b = int("transB", 0) != 0;
+            let a = dequantized(g, input(0)?, true)?;
+            let b = dequantized(g, input(1)?, false)?;
+            let shape = util::constant(g, Some(b.integer))?.shape().to_vec();
+            let n_out = if trans_b {
+                shape.first()?
+            } else {
+                shape.get(1)?
+            };
+            // Per-channel weights must be per output column.
+            let ws = f32s(g, b.scale)?;
+            let axis = match g.node(g.producer(input(1)?)?.0).attr("axis") {
+                Some(AttrValue::Int(a)) => *a,
+                _ => 1,
+            };
+            if ws.len() != 1 && axis != if trans_b { 0 } else { 1 } {
+                return None;
+            }
+            let xs = f32s(g, a.scale)?[0];
+            let step: Vec<f32> = ws.iter().map(|w| xs * w).collect();
+            let quantized = sole_quantize(g, out);
+            // A float output keeps a float bias exactly, added after; a
+            // quantized one takes it as int32.
+            let exact_int32 =
+                |b: ValueId| matches!(int32_bias(g, Some(b), &step, *n_out), Some(Input::Value(_)));
+            let (bias, float_bias) = match (input(2), &quantized) {
+                (Some(b), None) if !exact_int32(b) => (Input::Absent, Some(b)),
+                (b, _) => (int32_bias(g, b, &step, *n_out)?, None),
+            };
+            let [ai, asc, az] = triple(&a, g);
+            let [bi, bsc, bz] = triple(&b, g);
+            let mut inputs = vec![ai, asc, az, bi, bsc, bz, bias];
+            let (remove, output) = match quantized {
+                Some((q, y, y_value)) => {
+                    inputs.push(Input::Value(y.scale));
+                    inputs.push(zero_or_new(&y, g));
+                    (vec![n, q], y_value)
+                }
+                None => (vec![n], out),
+            };
+            Some(Lowering {
+                remove,
+                output,
+                op: "QGemm",
+                domain: "com.microsoft",
+                inputs,
+                attrs: vec![("transB".into(), AttrValue::Int(trans_b as i64))],
+                clip: None,
+                add_after: float_bias,
+            })
+        }
+        "MatMul" => {
+            let a = dequantized(g, input(0)?, true)?;
+            let b = dequantized(g, input(1)?, false)?;
+            if util::constant(g, Some(b.integer))?.shape().len() != 2 {
+                return None;
+            }
+            let (q, y, y_value) = sole_quantize(g, out)?;
+            let [ai, asc, az] = triple(&a, g);
+            let [bi, bsc, bz] = triple(&b, g);
+            Some(Lowering {
+                remove: vec![n, q],
+                output: y_value,
+                op: "QLinearMatMul",
+                domain: "",
+                inputs: vec![
+                    ai,
+                    asc,
+                    az,
+                    bi,
+                    bsc,
+                    bz,
+                    Input::Value(y.scale),
+                    zero_or_new(&y, g),
+                ],
+                attrs: Vec::new(),
+                clip: None,
+                add_after: None,
+            })
+        }
+        "Add" | "Mul" | "GlobalAveragePool" | "Sigmoid" | "Concat" => {
+            let (q, y, y_value) = sole_quantize(g, out)?;
+            let data: Vec<Dequantized> = node
+                .inputs()
+                .iter()
+                .map(|v| dequantized(g, (*v)?, true))
+                .collect::<Option<_>>()?;
+            let (op, mut inputs, attrs) = match node.op_type.as_str() {
+                "Add" | "Mul" if data.len() == 2 => {
+                    let [a0, a1, a2] = triple(&data[0], g);
+                    let [b0, b1, b2] = triple(&data[1], g);
+                    let op = if node.op_type == "Add" {
+                        "QLinearAdd"
+                    } else {
+                        "QLinearMul"
+                    };
+                    (op, vec![a0, a1, a2, b0, b1, b2], Vec::new())
+                }
+                "GlobalAveragePool" | "Sigmoid" if data.len() == 1 => {
+                    let op = if node.op_type == "Sigmoid" {
+                        "QLinearSigmoid"
+                    } else {
+                        "QLinearGlobalAveragePool"
+                    };
+                    let attrs = if op == "QLinearGlobalAveragePool" {
+                        vec![("channels_last".to_string(), AttrValue::Int(0))]
+                    } else {
+                        Vec::new()
+                    };
+                    (op, triple(&data[0], g).into_iter().collect(), attrs)
+                }
+                "Concat" if !data.is_empty() => {
+                    let mut inputs = vec![Input::Value(y.scale), zero_or_new(&y, g)];
+                    for d in &data {
+                        inputs.extend(triple(d, g));
+                    }
+                    ("QLinearConcat", inputs, copied_attrs(g, n))
+                }
+                _ => return None,
+            };
+            if op != "QLinearConcat" {
+                inputs.push(Input::Value(y.scale));
+                inputs.push(zero_or_new(&y, g));
+            }
+            // 8-bit inputs of one signedness, as ONNX Runtime's kernels take.
+            let types: Vec<DataType> = data.iter().map(|d| int_type(g, d)).collect();
+            if types.iter().any(|t| *t != int_type(g, &y)) {
+                return None;
+            }
+            Some(Lowering {
+                remove: vec![n, q],
+                output: y_value,
+                op,
+                domain: "com.microsoft",
+                inputs,
+                attrs,
+                clip: None,
+                add_after: None,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Applies one lowering.
+fn apply(g: &mut Graph, lowering: Lowering) -> Result<(), String> {
+    let err = |e: qgraph_ir::IrError| e.to_string();
+    let first = lowering.remove[0];
+    let name = g.node(first).name().to_string();
+    // Removing the group leaves its inner values unproduced and unread.
+    let mut inner: Vec<ValueId> = Vec::new();
+    for &n in &lowering.remove {
+        for v in g.node(n).outputs().iter().flatten() {
+            if *v != lowering.output {
+                inner.push(*v);
+            }
+        }
+    }
+    for &n in &lowering.remove {
+        g.remove_node(n).map_err(err)?;
+    }
+    for v in inner {
+        if g.consumers(v).is_empty() && !g.value(v).is_graph_output() {
+            g.remove_value(v).map_err(err)?;
+        }
+    }
+    let mut inputs: Vec<Option<ValueId>> = Vec::new();
+    for i in lowering.inputs {
+        inputs.push(match i {
+            Input::Value(v) => Some(v),
+            Input::Absent => None,
+            Input::New(base, t) => Some(
+                g.add_initializer(g.unique_value_name(&base), t)
+                    .map_err(err)?,
+            ),
+        });
+    }
+    while inputs.last() == Some(&None) {
+        inputs.pop();
+    }
+    let op_out = if lowering.clip.is_some() || lowering.add_after.is_some() {
+        g.add_value(g.unique_value_name(&format!("{name}_integer")), None)
+            .map_err(err)?
+    } else {
+        lowering.output
+    };
+    let mut new = NewNode::new(lowering.op)
+        .named(g.unique_node_name(&format!("{name}_{}", lowering.op)))
+        .domain(lowering.domain)
+        .outputs([op_out]);
+    new.inputs = inputs;
+    for (k, v) in lowering.attrs {
+        new = new.attr(k, v);
+    }
+    g.add_node(new).map_err(err)?;
+    if let Some((lo, hi, dtype)) = lowering.clip {
+        let bound = |g: &mut Graph, v: i64, what: &str| {
+            let t = Tensor::from_ints(dtype, &[], &[v as i128]).map_err(|e| e.to_string())?;
+            g.add_initializer(g.unique_value_name(&format!("{name}_{what}")), t)
+                .map_err(err)
+        };
+        let lo = bound(g, lo, "clip_min")?;
+        let hi = bound(g, hi, "clip_max")?;
+        g.add_node(
+            NewNode::new("Clip")
+                .named(g.unique_node_name(&format!("{name}_Clip")))
+                .inputs([op_out, lo, hi])
+                .outputs([lowering.output]),
+        )
+        .map_err(err)?;
+    }
+    if let Some(bias) = lowering.add_after {
+        g.add_node(
+            NewNode::new("Add")
+                .named(g.unique_node_name(&format!("{name}_bias")))
+                .inputs([op_out, bias])
+                .outputs([lowering.output]),
+        )
+        .map_err(err)?;
+    }
+    Ok(())
+}
+
+impl Pass for LowerToInteger {
+    fn name(&self) -> &'static str {
+        "lower-to-integer"
+    }
+
+    fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<bool, String> {
+        let opset = model.opset_version("").unwrap_or(1);
+        let mut changed = false;
+        let mut microsoft = false;
+        for n in util::order(&model.graph)? {
+            let g = &model.graph;
+            if !g.contains_node(n) {
+                continue;
+            }
+            let Some(lowering) = match_node(g, n, opset) else {
+                continue;
+            };
+            if !cx.allow_rewrite() {
+                break;
+            }
+            microsoft |= lowering.domain == "com.microsoft";
+            apply(&mut model.graph, lowering)?;
+            changed = true;
+        }
+        if microsoft && model.opset_version("com.microsoft").is_none() {
+            model.set_opset_version("com.microsoft", 1);
+        }
+        Ok(changed)
+    }
+}
+
+/// The ops of a lowered graph that still compute in float between a
+/// DequantizeLinear and a QuantizeLinear, by type, with counts.
+pub fn float_ops(g: &Graph) -> Vec<(String, usize)> {
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for n in g.node_ids() {
+        let node = g.node(n);
+        if matches!(node.op_type.as_str(), "QuantizeLinear" | "DequantizeLinear") {
+            continue;
+        }
+        let reads_dequantized = node.inputs().iter().flatten().any(|&v| {
+            g.producer(v)
+                .is_some_and(|(p, _)| g.node(p).op_type == "DequantizeLinear")
+        });
+        if reads_dequantized {
+            *counts.entry(node.op_type.clone()).or_default() += 1;
+        }
+    }
+    counts.into_iter().collect()
+}
