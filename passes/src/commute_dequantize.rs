@@ -11,23 +11,27 @@
 use crate::{util, Pass, PassContext};
 use qgraph_ir::{Graph, Model, NodeId, Tensor, ValueId};
 
-/// The ops a per-tensor DequantizeLinear commutes with, and why.
-pub const COMMUTES: &[(&str, &str)] = &[
+/// The ops a per-tensor DequantizeLinear commutes with, the opset from
+/// which they take 8-bit integers, and why the move keeps the function.
+pub const COMMUTES: &[(&str, i64, &str)] = &[
     (
         "Reshape",
+        5,
         "moves elements, never changes one; one scale applies to all",
     ),
-    ("Flatten", "moves elements, never changes one"),
-    ("Squeeze", "moves elements, never changes one"),
-    ("Unsqueeze", "moves elements, never changes one"),
-    ("Transpose", "moves elements, never changes one"),
+    ("Flatten", 9, "moves elements, never changes one"),
+    ("Squeeze", 1, "moves elements, never changes one"),
+    ("Unsqueeze", 1, "moves elements, never changes one"),
+    ("Transpose", 1, "moves elements, never changes one"),
     (
         "MaxPool",
+        12,
         "a maximum commutes with an increasing map, and (q - zero) * scale increases with q \
          for a positive scale",
     ),
     (
         "Concat",
+        4,
         "when every input is dequantized with the same scale and zero point, one \
          DequantizeLinear after joining equals one per input",
     ),
@@ -64,9 +68,13 @@ fn sole_dq(g: &Graph, v: ValueId) -> Option<NodeId> {
 }
 
 /// The DequantizeLinear nodes that op `n` can be moved above, or `None`.
-fn movable(g: &Graph, n: NodeId) -> Option<Vec<NodeId>> {
+fn movable(g: &Graph, n: NodeId, opset: i64) -> Option<Vec<NodeId>> {
     let node = g.node(n);
-    if !node.domain.is_empty() || !COMMUTES.iter().any(|(op, _)| *op == node.op_type) {
+    if !node.domain.is_empty()
+        || !COMMUTES
+            .iter()
+            .any(|(op, since, _)| *op == node.op_type && opset >= *since)
+    {
         return None;
     }
     // One output read (MaxPool's Indices must be unused).
@@ -104,13 +112,17 @@ impl Pass for CommuteDequantize {
 
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<bool, String> {
         let mut changed = false;
+        let opset = model.opset_version("").unwrap_or(1);
         let err = |e: qgraph_ir::IrError| e.to_string();
         // Repeated until nothing moves: a DequantizeLinear may pass several
         // ops in a row.
         loop {
             let g = &model.graph;
             let order = util::order(g)?;
-            let Some((n, dqs)) = order.iter().find_map(|&n| movable(g, n).map(|d| (n, d))) else {
+            let Some((n, dqs)) = order
+                .iter()
+                .find_map(|&n| movable(g, n, opset).map(|d| (n, d)))
+            else {
                 break;
             };
             if !cx.allow_rewrite() {

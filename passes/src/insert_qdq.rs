@@ -1055,10 +1055,20 @@ fn quantize_biases(
             })
             .collect();
         let name = g.value(*b).name().to_string();
+        // One weight scale: a scalar bias scale (per-axis Q/DQ needs opset
+        // 13, and per-tensor weights are what older models get).
+        let per_axis = ws.len() != 1;
+        let scale_shape: &[usize] = if per_axis { &[m] } else { &[] };
+        let scale = if per_axis { scale } else { vec![scale[0]] };
         let q = Tensor::from_ints(DataType::I32, &[m], &q).map_err(|e| e.to_string())?;
-        let scale = Tensor::from_floats(DataType::F32, &[m], &scale).map_err(|e| e.to_string())?;
-        let zero =
-            Tensor::from_ints(DataType::I32, &[m], &vec![0; m]).map_err(|e| e.to_string())?;
+        let scale =
+            Tensor::from_floats(DataType::F32, scale_shape, &scale).map_err(|e| e.to_string())?;
+        let zero = Tensor::from_ints(
+            DataType::I32,
+            scale_shape,
+            &vec![0; scale_shape.iter().product()],
+        )
+        .map_err(|e| e.to_string())?;
         let q = g
             .add_initializer(g.unique_value_name(&format!("{name}_quantized")), q)
             .map_err(err)?;
@@ -1071,14 +1081,14 @@ fn quantize_biases(
         let out = g
             .add_value(g.unique_value_name(&format!("{name}_dequantized")), None)
             .map_err(err)?;
-        g.add_node(
-            NewNode::new("DequantizeLinear")
-                .named(g.unique_node_name(&format!("{name}_DequantizeLinear")))
-                .inputs([q, scale, zero])
-                .outputs([out])
-                .attr("axis", AttrValue::Int(0)),
-        )
-        .map_err(err)?;
+        let mut dq = NewNode::new("DequantizeLinear")
+            .named(g.unique_node_name(&format!("{name}_DequantizeLinear")))
+            .inputs([q, scale, zero])
+            .outputs([out]);
+        if per_axis {
+            dq = dq.attr("axis", AttrValue::Int(0));
+        }
+        g.add_node(dq).map_err(err)?;
         g.set_node_input(n, 2, Some(out)).map_err(err)?;
         if g.consumers(*b).is_empty()
             && !g.value(*b).is_graph_input()

@@ -303,6 +303,11 @@ fn match_node(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
                 Some((_, lo, hi)) => clip_on_grid(g, &y, lo, hi)?,
                 None => None,
             };
+            // Clip takes integers from opset 12: before it, such a group
+            // keeps its float activation.
+            if clip.is_some() && opset < 12 {
+                return None;
+            }
             let [xi, xsc, xz] = triple(&x, g);
             let [wi, wsc, wz] = triple(&w, g);
             let mut remove = vec![n, q];
