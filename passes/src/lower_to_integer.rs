@@ -10,8 +10,9 @@
 //!   `x_scale * w_scale`), then an integer `Clip` when the activation's
 //!   bounds cut into the output grid (`Q(clip(y, a, b)) = clip(Q(y), Q(a),
 //!   Q(b))`, since Q is monotone);
-//! - Gemm [-> Q]: `com.microsoft.QGemm`, with a float output when nothing
-//!   quantizes it (the model's output: that is its DequantizeLinear);
+//! - Gemm [-> Relu | Clip] [-> Q]: `com.microsoft.QGemm` (and a Clip as for
+//!   Conv), with a float output when nothing quantizes it (the model's
+//!   output: that is its DequantizeLinear);
 //! - MatMul -> Q with a 2-D weight: `QLinearMatMul`;
 //! - Add, Mul -> Q: `com.microsoft.QLinearAdd`, `QLinearMul`;
 //! - GlobalAveragePool -> Q: `com.microsoft.QLinearGlobalAveragePool`;
@@ -365,7 +366,18 @@ fn match_node(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
             }
             let xs = f32s(g, a.scale)?[0];
             let step: Vec<f32> = ws.iter().map(|w| xs * w).collect();
-            let quantized = sole_quantize(g, out);
+            // Quantized after an optional activation (folded as for Conv),
+            // or a float output.
+            let activated = sole_activation(g, out, opset).and_then(|(a, lo, hi)| {
+                let a_out = g.node(a).outputs().first().copied().flatten()?;
+                let q = sole_quantize(g, a_out)?;
+                let clip = clip_on_grid(g, &q.1, lo, hi)?;
+                (clip.is_none() || opset >= 12).then_some((a, q, clip))
+            });
+            let (activation, quantized, clip) = match activated {
+                Some((a, q, clip)) => (Some(a), Some(q), clip),
+                None => (None, sole_quantize(g, out), None),
+            };
             // A float output keeps a float bias exactly, added after; a
             // quantized one takes it as int32.
             let exact_int32 =
@@ -377,7 +389,7 @@ fn match_node(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
             let [ai, asc, az] = triple(&a, g);
             let [bi, bsc, bz] = triple(&b, g);
             let mut inputs = vec![ai, asc, az, bi, bsc, bz, bias];
-            let (remove, output) = match quantized {
+            let (mut remove, output) = match quantized {
                 Some((q, y, y_value)) => {
                     inputs.push(Input::Value(y.scale));
                     inputs.push(zero_or_new(&y, g));
@@ -385,6 +397,7 @@ fn match_node(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
                 }
                 None => (vec![n], out),
             };
+            remove.extend(activation);
             Some(Lowering {
                 remove,
                 output,
@@ -392,7 +405,7 @@ fn match_node(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
                 domain: "com.microsoft",
                 inputs,
                 attrs: vec![("transB".into(), AttrValue::Int(trans_b as i64))],
-                clip: None,
+                clip,
                 add_after: float_bias,
             })
         }

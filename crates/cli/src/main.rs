@@ -903,6 +903,24 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     opt(row.top1, 4)
                 ));
             }
+            let ops = qgraph::freeze::verify_ops(&r, &f, &ds, &samples, norm, batch)
+                .map_err(|e| Failure(format!("{}: {e}", frozen.display())))?;
+            if ops.tensors > 0 {
+                let share = |k: usize| 100.0 * k as f64 / ops.elements.max(1) as f64;
+                text.push_str(&format!(
+                    "\nop by op (each op on the reference's own integer inputs): {} quantized tensors, \
+                     {:.4}% of elements equal, {:.4}% within 1 LSB, largest difference {} LSB{}\n",
+                    ops.tensors,
+                    share(ops.equal),
+                    share(ops.within_one),
+                    ops.max_steps,
+                    if ops.max_steps > 0 {
+                        format!(" ('{}')", ops.worst)
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
             emit(&text)?;
             Ok(ExitCode::SUCCESS)
         }

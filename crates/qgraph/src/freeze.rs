@@ -10,6 +10,7 @@ use crate::data::{Dataset, Norm};
 use qgraph_eval::Evaluator;
 use qgraph_ir::{AttrValue, Graph, Model, Tensor, ValueId};
 use qgraph_passes::Driver;
+use std::collections::HashMap;
 
 /// The runtime a frozen graph is shaped for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,4 +286,127 @@ pub fn verify(
             top1: (a.rows > 0).then(|| a.agree as f64 / a.rows as f64),
         })
         .collect())
+}
+
+/// Op by op: each quantized tensor of the frozen graph that the reference
+/// also quantizes (same name), computed by the frozen graph's ops from the
+/// reference's own integer inputs. End to end, a one-step difference at a
+/// rounding tie (an integer op rounds its exact sum, the Q/DQ graph its f32
+/// sum) travels and grows through the layers after it; this shows what each
+/// op itself does.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OpAgreement {
+    /// Quantized tensors compared.
+    pub tensors: usize,
+    pub elements: usize,
+    /// Elements equal, and within one step.
+    pub equal: usize,
+    pub within_one: usize,
+    /// The largest difference, in steps, and the tensor it is in.
+    pub max_steps: i64,
+    pub worst: String,
+}
+
+fn integers(t: &Tensor) -> Option<Vec<i64>> {
+    match t {
+        Tensor::I8(a) => Some(a.iter().map(|&v| v as i64).collect()),
+        Tensor::U8(a) => Some(a.iter().map(|&v| v as i64).collect()),
+        Tensor::I16(a) => Some(a.iter().map(|&v| v as i64).collect()),
+        Tensor::U16(a) => Some(a.iter().map(|&v| v as i64).collect()),
+        _ => None,
+    }
+}
+
+/// Compares `frozen`'s quantized tensors with `reference`'s op by op (see
+/// [`OpAgreement`]) on `samples` of `data`.
+pub fn verify_ops(
+    reference: &Model,
+    frozen: &Model,
+    data: &Dataset,
+    samples: &[usize],
+    norm: Norm,
+    batch: usize,
+) -> Result<OpAgreement, String> {
+    data.check_norm(norm)?;
+    let (rg, fg) = (&reference.graph, &frozen.graph);
+    let opset = frozen.opset_version("").unwrap_or(1);
+    // The reference's quantized tensors, by name.
+    let watch: Vec<ValueId> = rg
+        .node_ids()
+        .into_iter()
+        .filter(|&n| rg.node(n).op_type == "QuantizeLinear")
+        .filter_map(|n| rg.node(n).outputs().first().copied().flatten())
+        .collect();
+    let rev = Evaluator::new(reference).map_err(|e| format!("reference: {e}"))?;
+    let order = fg
+        .topo_order()
+        .map_err(|_| "the frozen model has a cycle".to_string())?;
+    let mut result = OpAgreement::default();
+    for chunk in samples.chunks(batch.max(1)) {
+        let x = data.select(chunk, norm)?;
+        let mut known: HashMap<String, Tensor> = HashMap::new();
+        rev.run_observed(vec![x.clone()], &watch, &mut |v, t| {
+            known.insert(rg.value(v).name().to_string(), t.clone());
+        })
+        .map_err(|e| format!("reference: {e}"))?;
+        let mut env: HashMap<ValueId, Tensor> = HashMap::new();
+        if let Some(&input) = fg.inputs().first() {
+            env.insert(input, x);
+        }
+        for &n in &order {
+            let node = fg.node(n);
+            let mut inputs: Vec<Option<Tensor>> = Vec::new();
+            let mut ready = true;
+            for v in node.inputs() {
+                let Some(v) = *v else {
+                    inputs.push(None);
+                    continue;
+                };
+                let value = fg.value(v);
+                let t = if let Some(i) = value.initializer() {
+                    Some(i.tensor.clone())
+                } else if let Some(t) = known.get(value.name()) {
+                    Some(t.clone())
+                } else {
+                    env.get(&v).cloned()
+                };
+                ready &= t.is_some();
+                inputs.push(t);
+            }
+            if !ready {
+                continue;
+            }
+            let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
+            let outs = qgraph_eval::run_node(fg, n, opset, &refs)
+                .map_err(|e| format!("frozen model: {e}"))?;
+            for (v, t) in node.outputs().iter().zip(outs) {
+                let Some(v) = *v else { continue };
+                let name = fg.value(v).name();
+                if let (Some(want), Some(got)) = (
+                    known.get(name).and_then(integers),
+                    integers(&t).filter(|_| fg.producer(v).is_some()),
+                ) {
+                    let is_q = fg.node(n).op_type == "QuantizeLinear";
+                    if want.len() == got.len() && !is_q {
+                        result.tensors += 1;
+                        for (a, b) in want.iter().zip(&got) {
+                            let d = (a - b).abs();
+                            result.elements += 1;
+                            result.equal += (d == 0) as usize;
+                            result.within_one += (d <= 1) as usize;
+                            if d > result.max_steps {
+                                result.max_steps = d;
+                                result.worst = name.to_string();
+                            }
+                        }
+                    }
+                }
+                env.insert(v, t);
+            }
+        }
+    }
+    // Tensors were counted once per batch.
+    let batches = samples.chunks(batch.max(1)).count().max(1);
+    result.tensors /= batches;
+    Ok(result)
 }

@@ -1,0 +1,168 @@
+//! `qgraph freeze` as a library, on LeNet-5 calibrated on 64 digits: each
+//! target keeps the Q/DQ graph's function (the evaluator as oracle, and
+//! tract for the TensorRT form), stores integer weights, and the integer
+//! form computes every quantized tensor within one step of the Q/DQ graph.
+
+mod common;
+
+use qgraph::freeze::{freeze, verify, verify_ops, Target};
+use qgraph::insert::{insert, Calibration, Method, Rounding};
+use qgraph::ir::{DataType, Model, Tensor};
+use qgraph::passes::{InsertOptions, Placement};
+use qgraph::quant::Scheme;
+use std::path::PathBuf;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn digits() -> qgraph::data::Dataset {
+    qgraph::data::Dataset::load_npz(&root().join("testdata/data/mnist64.npz"), None, Some(""))
+        .unwrap()
+}
+
+fn quantized(scheme: &str, placement: Placement) -> Model {
+    let mut model = qgraph::load(&root().join("testdata/models/lenet5_mnist_clntrained.onnx"))
+        .unwrap()
+        .model;
+    let data = digits();
+    let calibration = Calibration {
+        data: &data,
+        samples: (0..data.len()).collect(),
+        norm: qgraph::data::Norm::None,
+        batch: 16,
+        method: Method::MinMax,
+        rounding: Rounding::Nearest,
+    };
+    let options = InsertOptions {
+        scheme: Scheme::parse(scheme).unwrap(),
+        placement,
+        ends_at_8_bits: false,
+        overrides: Vec::new(),
+    };
+    insert(&mut model, &options, true, true, Some(&calibration), |_| {}).unwrap();
+    model
+}
+
+fn outputs(model: &Model) -> Vec<Tensor> {
+    let x = digits().batch(0, 64, qgraph::data::Norm::None).unwrap();
+    qgraph::eval::Evaluator::new(model)
+        .unwrap()
+        .run(vec![x])
+        .unwrap()
+}
+
+fn dtypes(model: &Model) -> Vec<DataType> {
+    let g = &model.graph;
+    g.initializers()
+        .iter()
+        .filter_map(|&v| g.initializer(v))
+        .map(|i| i.tensor.dtype())
+        .collect()
+}
+
+#[test]
+fn tensorrt_target_stores_int8_weights_and_computes_the_same() {
+    let qdq = quantized("int8", Placement::TensorRt);
+    let mut frozen = qdq.clone();
+    let report = freeze(&mut frozen, Target::TensorRt, false).unwrap();
+    assert!(report.changed.contains(&"fold-weight-quant".to_string()));
+    qgraph::ir::verify_model(&frozen).unwrap();
+    // No weight QuantizeLinear left; weights int8; no float weight left.
+    let g = &frozen.graph;
+    let quantize_of_constant = g.node_ids().into_iter().any(|n| {
+        let node = g.node(n);
+        node.op_type == "QuantizeLinear"
+            && node.inputs()[0].is_some_and(|v| g.value(v).initializer().is_some())
+    });
+    assert!(!quantize_of_constant);
+    let int8 = dtypes(&frozen)
+        .iter()
+        .filter(|d| **d == DataType::I8)
+        .count();
+    assert!(int8 >= 4, "{:?}", dtypes(&frozen));
+    assert_eq!(outputs(&frozen), outputs(&qdq));
+    // Smaller than a quarter of the float weights plus their scales.
+    let bytes = |m: &Model| qgraph::onnx::encode_model(m).unwrap().len();
+    let float = qgraph::load(&root().join("testdata/models/lenet5_mnist_clntrained.onnx"))
+        .unwrap()
+        .model;
+    assert!(
+        bytes(&frozen) * 10 < bytes(&float) * 3,
+        "{} vs {}",
+        bytes(&frozen),
+        bytes(&float)
+    );
+    // tract runs the frozen file and agrees.
+    let x = digits().batch(0, 64, qgraph::data::Norm::None).unwrap();
+    let Tensor::F32(xa) = &x else { panic!("f32") };
+    let input = (
+        xa.shape().to_vec(),
+        xa.iter().copied().collect::<Vec<f32>>(),
+    );
+    let bytes = qgraph::onnx::encode_model(&frozen).unwrap();
+    let tract = common::run_tract(&bytes, &common::to_tract(&[input])).unwrap();
+    let tract = tract[0].to_plain_array_view::<f32>().unwrap();
+    let Tensor::F32(ours) = &outputs(&frozen)[0] else {
+        panic!("f32")
+    };
+    let scale = ours.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = ours
+        .iter()
+        .zip(tract.iter())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 1e-4 * scale,
+        "tract differs by {diff} (scale {scale})"
+    );
+}
+
+#[test]
+fn four_bit_weights_are_packed_as_int4_at_opset_21() {
+    let qdq = quantized("w4a8", Placement::TensorRt);
+    let mut frozen = qdq.clone();
+    freeze(&mut frozen, Target::TensorRt, true).unwrap();
+    assert_eq!(frozen.opset_version(""), Some(21));
+    let int4 = dtypes(&frozen)
+        .iter()
+        .filter(|d| **d == DataType::I4)
+        .count();
+    assert!(int4 >= 4, "{:?}", dtypes(&frozen));
+    assert_eq!(outputs(&frozen), outputs(&qdq));
+    // The packed file reads back to the same model.
+    let bytes = qgraph::onnx::encode_model(&frozen).unwrap();
+    let back = qgraph::onnx::decode_model(&bytes).unwrap().model;
+    assert_eq!(outputs(&back), outputs(&qdq));
+}
+
+#[test]
+fn integer_target_is_integer_and_within_one_step_op_by_op() {
+    let qdq = quantized("int8", Placement::Ort);
+    let mut frozen = qdq.clone();
+    let report = freeze(&mut frozen, Target::Integer, false).unwrap();
+    assert!(report.float_ops.is_empty(), "{:?}", report.float_ops);
+    let g = &frozen.graph;
+    let ops: Vec<String> = g
+        .node_ids()
+        .into_iter()
+        .map(|n| g.node(n).op_type.clone())
+        .collect();
+    assert_eq!(ops.iter().filter(|o| *o == "QLinearConv").count(), 2);
+    assert!(ops.contains(&"QGemm".to_string()), "{ops:?}");
+    // The only float ops: the input's QuantizeLinear and the output's
+    // float QGemm (its dequantize); no Conv/Gemm/Relu left.
+    for op in ["Conv", "Gemm", "Relu", "DequantizeLinear"] {
+        assert!(!ops.contains(&op.to_string()), "{op} left: {ops:?}");
+    }
+    let data = digits();
+    let samples: Vec<usize> = (0..data.len()).collect();
+    let norm = qgraph::data::Norm::None;
+    let rows = verify(&qdq, &frozen, &data, &samples, norm, 16, |_| {}).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].top1, Some(1.0));
+    assert!(rows[0].within_one_lsb.unwrap() >= 0.999, "{rows:?}");
+    let by_op = verify_ops(&qdq, &frozen, &data, &samples, norm, 16).unwrap();
+    // Both convolutions and the first Gemm (the last one's output is float).
+    assert_eq!(by_op.tensors, 3, "{by_op:?}");
+    assert_eq!(by_op.within_one, by_op.elements, "{by_op:?}");
+}
