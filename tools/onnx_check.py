@@ -5,7 +5,9 @@ Runtime with outputs equal to the original model's.
 usage: onnx_check.py QGRAPH_BINARY MODEL.onnx [MODEL.onnx ...]
 
 For each model: `qgraph convert` it, `qgraph run` the standard pass
-pipeline on it, and `qgraph insert` Q/DQ pairs (int8 and w4a8, no data); run onnx.checker (full check) on both results, run the
+pipeline on it, and `qgraph insert` Q/DQ pairs (int8 and w4a8, no data)
+then `qgraph freeze --target tensorrt` (and, for MNIST models, a calibrated
+int8-asym insert frozen `--target integer`); run onnx.checker (full check) on both results, run the
 original and each result in ONNX Runtime on the same seeded random input, and
 require max |difference| == 0 for the conversion and <= 1e-4 relative (to the
 largest output magnitude) for the pipeline. Prints one line per check and a
@@ -96,6 +98,32 @@ def check_calibrated(qgraph, model, workdir, scheme, placement):
     return None if agree >= 0.95 else f"top-1 agreement {agree:.3f} < 0.95"
 
 
+def check_frozen(qgraph, qdq, workdir, target, feeds):
+    """`qgraph freeze` of a Q/DQ model qgraph wrote: the result passes the
+    checker and runs in ONNX Runtime. The TensorRT form computes the same as
+    the Q/DQ graph (optimisations off: the same arithmetic, within 1e-5
+    relative); the integer form, in ONNX Runtime's integer kernels, agrees
+    on top-1 with the Q/DQ graph on at least 95% of the rows."""
+    out = Path(workdir) / f"{Path(qdq).stem}.{target}.onnx"
+    proc = subprocess.run([qgraph, "freeze", "--target", target, str(qdq), "-o", str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"qgraph freeze failed: {proc.stderr.strip()}"
+    onnx.checker.check_model(str(out), full_check=True)
+    want = run(qdq, feeds)
+    if target == "integer":
+        got = ort.InferenceSession(str(out), ort.SessionOptions(),
+                                   providers=["CPUExecutionProvider"]).run(None, feeds)
+        agree = float((want[0].argmax(1) == got[0].argmax(1)).mean())
+        return None if agree >= 0.95 else f"top-1 agreement with the Q/DQ graph {agree:.3f} < 0.95"
+    got = run(out, feeds)
+    for a, b in zip(want, got):
+        scale = float(np.max(np.abs(a))) or 1.0
+        if float(np.max(np.abs(a - b))) / scale > 1e-5:
+            return f"differs from the Q/DQ graph by {float(np.max(np.abs(a - b))) / scale:.2e} relative"
+    return None
+
+
 def takes_mnist(model):
     dims = onnx.load(str(model), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
     return [d.dim_value for d in dims[1:]] == [1, 28, 28]
@@ -129,9 +157,22 @@ def main():
                 if problem:
                     failed += 1
                     print(f"FAIL {m.name} (insert {scheme}): {problem}")
+                    continue
+                passed += 1
+                print(f"ok   {m.name} (insert {scheme}): onnx checker passes, runs in ONNX Runtime")
+                qdq = Path(workdir) / f"{m.stem}.{scheme}.qgraph.onnx"
+                try:
+                    feeds = random_feeds(onnx.load(str(m)), batch=1, seed=0)
+                    problem = check_frozen(qgraph, qdq, workdir, "tensorrt", feeds)
+                except Exception as e:
+                    problem = f"{type(e).__name__}: {e}"
+                if problem:
+                    failed += 1
+                    print(f"FAIL {m.name} (insert {scheme}, freeze tensorrt): {problem}")
                 else:
                     passed += 1
-                    print(f"ok   {m.name} (insert {scheme}): onnx checker passes, runs in ONNX Runtime")
+                    print(f"ok   {m.name} (insert {scheme}, freeze tensorrt): onnx checker passes, "
+                          "ONNX Runtime outputs equal the Q/DQ graph's within 1e-5")
             if MNIST.exists() and takes_mnist(m):
                 for scheme, placement in (("int8", "tensorrt"), ("int8-asym", "ort"), ("w4a4", "ort")):
                     try:
@@ -142,9 +183,25 @@ def main():
                     if problem:
                         failed += 1
                         print(f"FAIL {m.name} ({what}): {problem}")
+                        continue
+                    passed += 1
+                    print(f"ok   {m.name} ({what}): runs in ONNX Runtime, agrees with float on 95%+")
+                    if (scheme, placement) != ("int8-asym", "ort"):
+                        continue
+                    qdq = Path(workdir) / f"{m.stem}.{scheme}.{placement}.onnx"
+                    x = (np.load(MNIST)["x_u8"] / 255.0).astype(np.float32)
+                    feeds = {onnx.load(str(m)).graph.input[0].name: x}
+                    try:
+                        problem = check_frozen(qgraph, qdq, workdir, "integer", feeds)
+                    except Exception as e:
+                        problem = f"{type(e).__name__}: {e}"
+                    if problem:
+                        failed += 1
+                        print(f"FAIL {m.name} ({what}, freeze integer): {problem}")
                     else:
                         passed += 1
-                        print(f"ok   {m.name} ({what}): runs in ONNX Runtime, agrees with float on 95%+")
+                        print(f"ok   {m.name} ({what}, freeze integer): onnx checker passes, ONNX Runtime's "
+                              "integer kernels agree with the Q/DQ graph on 95%+")
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

@@ -17,7 +17,7 @@ mod fuse_matmul_add;
 mod infer_shapes;
 mod insert_qdq;
 mod lower_to_integer;
-mod opset_upgrade;
+pub mod opset_upgrade;
 mod pipeline;
 mod remove_noops;
 mod remove_requantize;

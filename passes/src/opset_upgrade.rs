@@ -33,12 +33,22 @@ const OLDEST: i64 = 13;
 /// Raises the default-domain import of `model` (main graph, subgraphs and
 /// functions) to `target`.
 pub(crate) fn raise_default_opset(model: &mut Model, target: i64) -> Result<(), String> {
+    if let Some(why) = opset_raise_blocker(model, target) {
+        return Err(why);
+    }
+    model.set_opset_version("", target);
+    Ok(())
+}
+
+/// Why the default-domain import of `model` cannot be raised to `target`,
+/// or `None` when it can (or is there already).
+pub fn opset_raise_blocker(model: &Model, target: i64) -> Option<String> {
     let current = model.opset_version("").unwrap_or(1);
     if current >= target {
-        return Ok(());
+        return None;
     }
     if current < OLDEST {
-        return Err(format!(
+        return Some(format!(
             "this needs opset {target}, and the model imports opset {current}: \
              raising an import older than {OLDEST} is not supported"
         ));
@@ -53,13 +63,12 @@ pub(crate) fn raise_default_opset(model: &mut Model, target: i64) -> Result<(), 
             .iter()
             .find(|(op, v, _)| *op == node.op_type && *v > current && *v <= target)
         {
-            return Err(format!(
+            return Some(format!(
                 "this needs opset {target}, and {} ({op}) reads differently from opset \
                  {version} ({why}); the model imports opset {current}",
                 g.describe_node(n)
             ));
         }
     }
-    model.set_opset_version("", target);
-    Ok(())
+    None
 }

@@ -829,9 +829,9 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 TargetArg::Integer => qgraph::freeze::Target::Integer,
             };
             let int4 = match int4 {
-                Int4Arg::Auto => qgraph::freeze::scheme_has_int4_weights(&m),
-                Int4Arg::Always => true,
-                Int4Arg::Never => false,
+                Int4Arg::Auto => qgraph::freeze::Int4::Auto,
+                Int4Arg::Always => qgraph::freeze::Int4::Always,
+                Int4Arg::Never => qgraph::freeze::Int4::Never,
             };
             let frozen = qgraph::freeze::freeze(&mut m, target, int4)
                 .map_err(|e| Failure(format!("{}: {e}", model.display())))?;
@@ -844,6 +844,9 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     frozen.changed.join(", ")
                 }
             );
+            for note in &frozen.notes {
+                eprintln!("qgraph: note: {note}");
+            }
             if !frozen.float_ops.is_empty() {
                 let ops: Vec<String> = frozen
                     .float_ops

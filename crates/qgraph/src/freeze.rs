@@ -73,10 +73,36 @@ pub struct Frozen {
     /// Ops still computing in float between a DequantizeLinear and a
     /// QuantizeLinear, by type, with counts (integer target).
     pub float_ops: Vec<(String, usize)>,
+    /// Decisions a user should know about.
+    pub notes: Vec<String>,
+}
+
+/// How 4-bit weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int4 {
+    /// Packed when the scheme has weights of 4 bits or fewer and the model
+    /// can move to opset 21; int8 otherwise, with a note.
+    Auto,
+    /// Packed, or an error saying why not.
+    Always,
+    Never,
 }
 
 /// Freezes `model` for `target`.
-pub fn freeze(model: &mut Model, target: Target, int4: bool) -> Result<Frozen, String> {
+pub fn freeze(model: &mut Model, target: Target, int4: Int4) -> Result<Frozen, String> {
+    let mut notes = Vec::new();
+    let blocker = qgraph_passes::opset_upgrade::opset_raise_blocker(model, 21);
+    let int4 = match (int4, blocker) {
+        (Int4::Never, _) => false,
+        (Int4::Always, None) => true,
+        (Int4::Always, Some(why)) => return Err(format!("int4 weights: {why}")),
+        (Int4::Auto, _) if !scheme_has_int4_weights(model) => false,
+        (Int4::Auto, None) => true,
+        (Int4::Auto, Some(why)) => {
+            notes.push(format!("4-bit weights stay in int8: int4 storage {why}"));
+            false
+        }
+    };
     let report = Driver::from_pipeline(&pipeline(target, int4))?
         .run(model)
         .map_err(|e| e.to_string())?;
@@ -101,6 +127,7 @@ pub fn freeze(model: &mut Model, target: Target, int4: bool) -> Result<Frozen, S
         } else {
             Vec::new()
         },
+        notes,
     })
 }
 

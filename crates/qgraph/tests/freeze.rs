@@ -5,7 +5,7 @@
 
 mod common;
 
-use qgraph::freeze::{freeze, verify, verify_ops, Target};
+use qgraph::freeze::{freeze, verify, verify_ops, Int4, Target};
 use qgraph::insert::{insert, Calibration, Method, Rounding};
 use qgraph::ir::{DataType, Model, Tensor};
 use qgraph::passes::{InsertOptions, Placement};
@@ -65,7 +65,7 @@ fn dtypes(model: &Model) -> Vec<DataType> {
 fn tensorrt_target_stores_int8_weights_and_computes_the_same() {
     let qdq = quantized("int8", Placement::TensorRt);
     let mut frozen = qdq.clone();
-    let report = freeze(&mut frozen, Target::TensorRt, false).unwrap();
+    let report = freeze(&mut frozen, Target::TensorRt, Int4::Never).unwrap();
     assert!(report.changed.contains(&"fold-weight-quant".to_string()));
     qgraph::ir::verify_model(&frozen).unwrap();
     // No weight QuantizeLinear left; weights int8; no float weight left.
@@ -121,7 +121,7 @@ fn tensorrt_target_stores_int8_weights_and_computes_the_same() {
 fn four_bit_weights_are_packed_as_int4_at_opset_21() {
     let qdq = quantized("w4a8", Placement::TensorRt);
     let mut frozen = qdq.clone();
-    freeze(&mut frozen, Target::TensorRt, true).unwrap();
+    freeze(&mut frozen, Target::TensorRt, Int4::Auto).unwrap();
     assert_eq!(frozen.opset_version(""), Some(21));
     let int4 = dtypes(&frozen)
         .iter()
@@ -139,7 +139,7 @@ fn four_bit_weights_are_packed_as_int4_at_opset_21() {
 fn integer_target_is_integer_and_within_one_step_op_by_op() {
     let qdq = quantized("int8", Placement::Ort);
     let mut frozen = qdq.clone();
-    let report = freeze(&mut frozen, Target::Integer, false).unwrap();
+    let report = freeze(&mut frozen, Target::Integer, Int4::Auto).unwrap();
     assert!(report.float_ops.is_empty(), "{:?}", report.float_ops);
     let g = &frozen.graph;
     let ops: Vec<String> = g
