@@ -421,7 +421,10 @@ fn run_applies_a_pipeline_dumps_each_pass_and_refuses_bad_pipelines() {
 
     let bad = dir.path().join("bad.qgt");
     for (pipeline, want) in [
-        ("fold-everything", "valid passes: cleanup, dce, fold-bn"),
+        (
+            "fold-everything",
+            "valid passes: cleanup, commute-dequantize, dce, fold-bn",
+        ),
         ("fold-constants(size=3)", "unknown parameter 'size'"),
         ("dce,", "ends with ','"),
     ] {
@@ -643,5 +646,78 @@ fn insert_applies_an_overrides_file_and_names_it_when_it_is_wrong() {
         "{}",
         stderr(&o)
     );
+    assert!(!bad.exists());
+}
+
+#[test]
+fn freeze_to_integers_and_verify_op_by_op_and_refuse_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let digits = root().join("testdata/data/mnist64.npz");
+    let qdq = dir.path().join("q.onnx");
+    let o = qgraph(&[
+        "insert",
+        "--scheme",
+        "int8",
+        "--placement",
+        "ort",
+        &lenet(),
+        "--calib",
+        path_str(&digits),
+        "-o",
+        path_str(&qdq),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let frozen = dir.path().join("int.onnx");
+    let o = qgraph(&[
+        "freeze",
+        "--target",
+        "integer",
+        path_str(&qdq),
+        "-o",
+        path_str(&frozen),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("lower-to-integer"), "{}", stderr(&o));
+    let o = qgraph(&[
+        "verify",
+        path_str(&qdq),
+        path_str(&frozen),
+        "--data",
+        path_str(&digits),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("100.0000% within 1 LSB"), "{out}");
+    assert!(out.contains("1.0000"), "top-1: {out}");
+    // Two freezes, the same bytes.
+    let again = dir.path().join("int2.onnx");
+    let o = qgraph(&[
+        "freeze",
+        "--target",
+        "integer",
+        path_str(&qdq),
+        "-o",
+        path_str(&again),
+    ]);
+    assert!(o.status.success());
+    assert_eq!(
+        std::fs::read(&frozen).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+    // A bad target, a missing file: exit 2, nothing written.
+    let bad = dir.path().join("bad.onnx");
+    let o = qgraph(&[
+        "freeze",
+        "--target",
+        "tflite",
+        path_str(&qdq),
+        "-o",
+        path_str(&bad),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let missing = dir.path().join("missing.onnx");
+    let o = qgraph(&["freeze", path_str(&missing), "-o", path_str(&bad)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("missing.onnx"), "{}", stderr(&o));
     assert!(!bad.exists());
 }
