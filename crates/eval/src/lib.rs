@@ -454,7 +454,11 @@ impl<'m> Evaluator<'m> {
             *count = count.saturating_sub(1);
             if *count == 0 {
                 if let Some(t) = env.remove(v) {
-                    self.buffers.recycle(t);
+                    // A graph input's buffer came from the caller, a new one
+                    // each run: kept, the pool would grow by one per run.
+                    if !g.value(*v).is_graph_input() {
+                        self.buffers.recycle(t);
+                    }
                 }
             }
         }
