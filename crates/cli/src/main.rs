@@ -351,6 +351,16 @@ enum Command {
     },
 }
 
+impl From<NormArg> for qgraph::data::Norm {
+    fn from(n: NormArg) -> Self {
+        match n {
+            NormArg::Imagenet => qgraph::data::Norm::Imagenet,
+            NormArg::Tf => qgraph::data::Norm::Tf,
+            NormArg::None => qgraph::data::Norm::None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum TargetArg {
     /// TensorRT: int8/int4 weights behind DequantizeLinear, float biases.
@@ -506,11 +516,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 labels.as_deref()
             };
             let ds = qgraph::data::Dataset::load_npz(&data, key.as_deref(), labels)?;
-            let norm = match norm {
-                NormArg::Imagenet => qgraph::data::Norm::Imagenet,
-                NormArg::Tf => qgraph::data::Norm::Tf,
-                NormArg::None => qgraph::data::Norm::None,
-            };
+            let norm = norm.into();
             let total = limit.unwrap_or(usize::MAX).min(ds.len());
             let bar = indicatif::ProgressBar::new(total as u64).with_style(
                 indicatif::ProgressStyle::with_template(
@@ -675,11 +681,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     }
                 },
             };
-            let mut norm = match norm {
-                NormArg::Imagenet => qgraph::data::Norm::Imagenet,
-                NormArg::Tf => qgraph::data::Norm::Tf,
-                NormArg::None => qgraph::data::Norm::None,
-            };
+            let mut norm = norm.into();
             let (prep, prep_norm) =
                 qgraph::data::Preprocess::parse(preprocess.as_deref().unwrap_or(""))
                     .map_err(|e| Failure(format!("--preprocess: {e}")))?;
@@ -793,11 +795,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         } => {
             let (f, q) = (load(&float)?.model, load(&quantized)?.model);
             let ds = qgraph::data::Dataset::load_npz(&data, key.as_deref(), Some(""))?;
-            let norm = match norm {
-                NormArg::Imagenet => qgraph::data::Norm::Imagenet,
-                NormArg::Tf => qgraph::data::Norm::Tf,
-                NormArg::None => qgraph::data::Norm::None,
-            };
+            let norm = norm.into();
             let samples = qgraph::insert::spread_samples(ds.len(), limit.max(1));
             let bar = indicatif::ProgressBar::new(samples.len() as u64).with_style(
                 indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples eta {eta}")
@@ -871,11 +869,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         } => {
             let (r, f) = (load(&reference)?.model, load(&frozen)?.model);
             let ds = qgraph::data::Dataset::load_npz(&data, key.as_deref(), Some(""))?;
-            let norm = match norm {
-                NormArg::Imagenet => qgraph::data::Norm::Imagenet,
-                NormArg::Tf => qgraph::data::Norm::Tf,
-                NormArg::None => qgraph::data::Norm::None,
-            };
+            let norm = norm.into();
             let samples =
                 qgraph::insert::spread_samples(ds.len(), limit.unwrap_or(usize::MAX).max(1));
             let bar = indicatif::ProgressBar::new(samples.len() as u64).with_style(

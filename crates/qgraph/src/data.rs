@@ -359,7 +359,8 @@ fn first_output_rows(t: &Tensor) -> Option<(usize, Vec<f32>)> {
     Some((n, a.iter().copied().collect()))
 }
 
-fn argmax_rows(n: usize, data: &[f32]) -> Vec<usize> {
+/// The index of the largest value of each of the `n` rows of `data`.
+pub(crate) fn argmax_rows(n: usize, data: &[f32]) -> Vec<usize> {
     let width = data.len() / n.max(1);
     (0..n)
         .map(|r| {

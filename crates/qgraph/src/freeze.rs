@@ -275,22 +275,18 @@ pub fn verify(
             }
             acc.elements += a.len();
             if a.ndim() == 2 && a.shape()[1] > 1 {
-                let argmax = |row: qgraph_ir::ndarray::ArrayView1<f32>| {
-                    row.iter()
-                        .enumerate()
-                        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                            if v > best.1 {
-                                (i, v)
-                            } else {
-                                best
-                            }
-                        })
-                        .0
-                };
-                for (ra, rb) in a.rows().into_iter().zip(b.rows()) {
-                    acc.rows += 1;
-                    acc.agree += (argmax(ra) == argmax(rb)) as usize;
-                }
+                let rows = a.shape()[0];
+                let (a, b) = (a.as_standard_layout(), b.as_standard_layout());
+                let (a, b) = (
+                    a.as_slice().expect("standard layout"),
+                    b.as_slice().expect("standard layout"),
+                );
+                let (pa, pb) = (
+                    crate::data::argmax_rows(rows, a),
+                    crate::data::argmax_rows(rows, b),
+                );
+                acc.rows += rows;
+                acc.agree += pa.iter().zip(&pb).filter(|(x, y)| x == y).count();
             }
         }
         done += chunk.len();

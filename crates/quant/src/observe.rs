@@ -155,7 +155,9 @@ impl MovingAverage {
 /// The histogram of one block of values (see `AbsHistogram::observe`):
 /// four interleaved counters, so that runs of equal values (a ReLU6
 /// saturating) do not wait on one memory cell.
-fn count_block(block: &[f32], scale: f32) -> Vec<u64> {
+/// The |x| histogram of one block at `scale` bins per unit, and the
+/// block's extremes.
+fn count_block(block: &[f32], scale: f32) -> (Vec<u64>, MinMax) {
     // Zeros and non-finite values go to one extra bin that is dropped: a
     // select rather than a branch, which a ReLU's zeros would make
     // unpredictable.
@@ -180,10 +182,11 @@ fn count_block(block: &[f32], scale: f32) -> Vec<u64> {
     for &x in chunks.remainder() {
         lanes[bin(x)][0] += 1;
     }
-    lanes[..BINS]
+    let counts = lanes[..BINS]
         .iter()
         .map(|l| l.iter().map(|&c| c as u64).sum())
-        .collect()
+        .collect();
+    (counts, block_min_max(block))
 }
 
 /// Bins of the histograms, TensorRT's count.
@@ -234,29 +237,43 @@ impl AbsHistogram {
     }
 
     pub fn observe(&mut self, data: &[f32]) {
-        let before = self.extremes.seen;
-        self.extremes.observe(data);
-        if self.extremes.seen == before {
-            return;
-        }
-        let amax = self.extremes.min.abs().max(self.extremes.max.abs());
-        self.grow_to(amax);
-        let scale = BINS as f32 / self.width;
         // Exact zeros are left out: every grid holds 0 exactly, so they never
         // weigh on a threshold, and after a ReLU they are a spike that makes
         // the entropy search smear it over a level and pick tiny ranges.
         // Blocks counted in parallel and summed: integer counts, so the
-        // result is the same whatever the split.
-        let counts = data
-            .par_chunks(1 << 16)
-            .map(|block| count_block(block, scale))
-            .reduce(
-                || vec![0u64; BINS],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+        // result is the same whatever the split. One pass counts at the
+        // current width and finds the extremes; only a batch reaching past
+        // the width (the first one, or a larger one) is counted again after
+        // the histogram grows.
+        let count = |width: f32| {
+            let scale = BINS as f32 / width;
+            data.par_chunks(1 << 16)
+                .map(|block| count_block(block, scale))
+                .reduce(
+                    || (vec![0u64; BINS], MinMax::default()),
+                    |(mut a, mut ea), (b, eb)| {
+                        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                        ea.merge(&eb);
+                        (a, ea)
+                    },
+                )
+        };
+        let (mut counts, extremes) = if self.width > 0.0 {
+            count(self.width)
+        } else {
+            let mut e = MinMax::default();
+            e.observe(data);
+            (Vec::new(), e)
+        };
+        if extremes.seen == 0 {
+            return;
+        }
+        self.extremes.merge(&extremes);
+        let amax = extremes.min.abs().max(extremes.max.abs());
+        if counts.is_empty() || amax >= self.width {
+            self.grow_to(amax);
+            counts = count(self.width).0;
+        }
         for (total, c) in self.counts.iter_mut().zip(&counts) {
             *total += c;
         }

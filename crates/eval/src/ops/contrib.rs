@@ -111,7 +111,7 @@ pub fn qlinear_global_average_pool(
 /// Inputs (X, X_scale, X_zero_point, Y_scale, Y_zero_point).
 pub fn qlinear_sigmoid(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let Tensor::F32(x) = dequantize(cx, i, 0, "X")? else {
-        unreachable!("dequantize makes f32")
+        return cx.err("the dequantized input is not f32");
     };
     let y = Tensor::F32(x.mapv(|v| 1.0 / (1.0 + (-v).exp())));
     Ok(vec![quantize(
