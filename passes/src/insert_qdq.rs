@@ -763,8 +763,15 @@ pub fn insert_qdq(
             // PACT without data: the paper's initial clipping level.
             let pact =
                 (site.scheme.init == RangeInit::PactClip).then_some((0.0, PACT_INITIAL_ALPHA));
-            let Some(&(lo, hi)) = ranges
-                .get(&site.value)
+            // DoReFa: [0, 1], the paper's fixed range, with or without data;
+            // the network's input keeps its own range (the paper leaves the
+            // first layer's input unquantized).
+            let unit = (site.scheme.init == RangeInit::UnitRange
+                && !g.value(site.value).is_graph_input())
+            .then_some((0.0, 1.0));
+            let Some(&(lo, hi)) = unit
+                .as_ref()
+                .or(ranges.get(&site.value))
                 .or(recorded_range(g, site.value).as_ref())
                 .or(pact.as_ref())
             else {

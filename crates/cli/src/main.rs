@@ -122,6 +122,8 @@ enum Command {
                       or 10 without data\n  \
                       lsq-wNaM   LSQ: one step per layer, s = 2<|v|>/sqrt(Qp) from the weights and the \
                       first calibration batch; weights on the full signed grid\n  \
+                      dorefa-wNaM  DoReFa: activations on [0, 1] (the network's input keeps its own \
+                      range), one weight scale per layer\n  \
                       The learned-range schemes place the same Q/DQ pairs; `qgraph train` learns them.\n\n\
                       Placement follows TensorRT: every input of Conv, ConvTranspose, Gemm and MatMul, and \
                       the residual input of an Add joining a convolution's branch; the outputs of \

@@ -278,7 +278,7 @@ pub fn calibrate(
                     mean: None,
                     extremes: MinMax::default(),
                 },
-                (Some(RangeInit::PactClip), _) | (_, Method::MinMax) => {
+                (Some(RangeInit::PactClip | RangeInit::UnitRange), _) | (_, Method::MinMax) => {
                     Observer::MinMax(MinMax::default())
                 }
                 _ => Observer::Histogram(AbsHistogram::default()),
@@ -347,6 +347,11 @@ pub fn calibrate(
         let range = match &observers[&site.value] {
             // PACT clips at 0: unless the values go below it (the network's
             // input, a residual sum), the range starts there.
+            _ if site.scheme.init == RangeInit::UnitRange
+                && !model.graph.value(site.value).is_graph_input() =>
+            {
+                (0.0, 1.0)
+            }
             Observer::MinMax(m) if site.scheme.init == RangeInit::PactClip => {
                 let (lo, hi) = m.range();
                 (lo.min(0.0), hi)
@@ -450,6 +455,7 @@ pub fn insert(
         }
         RangeInit::PactClip => format!("; PACT alpha = {PACT_INITIAL_ALPHA} (no data)"),
         RangeInit::LsqMeanAbs => "; LSQ steps 2<|v|>/sqrt(Qp) (activations: first batch)".into(),
+        RangeInit::UnitRange => "; DoReFa activations on [0, 1]".into(),
     };
     let method = calibration
         .map(|c| match options.scheme.activations.init {

@@ -411,6 +411,21 @@ fn learned_range_schemes_start_from_their_papers_rules() {
     let got = scale_of(&model, "w2");
     assert_eq!(got.len(), 1, "one step per layer");
     assert!((got[0] - want).abs() <= 1e-6 * want, "{got:?} vs {want}");
+    // DoReFa: activations on [0, 1] (the network's input excepted, left
+    // without a range without data), one weight scale per layer.
+    let mut model = qgraph::text::parse_model(MODEL).unwrap();
+    let summary = insert(
+        &mut model,
+        &options("dorefa-w4a4"),
+        false,
+        false,
+        None,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(summary.report.unranged, ["x"]);
+    assert_eq!(scale_of(&model, "r1"), [1.0 / 15.0]);
+    assert_eq!(scale_of(&model, "w2"), [1.0 / 7.0]);
 }
 
 /// A folder of images calibrates like the arrays they came from: the 64

@@ -16,6 +16,13 @@
 //!   `s = 2 <|v|> / sqrt(Qp)` from the weight or from the first calibration
 //!   batch; weights on the full signed grid, activations unsigned from 0.
 //!
+//! - `dorefa-wNaM`: DoReFa-Net (Zhou et al. 2016): activations clipped to
+//!   [0, 1] and quantized there (`round((2^M - 1) a) / (2^M - 1)`, zero point
+//!   0), weights one scale per layer from the largest |w|, on the narrow
+//!   signed grid (DoReFa's weight levels `2 quantize(tanh w / 2 max|tanh w| +
+//!   1/2) - 1` have no zero, which no integer zero point gives; its tanh
+//!   reparametrisation belongs to the trainer).
+//!
 //! The learned-range schemes place the same Q/DQ pairs; the trainer then
 //! learns their scales.
 
@@ -46,6 +53,9 @@ pub enum RangeInit {
     /// `alpha` the calibrated maximum, or 10 without data (the paper's
     /// initial value, its Appendix B).
     PactClip,
+    /// DoReFa (Zhou et al. 2016): activations on `[0, 1]`, with or without
+    /// data.
+    UnitRange,
 }
 
 /// PACT's initial clipping level without data.
@@ -60,7 +70,7 @@ pub struct Scheme {
 
 /// The scheme names, for `--help` and messages.
 pub const SCHEME_NAMES: &str =
-    "int8, int8-asym, wNaM, pact-wNaM, lsq-wNaM (N, M in 2..=8, e.g. w4a8, pact-w4a4)";
+    "int8, int8-asym, wNaM, pact-wNaM, lsq-wNaM, dorefa-wNaM (N, M in 2..=8, e.g. w4a8, pact-w4a4)";
 
 impl Scheme {
     pub fn parse(name: &str) -> Result<Scheme, String> {
@@ -96,7 +106,7 @@ impl Scheme {
             _ => {
                 let unknown = || format!("unknown scheme '{name}'; the schemes are {SCHEME_NAMES}");
                 let (learned, rest) = match name.split_once('-') {
-                    Some((l @ ("pact" | "lsq"), rest)) => (Some(l), rest),
+                    Some((l @ ("pact" | "lsq" | "dorefa"), rest)) => (Some(l), rest),
                     _ => (None, name),
                 };
                 let (wb, ab) = parse_wa(rest).ok_or_else(unknown)?;
@@ -118,6 +128,16 @@ impl Scheme {
                         weights(wb),
                         TensorScheme {
                             init: RangeInit::PactClip,
+                            ..activations
+                        },
+                    ),
+                    Some("dorefa") => (
+                        TensorScheme {
+                            per_channel: false,
+                            ..weights(wb)
+                        },
+                        TensorScheme {
+                            init: RangeInit::UnitRange,
                             ..activations
                         },
                     ),
