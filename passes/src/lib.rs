@@ -19,6 +19,7 @@ mod insert_qdq;
 mod lower_to_integer;
 pub mod opset_upgrade;
 mod pipeline;
+mod reduce_mean_to_pool;
 mod remove_noops;
 mod remove_requantize;
 mod util;
@@ -40,11 +41,12 @@ pub use insert_qdq::{
 };
 pub use lower_to_integer::{float_ops, LowerToInteger};
 pub use pipeline::{known_names, parse_pipeline, registry, Params, PassInfo, ALIASES};
+pub use reduce_mean_to_pool::ReduceMeanToPool;
 pub use remove_noops::RemoveNoops;
 pub use remove_requantize::RemoveRequantize;
 
 /// Every pass the pipeline parser knows, in alphabetical order.
-static REGISTRY: [PassInfo; 13] = [
+static REGISTRY: [PassInfo; 14] = [
     PassInfo {
         name: "commute-dequantize",
         summary: "move a per-tensor DequantizeLinear below the Reshape, Flatten, Squeeze, Unsqueeze, Transpose, MaxPool or Concat (equal scales) that reads it, so the op runs on integers",
@@ -99,6 +101,11 @@ static REGISTRY: [PassInfo; 13] = [
         name: "lower-to-integer",
         summary: "turn DequantizeLinear -> Conv/Gemm/MatMul/Add/Mul/GlobalAveragePool/Concat/Sigmoid -> QuantizeLinear groups into QLinearConv, QLinearMatMul and the com.microsoft QLinear ops and QGemm",
         build: |p| p.finish(&[]).map(|_| Box::new(LowerToInteger) as Box<dyn Pass>),
+    },
+    PassInfo {
+        name: "reduce-mean-to-pool",
+        summary: "turn a ReduceMean over the spatial axes of a 4-D tensor, dims kept, into GlobalAveragePool (the form quantizers and integer targets know)",
+        build: |p| p.finish(&[]).map(|_| Box::new(ReduceMeanToPool) as Box<dyn Pass>),
     },
     PassInfo {
         name: "remove-noops",

@@ -404,7 +404,8 @@ pub fn calibrate(
 /// weights a runtime will use, so batch normalization is folded into them
 /// first (as ONNX Runtime's `quant_pre_process` and TensorRT do), and
 /// constant subgraphs and zero pads are folded away.
-pub const PREPARE: &str = "infer-shapes,fold-constants,fold-bn,fold-pad,fuse-matmul-add,cleanup";
+pub const PREPARE: &str =
+    "infer-shapes,fold-constants,fold-bn,fold-pad,fuse-matmul-add,reduce-mean-to-pool,cleanup";
 
 /// What `insert` did.
 #[derive(Clone, Debug)]
