@@ -449,6 +449,16 @@ fn load(path: &Path) -> Result<qgraph::Loaded, Failure> {
 
 /// Writes to standard output; a closed pipe (`qgraph show m.onnx | head`)
 /// ends the program quietly rather than with an error.
+/// A progress bar over `total` samples, its line starting with `label`.
+fn sample_bar(total: usize, label: &str) -> indicatif::ProgressBar {
+    indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{label}{{bar:40}} {{pos}}/{{len}} samples {{per_sec}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    )
+}
+
 fn emit(text: &str) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
@@ -520,12 +530,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let ds = qgraph::data::Dataset::load_npz(&data, key.as_deref(), labels)?;
             let norm = norm.into();
             let total = limit.unwrap_or(usize::MAX).min(ds.len());
-            let bar = indicatif::ProgressBar::new(total as u64).with_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {pos}/{len} samples {per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
+            let bar = sample_bar(total, "");
             let m = qgraph::data::measure(
                 &loaded.model,
                 reference.as_ref().map(|(_, l)| &l.model),
@@ -735,12 +740,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 },
             });
             let total = calibration.as_ref().map_or(0, |c| c.samples.len());
-            let bar = indicatif::ProgressBar::new(total as u64).with_style(
-                indicatif::ProgressStyle::with_template(
-                    "calibrating {bar:40} {pos}/{len} samples {per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
+            let bar = sample_bar(total, "calibrating ");
             let summary = qgraph::insert::insert(
                 &mut m,
                 &options,
@@ -799,10 +799,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let ds = qgraph::data::Dataset::load_npz(&data, key.as_deref(), Some(""))?;
             let norm = norm.into();
             let samples = qgraph::insert::spread_samples(ds.len(), limit.max(1));
-            let bar = indicatif::ProgressBar::new(samples.len() as u64).with_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples eta {eta}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
+            let bar = sample_bar(samples.len(), "");
             let rows = qgraph::report::report(&f, &q, &ds, &samples, norm, batch, |done| {
                 bar.set_position(done as u64)
             })
@@ -874,10 +871,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let norm = norm.into();
             let samples =
                 qgraph::insert::spread_samples(ds.len(), limit.unwrap_or(usize::MAX).max(1));
-            let bar = indicatif::ProgressBar::new(samples.len() as u64).with_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples eta {eta}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
+            let bar = sample_bar(samples.len(), "");
             let rows = qgraph::freeze::verify(&r, &f, &ds, &samples, norm, batch, |done| {
                 bar.set_position(done as u64)
             })

@@ -257,40 +257,22 @@ pub fn clip(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError>
             Some(_) => cx.err(format!("bound {k} must be a scalar")),
         }
     }
+    // Each integer type: bounds of the same type (absent: its extremes).
+    macro_rules! clamp {
+        ($a:expr, $variant:ident, $t:ty) => {{
+            let get = |t: &Tensor| match t {
+                Tensor::$variant(b) => b.iter().next().copied(),
+                _ => None,
+            };
+            let lo = bound(cx, i, 1, get, <$t>::MIN)?;
+            let hi = bound(cx, i, 2, get, <$t>::MAX)?;
+            Ok(vec![Tensor::$variant($a.mapv(|v| v.max(lo).min(hi)))])
+        }};
+    }
     match input(cx, i, 0)? {
-        Tensor::I8(a) => {
-            let get = |t: &Tensor| match t {
-                Tensor::I8(b) => b.iter().next().copied(),
-                _ => None,
-            };
-            let (lo, hi) = (
-                bound(cx, i, 1, get, i8::MIN)?,
-                bound(cx, i, 2, get, i8::MAX)?,
-            );
-            Ok(vec![Tensor::I8(a.mapv(|v| v.max(lo).min(hi)))])
-        }
-        Tensor::U8(a) => {
-            let get = |t: &Tensor| match t {
-                Tensor::U8(b) => b.iter().next().copied(),
-                _ => None,
-            };
-            let (lo, hi) = (
-                bound(cx, i, 1, get, u8::MIN)?,
-                bound(cx, i, 2, get, u8::MAX)?,
-            );
-            Ok(vec![Tensor::U8(a.mapv(|v| v.max(lo).min(hi)))])
-        }
-        Tensor::I32(a) => {
-            let get = |t: &Tensor| match t {
-                Tensor::I32(b) => b.iter().next().copied(),
-                _ => None,
-            };
-            let (lo, hi) = (
-                bound(cx, i, 1, get, i32::MIN)?,
-                bound(cx, i, 2, get, i32::MAX)?,
-            );
-            Ok(vec![Tensor::I32(a.mapv(|v| v.max(lo).min(hi)))])
-        }
+        Tensor::I8(a) => clamp!(a, I8, i8),
+        Tensor::U8(a) => clamp!(a, U8, u8),
+        Tensor::I32(a) => clamp!(a, I32, i32),
         _ => super::pointwise::kernel(cx, i),
     }
 }
