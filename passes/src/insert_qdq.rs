@@ -785,7 +785,11 @@ pub fn insert_qdq(
         };
         if site.weight {
             let g = &mut model.graph;
-            let original = util::constant(g, Some(site.value)).cloned();
+            // The float weight, when something below reads it.
+            let needed = bias_correction || !calibrated.input_moments.is_empty();
+            let original = util::constant(g, Some(site.value))
+                .filter(|_| needed)
+                .cloned();
             // Output-aware rounding, when calibration measured the one op
             // reading this weight: the weight becomes its rounded values.
             let rounded = match (&site.uses[..], &original) {

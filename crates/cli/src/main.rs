@@ -872,7 +872,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let samples =
                 qgraph::insert::spread_samples(ds.len(), limit.unwrap_or(usize::MAX).max(1));
             let bar = sample_bar(samples.len(), "");
-            let rows = qgraph::freeze::verify(&r, &f, &ds, &samples, norm, batch, |done| {
+            let found = qgraph::freeze::verify(&r, &f, &ds, &samples, norm, batch, |done| {
                 bar.set_position(done as u64)
             })
             .map_err(|e| Failure(format!("{}: {e}", frozen.display())))?;
@@ -884,7 +884,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let opt = |v: Option<f64>, digits: usize| {
                 v.map_or("-".to_string(), |v| format!("{v:.digits$}"))
             };
-            for row in &rows {
+            for row in &found.outputs {
                 text.push_str(&format!(
                     "{:<24} {:>10} {:>10} {:>12} {:>14.3e} {:>8}\n",
                     row.name,
@@ -896,8 +896,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     opt(row.top1, 4)
                 ));
             }
-            let ops = qgraph::freeze::verify_ops(&r, &f, &ds, &samples, norm, batch)
-                .map_err(|e| Failure(format!("{}: {e}", frozen.display())))?;
+            let ops = &found.ops;
             if ops.tensors > 0 {
                 let share = |k: usize| 100.0 * k as f64 / ops.elements.max(1) as f64;
                 text.push_str(&format!(

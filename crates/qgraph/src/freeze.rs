@@ -196,8 +196,17 @@ fn output_steps(g: &Graph, v: ValueId, shape: &[usize]) -> Option<Vec<f32>> {
     }
 }
 
+/// What `verify` found: each output end to end, and the quantized tensors
+/// op by op.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Verification {
+    pub outputs: Vec<OutputAgreement>,
+    pub ops: OpAgreement,
+}
+
 /// Runs `reference` and `frozen` on `samples` of `data` and compares each
-/// output.
+/// output, and each quantized tensor op by op (see [`OpAgreement`]); the
+/// reference runs once per batch for both.
 pub fn verify(
     reference: &Model,
     frozen: &Model,
@@ -206,7 +215,7 @@ pub fn verify(
     norm: Norm,
     batch: usize,
     mut progress: impl FnMut(usize),
-) -> Result<Vec<OutputAgreement>, String> {
+) -> Result<Verification, String> {
     data.check_norm(norm)?;
     let rev = Evaluator::new(reference).map_err(|e| format!("reference: {e}"))?;
     let fev = Evaluator::new(frozen).map_err(|e| format!("frozen model: {e}"))?;
@@ -241,13 +250,22 @@ pub fn verify(
         })
         .collect();
     let mut has_steps = vec![true; acc.len()];
+    let ops_check = OpCheck::new(reference, frozen)?;
+    let mut ops = OpAgreement::default();
     let mut done = 0;
-    for chunk in samples.chunks(batch.max(1)) {
+    for (b, chunk) in samples.chunks(batch.max(1)).enumerate() {
         let x = data.select(chunk, norm)?;
+        // The reference's quantized tensors, by name, as it computes them.
+        let mut known: HashMap<String, Tensor> = HashMap::new();
         let r = rev
-            .run(vec![x.clone()])
+            .run_observed(vec![x.clone()], &ops_check.watch, &mut |v, t| {
+                known.insert(rg.value(v).name().to_string(), t.clone());
+            })
             .map_err(|e| format!("reference: {e}"))?;
-        let f = fev.run(vec![x]).map_err(|e| format!("frozen model: {e}"))?;
+        let f = fev
+            .run(vec![x.clone()])
+            .map_err(|e| format!("frozen model: {e}"))?;
+        ops_check.compare(&known, x, b == 0, &mut ops)?;
         for (i, (a, b)) in r.iter().zip(&f).enumerate() {
             let (Tensor::F32(a), Tensor::F32(b)) = (a, b) else {
                 return Err(format!("output {i} is not f32 in both models"));
@@ -292,7 +310,7 @@ pub fn verify(
         done += chunk.len();
         progress(done);
     }
-    Ok(acc
+    let outputs = acc
         .into_iter()
         .enumerate()
         .map(|(i, a)| OutputAgreement {
@@ -308,7 +326,8 @@ pub fn verify(
             },
             top1: (a.rows > 0).then(|| a.agree as f64 / a.rows as f64),
         })
-        .collect())
+        .collect();
+    Ok(Verification { outputs, ops })
 }
 
 /// Op by op: each quantized tensor of the frozen graph that the reference
@@ -340,43 +359,52 @@ fn integers(t: &Tensor) -> Option<Vec<i64>> {
     }
 }
 
-/// Compares `frozen`'s quantized tensors with `reference`'s op by op (see
-/// [`OpAgreement`]) on `samples` of `data`.
-pub fn verify_ops(
-    reference: &Model,
-    frozen: &Model,
-    data: &Dataset,
-    samples: &[usize],
-    norm: Norm,
-    batch: usize,
-) -> Result<OpAgreement, String> {
-    data.check_norm(norm)?;
-    let (rg, fg) = (&reference.graph, &frozen.graph);
-    let opset = frozen.opset_version("").unwrap_or(1);
-    // The reference's quantized tensors, by name.
-    let watch: Vec<ValueId> = rg
-        .node_ids()
-        .into_iter()
-        .filter(|&n| rg.node(n).op_type == "QuantizeLinear")
-        .filter_map(|n| rg.node(n).outputs().first().copied().flatten())
-        .collect();
-    let rev = Evaluator::new(reference).map_err(|e| format!("reference: {e}"))?;
-    let order = fg
-        .topo_order()
-        .map_err(|_| "the frozen model has a cycle".to_string())?;
-    let mut result = OpAgreement::default();
-    for chunk in samples.chunks(batch.max(1)) {
-        let x = data.select(chunk, norm)?;
-        let mut known: HashMap<String, Tensor> = HashMap::new();
-        rev.run_observed(vec![x.clone()], &watch, &mut |v, t| {
-            known.insert(rg.value(v).name().to_string(), t.clone());
+/// The op-by-op check: the frozen graph run node by node, each input the
+/// reference computed (same name) taken from the reference.
+struct OpCheck<'m> {
+    frozen: &'m Graph,
+    opset: i64,
+    order: Vec<qgraph_ir::NodeId>,
+    /// The reference's quantized tensors.
+    watch: Vec<ValueId>,
+}
+
+impl<'m> OpCheck<'m> {
+    fn new(reference: &Model, frozen: &'m Model) -> Result<OpCheck<'m>, String> {
+        let rg = &reference.graph;
+        let watch = rg
+            .node_ids()
+            .into_iter()
+            .filter(|&n| rg.node(n).op_type == "QuantizeLinear")
+            .filter_map(|n| rg.node(n).outputs().first().copied().flatten())
+            .collect();
+        let order = frozen
+            .graph
+            .topo_order()
+            .map_err(|_| "the frozen model has a cycle".to_string())?;
+        Ok(OpCheck {
+            frozen: &frozen.graph,
+            opset: frozen.opset_version("").unwrap_or(1),
+            order,
+            watch,
         })
-        .map_err(|e| format!("reference: {e}"))?;
+    }
+
+    /// Adds one batch (input `x`, the reference's quantized tensors
+    /// `known`) to `result`; tensors are counted on the `first` batch.
+    fn compare(
+        &self,
+        known: &HashMap<String, Tensor>,
+        x: Tensor,
+        first: bool,
+        result: &mut OpAgreement,
+    ) -> Result<(), String> {
+        let fg = self.frozen;
         let mut env: HashMap<ValueId, Tensor> = HashMap::new();
         if let Some(&input) = fg.inputs().first() {
             env.insert(input, x);
         }
-        for &n in &order {
+        for &n in &self.order {
             let node = fg.node(n);
             let mut inputs: Vec<Option<Tensor>> = Vec::new();
             let mut ready = true;
@@ -400,18 +428,16 @@ pub fn verify_ops(
                 continue;
             }
             let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
-            let outs = qgraph_eval::run_node(fg, n, opset, &refs)
+            let outs = qgraph_eval::run_node(fg, n, self.opset, &refs)
                 .map_err(|e| format!("frozen model: {e}"))?;
             for (v, t) in node.outputs().iter().zip(outs) {
                 let Some(v) = *v else { continue };
                 let name = fg.value(v).name();
-                if let (Some(want), Some(got)) = (
-                    known.get(name).and_then(integers),
-                    integers(&t).filter(|_| fg.producer(v).is_some()),
-                ) {
-                    let is_q = fg.node(n).op_type == "QuantizeLinear";
-                    if want.len() == got.len() && !is_q {
-                        result.tensors += 1;
+                let want = known.get(name).and_then(integers);
+                let got = integers(&t);
+                if let (Some(want), Some(got)) = (want, got) {
+                    if want.len() == got.len() && node.op_type != "QuantizeLinear" {
+                        result.tensors += first as usize;
                         for (a, b) in want.iter().zip(&got) {
                             let d = (a - b).abs();
                             result.elements += 1;
@@ -427,9 +453,6 @@ pub fn verify_ops(
                 env.insert(v, t);
             }
         }
+        Ok(())
     }
-    // Tensors were counted once per batch.
-    let batches = samples.chunks(batch.max(1)).count().max(1);
-    result.tensors /= batches;
-    Ok(result)
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use qgraph::freeze::{freeze, verify, verify_ops, Int4, Target};
+use qgraph::freeze::{freeze, verify, Int4, Target};
 use qgraph::insert::{insert, Calibration, Method, Rounding};
 use qgraph::ir::{DataType, Model, Tensor};
 use qgraph::passes::{InsertOptions, Placement};
@@ -157,11 +157,12 @@ fn integer_target_is_integer_and_within_one_step_op_by_op() {
     let data = digits();
     let samples: Vec<usize> = (0..data.len()).collect();
     let norm = qgraph::data::Norm::None;
-    let rows = verify(&qdq, &frozen, &data, &samples, norm, 16, |_| {}).unwrap();
+    let found = verify(&qdq, &frozen, &data, &samples, norm, 16, |_| {}).unwrap();
+    let rows = &found.outputs;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].top1, Some(1.0));
     assert!(rows[0].within_one_lsb.unwrap() >= 0.999, "{rows:?}");
-    let by_op = verify_ops(&qdq, &frozen, &data, &samples, norm, 16).unwrap();
+    let by_op = &found.ops;
     // Both convolutions and the first Gemm (the last one's output is float).
     assert_eq!(by_op.tensors, 3, "{by_op:?}");
     assert_eq!(by_op.within_one, by_op.elements, "{by_op:?}");

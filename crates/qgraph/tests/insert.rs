@@ -102,10 +102,9 @@ fn sqnr_db(reference: &Tensor, other: &Tensor) -> f64 {
     10.0 * (signal / noise.max(1e-30)).log10()
 }
 
-/// Quantizes LeNet-5 on 64 digits with every method and checks the output
-/// against the float model on the same digits: int8 within 30 dB SQNR.
-#[test]
-fn calibrated_lenet_keeps_its_function_with_every_method() {
+/// LeNet-5, the 64 digits of testdata, them as one batch, and the float
+/// model's outputs on them.
+fn lenet_on_digits() -> (Model, qgraph::data::Dataset, Tensor, Vec<Tensor>) {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let float = qgraph::load(&root.join("testdata/models/lenet5_mnist_clntrained.onnx"))
         .unwrap()
@@ -118,6 +117,14 @@ fn calibrated_lenet_keeps_its_function_with_every_method() {
         .unwrap()
         .run(vec![x.clone()])
         .unwrap();
+    (float, data, x, reference)
+}
+
+/// Quantizes LeNet-5 on 64 digits with every method and checks the output
+/// against the float model on the same digits: int8 within 30 dB SQNR.
+#[test]
+fn calibrated_lenet_keeps_its_function_with_every_method() {
+    let (float, data, x, reference) = lenet_on_digits();
     for method in [
         Method::MinMax,
         Method::Percentile(99.99),
@@ -161,18 +168,7 @@ fn calibrated_lenet_keeps_its_function_with_every_method() {
 /// unchanged). A 16-bit grid on an opset-13 model is refused.
 #[test]
 fn gptq_rounding_lowers_the_output_error_of_low_bit_weights() {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let float = qgraph::load(&root.join("testdata/models/lenet5_mnist_clntrained.onnx"))
-        .unwrap()
-        .model;
-    let data =
-        qgraph::data::Dataset::load_npz(&root.join("testdata/data/mnist64.npz"), None, Some(""))
-            .unwrap();
-    let x = data.batch(0, data.len(), qgraph::data::Norm::None).unwrap();
-    let reference = qgraph::eval::Evaluator::new(&float)
-        .unwrap()
-        .run(vec![x.clone()])
-        .unwrap();
+    let (float, data, x, reference) = lenet_on_digits();
     let mut opts = options("w4a8");
     opts.ends_at_8_bits = false;
     let quantize = |rounding| {
