@@ -4,7 +4,7 @@
 //! onnxruntime onnx numpy`).
 //!
 //!   cargo bench -p qgraph --bench eval_speed [-- REPEATS]
-//!   QGRAPH_BENCH_MODELS=a.onnx,b.onnx cargo bench -p qgraph --bench eval_speed
+//!   QGRAPH_BENCH_MODELS=a.onnx,b.onnx QGRAPH_BENCH_BATCHES=1 cargo bench -p qgraph --bench eval_speed
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,6 +38,14 @@ fn main() {
             .map(|m| root.join("../shared/models").join(m))
             .collect(),
     };
+    // QGRAPH_BENCH_BATCHES (comma separated) replaces batches 1 and 32.
+    let batches: Vec<usize> = match std::env::var("QGRAPH_BENCH_BATCHES") {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|b| b.trim().parse().ok())
+            .collect(),
+        Err(_) => vec![1, 32],
+    };
     println!("| model | batch | qgraph ms | ONNX Runtime ms | qgraph / ORT |");
     println!("|---|---:|---:|---:|---:|");
     for path in models {
@@ -50,7 +58,7 @@ fn main() {
         let ev =
             qgraph::eval::Evaluator::with_options(&model, qgraph::eval::Options { threads: 2 })
                 .expect("prepare");
-        for batch in [1usize, 32] {
+        for &batch in &batches {
             let x = ev.example_inputs(batch).expect("inputs");
             let reps = if batch == 1 { repeats * 3 } else { repeats };
             for _ in 0..2 {

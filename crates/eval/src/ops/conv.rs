@@ -211,7 +211,6 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
         && win.pad_begin.iter().chain(&win.pad_end).all(|&p| p == 0);
     let k = cg * kh * kw;
     let plane = oh * ow;
-    let tasks = n * group;
     // The loops below are compiled for the best vector unit found at run
     // time; they are plain loads, multiplies and adds, so the values are the
     // same on every unit.
@@ -260,58 +259,54 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
             data: values,
         });
     };
-    let block = (mg * plane).max(1);
-    if tasks >= rayon::current_num_threads() {
-        // One task per (image, group), taking its output pixels in blocks
-        // that stay in cache from the product through the epilogue. Blocks
-        // have more than 64 columns (or are the whole plane), so that each
-        // product gives the bits of one over the whole plane (see gemm.rs):
-        // the result does not depend on which branch the thread count picks.
-        let rows = block_rows(mg + k, oh, ow);
-        out.par_chunks_mut(block)
-            .enumerate()
-            .for_each(|(task, dst)| {
-                let (b, g) = (task / group, task % group);
-                let src = &xs[(b * c + g * cg) * h * wd..][..cg * h * wd];
-                let wg = MatRef::row_major(&ws[g * mg * k..][..mg * k], mg, k);
-                let mut columns = Vec::new();
-                for y0 in (0..oh).step_by(rows) {
-                    let (first, width) = (y0 * ow, (rows.min(oh - y0)) * ow);
-                    let rhs = if pointwise {
-                        // A 1x1 convolution without stride or padding is a
-                        // product with the input planes as they are.
-                        MatRef::row_major(src, cg, plane).columns(first, width)
-                    } else {
-                        im2col_rows(src, cg, &geometry, y0..y0 + width / ow, &mut columns);
-                        MatRef::row_major(&columns, k, width)
-                    };
-                    gemm(&mut dst[first..], plane, wg, rhs, 1.0, false, Threads::One);
-                    for oc in 0..mg {
-                        let at = oc * plane + first;
-                        finish(g * mg + oc, task * block + at, &mut dst[at..][..width]);
-                    }
-                }
-            });
-    } else {
-        // Fewer tasks than threads: each product splits itself over the
-        // threads, then the epilogue runs per output channel in parallel.
-        for (task, dst) in out.chunks_mut(block).enumerate() {
-            let (b, g) = (task / group, task % group);
-            let src = &xs[(b * c + g * cg) * h * wd..][..cg * h * wd];
-            let wg = MatRef::row_major(&ws[g * mg * k..][..mg * k], mg, k);
-            let mut columns = Vec::new();
-            let rhs = if pointwise {
-                MatRef::row_major(src, cg, plane)
-            } else {
-                im2col_rows(src, cg, &geometry, 0..oh, &mut columns);
-                MatRef::row_major(&columns, k, plane)
-            };
-            gemm(dst, plane, wg, rhs, 1.0, false, Threads::Pool);
-            dst.par_chunks_mut(plane.max(1))
+    // Tasks are (image, group, block of output channels), the blocks cut
+    // from the shape alone, so that neither the batch size nor the thread
+    // count changes a result's bits; a task takes its output pixels in
+    // row blocks that stay in cache from the product through the epilogue.
+    // Splitting channels, not pixels, keeps each task's output contiguous
+    // and gives a single image enough tasks for every thread.
+    let chunk = channel_chunk(mg, k, plane);
+    let rows = block_rows(chunk.min(mg) + k, oh, ow);
+    let plane_len = plane.max(1);
+    out.par_chunks_mut((mg * plane).max(1))
+        .enumerate()
+        .flat_map(|(image_group, block)| {
+            block
+                .par_chunks_mut(chunk * plane_len)
                 .enumerate()
-                .for_each(|(oc, values)| finish(g * mg + oc, task * block + oc * plane, values));
-        }
-    }
+                .map(move |(part, dst)| (image_group, part, dst))
+        })
+        .for_each(|(image_group, part, dst)| {
+            let (b, g) = (image_group / group, image_group % group);
+            let first_channel = part * chunk;
+            let channels = dst.len() / plane_len;
+            let src = &xs[(b * c + g * cg) * h * wd..][..cg * h * wd];
+            let weights = &ws[(g * mg + first_channel) * k..][..channels * k];
+            let wg = MatRef::row_major(weights, channels, k);
+            // Where this task's output starts in the whole output.
+            let base = ((b * group + g) * mg + first_channel) * plane;
+            let mut columns = Vec::new();
+            for y0 in (0..oh).step_by(rows.max(1)) {
+                let (first, width) = (y0 * ow, (rows.min(oh - y0)) * ow);
+                let rhs = if pointwise {
+                    // A 1x1 convolution without stride or padding is a
+                    // product with the input planes as they are.
+                    MatRef::row_major(src, cg, plane).columns(first, width)
+                } else {
+                    im2col_rows(src, cg, &geometry, y0..y0 + width / ow, &mut columns);
+                    MatRef::row_major(&columns, k, width)
+                };
+                gemm(&mut dst[first..], plane, wg, rhs, 1.0, false, Threads::One);
+                for oc in 0..channels {
+                    let at = oc * plane + first;
+                    finish(
+                        g * mg + first_channel + oc,
+                        base + at,
+                        &mut dst[at..][..width],
+                    );
+                }
+            }
+        });
     Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))])
 }
 
@@ -733,6 +728,20 @@ fn kernel_row5(out: &mut [f32], w: &[f32], t: [&[f32]; 5]) {
         acc += w4 * t4[x];
         out[x] = acc;
     }
+}
+
+/// Output channels per task of a convolution: the product of one image is
+/// cut into chunks of about `TASK_MACS` multiply-adds, whole vectors of 16
+/// channels each, so that one image keeps every thread busy while a task
+/// stays large against the cost of starting it and of packing its operands.
+fn channel_chunk(channels: usize, k: usize, plane: usize) -> usize {
+    const TASK_MACS: usize = 1 << 22;
+    let chunks = (channels * k * plane).div_ceil(TASK_MACS).max(1);
+    channels
+        .div_ceil(chunks)
+        .next_multiple_of(16)
+        .min(channels)
+        .max(1)
 }
 
 /// Output rows per block of a product: the block's columns of the right
