@@ -124,7 +124,7 @@ pub fn qlinear_sigmoid(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>,
 
 /// Inputs (Y_scale, Y_zero_point, then X, X_scale, X_zero_point per input).
 pub fn qlinear_concat(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
-    if i.len() < 5 || (i.len() - 2) % 3 != 0 {
+    if i.len() < 5 || !(i.len() - 2).is_multiple_of(3) {
         return cx.err("QLinearConcat takes Y_scale, Y_zero_point and triples of inputs");
     }
     let parts: Vec<Tensor> = (2..i.len())
