@@ -1,7 +1,7 @@
 //! The evaluator against ONNX Runtime, measured in one run: latency at
 //! batch 1 and time per batch of 32, 2 threads each, medians of repeated
-//! runs. ONNX Runtime is timed by tools/ort_time.py (needs `pip install
-//! onnxruntime onnx numpy`).
+//! runs, in rounds that alternate between the two. ONNX Runtime is timed
+//! by tools/ort_time.py (needs `pip install onnxruntime onnx numpy`).
 //!
 //!   cargo bench -p qgraph --bench eval_speed [-- REPEATS]
 //!   QGRAPH_BENCH_MODELS=a.onnx,b.onnx QGRAPH_BENCH_BATCHES=1 cargo bench -p qgraph --bench eval_speed
@@ -46,7 +46,13 @@ fn main() {
             .collect(),
         Err(_) => vec![1, 32],
     };
-    println!("| model | batch | qgraph ms | ONNX Runtime ms | qgraph / ORT |");
+    // QGRAPH_BENCH_ROUNDS: alternating rounds of the two runtimes (3).
+    let rounds: usize = std::env::var("QGRAPH_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    println!("| model | batch | qgraph ms | ONNX Runtime ms | qgraph / ORT (median; each round) |");
     println!("|---|---:|---:|---:|---:|");
     for path in models {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -64,18 +70,20 @@ fn main() {
             for _ in 0..2 {
                 ev.run(x.clone()).expect("run");
             }
-            let mut times: Vec<f64> = (0..reps)
-                .map(|_| {
-                    // The input is copied outside the timing, as ONNX
-                    // Runtime reads its input in place.
-                    let input = x.clone();
-                    let t = Instant::now();
-                    ev.run(input).expect("run");
-                    t.elapsed().as_secs_f64()
-                })
-                .collect();
-            times.sort_by(f64::total_cmp);
-            let ours = times[times.len() / 2];
+            let ours_once = || {
+                let mut times: Vec<f64> = (0..reps)
+                    .map(|_| {
+                        // The input is copied outside the timing, as ONNX
+                        // Runtime reads its input in place.
+                        let input = x.clone();
+                        let t = Instant::now();
+                        ev.run(input).expect("run");
+                        t.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                times.sort_by(f64::total_cmp);
+                times[times.len() / 2]
+            };
             if std::env::var_os("QGRAPH_PROFILE").is_some() {
                 for (op, n, t) in ev.profile(x.clone()).expect("profile") {
                     eprintln!(
@@ -84,18 +92,38 @@ fn main() {
                     );
                 }
             }
-            let theirs = ort_seconds(&root, &path, batch, reps);
-            match theirs {
-                Some(t) => println!(
-                    "| {name} | {batch} | {:.1} | {:.1} | {:.2} |",
+            // Rounds alternate between the two, so that a slow spell of a
+            // shared machine weighs on both; the ratio is the median of the
+            // rounds' ratios.
+            let mut rows = Vec::new();
+            for _ in 0..rounds {
+                let ours = ours_once();
+                let theirs = ort_seconds(&root, &path, batch, reps);
+                rows.push((ours, theirs));
+            }
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let ours = median(rows.iter().map(|r| r.0).collect());
+            if rows.iter().all(|r| r.1.is_some()) {
+                let theirs = median(rows.iter().filter_map(|r| r.1).collect());
+                let ratio = median(rows.iter().map(|r| r.0 / r.1.unwrap_or(1.0)).collect());
+                let each: Vec<String> = rows
+                    .iter()
+                    .map(|r| format!("{:.2}", r.0 / r.1.unwrap_or(1.0)))
+                    .collect();
+                println!(
+                    "| {name} | {batch} | {:.1} | {:.1} | {ratio:.2} ({}) |",
                     ours * 1e3,
-                    t * 1e3,
-                    ours / t
-                ),
-                None => println!(
+                    theirs * 1e3,
+                    each.join(", ")
+                );
+            } else {
+                println!(
                     "| {name} | {batch} | {:.1} | (ONNX Runtime unavailable) | |",
                     ours * 1e3
-                ),
+                );
             }
         }
     }
