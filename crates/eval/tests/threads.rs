@@ -62,8 +62,9 @@ fn outputs_are_identical_whatever_the_thread_count() {
     }
 }
 
-/// At batch 1 one thread takes the convolutions' task-per-image branch and
-/// two take the one that splits each product: the bits are the same.
+/// At batch 1 a convolution's tasks are blocks of output channels cut from
+/// its shape, shared out over however many threads there are: the bits are
+/// the same on one and two.
 #[test]
 fn single_images_give_the_same_bits_on_one_and_two_threads() {
     for path in shared_models() {
