@@ -10,10 +10,12 @@ mod attrs;
 mod ops;
 mod plan;
 mod pool;
+mod samples;
 pub mod shapes;
 
 use plan::Step;
 use qgraph_ir::{Graph, Model, NodeId, Tensor, ValueDef, ValueId};
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 pub use ops::supported_ops;
@@ -38,6 +40,9 @@ pub struct Options {
     /// Worker threads; 0 means one per core. Results do not depend on it:
     /// work is split only across independent outputs.
     pub threads: usize,
+    /// Runs every batch layer by layer, never as groups of samples (see
+    /// `samples`): for comparing kernels on the very same products.
+    pub whole_batches: bool,
 }
 
 /// Runs one node of `graph` on the given inputs (`None` for absent optional
@@ -77,6 +82,8 @@ pub struct Evaluator<'m> {
     opset: i64,
     /// For each value, how many node inputs and graph outputs read it.
     uses: HashMap<ValueId, usize>,
+    /// Whether unobserved runs may take a batch as groups of samples.
+    sample_groups: bool,
 }
 
 /// One kernel call: a node, possibly reading another value as its first
@@ -204,7 +211,14 @@ impl<'m> Evaluator<'m> {
             *uses.entry(v).or_default() += 1;
         }
         let plan = plan::plan(graph, model.opset_version("").unwrap_or(1), &order, &uses);
+        let sample_groups = !options.whole_batches
+            && samples::independent(
+                graph,
+                model.opset_version("").unwrap_or(1),
+                &shapes::infer(model),
+            );
         Ok(Evaluator {
+            sample_groups,
             threads,
             buffers: pool::BufferPool::default(),
             graph,
@@ -280,8 +294,37 @@ impl<'m> Evaluator<'m> {
         watch: &[ValueId],
         observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
     ) -> Result<Vec<Tensor>, EvalError> {
+        if watch.is_empty() && self.sample_groups {
+            if let Some(groups) = self.groups_of_samples(&inputs) {
+                // Each group through the whole graph, one per thread; the
+                // group size comes from the input's size alone, so results
+                // do not depend on the thread count. (Observed runs keep
+                // whole batches: observers see values in batch order.)
+                let outputs = self.threads.install(|| {
+                    groups
+                        .into_par_iter()
+                        .map(|g| self.run_timed(g, &[], &mut |_, _| {}, None))
+                        .collect::<Result<Vec<_>, _>>()
+                })?;
+                return samples::join(outputs);
+            }
+        }
         self.threads
             .install(|| self.run_in_pool(inputs, watch, observe))
+    }
+
+    /// Whether the graph computes each sample from that sample alone, so
+    /// that unobserved runs take a large batch as groups of samples.
+    pub fn runs_sample_groups(&self) -> bool {
+        self.sample_groups
+    }
+
+    /// The inputs cut into groups of samples, when the batch is larger than
+    /// one group.
+    fn groups_of_samples(&self, inputs: &Inputs) -> Option<Vec<Inputs>> {
+        let batch = *inputs.first()?.shape().first()?;
+        let per_sample: usize = inputs.iter().map(|t| t.len() / batch.max(1)).sum();
+        samples::split(inputs, samples::group_size(per_sample))
     }
 
     /// Runs the graph once and returns, per operator type, how many nodes ran

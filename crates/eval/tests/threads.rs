@@ -27,7 +27,13 @@ fn shared_models() -> Vec<PathBuf> {
 fn fused_kernels_give_the_same_bits_as_node_by_node_evaluation() {
     for path in shared_models() {
         let model = qgraph_onnx::read_model(&path).unwrap().model;
-        let ev = Evaluator::new(&model).unwrap();
+        // Whole batches: the observed run takes them too (observers see
+        // values in batch order), and the products must be the same ones.
+        let options = Options {
+            whole_batches: true,
+            ..Default::default()
+        };
+        let ev = Evaluator::with_options(&model, options).unwrap();
         let inputs = ev.example_inputs(3).unwrap();
         let fused = ev.run(inputs.clone()).unwrap();
         let every = model.graph.value_ids();
@@ -46,10 +52,16 @@ fn outputs_are_identical_whatever_the_thread_count() {
         let model = qgraph_onnx::read_model(&path).unwrap().model;
         let inputs = Evaluator::new(&model).unwrap().example_inputs(3).unwrap();
         let run = |threads| {
-            Evaluator::with_options(&model, Options { threads })
-                .unwrap()
-                .run(inputs.clone())
-                .unwrap()
+            Evaluator::with_options(
+                &model,
+                Options {
+                    threads,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .run(inputs.clone())
+            .unwrap()
         };
         let one = run(1);
         for threads in [2, 3] {
@@ -71,10 +83,16 @@ fn single_images_give_the_same_bits_on_one_and_two_threads() {
         let model = qgraph_onnx::read_model(&path).unwrap().model;
         let inputs = Evaluator::new(&model).unwrap().example_inputs(1).unwrap();
         let run = |threads| {
-            Evaluator::with_options(&model, Options { threads })
-                .unwrap()
-                .run(inputs.clone())
-                .unwrap()
+            Evaluator::with_options(
+                &model,
+                Options {
+                    threads,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .run(inputs.clone())
+            .unwrap()
         };
         assert!(run(1) == run(2), "{}: batch 1 differs", path.display());
     }

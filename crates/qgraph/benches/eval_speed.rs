@@ -61,9 +61,14 @@ fn main() {
             continue;
         }
         let model = qgraph::load(&path).expect("load").model;
-        let ev =
-            qgraph::eval::Evaluator::with_options(&model, qgraph::eval::Options { threads: 2 })
-                .expect("prepare");
+        let ev = qgraph::eval::Evaluator::with_options(
+            &model,
+            qgraph::eval::Options {
+                threads: 2,
+                whole_batches: std::env::var("QGRAPH_BENCH_WHOLE_BATCHES").is_ok_and(|v| v == "1"),
+            },
+        )
+        .expect("prepare");
         for &batch in &batches {
             let x = ev.example_inputs(batch).expect("inputs");
             let reps = if batch == 1 { repeats * 3 } else { repeats };

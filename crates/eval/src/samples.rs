@@ -1,0 +1,414 @@
+//! Running a batch as groups of samples. When every operator of a graph
+//! computes each sample (index of the first dim) from that sample alone, a
+//! batch can run as independent groups, one per thread, each through the
+//! whole graph: a group's activations stay in cache from layer to layer,
+//! and the threads never wait for each other between operators. Layer by
+//! layer over the whole batch, each activation of a large model goes to
+//! memory and back.
+//!
+//! The test is conservative: an operator is per-sample only when its
+//! attributes and constant inputs show that it never reads or moves data
+//! across the first dim; anything else (Shape, a Reshape that folds the
+//! batch, a reduction over dim 0, an operator not listed) keeps whole
+//! batches.
+
+use crate::shapes::Info;
+use crate::{EvalError, Inputs};
+use qgraph_ir::ndarray::{concatenate, Axis};
+use qgraph_ir::{AttrValue, Graph, NodeId, Tensor, ValueId};
+use std::collections::{HashMap, HashSet};
+
+/// Input values per group (about 1 MiB of f32): a sample at least this
+/// large runs on its own; smaller ones run together, so that a small
+/// model keeps the efficiency of its batched matrix products.
+const GROUP_INPUT_VALUES: usize = 1 << 18;
+
+/// The samples per group for inputs of `per_sample` values each.
+pub(crate) fn group_size(per_sample: usize) -> usize {
+    (GROUP_INPUT_VALUES / per_sample.max(1)).max(1)
+}
+
+/// Whether every graph output is computed from its own sample alone.
+pub(crate) fn independent(g: &Graph, opset: i64, info: &HashMap<ValueId, Info>) -> bool {
+    let Ok(order) = g.topo_order() else {
+        return false;
+    };
+    let mut batched: HashSet<ValueId> = g
+        .inputs()
+        .iter()
+        .copied()
+        .filter(|&v| g.value(v).initializer().is_none())
+        .collect();
+    if batched.is_empty() {
+        return false;
+    }
+    for n in order {
+        let node = g.node(n);
+        let reads_batch = node.inputs().iter().flatten().any(|v| batched.contains(v));
+        if !reads_batch {
+            // Computed from constants only: the same for every sample.
+            continue;
+        }
+        if !per_sample_node(g, opset, n, &batched, info) {
+            return false;
+        }
+        batched.extend(node.outputs().iter().flatten().copied());
+    }
+    g.outputs().iter().all(|v| batched.contains(v))
+}
+
+/// The tensor of a value every run gives the same: an initializer or a
+/// Constant node's value.
+fn constant(g: &Graph, v: ValueId) -> Option<&Tensor> {
+    if let Some(init) = g.value(v).initializer() {
+        return Some(&init.tensor);
+    }
+    let (p, _) = g.producer(v)?;
+    let node = g.node(p);
+    match (node.op_type.as_str(), node.attr("value")) {
+        ("Constant", Some(AttrValue::Tensor(t))) => Some(t),
+        _ => None,
+    }
+}
+
+fn integers(t: &Tensor) -> Option<Vec<i64>> {
+    match t {
+        Tensor::I64(a) => Some(a.iter().copied().collect()),
+        Tensor::I32(a) => Some(a.iter().map(|&x| x as i64).collect()),
+        _ => None,
+    }
+}
+
+fn rank(info: &HashMap<ValueId, Info>, v: ValueId) -> Option<usize> {
+    info.get(&v)?.dims.as_ref().map(Vec::len)
+}
+
+/// `axis` counted from the front in a tensor of `rank` dims.
+fn normalized(axis: i64, rank: Option<usize>) -> Option<i64> {
+    if axis >= 0 {
+        Some(axis)
+    } else {
+        Some(axis + rank? as i64)
+    }
+}
+
+fn int_attr(g: &Graph, n: NodeId, name: &str) -> Option<i64> {
+    match g.node(n).attr(name) {
+        Some(AttrValue::Int(i)) => Some(*i),
+        _ => None,
+    }
+}
+
+fn ints_attr(g: &Graph, n: NodeId, name: &str) -> Option<Vec<i64>> {
+    match g.node(n).attr(name) {
+        Some(AttrValue::Ints(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+/// Axes from an attribute or, in later opsets, a constant input.
+fn axes(g: &Graph, n: NodeId, input: usize) -> Option<Vec<i64>> {
+    ints_attr(g, n, "axes").or_else(|| {
+        let v = g.node(n).inputs().get(input).copied().flatten()?;
+        integers(constant(g, v)?)
+    })
+}
+
+fn per_sample_node(
+    g: &Graph,
+    opset: i64,
+    n: NodeId,
+    batched: &HashSet<ValueId>,
+    info: &HashMap<ValueId, Info>,
+) -> bool {
+    let node = g.node(n);
+    let inputs = node.inputs();
+    let first = inputs.first().copied().flatten();
+    let first_batched = first.is_some_and(|v| batched.contains(&v));
+    let first_rank = first.and_then(|v| rank(info, v));
+    // Every input but the first is constant.
+    let rest_constant = || {
+        inputs[1..]
+            .iter()
+            .flatten()
+            .all(|&v| !batched.contains(&v) && constant(g, v).is_some())
+    };
+    // A constant broadcast against batched operands must not have a first
+    // dim of its own: a lower rank, or a first dim of 1.
+    let broadcasts_per_sample = |operands: &[Option<ValueId>]| {
+        let out_rank = node
+            .outputs()
+            .first()
+            .copied()
+            .flatten()
+            .and_then(|v| rank(info, v));
+        operands.iter().flatten().all(|&v| {
+            if batched.contains(&v) {
+                return true;
+            }
+            match (constant(g, v), out_rank) {
+                (Some(t), Some(r)) => t.shape().len() < r || t.shape().first() == Some(&1),
+                (Some(t), None) => {
+                    t.shape().len() <= 1 && t.shape().first().is_none_or(|&d| d == 1)
+                }
+                _ => false,
+            }
+        })
+    };
+    let not_axis_zero = |axis: i64| normalized(axis, first_rank).is_some_and(|a| a != 0);
+    match node.op_type.as_str() {
+        "Relu" | "LeakyRelu" | "Sigmoid" | "HardSigmoid" | "HardSwish" | "Tanh" | "Exp" | "Log"
+        | "Sqrt" | "Abs" | "Neg" | "Erf" | "Softplus" | "Elu" | "Selu" | "Identity" | "Dropout"
+        | "Cast" | "Floor" | "Ceil" | "Round" | "Reciprocal" | "Not" | "Sign" | "Clip" => {
+            first_batched && broadcasts_per_sample(inputs)
+        }
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Sum" | "Mean" | "Equal"
+        | "Less" | "Greater" | "And" | "Or" | "Where" | "PRelu" => broadcasts_per_sample(inputs),
+        "Conv"
+        | "ConvTranspose"
+        | "ConvInteger"
+        | "QLinearConv"
+        | "MaxPool"
+        | "AveragePool"
+        | "GlobalAveragePool"
+        | "GlobalMaxPool"
+        | "LpPool"
+        | "InstanceNormalization"
+        | "LRN"
+        | "QLinearGlobalAveragePool"
+        | "QLinearSigmoid"
+        | "QLinearLeakyRelu" => first_batched && rest_constant(),
+        "BatchNormalization" => {
+            first_batched && rest_constant() && int_attr(g, n, "training_mode").unwrap_or(0) == 0
+        }
+        "QuantizeLinear" | "DequantizeLinear" => {
+            let per_axis = inputs
+                .get(1)
+                .copied()
+                .flatten()
+                .and_then(|s| constant(g, s))
+                .is_some_and(|s| s.len() > 1);
+            first_batched
+                && rest_constant()
+                && (!per_axis || not_axis_zero(int_attr(g, n, "axis").unwrap_or(1)))
+        }
+        "QLinearAdd" | "QLinearMul" => {
+            let operands = [
+                inputs.first().copied().flatten(),
+                inputs.get(3).copied().flatten(),
+            ];
+            let others = [1, 2, 4, 5, 6, 7].iter().all(|&i| {
+                inputs
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .is_none_or(|v| !batched.contains(&v) && constant(g, v).is_some())
+            });
+            others && broadcasts_per_sample(&operands)
+        }
+        "Gemm" | "QGemm" => {
+            first_batched && rest_constant() && int_attr(g, n, "transA").unwrap_or(0) == 0
+        }
+        "MatMul" | "MatMulInteger" | "QLinearMatMul" => {
+            first_batched && rest_constant() && first_rank.is_some_and(|r| r >= 2)
+        }
+        "Flatten" => first_batched && not_axis_zero(int_attr(g, n, "axis").unwrap_or(1)),
+        "Reshape" => {
+            // A first dim copied (0) or inferred (-1, which then counts
+            // whole rows of samples): per-sample results laid end to end
+            // are the batch's.
+            let shape = inputs
+                .get(1)
+                .copied()
+                .flatten()
+                .and_then(|v| constant(g, v));
+            first_batched
+                && shape
+                    .and_then(integers)
+                    .is_some_and(|s| s.len() >= 2 && (s[0] == 0 || s[0] == -1))
+        }
+        "Transpose" => {
+            first_batched && ints_attr(g, n, "perm").is_some_and(|p| p.first() == Some(&0))
+        }
+        "Softmax" | "LogSoftmax" | "Hardmax" => {
+            let default = if opset >= 13 { -1 } else { 1 };
+            first_batched && not_axis_zero(int_attr(g, n, "axis").unwrap_or(default))
+        }
+        "Concat" | "QLinearConcat" => {
+            let data: Vec<ValueId> = if node.op_type == "Concat" {
+                inputs.iter().flatten().copied().collect()
+            } else {
+                // y_scale, y_zero_point, then (x, scale, zero point) triples.
+                inputs
+                    .iter()
+                    .skip(2)
+                    .step_by(3)
+                    .flatten()
+                    .copied()
+                    .collect()
+            };
+            let out_rank = node
+                .outputs()
+                .first()
+                .copied()
+                .flatten()
+                .and_then(|v| rank(info, v));
+            data.iter().all(|v| batched.contains(v))
+                && normalized(int_attr(g, n, "axis").unwrap_or(0), out_rank).is_some_and(|a| a != 0)
+        }
+        "Split" => first_batched && not_axis_zero(int_attr(g, n, "axis").unwrap_or(0)),
+        "Slice" => {
+            let starts_ends_constant = inputs[1..]
+                .iter()
+                .flatten()
+                .all(|&v| !batched.contains(&v) && constant(g, v).is_some());
+            let axes = if opset >= 10 {
+                inputs
+                    .get(3)
+                    .copied()
+                    .flatten()
+                    .and_then(|v| constant(g, v))
+                    .and_then(integers)
+            } else {
+                ints_attr(g, n, "axes")
+            };
+            first_batched
+                && starts_ends_constant
+                && axes.is_some_and(|a| a.iter().all(|&x| not_axis_zero(x)))
+        }
+        "Squeeze" => {
+            first_batched && axes(g, n, 1).is_some_and(|a| a.iter().all(|&x| not_axis_zero(x)))
+        }
+        "Unsqueeze" => {
+            let out_rank = node
+                .outputs()
+                .first()
+                .copied()
+                .flatten()
+                .and_then(|v| rank(info, v));
+            first_batched
+                && axes(g, n, 1).is_some_and(|a| {
+                    a.iter()
+                        .all(|&x| normalized(x, out_rank).is_some_and(|x| x != 0))
+                })
+        }
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1"
+        | "ReduceL2" | "ReduceLogSumExp" | "ReduceSumSquare" => {
+            first_batched
+                && axes(g, n, 1)
+                    .is_some_and(|a| !a.is_empty() && a.iter().all(|&x| not_axis_zero(x)))
+        }
+        "Pad" => {
+            let pads = ints_attr(g, n, "pads").or_else(|| {
+                let v = inputs.get(1).copied().flatten()?;
+                integers(constant(g, v)?)
+            });
+            let axes_given = inputs.get(3).copied().flatten().is_some();
+            first_batched
+                && !axes_given
+                && inputs[1..]
+                    .iter()
+                    .flatten()
+                    .all(|&v| !batched.contains(&v) && constant(g, v).is_some())
+                && pads.is_some_and(|p| {
+                    let r = p.len() / 2;
+                    r >= 1 && p[0] == 0 && p[r] == 0
+                })
+        }
+        "Resize" | "Upsample" => {
+            // Scales that keep the first dim; sizes name a batch size.
+            let scales_at = if node.op_type == "Upsample" { 1 } else { 2 };
+            let sizes_given =
+                node.op_type == "Resize" && inputs.get(3).copied().flatten().is_some();
+            let scales = inputs
+                .get(scales_at)
+                .copied()
+                .flatten()
+                .and_then(|v| constant(g, v))
+                .and_then(|t| match t {
+                    Tensor::F32(a) => a.iter().next().copied(),
+                    _ => None,
+                });
+            first_batched && !sizes_given && rest_constant() && scales == Some(1.0)
+        }
+        "Gather" => {
+            first_batched && rest_constant() && not_axis_zero(int_attr(g, n, "axis").unwrap_or(0))
+        }
+        _ => false,
+    }
+}
+
+/// Splits each input into groups of `size` samples along the first dim;
+/// `None` when there is nothing to split or the inputs disagree on it.
+pub(crate) fn split(inputs: &Inputs, size: usize) -> Option<Vec<Inputs>> {
+    let batch = *inputs.first()?.shape().first()?;
+    if batch <= size || inputs.iter().any(|t| t.shape().first() != Some(&batch)) {
+        return None;
+    }
+    let mut groups: Vec<Inputs> = (0..batch.div_ceil(size)).map(|_| Vec::new()).collect();
+    for t in inputs {
+        macro_rules! cut {
+            ($variant:ident, $a:expr) => {
+                for (group, part) in groups.iter_mut().zip($a.axis_chunks_iter(Axis(0), size)) {
+                    group.push(Tensor::$variant(part.to_owned()));
+                }
+            };
+        }
+        match t {
+            Tensor::F32(a) => cut!(F32, a),
+            Tensor::F64(a) => cut!(F64, a),
+            Tensor::I64(a) => cut!(I64, a),
+            Tensor::I32(a) => cut!(I32, a),
+            Tensor::I8(a) => cut!(I8, a),
+            Tensor::U8(a) => cut!(U8, a),
+            Tensor::Bool(a) => cut!(Bool, a),
+            _ => return None,
+        }
+    }
+    Some(groups)
+}
+
+/// The groups' outputs laid end to end along the first dim.
+pub(crate) fn join(groups: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>, EvalError> {
+    let count = groups.first().map_or(0, Vec::len);
+    let mut outputs = Vec::with_capacity(count);
+    for i in 0..count {
+        let parts: Vec<&Tensor> = groups.iter().map(|g| &g[i]).collect();
+        macro_rules! cat {
+            ($variant:ident) => {{
+                let mut views = Vec::with_capacity(parts.len());
+                for p in &parts {
+                    match p {
+                        Tensor::$variant(a) => views.push(a.view()),
+                        t => {
+                            return Err(EvalError::Input(format!(
+                                "output {i} is {} in one group and {} in another",
+                                parts[0].dtype(),
+                                t.dtype()
+                            )))
+                        }
+                    }
+                }
+                Tensor::$variant(concatenate(Axis(0), &views).map_err(|e| {
+                    EvalError::Input(format!("output {i}: groups do not join: {e}"))
+                })?)
+            }};
+        }
+        outputs.push(match parts[0] {
+            Tensor::F32(_) => cat!(F32),
+            Tensor::F64(_) => cat!(F64),
+            Tensor::I64(_) => cat!(I64),
+            Tensor::I32(_) => cat!(I32),
+            Tensor::I8(_) => cat!(I8),
+            Tensor::U8(_) => cat!(U8),
+            Tensor::Bool(_) => cat!(Bool),
+            t => {
+                return Err(EvalError::Input(format!(
+                    "output {i} is {}, which groups of samples cannot join",
+                    t.dtype()
+                )))
+            }
+        });
+    }
+    Ok(outputs)
+}
