@@ -15,7 +15,7 @@
 use crate::shapes::Info;
 use crate::{EvalError, Inputs};
 use qgraph_ir::ndarray::{concatenate, Axis};
-use qgraph_ir::{AttrValue, Graph, NodeId, Tensor, ValueId};
+use qgraph_ir::{AttrValue, Dim, Graph, NodeId, Tensor, ValueId};
 use std::collections::{HashMap, HashSet};
 
 /// Input values per group (about 1 MiB of f32): a sample at least this
@@ -42,8 +42,36 @@ pub(crate) fn independent(g: &Graph, opset: i64, info: &HashMap<ValueId, Info>) 
     if batched.is_empty() {
         return false;
     }
+    // Small integer tensors computed from a batched value's shape: for each
+    // element, whether it is the batch size (see `SizeFlags`).
+    let mut sizes: HashMap<ValueId, SizeFlags> = HashMap::new();
     for n in order {
         let node = g.node(n);
+        let reads_sizes = node
+            .inputs()
+            .iter()
+            .flatten()
+            .any(|v| sizes.contains_key(v));
+        let shape_of_batch = node.op_type == "Shape"
+            && node
+                .inputs()
+                .first()
+                .copied()
+                .flatten()
+                .is_some_and(|v| batched.contains(&v));
+        if reads_sizes || shape_of_batch {
+            match size_node(g, n, &batched, &sizes, info) {
+                Some(SizeUse::Sizes(flags)) => {
+                    let Some(out) = node.outputs().first().copied().flatten() else {
+                        return false;
+                    };
+                    sizes.insert(out, flags);
+                }
+                Some(SizeUse::Batched) => batched.extend(node.outputs().iter().flatten().copied()),
+                None => return false,
+            }
+            continue;
+        }
         let reads_batch = node.inputs().iter().flatten().any(|v| batched.contains(v));
         if !reads_batch {
             // Computed from constants only: the same for every sample.
@@ -55,6 +83,104 @@ pub(crate) fn independent(g: &Graph, opset: i64, info: &HashMap<ValueId, Info>) 
         batched.extend(node.outputs().iter().flatten().copied());
     }
     g.outputs().iter().all(|v| batched.contains(v))
+}
+
+/// For a small integer tensor computed from a batched value's shape: per
+/// element, whether it is the batch size (the rest are sizes of one
+/// sample, the same for a group as for the whole batch); `scalar` when it
+/// has rank 0.
+#[derive(Clone)]
+struct SizeFlags {
+    batch: Vec<bool>,
+    scalar: bool,
+}
+
+enum SizeUse {
+    /// The output is another such tensor.
+    Sizes(SizeFlags),
+    /// The output is batched data, computed per sample.
+    Batched,
+}
+
+/// How a node uses sizes read from a batched value; `None` when it does
+/// something with them that a group of samples would get wrong (arithmetic
+/// on the batch size, a Reshape that folds the batch, any op not listed).
+/// This follows the common export of `x.view(x.size(0), -1)`: Shape,
+/// Gather, Unsqueeze, Concat, Reshape.
+fn size_node(
+    g: &Graph,
+    n: NodeId,
+    batched: &HashSet<ValueId>,
+    sizes: &HashMap<ValueId, SizeFlags>,
+    info: &HashMap<ValueId, Info>,
+) -> Option<SizeUse> {
+    let node = g.node(n);
+    let inputs = node.inputs();
+    let first = inputs.first().copied().flatten()?;
+    let vector = |batch: Vec<bool>| SizeFlags {
+        batch,
+        scalar: false,
+    };
+    match node.op_type.as_str() {
+        "Shape" => {
+            let r = rank(info, first)? as i64;
+            let clamp = |x: i64| (if x < 0 { x + r } else { x }).clamp(0, r) as usize;
+            let start = clamp(int_attr(g, n, "start").unwrap_or(0));
+            let end = clamp(int_attr(g, n, "end").unwrap_or(r));
+            let flags: Vec<bool> = (0..r as usize).map(|d| d == 0).collect();
+            Some(SizeUse::Sizes(vector(flags.get(start..end)?.to_vec())))
+        }
+        "Gather" => {
+            let data = sizes.get(&first)?;
+            let indices = constant(g, inputs.get(1).copied().flatten()?)?;
+            if int_attr(g, n, "axis").unwrap_or(0) != 0 || data.scalar {
+                return None;
+            }
+            let len = data.batch.len() as i64;
+            let pick = |i: i64| {
+                let i = if i < 0 { i + len } else { i };
+                data.batch.get(usize::try_from(i).ok()?).copied()
+            };
+            let picked: Option<Vec<bool>> = integers(indices)?.into_iter().map(pick).collect();
+            Some(SizeUse::Sizes(SizeFlags {
+                batch: picked?,
+                scalar: indices.shape().is_empty(),
+            }))
+        }
+        "Unsqueeze" => {
+            let data = sizes.get(&first)?;
+            (data.scalar && axes(g, n, 1)? == [0])
+                .then(|| SizeUse::Sizes(vector(data.batch.clone())))
+        }
+        "Cast" => Some(SizeUse::Sizes(sizes.get(&first)?.clone())),
+        "Concat" => {
+            if int_attr(g, n, "axis").unwrap_or(0) != 0 {
+                return None;
+            }
+            let mut flags = Vec::new();
+            for v in inputs.iter().flatten() {
+                match sizes.get(v) {
+                    Some(s) if !s.scalar => flags.extend(&s.batch),
+                    Some(_) => return None,
+                    None => {
+                        let values = integers(constant(g, *v)?)?;
+                        flags.extend(values.iter().map(|_| false));
+                    }
+                }
+            }
+            Some(SizeUse::Sizes(vector(flags)))
+        }
+        "Reshape" => {
+            // Data reshaped to (batch size, sizes of one sample).
+            let shape = sizes.get(&inputs.get(1).copied().flatten()?)?;
+            let per_sample = batched.contains(&first)
+                && !shape.scalar
+                && shape.batch.first() == Some(&true)
+                && !shape.batch[1..].contains(&true);
+            per_sample.then_some(SizeUse::Batched)
+        }
+        _ => None,
+    }
 }
 
 /// The tensor of a value every run gives the same: an initializer or a
@@ -77,6 +203,23 @@ fn integers(t: &Tensor) -> Option<Vec<i64>> {
         Tensor::I32(a) => Some(a.iter().map(|&x| x as i64).collect()),
         _ => None,
     }
+}
+
+/// The values of a small integer tensor, from the file or, when constants
+/// compute it, from shape inference.
+fn known_integers(g: &Graph, info: &HashMap<ValueId, Info>, v: ValueId) -> Option<Vec<i64>> {
+    if let Some(t) = constant(g, v) {
+        return integers(t);
+    }
+    info.get(&v)?
+        .elements
+        .as_ref()?
+        .iter()
+        .map(|d| match d {
+            Dim::Known(k) => Some(*k),
+            _ => None,
+        })
+        .collect()
 }
 
 fn rank(info: &HashMap<ValueId, Info>, v: ValueId) -> Option<usize> {
@@ -127,12 +270,7 @@ fn per_sample_node(
     let first_batched = first.is_some_and(|v| batched.contains(&v));
     let first_rank = first.and_then(|v| rank(info, v));
     // Every input but the first is constant.
-    let rest_constant = || {
-        inputs[1..]
-            .iter()
-            .flatten()
-            .all(|&v| !batched.contains(&v) && constant(g, v).is_some())
-    };
+    let rest_constant = || inputs[1..].iter().flatten().all(|&v| !batched.contains(&v));
     // A constant broadcast against batched operands must not have a first
     // dim of its own: a lower rank, or a first dim of 1.
     let broadcasts_per_sample = |operands: &[Option<ValueId>]| {
@@ -146,11 +284,22 @@ fn per_sample_node(
             if batched.contains(&v) {
                 return true;
             }
-            match (constant(g, v), out_rank) {
-                (Some(t), Some(r)) => t.shape().len() < r || t.shape().first() == Some(&1),
-                (Some(t), None) => {
-                    t.shape().len() <= 1 && t.shape().first().is_none_or(|&d| d == 1)
-                }
+            // The same in every group; its shape from the file or from
+            // shape inference.
+            let shape: Option<Vec<Option<usize>>> = match constant(g, v) {
+                Some(t) => Some(t.shape().iter().map(|&d| Some(d)).collect()),
+                None => info.get(&v).and_then(|i| i.dims.as_ref()).map(|dims| {
+                    dims.iter()
+                        .map(|d| match d {
+                            Dim::Known(k) if *k >= 0 => Some(*k as usize),
+                            _ => None,
+                        })
+                        .collect()
+                }),
+            };
+            match (shape, out_rank) {
+                (Some(s), Some(r)) => s.len() < r || s.first() == Some(&Some(1)),
+                (Some(s), None) => s.len() <= 1 && s.first().is_none_or(|&d| d == Some(1)),
                 _ => false,
             }
         })
@@ -187,7 +336,7 @@ fn per_sample_node(
                 .copied()
                 .flatten()
                 .and_then(|s| constant(g, s))
-                .is_some_and(|s| s.len() > 1);
+                .is_none_or(|s| s.len() > 1);
             first_batched
                 && rest_constant()
                 && (!per_axis || not_axis_zero(int_attr(g, n, "axis").unwrap_or(1)))
@@ -202,7 +351,7 @@ fn per_sample_node(
                     .get(i)
                     .copied()
                     .flatten()
-                    .is_none_or(|v| !batched.contains(&v) && constant(g, v).is_some())
+                    .is_none_or(|v| !batched.contains(&v))
             });
             others && broadcasts_per_sample(&operands)
         }
@@ -258,10 +407,7 @@ fn per_sample_node(
         }
         "Split" => first_batched && not_axis_zero(int_attr(g, n, "axis").unwrap_or(0)),
         "Slice" => {
-            let starts_ends_constant = inputs[1..]
-                .iter()
-                .flatten()
-                .all(|&v| !batched.contains(&v) && constant(g, v).is_some());
+            let starts_ends_constant = inputs[1..].iter().flatten().all(|&v| !batched.contains(&v));
             let axes = if opset >= 10 {
                 inputs
                     .get(3)
@@ -301,15 +447,12 @@ fn per_sample_node(
         "Pad" => {
             let pads = ints_attr(g, n, "pads").or_else(|| {
                 let v = inputs.get(1).copied().flatten()?;
-                integers(constant(g, v)?)
+                known_integers(g, info, v)
             });
             let axes_given = inputs.get(3).copied().flatten().is_some();
             first_batched
                 && !axes_given
-                && inputs[1..]
-                    .iter()
-                    .flatten()
-                    .all(|&v| !batched.contains(&v) && constant(g, v).is_some())
+                && inputs[1..].iter().flatten().all(|&v| !batched.contains(&v))
                 && pads.is_some_and(|p| {
                     let r = p.len() / 2;
                     r >= 1 && p[0] == 0 && p[r] == 0

@@ -101,14 +101,66 @@ fn graphs_that_mix_samples_run_whole_batches() {
         "pool: %p = GlobalAveragePool(%a)",
         "pool: %p = ReduceMean(%a) {axes = [0, 2, 3]}"
     ));
-    // The batch's size read from the data.
-    assert!(!with(
-        flatten,
-        "shape: %s = Shape(%p)\n  flatten: %f = Flatten(%p) {axis = 1}"
-    ));
+    // Arithmetic on the batch's size read from the data.
+    let text = PER_SAMPLE
+        .replace(
+            "init %fb = f32[5] [0.1, -0.2, 0.3, -0.4, 0.5]",
+            "init %fb = f32[5] [0.1, -0.2, 0.3, -0.4, 0.5]\n  init %zero = i64[] [0]",
+        )
+        .replace(
+            flatten,
+            "shape: %s = Shape(%p)\n  \
+             gather: %n = Gather(%s, %zero) {axis = 0}\n  \
+             cast: %nf = Cast(%n) {to = 1}\n  \
+             share: %q = Div(%p, %nf)\n  \
+             flatten: %f = Flatten(%q) {axis = 1}",
+        );
+    let model = qgraph_text::parse_model(&text).unwrap();
+    assert!(!Evaluator::new(&model).unwrap().runs_sample_groups());
     // Axis 1 is kept: still per sample.
     assert!(with(
         "pool: %p = GlobalAveragePool(%a)",
         "pool: %p = ReduceMean(%a) {axes = [2, 3]}"
     ));
+}
+
+#[test]
+fn a_reshape_to_the_batch_size_read_from_the_data_keeps_samples_apart() {
+    let flatten = "flatten: %f = Flatten(%p) {axis = 1}";
+    // What `x.view(x.size(0), -1)` exports to.
+    let view = |index: &str| {
+        format!(
+            "shape: %s = Shape(%p)\n  \
+             gather: %n = Gather(%s, %{index}) {{axis = 0}}\n  \
+             unsqueeze: %u = Unsqueeze(%n, %zeros)\n  \
+             concat: %t = Concat(%u, %rest) {{axis = 0}}\n  \
+             flatten: %f = Reshape(%p, %t)"
+        )
+    };
+    let constants = "init %fb = f32[5] [0.1, -0.2, 0.3, -0.4, 0.5]\n  \
+                     init %zero = i64[] [0]\n  init %one = i64[] [1]\n  \
+                     init %zeros = i64[1] [0]\n  init %rest = i64[1] [-1]";
+    let text = PER_SAMPLE
+        .replace("init %fb = f32[5] [0.1, -0.2, 0.3, -0.4, 0.5]", constants)
+        .replace(flatten, &view("zero"));
+    let model = qgraph_text::parse_model(&text).unwrap();
+    let ev = Evaluator::new(&model).unwrap();
+    assert!(ev.runs_sample_groups());
+    let whole = Evaluator::with_options(
+        &model,
+        Options {
+            whole_batches: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (a, b) = (
+        ev.run(vec![images(7)]).unwrap(),
+        whole.run(vec![images(7)]).unwrap(),
+    );
+    assert_eq!(f32s(&a[0]).shape(), f32s(&b[0]).shape());
+    // The size of dim 1 instead folds the batch into the rows.
+    let text = text.replace(&view("zero"), &view("one"));
+    let model = qgraph_text::parse_model(&text).unwrap();
+    assert!(!Evaluator::new(&model).unwrap().runs_sample_groups());
 }
