@@ -12,9 +12,10 @@
 //! batch, a reduction over dim 0, an operator not listed) keeps whole
 //! batches.
 
-use crate::shapes::Info;
+use crate::ops::concatenate_tensors;
+use crate::shapes::{int_attr, ints_attr, Info};
 use crate::{EvalError, Inputs};
-use qgraph_ir::ndarray::{concatenate, Axis};
+use qgraph_ir::ndarray::Axis;
 use qgraph_ir::{AttrValue, Dim, Graph, NodeId, Tensor, ValueId};
 use std::collections::{HashMap, HashSet};
 
@@ -235,20 +236,6 @@ fn normalized(axis: i64, rank: Option<usize>) -> Option<i64> {
     }
 }
 
-fn int_attr(g: &Graph, n: NodeId, name: &str) -> Option<i64> {
-    match g.node(n).attr(name) {
-        Some(AttrValue::Int(i)) => Some(*i),
-        _ => None,
-    }
-}
-
-fn ints_attr(g: &Graph, n: NodeId, name: &str) -> Option<Vec<i64>> {
-    match g.node(n).attr(name) {
-        Some(AttrValue::Ints(v)) => Some(v.clone()),
-        _ => None,
-    }
-}
-
 /// Axes from an attribute or, in later opsets, a constant input.
 fn axes(g: &Graph, n: NodeId, input: usize) -> Option<Vec<i64>> {
     ints_attr(g, n, "axes").or_else(|| {
@@ -271,15 +258,15 @@ fn per_sample_node(
     let first_rank = first.and_then(|v| rank(info, v));
     // Every input but the first is constant.
     let rest_constant = || inputs[1..].iter().flatten().all(|&v| !batched.contains(&v));
+    let out_rank = node
+        .outputs()
+        .first()
+        .copied()
+        .flatten()
+        .and_then(|v| rank(info, v));
     // A constant broadcast against batched operands must not have a first
     // dim of its own: a lower rank, or a first dim of 1.
     let broadcasts_per_sample = |operands: &[Option<ValueId>]| {
-        let out_rank = node
-            .outputs()
-            .first()
-            .copied()
-            .flatten()
-            .and_then(|v| rank(info, v));
         operands.iter().flatten().all(|&v| {
             if batched.contains(&v) {
                 return true;
@@ -396,18 +383,11 @@ fn per_sample_node(
                     .copied()
                     .collect()
             };
-            let out_rank = node
-                .outputs()
-                .first()
-                .copied()
-                .flatten()
-                .and_then(|v| rank(info, v));
             data.iter().all(|v| batched.contains(v))
                 && normalized(int_attr(g, n, "axis").unwrap_or(0), out_rank).is_some_and(|a| a != 0)
         }
         "Split" => first_batched && not_axis_zero(int_attr(g, n, "axis").unwrap_or(0)),
         "Slice" => {
-            let starts_ends_constant = inputs[1..].iter().flatten().all(|&v| !batched.contains(&v));
             let axes = if opset >= 10 {
                 inputs
                     .get(3)
@@ -419,19 +399,13 @@ fn per_sample_node(
                 ints_attr(g, n, "axes")
             };
             first_batched
-                && starts_ends_constant
+                && rest_constant()
                 && axes.is_some_and(|a| a.iter().all(|&x| not_axis_zero(x)))
         }
         "Squeeze" => {
             first_batched && axes(g, n, 1).is_some_and(|a| a.iter().all(|&x| not_axis_zero(x)))
         }
         "Unsqueeze" => {
-            let out_rank = node
-                .outputs()
-                .first()
-                .copied()
-                .flatten()
-                .and_then(|v| rank(info, v));
             first_batched
                 && axes(g, n, 1).is_some_and(|a| {
                     a.iter()
@@ -452,7 +426,7 @@ fn per_sample_node(
             let axes_given = inputs.get(3).copied().flatten().is_some();
             first_batched
                 && !axes_given
-                && inputs[1..].iter().flatten().all(|&v| !batched.contains(&v))
+                && rest_constant()
                 && pads.is_some_and(|p| {
                     let r = p.len() / 2;
                     r >= 1 && p[0] == 0 && p[r] == 0
@@ -514,44 +488,11 @@ pub(crate) fn split(inputs: &Inputs, size: usize) -> Option<Vec<Inputs>> {
 /// The groups' outputs laid end to end along the first dim.
 pub(crate) fn join(groups: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>, EvalError> {
     let count = groups.first().map_or(0, Vec::len);
-    let mut outputs = Vec::with_capacity(count);
-    for i in 0..count {
-        let parts: Vec<&Tensor> = groups.iter().map(|g| &g[i]).collect();
-        macro_rules! cat {
-            ($variant:ident) => {{
-                let mut views = Vec::with_capacity(parts.len());
-                for p in &parts {
-                    match p {
-                        Tensor::$variant(a) => views.push(a.view()),
-                        t => {
-                            return Err(EvalError::Input(format!(
-                                "output {i} is {} in one group and {} in another",
-                                parts[0].dtype(),
-                                t.dtype()
-                            )))
-                        }
-                    }
-                }
-                Tensor::$variant(concatenate(Axis(0), &views).map_err(|e| {
-                    EvalError::Input(format!("output {i}: groups do not join: {e}"))
-                })?)
-            }};
-        }
-        outputs.push(match parts[0] {
-            Tensor::F32(_) => cat!(F32),
-            Tensor::F64(_) => cat!(F64),
-            Tensor::I64(_) => cat!(I64),
-            Tensor::I32(_) => cat!(I32),
-            Tensor::I8(_) => cat!(I8),
-            Tensor::U8(_) => cat!(U8),
-            Tensor::Bool(_) => cat!(Bool),
-            t => {
-                return Err(EvalError::Input(format!(
-                    "output {i} is {}, which groups of samples cannot join",
-                    t.dtype()
-                )))
-            }
-        });
-    }
-    Ok(outputs)
+    (0..count)
+        .map(|i| {
+            let parts: Vec<&Tensor> = groups.iter().map(|g| &g[i]).collect();
+            concatenate_tensors(&parts, 0)
+                .map_err(|e| EvalError::Input(format!("output {i}: groups do not join: {e}")))
+        })
+        .collect()
 }

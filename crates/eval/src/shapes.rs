@@ -135,14 +135,14 @@ fn merge(declared: Info, inferred: Info) -> Info {
     }
 }
 
-fn int_attr(g: &Graph, n: NodeId, name: &str) -> Option<i64> {
+pub(crate) fn int_attr(g: &Graph, n: NodeId, name: &str) -> Option<i64> {
     match g.node(n).attr(name) {
         Some(AttrValue::Int(i)) => Some(*i),
         _ => None,
     }
 }
 
-fn ints_attr(g: &Graph, n: NodeId, name: &str) -> Option<Vec<i64>> {
+pub(crate) fn ints_attr(g: &Graph, n: NodeId, name: &str) -> Option<Vec<i64>> {
     match g.node(n).attr(name) {
         Some(AttrValue::Ints(v)) => Some(v.clone()),
         _ => None,

@@ -12,6 +12,7 @@ mod norm;
 mod pointwise;
 
 pub(crate) use pointwise::{build as build_pointwise, is_pointwise, Pointwise};
+pub(crate) use shape::concatenate_tensors;
 
 /// Whether the kernel of `op` does the work `OpCtx::fusion` asks for.
 pub fn accepts_fusion(op: &str) -> bool {

@@ -90,22 +90,34 @@ pub fn concat(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalErro
         return cx.err("Concat needs inputs");
     };
     let axis = cx.axis(cx.int_attr("axis", 0)?, first.shape().len())?;
+    match concatenate_tensors(&parts, axis) {
+        Ok(t) => Ok(vec![t]),
+        Err(message) => cx.err(message),
+    }
+}
+
+/// `parts` laid end to end along `axis`: Concat's kernel, and how the
+/// evaluator joins the outputs of groups of samples.
+pub(crate) fn concatenate_tensors(parts: &[&Tensor], axis: usize) -> Result<Tensor, String> {
+    let Some(first) = parts.first() else {
+        return Err("nothing to concatenate".into());
+    };
     macro_rules! cat {
         ($variant:ident) => {{
             let mut views = Vec::with_capacity(parts.len());
-            for p in &parts {
+            for p in parts {
                 match p {
                     Tensor::$variant(a) => views.push(a.view()),
-                    t => return cx.err(format!("inputs mix {} and {}", first.dtype(), t.dtype())),
+                    t => return Err(format!("inputs mix {} and {}", first.dtype(), t.dtype())),
                 }
             }
             match qgraph_ir::ndarray::concatenate(Axis(axis), &views) {
                 Ok(a) => Tensor::$variant(a),
-                Err(e) => return cx.err(format!("cannot concatenate: {e}")),
+                Err(e) => return Err(format!("cannot concatenate: {e}")),
             }
         }};
     }
-    Ok(vec![match first {
+    Ok(match first {
         Tensor::F32(_) => cat!(F32),
         Tensor::F64(_) => cat!(F64),
         Tensor::I64(_) => cat!(I64),
@@ -113,8 +125,8 @@ pub fn concat(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalErro
         Tensor::I8(_) => cat!(I8),
         Tensor::U8(_) => cat!(U8),
         Tensor::Bool(_) => cat!(Bool),
-        t => return cx.err(format!("Concat of {} is not implemented", t.dtype())),
-    }])
+        t => return Err(format!("Concat of {} is not implemented", t.dtype())),
+    })
 }
 
 pub fn split(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
