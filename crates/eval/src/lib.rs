@@ -7,6 +7,7 @@
 //! grouped by family, so a backward kernel can later sit beside each one.
 
 mod attrs;
+pub mod grad;
 mod ops;
 mod plan;
 mod pool;
@@ -18,7 +19,7 @@ use qgraph_ir::{Graph, Model, NodeId, Tensor, ValueDef, ValueId};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
-pub use ops::supported_ops;
+pub use ops::{differentiable_ops, supported_ops, SCALE_GRADIENT_KEY};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EvalError {
@@ -79,6 +80,8 @@ pub struct Evaluator<'m> {
     buffers: pool::BufferPool,
     graph: &'m Graph,
     plan: Vec<Step>,
+    /// Every node, in the order the plan runs them (for the tape).
+    order: Vec<NodeId>,
     opset: i64,
     /// For each value, how many node inputs and graph outputs read it.
     uses: HashMap<ValueId, usize>,
@@ -223,6 +226,7 @@ impl<'m> Evaluator<'m> {
             buffers: pool::BufferPool::default(),
             graph,
             plan,
+            order,
             opset: model.opset_version("").unwrap_or(1),
             uses,
         })

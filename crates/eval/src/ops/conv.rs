@@ -5,7 +5,7 @@ use super::gemm::{gemm, MatRef, Threads};
 use super::pointwise::{
     apply_maps, Epilogue, MapValue, Pointwise, Unchanged, ValueMap, WithValueMap,
 };
-use super::{array, f32_input};
+use super::{array, f32_input, Grads};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::Tensor;
 use rayon::prelude::*;
@@ -134,28 +134,20 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
         Some(t) => return cx.err(format!("bias must be f32, found {}", t.dtype())),
         None => None,
     };
-    if x.ndim() != 4 || w.ndim() != 4 {
-        return cx.err(format!(
-            "only 2-D convolution is implemented (input rank {})",
-            x.ndim()
-        ));
-    }
-    let (n, c, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
-    let (m, cg, kh, kw) = (w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]);
-    if kh == 0 || kw == 0 {
-        return cx.err(format!("the kernel {:?} is empty", w.shape()));
-    }
-    let group = cx.int_attr("group", 1)?;
-    if group < 1 || c % group as usize != 0 || m % group as usize != 0 || c / group as usize != cg {
-        return cx.err(format!(
-            "group {group} does not fit {c} input channels, weights {:?}",
-            w.shape()
-        ));
-    }
-    let group = group as usize;
-    let mg = m / group;
-    let win = window(cx, &[h, wd], Some(vec![kh, kw]), false)?;
-    let (oh, ow) = (win.out[0], win.out[1]);
+    let ConvShape {
+        n,
+        c,
+        h,
+        w: wd,
+        m,
+        group,
+        cg,
+        mg,
+        g: geometry,
+        depthwise,
+        pointwise,
+    } = ConvShape::read(cx, x.shape(), w.shape())?;
+    let (oh, ow) = (geometry.oh, geometry.ow);
     if bias.as_ref().is_some_and(|b| b.len() != m) {
         return cx.err(format!("bias must have {m} values"));
     }
@@ -189,27 +181,7 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     let xs = x.as_slice().expect("standard layout");
     let w = w.as_standard_layout();
     let ws = w.as_slice().expect("standard layout");
-    let geometry = Geometry {
-        h,
-        w: wd,
-        kh,
-        kw,
-        oh,
-        ow,
-        sh: win.strides[0],
-        sw: win.strides[1],
-        dh: win.dilations[0],
-        dw: win.dilations[1],
-        ph: win.pad_begin[0],
-        pw: win.pad_begin[1],
-    };
-    let depthwise = cg == 1 && mg == 1;
-    let pointwise = kh == 1
-        && kw == 1
-        && geometry.sh == 1
-        && geometry.sw == 1
-        && win.pad_begin.iter().chain(&win.pad_end).all(|&p| p == 0);
-    let k = cg * kh * kw;
+    let k = cg * geometry.kh * geometry.kw;
     let plane = oh * ow;
     // The loops below are compiled for the best vector unit found at run
     // time; they are plain loads, multiplies and adds, so the values are the
@@ -308,6 +280,86 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
             }
         });
     Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))])
+}
+
+/// A 2-D convolution's sizes, read from its input and weight shapes and
+/// its attributes.
+struct ConvShape {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    /// Output channels.
+    m: usize,
+    group: usize,
+    /// Input and output channels per group.
+    cg: usize,
+    mg: usize,
+    g: Geometry,
+    depthwise: bool,
+    /// 1x1 without stride or padding: a product with the input as it is.
+    pointwise: bool,
+}
+
+impl ConvShape {
+    fn read(cx: &OpCtx, x: &[usize], w: &[usize]) -> Result<ConvShape, EvalError> {
+        if x.len() != 4 || w.len() != 4 {
+            return cx.err(format!(
+                "only 2-D convolution is implemented (input rank {})",
+                x.len()
+            ));
+        }
+        let (n, c, h, wd) = (x[0], x[1], x[2], x[3]);
+        let (m, cg, kh, kw) = (w[0], w[1], w[2], w[3]);
+        if kh == 0 || kw == 0 {
+            return cx.err(format!("the kernel {w:?} is empty"));
+        }
+        let group = cx.int_attr("group", 1)?;
+        if group < 1
+            || c % group as usize != 0
+            || m % group as usize != 0
+            || c / group as usize != cg
+        {
+            return cx.err(format!(
+                "group {group} does not fit {c} input channels, weights {w:?}"
+            ));
+        }
+        let group = group as usize;
+        let mg = m / group;
+        let win = window(cx, &[h, wd], Some(vec![kh, kw]), false)?;
+        let g = Geometry {
+            h,
+            w: wd,
+            kh,
+            kw,
+            oh: win.out[0],
+            ow: win.out[1],
+            sh: win.strides[0],
+            sw: win.strides[1],
+            dh: win.dilations[0],
+            dw: win.dilations[1],
+            ph: win.pad_begin[0],
+            pw: win.pad_begin[1],
+        };
+        let pointwise = kh == 1
+            && kw == 1
+            && g.sh == 1
+            && g.sw == 1
+            && win.pad_begin.iter().chain(&win.pad_end).all(|&p| p == 0);
+        Ok(ConvShape {
+            n,
+            c,
+            h,
+            w: wd,
+            m,
+            group,
+            cg,
+            mg,
+            depthwise: cg == 1 && mg == 1,
+            pointwise,
+            g,
+        })
+    }
 }
 
 /// The sizes of one 2-D convolution: input plane, kernel, output plane,
@@ -804,6 +856,162 @@ fn im2col_rows(
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Conv's gradient. The bias gets the output's gradient summed per channel.
+/// Otherwise per (image, group), as the forward: the weights get
+/// `dY cols^T` summed over the images in order, the input `col2im(W^T dY)`;
+/// depthwise convolutions run direct loops per plane instead.
+pub fn conv_backward(cx: &OpCtx, grads_in: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; grads_in.inputs.len()];
+    let x = f32_input(cx, grads_in.inputs, 0)?;
+    let w = f32_input(cx, grads_in.inputs, 1)?;
+    let s = ConvShape::read(cx, x.shape(), w.shape())?;
+    let geo = &s.g;
+    let (plane, in_plane) = (geo.oh * geo.ow, s.h * s.w);
+    let k = s.cg * geo.kh * geo.kw;
+    let x = x.as_standard_layout();
+    let xs = x.as_slice().expect("standard layout");
+    let w = w.as_standard_layout();
+    let ws = w.as_slice().expect("standard layout");
+    let d = grads_in.d_output(cx, 0)?;
+    let ds = d.as_slice().expect("standard layout");
+    if grads_in.wants(2) {
+        let db: Vec<f32> = (0..s.m)
+            .into_par_iter()
+            .map(|oc| {
+                let total: f64 = (0..s.n)
+                    .map(|b| ds[(b * s.m + oc) * plane..][..plane].iter().sum::<f32>() as f64)
+                    .sum();
+                total as f32
+            })
+            .collect();
+        grads[2] = Some(Tensor::F32(array(&[s.m], db)));
+    }
+    if s.depthwise {
+        if grads_in.wants(1) {
+            let dw: Vec<f32> = (0..s.m)
+                .into_par_iter()
+                .flat_map_iter(|ch| {
+                    let mut acc = vec![0f64; geo.kh * geo.kw];
+                    for b in 0..s.n {
+                        let src = &xs[(b * s.c + ch) * in_plane..][..in_plane];
+                        let dy = &ds[(b * s.m + ch) * plane..][..plane];
+                        for_each_tap(geo, |tap, oy, out_cols, in_start| {
+                            let row = &dy[oy * geo.ow..][out_cols];
+                            let sum: f32 = row
+                                .iter()
+                                .enumerate()
+                                .map(|(t, &dv)| dv * src[in_start + t * geo.sw])
+                                .sum();
+                            acc[tap] += sum as f64;
+                        });
+                    }
+                    acc.into_iter().map(|v| v as f32)
+                })
+                .collect();
+            grads[1] = Some(Tensor::F32(array(w.shape(), dw)));
+        }
+        if grads_in.wants(0) {
+            let mut dx = vec![0f32; xs.len()];
+            dx.par_chunks_mut(in_plane.max(1))
+                .enumerate()
+                .for_each(|(p, dst)| {
+                    let (b, ch) = (p / s.c, p % s.c);
+                    let dy = &ds[(b * s.m + ch) * plane..][..plane];
+                    let ker = &ws[ch * geo.kh * geo.kw..][..geo.kh * geo.kw];
+                    for_each_tap(geo, |tap, oy, out_cols, in_start| {
+                        let wv = ker[tap];
+                        for (t, &dv) in dy[oy * geo.ow..][out_cols].iter().enumerate() {
+                            dst[in_start + t * geo.sw] += wv * dv;
+                        }
+                    });
+                });
+            grads[0] = Some(Tensor::F32(array(x.shape(), dx)));
+        }
+        return Ok(grads);
+    }
+    let (cg, mg) = (s.cg, s.mg);
+    if grads_in.wants(1) {
+        let mut dw = vec![0f32; s.m * k];
+        let threads = if s.group > 1 {
+            Threads::One
+        } else {
+            Threads::Pool
+        };
+        dw.par_chunks_mut((mg * k).max(1))
+            .enumerate()
+            .for_each(|(gi, dst)| {
+                let mut columns = Vec::new();
+                for b in 0..s.n {
+                    let src = &xs[(b * s.c + gi * cg) * in_plane..][..cg * in_plane];
+                    let dy = MatRef::row_major(&ds[(b * s.m + gi * mg) * plane..], mg, plane);
+                    let cols = if s.pointwise {
+                        MatRef::row_major(src, cg, plane)
+                    } else {
+                        im2col_rows(src, cg, geo, 0..geo.oh, &mut columns);
+                        MatRef::row_major(&columns, k, plane)
+                    };
+                    gemm(dst, k, dy, cols.transposed(), 1.0, b > 0, threads);
+                }
+            });
+        grads[1] = Some(Tensor::F32(array(w.shape(), dw)));
+    }
+    if grads_in.wants(0) {
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut((cg * in_plane).max(1))
+            .enumerate()
+            .for_each(|(image_group, dst)| {
+                let (b, gi) = (image_group / s.group, image_group % s.group);
+                let wg = MatRef::row_major(&ws[gi * mg * k..], mg, k);
+                let dy = MatRef::row_major(&ds[(b * s.m + gi * mg) * plane..], mg, plane);
+                if s.pointwise {
+                    gemm(dst, plane, wg.transposed(), dy, 1.0, false, Threads::One);
+                    return;
+                }
+                let mut dcols = vec![0f32; k * plane];
+                gemm(
+                    &mut dcols,
+                    plane,
+                    wg.transposed(),
+                    dy,
+                    1.0,
+                    false,
+                    Threads::One,
+                );
+                for (ci, block) in dcols.chunks(geo.kh * geo.kw * plane).enumerate() {
+                    let dst = &mut dst[ci * in_plane..][..in_plane];
+                    for_each_tap(geo, |tap, oy, out_cols, in_start| {
+                        let row = &block[tap * plane + oy * geo.ow..][out_cols];
+                        for (t, &v) in row.iter().enumerate() {
+                            dst[in_start + t * geo.sw] += v;
+                        }
+                    });
+                }
+            });
+        grads[0] = Some(Tensor::F32(array(x.shape(), dx)));
+    }
+    Ok(grads)
+}
+
+/// Visits every (kernel tap, output row) whose window reads inside the
+/// input: `f(tap, output row, output columns, input offset of the first
+/// of those columns)`; column `t` of the range reads offset
+/// `start + t * sw`.
+fn for_each_tap(g: &Geometry, mut f: impl FnMut(usize, usize, std::ops::Range<usize>, usize)) {
+    for i in 0..g.kh {
+        for j in 0..g.kw {
+            let (first, end, from) = g.column_range(j);
+            if first == end {
+                continue;
+            }
+            for oy in 0..g.oh {
+                if let Some(r) = g.input_row(oy, i) {
+                    f(i * g.kw + j, oy, first..end, r * g.w + from);
                 }
             }
         }

@@ -276,3 +276,88 @@ pub fn clip(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError>
         _ => super::pointwise::kernel(cx, i),
     }
 }
+
+/// Gradients of the one-input operators: the derivative at each input
+/// element (or, where cheaper, from the output) times the output's gradient.
+pub fn unary_backward(cx: &OpCtx, g: &super::Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) {
+        return Ok(grads);
+    }
+    let op = cx.graph.node(cx.node).op_type.as_str();
+    let x = f32_input(cx, g.inputs, 0)?;
+    let y = match g.outputs.first().copied().flatten() {
+        Some(Tensor::F32(y)) => y,
+        _ => return cx.err("the output was not kept for the backward pass"),
+    };
+    let d = g.d_output(cx, 0)?;
+    let derivative: fn(f32, f32) -> f32 = match op {
+        "Identity" | "Dropout" => |_, _| 1.0,
+        "Neg" => |_, _| -1.0,
+        "Abs" => |x, _| x.signum() * (x != 0.0) as u8 as f32,
+        "Sqrt" => |_, y| 0.5 / y,
+        "Exp" => |_, y| y,
+        "Log" => |x, _| 1.0 / x,
+        "Reciprocal" => |_, y| -y * y,
+        other => return cx.err(format!("{other} has no gradient here")),
+    };
+    let mut d = d;
+    Zip::from(&mut d)
+        .and(x)
+        .and(y)
+        .par_for_each(|d, &x, &y| *d *= derivative(x, y));
+    grads[0] = Some(Tensor::F32(d));
+    Ok(grads)
+}
+
+/// Gradients of Add, Sub, Mul, Div and Pow with broadcasting: each operand's
+/// gradient is summed back over the dims it was broadcast along.
+pub fn binary_backward(cx: &OpCtx, g: &super::Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) && !g.wants(1) {
+        return Ok(grads);
+    }
+    let op = cx.graph.node(cx.node).op_type.as_str();
+    let a = f32_input(cx, g.inputs, 0)?;
+    let b = f32_input(cx, g.inputs, 1)?;
+    let y = match g.outputs.first().copied().flatten() {
+        Some(Tensor::F32(y)) => y,
+        _ => return cx.err("the output was not kept for the backward pass"),
+    };
+    let d = g.d_output(cx, 0)?;
+    let shape = d.shape().to_vec();
+    let (Some(ab), Some(bb)) = (a.broadcast(IxDyn(&shape)), b.broadcast(IxDyn(&shape))) else {
+        return cx.err(format!(
+            "shapes {:?} and {:?} do not broadcast to the output's {:?}",
+            a.shape(),
+            b.shape(),
+            shape
+        ));
+    };
+    // The partial derivatives of y = f(a, b) at (a, b, y).
+    type Partial = fn(f32, f32, f32) -> f32;
+    let (da, db): (Partial, Partial) = match op {
+        "Add" => (|_, _, _| 1.0, |_, _, _| 1.0),
+        "Sub" => (|_, _, _| 1.0, |_, _, _| -1.0),
+        "Mul" => (|_, b, _| b, |a, _, _| a),
+        "Div" => (|_, b, _| 1.0 / b, |_, b, y| -y / b),
+        "Pow" => (
+            |a, b, _| if b == 0.0 { 0.0 } else { b * a.powf(b - 1.0) },
+            |a, _, y| if a > 0.0 { y * a.ln() } else { 0.0 },
+        ),
+        other => return cx.err(format!("{other} has no gradient here")),
+    };
+    for (k, (partial, operand)) in [(da, a), (db, b)].into_iter().enumerate() {
+        if !g.wants(k) {
+            continue;
+        }
+        let mut dk = d.clone();
+        Zip::from(&mut dk)
+            .and(&ab)
+            .and(&bb)
+            .and(y)
+            .par_for_each(|d, &a, &b, &y| *d *= partial(a, b, y));
+        grads[k] = Some(Tensor::F32(super::sum_to_shape(dk, operand.shape())));
+    }
+    Ok(grads)
+}

@@ -1,8 +1,8 @@
-//! Gemm and MatMul.
+//! Gemm and MatMul, and their gradients.
 
 use super::elementwise::broadcast_shape;
 use super::gemm::{gemm as gemm_kernel, MatRef, Threads};
-use super::{array, f32_input};
+use super::{array, f32_input, sum_to_shape, Grads};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayBase, Axis, Data, IxDyn};
 use qgraph_ir::Tensor;
@@ -132,4 +132,121 @@ pub fn matmul(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
         shape.push(n);
     }
     Ok(vec![Tensor::F32(array(&shape, out))])
+}
+
+/// Gemm's gradient: with `A' = op(A)`, `B' = op(B)` and `Y = alpha A'B' +
+/// beta C`, `dA' = alpha dY B'^T`, `dB' = alpha A'^T dY` (each computed
+/// directly in its operand's own orientation) and `dC = beta dY`, summed
+/// over the dims C was broadcast along.
+pub fn gemm_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    let (trans_a, trans_b) = (
+        cx.int_attr("transA", 0)? != 0,
+        cx.int_attr("transB", 0)? != 0,
+    );
+    let (alpha, beta) = (cx.float_attr("alpha", 1.0)?, cx.float_attr("beta", 1.0)?);
+    let a_arr = f32_input(cx, g.inputs, 0)?.as_standard_layout();
+    let b_arr = f32_input(cx, g.inputs, 1)?.as_standard_layout();
+    let a = matrix(cx, &a_arr, "A", trans_a)?;
+    let b = matrix(cx, &b_arr, "B", trans_b)?;
+    let d = g.d_output(cx, 0)?;
+    let dy = matrix(cx, &d, "the output's gradient", false)?;
+    let (m, k, n) = (a.rows(), a.cols(), b.cols());
+    if g.wants(0) {
+        let mut da = vec![0f32; m * k];
+        if trans_a {
+            gemm_kernel(&mut da, m, b, dy.transposed(), alpha, false, Threads::Pool);
+        } else {
+            gemm_kernel(&mut da, k, dy, b.transposed(), alpha, false, Threads::Pool);
+        }
+        grads[0] = Some(Tensor::F32(array(a_arr.shape(), da)));
+    }
+    if g.wants(1) {
+        let mut db = vec![0f32; k * n];
+        if trans_b {
+            gemm_kernel(&mut db, k, dy.transposed(), a, alpha, false, Threads::Pool);
+        } else {
+            gemm_kernel(&mut db, n, a.transposed(), dy, alpha, false, Threads::Pool);
+        }
+        grads[1] = Some(Tensor::F32(array(b_arr.shape(), db)));
+    }
+    if g.wants(2) {
+        let c = f32_input(cx, g.inputs, 2)?;
+        let dc = sum_to_shape(d.mapv(|v| v * beta), c.shape());
+        grads[2] = Some(Tensor::F32(dc));
+    }
+    Ok(grads)
+}
+
+/// MatMul's gradient: `dA = dY B^T` and `dB = A^T dY` per matrix of the
+/// broadcast batch, summed back over the batch dims each operand was
+/// broadcast along (1-D operands as numpy promotes them).
+pub fn matmul_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) && !g.wants(1) {
+        return Ok(grads);
+    }
+    let a0 = f32_input(cx, g.inputs, 0)?;
+    let b0 = f32_input(cx, g.inputs, 1)?;
+    let a = if a0.ndim() == 1 {
+        a0.view().insert_axis(Axis(0))
+    } else {
+        a0.view()
+    };
+    let b = if b0.ndim() == 1 {
+        b0.view().insert_axis(Axis(1))
+    } else {
+        b0.view()
+    };
+    let (ar, br) = (a.ndim(), b.ndim());
+    let (m, k, n) = (a.shape()[ar - 2], a.shape()[ar - 1], b.shape()[br - 1]);
+    let Some(batch) = broadcast_shape(&a.shape()[..ar - 2], &b.shape()[..br - 2]) else {
+        return cx.err("batch dims do not broadcast");
+    };
+    let full = |rows: usize, cols: usize| -> Vec<usize> {
+        let mut s = batch.clone();
+        s.extend([rows, cols]);
+        s
+    };
+    let (Some(ab), Some(bb)) = (
+        a.broadcast(IxDyn(&full(m, k))),
+        b.broadcast(IxDyn(&full(k, n))),
+    ) else {
+        return cx.err("operands do not broadcast to the batch");
+    };
+    let (ab, bb) = (ab.as_standard_layout(), bb.as_standard_layout());
+    let (a_data, b_data) = (
+        ab.as_slice().expect("standard"),
+        bb.as_slice().expect("standard"),
+    );
+    let d = g.d_output(cx, 0)?;
+    let ds = d.as_slice().expect("standard layout");
+    let count: usize = batch.iter().product();
+    if g.wants(0) {
+        let mut da = vec![0f32; count * m * k];
+        for (i, chunk) in da.chunks_mut((m * k).max(1)).enumerate().take(count) {
+            let dy = MatRef::row_major(&ds[i * m * n..], m, n);
+            let bm = MatRef::row_major(&b_data[i * k * n..], k, n);
+            gemm_kernel(chunk, k, dy, bm.transposed(), 1.0, false, Threads::Pool);
+        }
+        let da = sum_to_shape(array(&full(m, k), da), a.shape());
+        let da = da
+            .into_shape_with_order(IxDyn(a0.shape()))
+            .expect("same element count");
+        grads[0] = Some(Tensor::F32(da));
+    }
+    if g.wants(1) {
+        let mut db = vec![0f32; count * k * n];
+        for (i, chunk) in db.chunks_mut((k * n).max(1)).enumerate().take(count) {
+            let am = MatRef::row_major(&a_data[i * m * k..], m, k);
+            let dy = MatRef::row_major(&ds[i * m * n..], m, n);
+            gemm_kernel(chunk, n, am.transposed(), dy, 1.0, false, Threads::Pool);
+        }
+        let db = sum_to_shape(array(&full(k, n), db), b.shape());
+        let db = db
+            .into_shape_with_order(IxDyn(b0.shape()))
+            .expect("same element count");
+        grads[1] = Some(Tensor::F32(db));
+    }
+    Ok(grads)
 }

@@ -11,7 +11,9 @@ mod matmul;
 mod norm;
 mod pointwise;
 
+pub(crate) use norm::batch_norm_training;
 pub(crate) use pointwise::{build as build_pointwise, is_pointwise, Pointwise};
+pub use quant::SCALE_GRADIENT_KEY;
 pub(crate) use shape::concatenate_tensors;
 
 /// Whether the kernel of `op` does the work `OpCtx::fusion` asks for.
@@ -24,10 +26,129 @@ mod resize;
 mod shape;
 
 use crate::{EvalError, OpCtx};
-use qgraph_ir::ndarray::{ArrayD, IxDyn};
+use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn};
 use qgraph_ir::Tensor;
 
 pub type Kernel = fn(&OpCtx, &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError>;
+
+/// What a backward kernel reads: the forward pass's inputs and outputs, the
+/// loss gradient of each output (`None`: zero), and which inputs' gradients
+/// the caller wants.
+pub struct Grads<'a> {
+    pub inputs: &'a [Option<&'a Tensor>],
+    pub outputs: &'a [Option<&'a Tensor>],
+    pub d_outputs: &'a [Option<&'a Tensor>],
+    pub wanted: &'a [bool],
+    /// Whether the forward pass ran in training mode (batch statistics).
+    pub training: bool,
+    /// What the training forward kept for the backward (BatchNormalization:
+    /// the batch mean and variance).
+    pub saved: &'a [Tensor],
+}
+
+impl Grads<'_> {
+    /// Whether input `i` is present and its gradient wanted.
+    pub fn wants(&self, i: usize) -> bool {
+        self.wanted.get(i).copied().unwrap_or(false)
+            && self.inputs.get(i).copied().flatten().is_some()
+    }
+
+    /// The gradient of output `k` in standard layout, zeros when none flows.
+    pub fn d_output(&self, cx: &OpCtx, k: usize) -> Result<ArrayD<f32>, EvalError> {
+        let Some(Some(y)) = self.outputs.get(k) else {
+            return cx.err(format!("output {k} was not computed"));
+        };
+        match self.d_outputs.get(k).copied().flatten() {
+            Some(Tensor::F32(d)) if d.shape() == y.shape() => {
+                Ok(d.as_standard_layout().into_owned())
+            }
+            Some(d) => cx.err(format!(
+                "the gradient of output {k} is {} {:?}, the output {:?}",
+                d.dtype(),
+                d.shape(),
+                y.shape()
+            )),
+            None => Ok(ArrayD::zeros(IxDyn(y.shape()))),
+        }
+    }
+}
+
+/// One gradient per input of the node (`None` where not wanted or not
+/// differentiable).
+pub type BackwardKernel = fn(&OpCtx, &Grads) -> Result<Vec<Option<Tensor>>, EvalError>;
+
+/// The backward kernel of an operator, beside its forward kernel.
+pub fn backward_kernel(domain: &str, op: &str) -> Option<BackwardKernel> {
+    if !matches!(domain, "" | "ai.onnx") {
+        return None;
+    }
+    BACKWARD_KERNELS
+        .iter()
+        .find(|(name, _)| *name == op)
+        .map(|(_, k)| *k)
+}
+
+/// Names of the operators with a backward kernel.
+pub fn differentiable_ops() -> Vec<&'static str> {
+    BACKWARD_KERNELS.iter().map(|(n, _)| *n).collect()
+}
+
+const BACKWARD_KERNELS: &[(&str, BackwardKernel)] = &[
+    ("Relu", pointwise::backward),
+    ("LeakyRelu", pointwise::backward),
+    ("Clip", pointwise::backward),
+    ("Sigmoid", pointwise::backward),
+    ("HardSigmoid", pointwise::backward),
+    ("HardSwish", pointwise::backward),
+    ("Tanh", pointwise::backward),
+    ("BatchNormalization", norm::batch_norm_backward),
+    ("Neg", elementwise::unary_backward),
+    ("Abs", elementwise::unary_backward),
+    ("Sqrt", elementwise::unary_backward),
+    ("Exp", elementwise::unary_backward),
+    ("Log", elementwise::unary_backward),
+    ("Reciprocal", elementwise::unary_backward),
+    ("Identity", elementwise::unary_backward),
+    ("Dropout", elementwise::unary_backward),
+    ("Add", elementwise::binary_backward),
+    ("Sub", elementwise::binary_backward),
+    ("Mul", elementwise::binary_backward),
+    ("Div", elementwise::binary_backward),
+    ("Pow", elementwise::binary_backward),
+    ("Conv", conv::conv_backward),
+    ("Gemm", matmul::gemm_backward),
+    ("MatMul", matmul::matmul_backward),
+    ("Softmax", norm::softmax_backward),
+    ("MaxPool", pool::max_pool_backward),
+    ("AveragePool", pool::average_pool_backward),
+    ("GlobalAveragePool", pool::global_average_pool_backward),
+    ("ReduceMean", pool::reduce_mean_backward),
+    ("Flatten", shape::reshape_backward),
+    ("Reshape", shape::reshape_backward),
+    ("Squeeze", shape::reshape_backward),
+    ("Unsqueeze", shape::reshape_backward),
+    ("Transpose", shape::transpose_backward),
+    ("Concat", shape::concat_backward),
+    ("Split", shape::split_backward),
+    ("Slice", shape::slice_backward),
+    ("Pad", shape::pad_backward),
+    ("QuantizeLinear", quant::quantize_linear_backward),
+    ("DequantizeLinear", quant::dequantize_linear_backward),
+];
+
+/// Sums a gradient over the dims its operand was broadcast along, back to
+/// the operand's `shape`.
+pub(crate) fn sum_to_shape(mut g: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
+    while g.ndim() > shape.len() {
+        g = g.sum_axis(Axis(0));
+    }
+    for (d, &s) in shape.iter().enumerate() {
+        if s == 1 && g.shape()[d] != 1 {
+            g = g.sum_axis(Axis(d)).insert_axis(Axis(d));
+        }
+    }
+    g
+}
 
 /// The kernel for an operator of the default ONNX domain, or of ONNX
 /// Runtime's `com.microsoft` quantized operators.

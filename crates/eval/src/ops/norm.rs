@@ -1,9 +1,10 @@
-//! Softmax.
+//! Softmax and batch normalization's training forward; their gradients.
 
-use super::f32_input;
+use super::{array, f32_input, Grads};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn};
 use qgraph_ir::Tensor;
+use rayon::prelude::*;
 
 fn softmax_lanes(y: &mut ArrayD<f32>, axis: usize) {
     for mut lane in y.lanes_mut(Axis(axis)) {
@@ -43,4 +44,212 @@ pub fn softmax(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Ev
         .into_shape_with_order(IxDyn(x.shape()))
         .expect("same element count");
     Ok(vec![Tensor::F32(y)])
+}
+
+/// The Softmax axis as a 2-D view: (outer, axis length, inner) for opset 13
+/// and later, (outer, flattened rest, 1) before.
+fn softmax_layout(cx: &OpCtx, shape: &[usize]) -> Result<(usize, usize, usize), EvalError> {
+    let r = shape.len();
+    let (axis, flat) = if cx.opset >= 13 {
+        (cx.axis(cx.int_attr("axis", -1)?, r)?, false)
+    } else {
+        (cx.axis(cx.int_attr("axis", 1)?, r)?, true)
+    };
+    let outer: usize = shape[..axis].iter().product();
+    if flat {
+        return Ok((outer, shape[axis..].iter().product(), 1));
+    }
+    Ok((outer, shape[axis], shape[axis + 1..].iter().product()))
+}
+
+/// `dx = y * (dy - sum(dy * y))` along the softmax axis.
+pub fn softmax_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) {
+        return Ok(grads);
+    }
+    let y = match g.outputs.first().copied().flatten() {
+        Some(Tensor::F32(y)) => y.as_standard_layout(),
+        _ => return cx.err("the output was not kept for the backward pass"),
+    };
+    let (outer, len, inner) = softmax_layout(cx, y.shape())?;
+    let mut d = g.d_output(cx, 0)?;
+    let ys = y.as_slice().expect("standard layout");
+    let ds = d.as_slice_mut().expect("standard layout");
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |k: usize| (o * len + k) * inner + i;
+            let dot: f32 = (0..len).map(|k| ds[at(k)] * ys[at(k)]).sum();
+            for k in 0..len {
+                ds[at(k)] = ys[at(k)] * (ds[at(k)] - dot);
+            }
+        }
+    }
+    grads[0] = Some(Tensor::F32(d));
+    Ok(grads)
+}
+
+/// A BatchNormalization's per-channel parameters (scale, bias, mean,
+/// variance) and epsilon, with the channel layout of its input.
+struct BatchNorm {
+    params: [Vec<f32>; 4],
+    eps: f32,
+    channels: usize,
+    /// Elements per (image, channel) plane.
+    inner: usize,
+}
+
+impl BatchNorm {
+    fn read(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<BatchNorm, EvalError> {
+        let x = f32_input(cx, inputs, 0)?;
+        if x.ndim() < 2 {
+            return cx.err("the input needs a channel axis");
+        }
+        let channels = x.shape()[1];
+        let mut params: [Vec<f32>; 4] = Default::default();
+        for (k, p) in params.iter_mut().enumerate() {
+            *p = f32_input(cx, inputs, k + 1)?.iter().copied().collect();
+            if p.len() != channels {
+                return cx.err(format!(
+                    "input {} has {} values for {channels} channels",
+                    k + 1,
+                    p.len()
+                ));
+            }
+        }
+        Ok(BatchNorm {
+            params,
+            eps: cx.float_attr("epsilon", 1e-5)?,
+            channels,
+            inner: x.shape()[2..].iter().product(),
+        })
+    }
+
+    /// The planes of channel `c` in standard-layout data.
+    fn planes<'d>(&self, data: &'d [f32], c: usize) -> impl Iterator<Item = &'d [f32]> + 'd {
+        let (channels, inner) = (self.channels, self.inner);
+        data.chunks(inner.max(1)).skip(c).step_by(channels.max(1))
+    }
+}
+
+/// BatchNormalization in training mode: normalised with the batch's own
+/// mean and (biased) variance per channel. Returns the output and the
+/// statistics `[mean, variance]`, which the backward pass reads and from
+/// which a trainer updates the running averages.
+pub fn batch_norm_training(
+    cx: &OpCtx,
+    inputs: &[Option<&Tensor>],
+) -> Result<(Tensor, Vec<Tensor>), EvalError> {
+    let bn = BatchNorm::read(cx, inputs)?;
+    let x = f32_input(cx, inputs, 0)?.as_standard_layout();
+    let xs = x.as_slice().expect("standard layout");
+    let count = (xs.len() / bn.channels.max(1)).max(1) as f64;
+    let stats: Vec<(f32, f32)> = (0..bn.channels)
+        .into_par_iter()
+        .map(|c| {
+            let sum: f64 = bn.planes(xs, c).flatten().map(|&v| v as f64).sum();
+            let mean = sum / count;
+            let var: f64 = bn
+                .planes(xs, c)
+                .flatten()
+                .map(|&v| (v as f64 - mean).powi(2))
+                .sum::<f64>()
+                / count;
+            (mean as f32, var as f32)
+        })
+        .collect();
+    let [gamma, beta, _, _] = &bn.params;
+    let mut y = x.clone().into_owned();
+    let ys = y.as_slice_mut().expect("standard layout");
+    ys.par_chunks_mut(bn.inner.max(1))
+        .enumerate()
+        .for_each(|(plane, out)| {
+            let c = plane % bn.channels;
+            let (mean, var) = stats[c];
+            let scale = gamma[c] / (var + bn.eps).sqrt();
+            let shift = beta[c] - mean * scale;
+            out.iter_mut().for_each(|v| *v = *v * scale + shift);
+        });
+    let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+    let c = bn.channels;
+    Ok((
+        Tensor::F32(y),
+        vec![
+            Tensor::F32(array(&[c], mean)),
+            Tensor::F32(array(&[c], var)),
+        ],
+    ))
+}
+
+/// The gradient of BatchNormalization: with the batch statistics the
+/// training forward saved (their own dependence on x included), or with
+/// the running statistics as constants (inference mode). Gradients flow to
+/// x, scale and bias; the statistics inputs get none.
+pub fn batch_norm_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    let bn = BatchNorm::read(cx, g.inputs)?;
+    let x = f32_input(cx, g.inputs, 0)?.as_standard_layout();
+    let xs = x.as_slice().expect("standard layout");
+    let d = g.d_output(cx, 0)?;
+    let ds = d.as_slice().expect("standard layout");
+    let [gamma, _, running_mean, running_var] = &bn.params;
+    let (mean, var): (Vec<f32>, Vec<f32>) = if g.training {
+        match g.saved {
+            [Tensor::F32(m), Tensor::F32(v)] => {
+                (m.iter().copied().collect(), v.iter().copied().collect())
+            }
+            _ => return cx.err("the batch statistics of the training forward are missing"),
+        }
+    } else {
+        (running_mean.clone(), running_var.clone())
+    };
+    let count = (xs.len() / bn.channels.max(1)).max(1) as f32;
+    // Per channel: sum(dy) and sum(dy * x_hat).
+    let sums: Vec<(f32, f32)> = (0..bn.channels)
+        .into_par_iter()
+        .map(|c| {
+            let inv = 1.0 / (var[c] + bn.eps).sqrt();
+            let mut sum_d = 0f64;
+            let mut sum_dx = 0f64;
+            for (xp, dp) in bn.planes(xs, c).zip(bn.planes(ds, c)) {
+                for (&xv, &dv) in xp.iter().zip(dp) {
+                    sum_d += dv as f64;
+                    sum_dx += (dv * (xv - mean[c]) * inv) as f64;
+                }
+            }
+            (sum_d as f32, sum_dx as f32)
+        })
+        .collect();
+    if g.wants(0) {
+        let mut dx = d.clone();
+        let dxs = dx.as_slice_mut().expect("standard layout");
+        dxs.par_chunks_mut(bn.inner.max(1))
+            .zip(xs.par_chunks(bn.inner.max(1)))
+            .enumerate()
+            .for_each(|(plane, (out, xp))| {
+                let c = plane % bn.channels;
+                let inv = 1.0 / (var[c] + bn.eps).sqrt();
+                let k = gamma[c] * inv;
+                if g.training {
+                    let (sum_d, sum_dx) = sums[c];
+                    for (o, &xv) in out.iter_mut().zip(xp) {
+                        let x_hat = (xv - mean[c]) * inv;
+                        *o = k * (*o - sum_d / count - x_hat * sum_dx / count);
+                    }
+                } else {
+                    out.iter_mut().for_each(|o| *o *= k);
+                }
+            });
+        grads[0] = Some(Tensor::F32(dx));
+    }
+    let c = bn.channels;
+    if g.wants(1) {
+        let v = sums.iter().map(|s| s.1).collect();
+        grads[1] = Some(Tensor::F32(array(&[c], v)));
+    }
+    if g.wants(2) {
+        let v = sums.iter().map(|s| s.0).collect();
+        grads[2] = Some(Tensor::F32(array(&[c], v)));
+    }
+    Ok(grads)
 }

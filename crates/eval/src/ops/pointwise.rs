@@ -388,6 +388,63 @@ pub fn kernel(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
     Ok(vec![Tensor::F32(array(x.shape(), data))])
 }
 
+/// The gradient of the activations above (BatchNormalization has its own,
+/// in `norm`): the derivative at each input element times the output's
+/// gradient. At a kink the side the forward's comparison takes is used
+/// (Relu: 0 at 0; Clip passes its bounds, as PyTorch's clamp).
+pub fn backward(cx: &OpCtx, g: &super::Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) {
+        return Ok(grads);
+    }
+    let map = build(cx, g.inputs)?;
+    let x = f32_input(cx, g.inputs, 0)?.as_standard_layout();
+    let mut d = g.d_output(cx, 0)?;
+    let xs = x.as_slice().expect("standard layout");
+    let ds = d.as_slice_mut().expect("standard layout");
+    let derivative = move |v: f32| -> f32 {
+        match &map {
+            Pointwise::Relu => (v > 0.0) as u8 as f32,
+            Pointwise::Clip { lo, hi } => (v >= *lo && v <= *hi) as u8 as f32,
+            Pointwise::LeakyRelu { alpha } => {
+                if v >= 0.0 {
+                    1.0
+                } else {
+                    *alpha
+                }
+            }
+            Pointwise::Sigmoid => {
+                let s = 1.0 / (1.0 + (-v).exp());
+                s * (1.0 - s)
+            }
+            Pointwise::HardSigmoid { alpha, beta } => {
+                let t = alpha * v + beta;
+                if t > 0.0 && t < 1.0 {
+                    *alpha
+                } else {
+                    0.0
+                }
+            }
+            Pointwise::HardSwish => {
+                if v <= -3.0 {
+                    0.0
+                } else if v >= 3.0 {
+                    1.0
+                } else {
+                    v / 3.0 + 0.5
+                }
+            }
+            Pointwise::Tanh => 1.0 - v.tanh().powi(2),
+            Pointwise::ChannelAffine { .. } | Pointwise::AddInput => 1.0,
+        }
+    };
+    ds.par_chunks_mut(1 << 14)
+        .zip(xs.par_chunks(1 << 14))
+        .for_each(|(d, x)| d.iter_mut().zip(x).for_each(|(d, &v)| *d *= derivative(v)));
+    grads[0] = Some(Tensor::F32(d));
+    Ok(grads)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

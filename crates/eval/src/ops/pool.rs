@@ -1,68 +1,163 @@
-//! Pooling and mean reduction.
+//! Pooling and mean reduction, and their gradients.
 
 use super::conv::window;
-use super::{array, f32_input, ints_input_or_attr};
+use super::{array, f32_input, ints_input_or_attr, Grads};
 use crate::{EvalError, OpCtx};
+use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn};
 use qgraph_ir::Tensor;
+use rayon::prelude::*;
+
+/// A pooling node's geometry over 2-D planes.
+struct Pooling {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    win: super::conv::Window,
+    include_pad: bool,
+}
+
+impl Pooling {
+    fn read(cx: &OpCtx, shape: &[usize]) -> Result<Pooling, EvalError> {
+        if shape.len() != 4 {
+            return cx.err(format!(
+                "only 2-D pooling is implemented (input rank {})",
+                shape.len()
+            ));
+        }
+        let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+        let ceil_mode = cx.int_attr("ceil_mode", 0)? != 0;
+        Ok(Pooling {
+            n,
+            c,
+            h,
+            w,
+            win: window(cx, &[h, w], None, ceil_mode)?,
+            include_pad: cx.int_attr("count_include_pad", 0)? != 0,
+        })
+    }
+
+    fn out_plane(&self) -> usize {
+        self.win.out[0] * self.win.out[1]
+    }
+
+    /// The input positions (within a plane) that the window of output
+    /// pixel `(y, x)` reads, in the order the forward visits them, and the
+    /// window's size counting the explicit padding (`count_include_pad`).
+    fn taps(&self, y: usize, x: usize, taps: &mut Vec<usize>) -> usize {
+        let win = &self.win;
+        let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
+        let (h, w) = (self.h as isize, self.w as isize);
+        taps.clear();
+        let mut padded_count = 0;
+        for i in 0..win.kernel[0] {
+            let iy = (y * win.strides[0] + i * win.dilations[0]) as isize - ph;
+            for j in 0..win.kernel[1] {
+                let ix = (x * win.strides[1] + j * win.dilations[1]) as isize - pw;
+                if iy < h + win.pad_end[0] as isize && ix < w + win.pad_end[1] as isize {
+                    padded_count += 1;
+                }
+                if iy >= 0 && iy < h && ix >= 0 && ix < w {
+                    taps.push((iy * w + ix) as usize);
+                }
+            }
+        }
+        padded_count
+    }
+
+    /// The divisor of an average window.
+    fn divisor(&self, taps: usize, padded_count: usize) -> usize {
+        if self.include_pad {
+            padded_count
+        } else {
+            taps
+        }
+    }
+}
 
 fn pool(cx: &OpCtx, inputs: &[Option<&Tensor>], max: bool) -> Result<Vec<Tensor>, EvalError> {
     let x = f32_input(cx, inputs, 0)?;
-    if x.ndim() != 4 {
-        return cx.err(format!(
-            "only 2-D pooling is implemented (input rank {})",
-            x.ndim()
-        ));
-    }
-    let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
-    let ceil_mode = cx.int_attr("ceil_mode", 0)? != 0;
-    let win = window(cx, &[h, w], None, ceil_mode)?;
-    let include_pad = cx.int_attr("count_include_pad", 0)? != 0;
-    let (oh, ow) = (win.out[0], win.out[1]);
+    let p = Pooling::read(cx, x.shape())?;
+    let (oh, ow) = (p.win.out[0], p.win.out[1]);
     let x = x.as_standard_layout();
     let xs = x.as_slice().expect("standard layout");
-    let mut out = vec![0f32; n * c * oh * ow];
-    let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
-    for (plane_i, dst) in out.chunks_mut((oh * ow).max(1)).enumerate().take(n * c) {
-        let plane = &xs[plane_i * h * w..][..h * w];
+    let mut out = vec![0f32; p.n * p.c * oh * ow];
+    let mut taps = Vec::new();
+    for (plane_i, dst) in out.chunks_mut((oh * ow).max(1)).enumerate().take(p.n * p.c) {
+        let plane = &xs[plane_i * p.h * p.w..][..p.h * p.w];
         for y in 0..oh {
             for xo in 0..ow {
-                let mut acc = if max { f32::NEG_INFINITY } else { 0.0 };
-                let mut count = 0usize;
-                let mut padded_count = 0usize;
-                for i in 0..win.kernel[0] {
-                    let iy = (y * win.strides[0] + i * win.dilations[0]) as isize - ph;
-                    for j in 0..win.kernel[1] {
-                        let ix = (xo * win.strides[1] + j * win.dilations[1]) as isize - pw;
-                        let inside_padded = iy < (h + win.pad_end[0]) as isize
-                            && ix < (w + win.pad_end[1]) as isize;
-                        if inside_padded {
-                            padded_count += 1;
-                        }
-                        if iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize {
-                            let v = plane[iy as usize * w + ix as usize];
-                            if max {
-                                acc = acc.max(v);
-                            } else {
-                                acc += v;
-                            }
-                            count += 1;
-                        }
-                    }
-                }
+                let padded_count = p.taps(y, xo, &mut taps);
                 dst[y * ow + xo] = if max {
-                    acc
+                    taps.iter()
+                        .map(|&t| plane[t])
+                        .fold(f32::NEG_INFINITY, f32::max)
                 } else {
-                    let d = if include_pad { padded_count } else { count };
-                    if d == 0 {
-                        0.0
-                    } else {
-                        acc / d as f32
+                    let sum = taps.iter().fold(0f32, |a, &t| a + plane[t]);
+                    match p.divisor(taps.len(), padded_count) {
+                        0 => 0.0,
+                        d => sum / d as f32,
                     }
                 };
             }
         }
     }
-    Ok(vec![Tensor::F32(array(&[n, c, oh, ow], out))])
+    Ok(vec![Tensor::F32(array(&[p.n, p.c, oh, ow], out))])
+}
+
+/// MaxPool and AveragePool gradients: a window's gradient goes to its
+/// first maximum (as the forward's fold finds it), or is shared by its
+/// taps. Planes are independent, so they run in parallel.
+fn pool_backward(cx: &OpCtx, g: &Grads, max: bool) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) {
+        return Ok(grads);
+    }
+    let x = f32_input(cx, g.inputs, 0)?;
+    let p = Pooling::read(cx, x.shape())?;
+    let x = x.as_standard_layout();
+    let xs = x.as_slice().expect("standard layout");
+    let d = g.d_output(cx, 0)?;
+    let ds = d.as_slice().expect("standard layout");
+    let (in_plane, out_plane, ow) = (p.h * p.w, p.out_plane(), p.win.out[1]);
+    let mut dx = vec![0f32; xs.len()];
+    dx.par_chunks_mut(in_plane.max(1))
+        .enumerate()
+        .for_each(|(plane_i, dst)| {
+            let src = &xs[plane_i * in_plane..][..in_plane];
+            let dy = &ds[plane_i * out_plane..][..out_plane];
+            let mut taps = Vec::new();
+            for (o, &dv) in dy.iter().enumerate() {
+                let padded_count = p.taps(o / ow, o % ow, &mut taps);
+                if max {
+                    let mut best: Option<usize> = None;
+                    for &t in &taps {
+                        if best.is_none_or(|b| src[t] > src[b]) {
+                            best = Some(t);
+                        }
+                    }
+                    if let Some(b) = best {
+                        dst[b] += dv;
+                    }
+                } else {
+                    let divisor = p.divisor(taps.len(), padded_count);
+                    if divisor > 0 {
+                        let share = dv / divisor as f32;
+                        taps.iter().for_each(|&t| dst[t] += share);
+                    }
+                }
+            }
+        });
+    grads[0] = Some(Tensor::F32(array(x.shape(), dx)));
+    Ok(grads)
+}
+
+pub fn max_pool_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    pool_backward(cx, g, true)
+}
+
+pub fn average_pool_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    pool_backward(cx, g, false)
 }
 
 pub fn max_pool(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
@@ -135,10 +230,13 @@ pub fn global_max_pool(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>,
     global(cx, i, true)
 }
 
+/// The axes ReduceMean averages over, sorted (`None`: it is a no-op).
 /// Axes are an attribute before opset 18, an optional input from 18.
-pub fn reduce_mean(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
-    let x = f32_input(cx, inputs, 0)?;
-    let keep = cx.int_attr("keepdims", 1)? != 0;
+fn mean_axes(
+    cx: &OpCtx,
+    inputs: &[Option<&Tensor>],
+    rank: usize,
+) -> Result<Option<Vec<usize>>, EvalError> {
     let axes = if cx.opset >= 18 {
         ints_input_or_attr(cx, inputs, 1, "axes")?
     } else {
@@ -147,24 +245,76 @@ pub fn reduce_mean(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>
     let mut axes: Vec<usize> = match axes {
         Some(a) if !a.is_empty() => a
             .iter()
-            .map(|&v| cx.axis(v, x.ndim()))
+            .map(|&v| cx.axis(v, rank))
             .collect::<Result<_, _>>()?,
-        _ if cx.int_attr("noop_with_empty_axes", 0)? != 0 => {
-            return Ok(vec![Tensor::F32(x.clone())])
-        }
-        _ => (0..x.ndim()).collect(),
+        _ if cx.int_attr("noop_with_empty_axes", 0)? != 0 => return Ok(None),
+        _ => (0..rank).collect(),
     };
     axes.sort_unstable();
     axes.dedup();
+    Ok(Some(axes))
+}
+
+pub fn reduce_mean(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = f32_input(cx, inputs, 0)?;
+    let keep = cx.int_attr("keepdims", 1)? != 0;
+    let Some(axes) = mean_axes(cx, inputs, x.ndim())? else {
+        return Ok(vec![Tensor::F32(x.clone())]);
+    };
     let mut y = x.clone();
     for &a in axes.iter().rev() {
-        y = match y.mean_axis(qgraph_ir::ndarray::Axis(a)) {
+        y = match y.mean_axis(Axis(a)) {
             Some(m) => m,
             None => return cx.err(format!("cannot average over the empty axis {a}")),
         };
         if keep {
-            y = y.insert_axis(qgraph_ir::ndarray::Axis(a));
+            y = y.insert_axis(Axis(a));
         }
     }
     Ok(vec![Tensor::F32(y)])
+}
+
+/// A mean's gradient: the output's gradient, spread evenly over the
+/// averaged axes.
+fn spread_mean(d: ArrayD<f32>, axes: &[usize], shape: &[usize], keep: bool) -> ArrayD<f32> {
+    let mut d = d;
+    if !keep {
+        for &a in axes {
+            d = d.insert_axis(Axis(a));
+        }
+    }
+    let count: usize = axes.iter().map(|&a| shape[a]).product();
+    let scale = 1.0 / count.max(1) as f32;
+    d.broadcast(IxDyn(shape))
+        .expect("a mean's output broadcasts back over its axes")
+        .mapv(|v| v * scale)
+}
+
+pub fn reduce_mean_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) {
+        return Ok(grads);
+    }
+    let x = f32_input(cx, g.inputs, 0)?;
+    let d = g.d_output(cx, 0)?;
+    grads[0] = Some(Tensor::F32(match mean_axes(cx, g.inputs, x.ndim())? {
+        None => d,
+        Some(axes) => spread_mean(d, &axes, x.shape(), cx.int_attr("keepdims", 1)? != 0),
+    }));
+    Ok(grads)
+}
+
+pub fn global_average_pool_backward(
+    cx: &OpCtx,
+    g: &Grads,
+) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) {
+        return Ok(grads);
+    }
+    let x = f32_input(cx, g.inputs, 0)?;
+    let axes: Vec<usize> = (2..x.ndim()).collect();
+    let d = g.d_output(cx, 0)?;
+    grads[0] = Some(Tensor::F32(spread_mean(d, &axes, x.shape(), true)));
+    Ok(grads)
 }

@@ -212,3 +212,153 @@ pub fn quantize_linear(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>,
         })?,
     }])
 }
+
+/// Node metadata naming how a QuantizeLinear passes gradient to its scale
+/// in training: `lsq` (the default) or `pact`.
+pub const SCALE_GRADIENT_KEY: &str = "qgraph.train.scale_gradient";
+
+/// A scale's gradient summed per scale element.
+fn scale_gradient(
+    shape: &[usize],
+    index: &ScaleIndex,
+    blocked: bool,
+    scale_shape: &[usize],
+    per_element: impl Fn(usize) -> f32,
+) -> Tensor {
+    let mut sums = vec![0f64; scale_shape.iter().product()];
+    for e in 0..shape.iter().product::<usize>() {
+        sums[index.of(e, blocked)] += per_element(e) as f64;
+    }
+    let sums: Vec<f32> = sums.into_iter().map(|v| v as f32).collect();
+    Tensor::F32(array(scale_shape, sums))
+}
+
+/// QuantizeLinear's gradient, treating its integer output as real: the
+/// rounding passes gradient straight through (STE) and saturation stops it,
+/// so `dx = dq / s` where `x / s + z` lies on the grid's range. The scale's
+/// gradient inside that range is `-dq x / s^2` (LSQ's, Esser et al. 2020:
+/// with DequantizeLinear's `dq (q - z)` it sums to `round(x/s) - x/s`), or,
+/// with `pact` in the node's metadata, `-dq (q - z) / s`, which cancels
+/// DequantizeLinear's term inside the range (PACT, Choi et al. 2018: the
+/// clipping level learns only from clipped values). Zero points get none.
+pub fn quantize_linear_backward(
+    cx: &OpCtx,
+    g: &super::Grads,
+) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) && !g.wants(1) {
+        return Ok(grads);
+    }
+    let x = input(cx, g.inputs, 0)?;
+    let scale_t = input(cx, g.inputs, 1)?;
+    let xs = f32_values(cx, x, "the input")?;
+    let scales = f32_values(cx, scale_t, "the scale")?;
+    let zp_t = g.inputs.get(2).copied().flatten();
+    let target = output_type(cx, zp_t)?;
+    let Some((lo, hi)) = target.int_range() else {
+        return cx.err(format!("quantizing to {target} is not implemented"));
+    };
+    let zps = match zp_t {
+        Some(z) => int_values(cx, z, "zero point")?,
+        None => vec![0; scales.len()],
+    };
+    let q = match g.outputs.first().copied().flatten() {
+        Some(t) => int_values(cx, t, "the output")?,
+        None => return cx.err("the output was not kept for the backward pass"),
+    };
+    let d = match g.d_outputs.first().copied().flatten() {
+        Some(Tensor::F32(d)) if d.shape() == x.shape() => {
+            d.as_standard_layout().iter().copied().collect::<Vec<f32>>()
+        }
+        Some(d) => return cx.err(format!("the output's gradient has shape {:?}", d.shape())),
+        None => vec![0.0; xs.len()],
+    };
+    let index = ScaleIndex::new(cx, x.shape(), scale_t.shape())?;
+    let blocked = cx.int_attr("block_size", 0)? > 0;
+    let (lo, hi) = (lo as f32, hi as f32);
+    let in_range = |e: usize| {
+        let k = index.of(e, blocked);
+        let r = xs[e] / scales[k] + zps[k] as f32;
+        r >= lo && r <= hi
+    };
+    if g.wants(0) {
+        let dx: Vec<f32> = (0..xs.len())
+            .map(|e| {
+                if in_range(e) {
+                    d[e] / scales[index.of(e, blocked)]
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        grads[0] = Some(Tensor::F32(array(x.shape(), dx)));
+    }
+    if g.wants(1) {
+        let meta = &cx.graph.node(cx.node).meta;
+        let pact = meta
+            .iter()
+            .any(|(k, v)| k == SCALE_GRADIENT_KEY && v == "pact");
+        grads[1] = Some(scale_gradient(
+            x.shape(),
+            &index,
+            blocked,
+            scale_t.shape(),
+            |e| {
+                if !in_range(e) {
+                    return 0.0;
+                }
+                let k = index.of(e, blocked);
+                let s = scales[k];
+                if pact {
+                    -d[e] * (q[e] - zps[k]) as f32 / s
+                } else {
+                    -d[e] * xs[e] / (s * s)
+                }
+            },
+        ));
+    }
+    Ok(grads)
+}
+
+/// DequantizeLinear's gradient: `dq = dy s` for its (real-valued) integer
+/// input, and `ds = dy (q - z)` summed per scale element.
+pub fn dequantize_linear_backward(
+    cx: &OpCtx,
+    g: &super::Grads,
+) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) && !g.wants(1) {
+        return Ok(grads);
+    }
+    let x = input(cx, g.inputs, 0)?;
+    let scale_t = input(cx, g.inputs, 1)?;
+    let scales = f32_values(cx, scale_t, "the scale")?;
+    let q = int_values(cx, x, "input")?;
+    let zps = match g.inputs.get(2).copied().flatten() {
+        Some(z) => int_values(cx, z, "zero point")?,
+        None => vec![0; scales.len()],
+    };
+    let d = g.d_output(cx, 0)?;
+    let ds = d.as_slice().expect("standard layout");
+    let index = ScaleIndex::new(cx, x.shape(), scale_t.shape())?;
+    let blocked = cx.int_attr("block_size", 0)? > 0;
+    if g.wants(0) {
+        let dq: Vec<f32> = (0..q.len())
+            .map(|e| ds[e] * scales[index.of(e, blocked)])
+            .collect();
+        grads[0] = Some(Tensor::F32(array(x.shape(), dq)));
+    }
+    if g.wants(1) {
+        grads[1] = Some(scale_gradient(
+            x.shape(),
+            &index,
+            blocked,
+            scale_t.shape(),
+            |e| {
+                let k = index.of(e, blocked);
+                ds[e] * (q[e] - zps[k]) as f32
+            },
+        ));
+    }
+    Ok(grads)
+}

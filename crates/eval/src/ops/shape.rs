@@ -1,6 +1,6 @@
 //! Data movement and shape arithmetic; these work on any element type.
 
-use super::{array, input, ints_input_or_attr, ints_of, map_any};
+use super::{array, input, ints_input_or_attr, ints_of, map_any, Grads};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn, Slice};
 use qgraph_ir::{AttrValue, DataType, Tensor};
@@ -161,10 +161,15 @@ pub fn split(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError
     Ok(out)
 }
 
-/// Slice: starts/ends/axes/steps are inputs from opset 10, attributes before.
-pub fn slice(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
-    let x = input(cx, i, 0)?;
-    let r = x.shape().len();
+/// The elements Slice keeps: per sliced axis, the indices along it, in
+/// order. Starts/ends/axes/steps are inputs from opset 10, attributes
+/// before.
+fn slice_selection(
+    cx: &OpCtx,
+    i: &[Option<&Tensor>],
+    shape: &[usize],
+) -> Result<Vec<(usize, Vec<usize>)>, EvalError> {
+    let r = shape.len();
     let (starts, ends, axes, steps) = if cx.opset >= 10 {
         (
             ints_of(cx, input(cx, i, 1)?, "starts")?,
@@ -193,10 +198,10 @@ pub fn slice(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError
     if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
         return cx.err("starts, ends, axes and steps must have the same length");
     }
-    let mut result = x.clone();
+    let mut selection = Vec::with_capacity(starts.len());
     for k in 0..starts.len() {
         let axis = cx.axis(axes[k], r)?;
-        let dim = x.shape()[axis] as i64;
+        let dim = shape[axis] as i64;
         let step = steps[k];
         if step == 0 {
             return cx.err("a step is 0");
@@ -223,6 +228,15 @@ pub fn slice(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError
             }
             v
         };
+        selection.push((axis, idx));
+    }
+    Ok(selection)
+}
+
+pub fn slice(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let mut result = x.clone();
+    for (axis, idx) in slice_selection(cx, i, x.shape())? {
         result = map_any!(cx, &result, a => a.select(Axis(axis), &idx));
     }
     Ok(vec![result])
@@ -489,4 +503,158 @@ pub fn constant(cx: &OpCtx, _: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalEr
         ("value_ints", AttrValue::Ints(v)) => Tensor::i64_vector(v.clone()),
         (name, _) => return cx.err(format!("Constant attribute '{name}' is not implemented")),
     }])
+}
+
+/// The gradient of an op that only reshapes (Reshape, Flatten, Squeeze,
+/// Unsqueeze): the output's gradient in the input's shape.
+pub fn reshape_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if g.wants(0) {
+        let x = input(cx, g.inputs, 0)?;
+        let d = Tensor::F32(g.d_output(cx, 0)?);
+        grads[0] = Some(reshaped(cx, &d, x.shape())?);
+    }
+    Ok(grads)
+}
+
+pub fn transpose_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if g.wants(0) {
+        let r = input(cx, g.inputs, 0)?.shape().len();
+        let perm: Vec<usize> = match cx.ints_attr("perm")? {
+            Some(p) => p.iter().map(|&a| cx.axis(a, r)).collect::<Result<_, _>>()?,
+            None => (0..r).rev().collect(),
+        };
+        let mut inverse = vec![0; r];
+        for (k, &p) in perm.iter().enumerate() {
+            inverse[p] = k;
+        }
+        let d = g.d_output(cx, 0)?;
+        grads[0] = Some(Tensor::F32(
+            d.permuted_axes(IxDyn(&inverse))
+                .as_standard_layout()
+                .into_owned(),
+        ));
+    }
+    Ok(grads)
+}
+
+/// Each input gets its own stretch of the output's gradient.
+pub fn concat_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    let d = g.d_output(cx, 0)?;
+    let axis = cx.axis(cx.int_attr("axis", 0)?, d.ndim())?;
+    let mut start = 0;
+    for (k, t) in g.inputs.iter().enumerate() {
+        let Some(t) = t else { continue };
+        let len = t.shape()[axis];
+        if g.wants(k) {
+            let range = Slice::from(start as isize..(start + len) as isize);
+            grads[k] = Some(Tensor::F32(d.slice_axis(Axis(axis), range).to_owned()));
+        }
+        start += len;
+    }
+    Ok(grads)
+}
+
+/// The outputs' gradients laid end to end (zeros for an output none
+/// reaches).
+pub fn split_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) {
+        return Ok(grads);
+    }
+    let x = input(cx, g.inputs, 0)?;
+    let axis = cx.axis(cx.int_attr("axis", 0)?, x.shape().len())?;
+    let parts = (0..g.outputs.len())
+        .map(|k| g.d_output(cx, k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    match qgraph_ir::ndarray::concatenate(Axis(axis), &views) {
+        Ok(a) => grads[0] = Some(Tensor::F32(a)),
+        Err(e) => return cx.err(format!("cannot join the outputs' gradients: {e}")),
+    }
+    Ok(grads)
+}
+
+/// The output's gradient scattered back to the elements Slice kept.
+pub fn slice_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) {
+        return Ok(grads);
+    }
+    let shape = input(cx, g.inputs, 0)?.shape().to_vec();
+    let selection = slice_selection(cx, g.inputs, &shape)?;
+    // Undo one axis at a time, last first: each step widens that axis back
+    // to the shape it had before its selection.
+    let mut d = g.d_output(cx, 0)?;
+    let mut widths = Vec::with_capacity(selection.len());
+    let mut current = shape.clone();
+    for (axis, idx) in &selection {
+        widths.push(current[*axis]);
+        current[*axis] = idx.len();
+    }
+    for ((axis, idx), width) in selection.iter().zip(widths).rev() {
+        let mut wide_shape = d.shape().to_vec();
+        wide_shape[*axis] = width;
+        let mut wide = ArrayD::<f32>::zeros(IxDyn(&wide_shape));
+        for (k, &at) in idx.iter().enumerate() {
+            let mut lane = wide.index_axis_mut(Axis(*axis), at);
+            lane += &d.index_axis(Axis(*axis), k);
+        }
+        d = wide;
+    }
+    grads[0] = Some(Tensor::F32(d));
+    Ok(grads)
+}
+
+/// Constant padding's gradient: the part of the output's gradient over the
+/// input (cropping pads are not differentiated here).
+pub fn pad_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) {
+        return Ok(grads);
+    }
+    if cx.string_attr("mode", "constant")? != "constant" {
+        return cx.err("only constant padding has a gradient here");
+    }
+    let x = input(cx, g.inputs, 0)?;
+    let d = g.d_output(cx, 0)?;
+    let mut region = Vec::with_capacity(d.ndim());
+    for (k, (&full, &inner)) in d.shape().iter().zip(x.shape()).enumerate() {
+        // The pads of every axis follow from the shapes, except how they
+        // split between the two ends: read them.
+        let before = pad_before(cx, g.inputs, d.ndim(), k)?;
+        if before < 0 || before as usize + inner > full {
+            return cx.err("cropping (negative) pads have no gradient here");
+        }
+        region.push(qgraph_ir::ndarray::SliceInfoElem::Slice {
+            start: before as isize,
+            end: Some(before as isize + inner as isize),
+            step: 1,
+        });
+    }
+    grads[0] = Some(Tensor::F32(d.slice(region.as_slice()).to_owned()));
+    Ok(grads)
+}
+
+/// The pad before axis `k` of a Pad node.
+fn pad_before(cx: &OpCtx, i: &[Option<&Tensor>], r: usize, k: usize) -> Result<i64, EvalError> {
+    let pads = if cx.opset >= 11 {
+        ints_of(cx, input(cx, i, 1)?, "pads")?
+    } else {
+        cx.ints_attr("pads")?.unwrap_or_default()
+    };
+    let axes: Vec<usize> = match i.get(3).copied().flatten() {
+        Some(t) => ints_of(cx, t, "axes")?
+            .iter()
+            .map(|&a| cx.axis(a, r))
+            .collect::<Result<_, _>>()?,
+        None => (0..r).collect(),
+    };
+    Ok(axes
+        .iter()
+        .position(|&a| a == k)
+        .and_then(|p| pads.get(p).copied())
+        .unwrap_or(0))
 }

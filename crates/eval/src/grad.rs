@@ -1,0 +1,239 @@
+//! Reverse-mode differentiation on the evaluator: a forward pass that keeps
+//! every value (the tape), then a backward pass that runs each node's
+//! backward kernel (in `ops/`, beside its forward kernel) in reverse order.
+//!
+//! Trainable values are usually initializers; the caller passes their
+//! current tensors as `params`, which take the place of the initializers,
+//! so one prepared evaluator serves every training step.
+
+use crate::ops::{self, Grads};
+use crate::{EvalError, Evaluator, Inputs, OpCtx};
+use qgraph_ir::{NodeId, Tensor, ValueId};
+use std::collections::{HashMap, HashSet};
+
+/// How the forward pass treats operators that behave differently in
+/// training: BatchNormalization normalises with the batch's own statistics
+/// in `Training`, with its running statistics in `Inference`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Inference,
+    Training,
+}
+
+/// A recorded forward pass.
+pub struct Tape<'e, 'm, 'p> {
+    evaluator: &'e Evaluator<'m>,
+    params: &'p HashMap<ValueId, Tensor>,
+    values: HashMap<ValueId, Tensor>,
+    /// What training-mode kernels kept for the backward pass, per node.
+    saved: HashMap<NodeId, Vec<Tensor>>,
+    mode: Mode,
+}
+
+impl<'m> Evaluator<'m> {
+    /// Runs the graph node by node and keeps every value for a backward
+    /// pass. `params` replace the initializers of the same values.
+    pub fn record<'e, 'p>(
+        &'e self,
+        inputs: Inputs,
+        params: &'p HashMap<ValueId, Tensor>,
+        mode: Mode,
+    ) -> Result<Tape<'e, 'm, 'p>, EvalError> {
+        let required = self.required_inputs();
+        if inputs.len() != required.len() {
+            return Err(EvalError::Input(format!(
+                "the model takes {} inputs, {} were given",
+                required.len(),
+                inputs.len()
+            )));
+        }
+        let mut tape = Tape {
+            evaluator: self,
+            params,
+            values: required.into_iter().zip(inputs).collect(),
+            saved: HashMap::new(),
+            mode,
+        };
+        self.threads.install(|| {
+            for &n in &self.order {
+                tape.run(n)?;
+            }
+            Ok::<_, EvalError>(())
+        })?;
+        Ok(tape)
+    }
+}
+
+impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
+    fn context(&self, node: NodeId) -> OpCtx<'_> {
+        OpCtx {
+            graph: self.evaluator.graph,
+            node,
+            opset: self.evaluator.opset,
+            epilogue: &[],
+            added: None,
+            input_pads: [0; 4],
+            buffers: &self.evaluator.buffers,
+        }
+    }
+
+    /// The tensor of a value: computed, a parameter, or an initializer.
+    pub fn value(&self, v: ValueId) -> Result<&Tensor, EvalError> {
+        if let Some(t) = self.values.get(&v).or_else(|| self.params.get(&v)) {
+            return Ok(t);
+        }
+        self.evaluator.lookup(&self.values, v)
+    }
+
+    fn lookup_all(&self, values: &[Option<ValueId>]) -> Result<Vec<Option<&Tensor>>, EvalError> {
+        values
+            .iter()
+            .map(|v| v.map(|v| self.value(v)).transpose())
+            .collect()
+    }
+
+    fn run(&mut self, n: NodeId) -> Result<(), EvalError> {
+        let g = self.evaluator.graph;
+        let node = g.node(n);
+        let (results, saved) = {
+            let args = self.lookup_all(node.inputs())?;
+            let cx = self.context(n);
+            if self.mode == Mode::Training
+                && node.op_type == "BatchNormalization"
+                && node.domain.is_empty()
+            {
+                let (y, stats) = ops::batch_norm_training(&cx, &args)?;
+                (vec![y], Some(stats))
+            } else {
+                let kernel =
+                    ops::kernel(&node.domain, &node.op_type).expect("checked in Evaluator::new");
+                (kernel(&cx, &args)?, None)
+            }
+        };
+        if let Some(stats) = saved {
+            self.saved.insert(n, stats);
+        }
+        for (v, t) in node.outputs().iter().zip(results) {
+            if let Some(v) = v {
+                self.values.insert(*v, t);
+            }
+        }
+        Ok(())
+    }
+
+    /// The graph's outputs, in order.
+    pub fn outputs(&self) -> Result<Vec<&Tensor>, EvalError> {
+        let g = self.evaluator.graph;
+        g.outputs().iter().map(|&v| self.value(v)).collect()
+    }
+
+    /// What a training-mode kernel kept for `node`: for BatchNormalization,
+    /// the batch mean and (biased) variance per channel.
+    pub fn saved(&self, node: NodeId) -> Option<&[Tensor]> {
+        self.saved.get(&node).map(Vec::as_slice)
+    }
+
+    /// Gradients of a scalar loss with respect to the values `wrt`, given
+    /// the loss gradient of some values (`seeds`, usually the outputs).
+    /// A value in `wrt` that the seeds do not depend on gets no entry.
+    /// Fails naming the first node on the way whose operator has no
+    /// backward kernel.
+    pub fn backward(
+        &self,
+        seeds: Vec<(ValueId, Tensor)>,
+        wrt: &[ValueId],
+    ) -> Result<HashMap<ValueId, Tensor>, EvalError> {
+        let g = self.evaluator.graph;
+        let order = &self.evaluator.order;
+        // The values that depend on something in `wrt`: only those carry
+        // gradient.
+        let mut reaches: HashSet<ValueId> = wrt.iter().copied().collect();
+        for &n in order {
+            let node = g.node(n);
+            if node.inputs().iter().flatten().any(|v| reaches.contains(v)) {
+                reaches.extend(node.outputs().iter().flatten());
+            }
+        }
+        let wanted_out: HashSet<ValueId> = wrt.iter().copied().collect();
+        let mut grads: HashMap<ValueId, Tensor> = HashMap::new();
+        for (v, t) in seeds {
+            accumulate(&mut grads, v, t).map_err(|m| EvalError::Input(m.to_string()))?;
+        }
+        self.evaluator.threads.install(|| {
+            for &n in order.iter().rev() {
+                let node = g.node(n);
+                let outs = node.outputs();
+                if !outs.iter().flatten().any(|v| grads.contains_key(v)) {
+                    continue;
+                }
+                let wanted: Vec<bool> = node
+                    .inputs()
+                    .iter()
+                    .map(|v| v.is_some_and(|v| reaches.contains(&v)))
+                    .collect();
+                if !wanted.contains(&true) {
+                    continue;
+                }
+                let Some(kernel) = ops::backward_kernel(&node.domain, &node.op_type) else {
+                    return Err(EvalError::Unsupported {
+                        node: g.describe_node(n),
+                        op: format!("the gradient of {}", node.op_type),
+                    });
+                };
+                let results = {
+                    let inputs = self.lookup_all(node.inputs())?;
+                    let outputs = self.lookup_all(outs)?;
+                    let d_outputs: Vec<Option<&Tensor>> =
+                        outs.iter().map(|v| v.and_then(|v| grads.get(&v))).collect();
+                    let cx = self.context(n);
+                    kernel(
+                        &cx,
+                        &Grads {
+                            inputs: &inputs,
+                            outputs: &outputs,
+                            d_outputs: &d_outputs,
+                            wanted: &wanted,
+                            training: self.mode == Mode::Training,
+                            saved: self.saved(n).unwrap_or(&[]),
+                        },
+                    )?
+                };
+                for v in outs.iter().flatten() {
+                    if !wanted_out.contains(v) {
+                        grads.remove(v);
+                    }
+                }
+                for ((v, t), want) in node.inputs().iter().zip(results).zip(&wanted) {
+                    if let (Some(v), Some(t), true) = (v, t, want) {
+                        accumulate(&mut grads, *v, t).map_err(|m| EvalError::Op {
+                            node: g.describe_node(n),
+                            message: m.to_string(),
+                        })?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        grads.retain(|v, _| wanted_out.contains(v));
+        Ok(grads)
+    }
+}
+
+/// Adds `t` to the gradient of `v`.
+fn accumulate(
+    grads: &mut HashMap<ValueId, Tensor>,
+    v: ValueId,
+    t: Tensor,
+) -> Result<(), &'static str> {
+    match grads.get_mut(&v) {
+        None => {
+            grads.insert(v, t);
+        }
+        Some(Tensor::F32(acc)) => match t {
+            Tensor::F32(t) if t.shape() == acc.shape() => *acc += &t,
+            _ => return Err("two gradients of one value differ in shape or type"),
+        },
+        Some(_) => return Err("gradients must be f32"),
+    }
+    Ok(())
+}

@@ -1,0 +1,592 @@
+//! Gradient checks: for every operator with a backward kernel, the tape's
+//! gradient of `loss = sum(r * y)` (fixed pseudo-random `r`) against
+//! central differences of the forward pass, at sampled elements of each
+//! input and parameter. Inputs are drawn away from kinks (ReLU at 0, the
+//! bounds of Clip, ties in MaxPool) so the differences are meaningful.
+//! Fake quantization is piecewise constant, so its straight-through
+//! gradients are checked against the papers' formulas instead.
+
+use qgraph_eval::grad::Mode;
+use qgraph_eval::Evaluator;
+use qgraph_ir::ndarray::{ArrayD, IxDyn};
+use qgraph_ir::{Model, Tensor, ValueId};
+use std::collections::HashMap;
+
+/// Deterministic values in [-1, 1).
+fn values(count: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..count)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn tensor(shape: &[usize], seed: u64) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values(n, seed)).unwrap())
+}
+
+fn f32s(t: &Tensor) -> &ArrayD<f32> {
+    match t {
+        Tensor::F32(a) => a,
+        t => panic!("expected f32, found {}", t.dtype()),
+    }
+}
+
+/// What the forward pass reads: graph inputs by position, parameters by
+/// value.
+struct Point {
+    inputs: Vec<Tensor>,
+    params: HashMap<ValueId, Tensor>,
+}
+
+fn loss(ev: &Evaluator, at: &Point, weights: &[Vec<f32>], mode: Mode) -> f64 {
+    let tape = ev.record(at.inputs.clone(), &at.params, mode).unwrap();
+    let outs = tape.outputs().unwrap();
+    outs.iter()
+        .zip(weights)
+        .map(|(y, r)| {
+            f32s(y)
+                .iter()
+                .zip(r)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// Checks the gradients of every graph input and of the named
+/// initializers of `text`, in `mode`; `inputs` are the graph's inputs.
+fn check(text: &str, inputs: Vec<Tensor>, params: &[&str], mode: Mode) {
+    let model: Model = qgraph_text::parse_model(text).unwrap();
+    let g = &model.graph;
+    let ev = Evaluator::new(&model).unwrap();
+    let param_ids: Vec<ValueId> = params
+        .iter()
+        .map(|p| g.value_by_name(p).unwrap_or_else(|| panic!("no value {p}")))
+        .collect();
+    let mut at = Point {
+        inputs,
+        params: param_ids
+            .iter()
+            .map(|&v| (v, g.initializer(v).unwrap().tensor.clone()))
+            .collect(),
+    };
+    let outputs: Vec<Tensor> = ev
+        .record(at.inputs.clone(), &at.params, mode)
+        .unwrap()
+        .outputs()
+        .unwrap()
+        .into_iter()
+        .cloned()
+        .collect();
+    let weights: Vec<Vec<f32>> = outputs
+        .iter()
+        .enumerate()
+        .map(|(k, y)| values(y.len(), 1000 + k as u64))
+        .collect();
+    let tape = ev.record(at.inputs.clone(), &at.params, mode).unwrap();
+    let seeds = g
+        .outputs()
+        .iter()
+        .zip(&outputs)
+        .zip(&weights)
+        .map(|((&v, y), r)| {
+            (
+                v,
+                Tensor::F32(ArrayD::from_shape_vec(IxDyn(y.shape()), r.clone()).unwrap()),
+            )
+        })
+        .collect();
+    let input_ids = ev.required_inputs();
+    let wrt: Vec<ValueId> = input_ids.iter().chain(&param_ids).copied().collect();
+    let grads = tape.backward(seeds, &wrt).unwrap();
+    drop(tape);
+    let eps = 1e-3f32;
+    for (slot, &v) in wrt.iter().enumerate() {
+        let name = g.value(v).name().to_string();
+        let analytic = grads
+            .get(&v)
+            .unwrap_or_else(|| panic!("{text}\nno gradient for {name}"));
+        let analytic = f32s(analytic).clone();
+        let count = analytic.len();
+        // Up to 24 elements, spread over the tensor.
+        let step = count.div_ceil(24).max(1);
+        for e in (0..count).step_by(step) {
+            let mut shifted = |delta: f32| {
+                let target = if slot < input_ids.len() {
+                    &mut at.inputs[slot]
+                } else {
+                    at.params.get_mut(&v).unwrap()
+                };
+                let Tensor::F32(a) = target else { panic!() };
+                let cell = a.iter_mut().nth(e).unwrap();
+                let old = *cell;
+                *cell = old + delta;
+                let l = loss(&ev, &at, &weights, mode);
+                let Tensor::F32(a) = (if slot < input_ids.len() {
+                    &mut at.inputs[slot]
+                } else {
+                    at.params.get_mut(&v).unwrap()
+                }) else {
+                    panic!()
+                };
+                *a.iter_mut().nth(e).unwrap() = old;
+                l
+            };
+            let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps as f64);
+            let got = analytic.iter().nth(e).copied().unwrap() as f64;
+            let tolerance = 2e-2 * numeric.abs().max(got.abs()) + 5e-3;
+            assert!(
+                (got - numeric).abs() <= tolerance,
+                "{text}\n{name}[{e}]: backward {got}, central difference {numeric}"
+            );
+        }
+    }
+}
+
+/// A one-node graph around `node` (written with `%x`, `%y` and the given
+/// initializers).
+fn graph(opset: u32, x: &str, y: &str, inits: &str, node: &str) -> String {
+    format!(
+        "ir_version 8\nopset \"\" {opset}\n\ngraph main {{\n  input %x: f32{x}\n  output %y: f32{y}\n{inits}\n  {node}\n}}\n"
+    )
+}
+
+fn init(name: &str, shape: &[usize], seed: u64) -> String {
+    let n: usize = shape.iter().product();
+    let vals: Vec<String> = values(n, seed).iter().map(|v| format!("{v:?}")).collect();
+    format!("  init %{name} = f32{shape:?} [{}]", vals.join(", "))
+}
+
+/// Values away from 0 (at least 0.1 in magnitude): no ReLU kink nearby.
+fn away_from_zero(shape: &[usize], seed: u64) -> Tensor {
+    let Tensor::F32(mut a) = tensor(shape, seed) else {
+        unreachable!()
+    };
+    a.mapv_inplace(|v| {
+        if v.abs() < 0.1 {
+            v.signum() * 0.1 + v
+        } else {
+            v
+        }
+    });
+    Tensor::F32(a)
+}
+
+#[test]
+fn convolutions() {
+    let cases = [
+        // Dense 3x3 with padding, stride 2 and dilation.
+        (
+            "[2,3,7,6]",
+            "[2,4,3,3]",
+            "[4,3,3,3]",
+            "{pads = [1, 1, 1, 1], strides = [2, 2]}",
+            "[2,4,4,3]",
+            true,
+        ),
+        (
+            "[1,2,8,8]",
+            "[1,3,4,4]",
+            "[3,2,3,3]",
+            "{pads = [1, 0, 1, 2], dilations = [2, 2], strides = [1, 2]}",
+            "[1,3,6,4]",
+            true,
+        ),
+        // Grouped.
+        (
+            "[2,4,5,5]",
+            "[2,6,5,5]",
+            "[6,2,3,3]",
+            "{group = 2, pads = [1, 1, 1, 1]}",
+            "[2,6,5,5]",
+            false,
+        ),
+        // Depthwise, stride 2.
+        (
+            "[2,3,7,7]",
+            "[2,3,4,4]",
+            "[3,1,3,3]",
+            "{group = 3, pads = [1, 1, 1, 1], strides = [2, 2]}",
+            "[2,3,4,4]",
+            true,
+        ),
+        // 1x1 without padding.
+        (
+            "[2,3,4,5]",
+            "[2,5,4,5]",
+            "[5,3,1,1]",
+            "{}",
+            "[2,5,4,5]",
+            true,
+        ),
+    ];
+    for (x, y, w, attrs, _, bias) in cases {
+        let wshape: Vec<usize> = w
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let mut inits = init("w", &wshape, 11);
+        let mut params = vec!["w"];
+        let node = if bias {
+            inits.push('\n');
+            inits.push_str(&init("b", &[wshape[0]], 12));
+            params.push("b");
+            format!("conv: %y = Conv(%x, %w, %b) {attrs}")
+        } else {
+            format!("conv: %y = Conv(%x, %w) {attrs}")
+        };
+        let xshape: Vec<usize> = x
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|s| s.parse().unwrap())
+            .collect();
+        check(
+            &graph(13, x, y, &inits, &node),
+            vec![tensor(&xshape, 5)],
+            &params,
+            Mode::Inference,
+        );
+    }
+}
+
+#[test]
+fn products() {
+    let gemm = |attrs: &str, a: &[usize], b: &[usize], c: &[usize], y: &str| {
+        let text = graph(
+            13,
+            &format!("{a:?}"),
+            y,
+            &format!("{}\n{}", init("b", b, 3), init("c", c, 4)),
+            &format!("gemm: %y = Gemm(%x, %b, %c) {attrs}"),
+        );
+        check(&text, vec![tensor(a, 9)], &["b", "c"], Mode::Inference);
+    };
+    gemm("{}", &[3, 4], &[4, 5], &[5], "[3,5]");
+    gemm(
+        "{transA = 1, alpha = 0.5, beta = 2.0}",
+        &[4, 3],
+        &[4, 5],
+        &[3, 1],
+        "[3,5]",
+    );
+    gemm("{transB = 1}", &[3, 4], &[5, 4], &[3, 5], "[3,5]");
+    gemm("{transA = 1, transB = 1}", &[4, 3], &[5, 4], &[1], "[3,5]");
+    let matmul = |a: &[usize], b: &[usize], y: &str| {
+        let text = graph(
+            13,
+            &format!("{a:?}"),
+            y,
+            &init("b", b, 6),
+            "mm: %y = MatMul(%x, %b)",
+        );
+        check(&text, vec![tensor(a, 7)], &["b"], Mode::Inference);
+    };
+    matmul(&[2, 3, 4], &[4, 5], "[2,3,5]");
+    matmul(&[3, 4], &[2, 4, 5], "[2,3,5]");
+    matmul(&[2, 1, 3, 4], &[3, 4, 2], "[2,3,3,2]");
+    matmul(&[4], &[4, 5], "[5]");
+    matmul(&[3, 4], &[4], "[3]");
+}
+
+#[test]
+fn batch_normalization_in_training_and_inference() {
+    let inits = [
+        init("s", &[3], 1),
+        init("b", &[3], 2),
+        init("m", &[3], 3),
+        "  init %v = f32[3] [0.5, 1.5, 0.8]".to_string(),
+    ]
+    .join("\n");
+    let text = graph(
+        15,
+        "[4,3,2,3]",
+        "[4,3,2,3]",
+        &inits,
+        "bn: %y = BatchNormalization(%x, %s, %b, %m, %v) {epsilon = 0.001}",
+    );
+    for mode in [Mode::Training, Mode::Inference] {
+        check(&text, vec![tensor(&[4, 3, 2, 3], 8)], &["s", "b"], mode);
+    }
+}
+
+#[test]
+fn activations() {
+    let unary = [
+        "Relu(%x)",
+        "LeakyRelu(%x) {alpha = 0.1}",
+        "Sigmoid(%x)",
+        "HardSigmoid(%x) {alpha = 0.3, beta = 0.4}",
+        "HardSwish(%x)",
+        "Tanh(%x)",
+        "Neg(%x)",
+        "Exp(%x)",
+        "Identity(%x)",
+        "Softmax(%x) {axis = 1}",
+        "Abs(%x)",
+    ];
+    for op in unary {
+        let text = graph(14, "[2,3,4]", "[2,3,4]", "", &format!("n: %y = {op}"));
+        // Scaled to [-4, 4]: HardSigmoid and HardSwish take both branches.
+        let Tensor::F32(x) = away_from_zero(&[2, 3, 4], 21) else {
+            unreachable!()
+        };
+        check(
+            &text,
+            vec![Tensor::F32(x.mapv(|v| v * 4.0))],
+            &[],
+            Mode::Inference,
+        );
+    }
+    for op in ["Sqrt(%x)", "Log(%x)", "Reciprocal(%x)"] {
+        let text = graph(14, "[2,5]", "[2,5]", "", &format!("n: %y = {op}"));
+        let Tensor::F32(x) = tensor(&[2, 5], 22) else {
+            unreachable!()
+        };
+        check(
+            &text,
+            vec![Tensor::F32(x.mapv(|v| v.abs() + 0.5))],
+            &[],
+            Mode::Inference,
+        );
+    }
+    // Softmax before opset 13: over the input flattened at the axis.
+    let text = graph(
+        11,
+        "[2,3,4]",
+        "[2,3,4]",
+        "",
+        "n: %y = Softmax(%x) {axis = 1}",
+    );
+    check(&text, vec![tensor(&[2, 3, 4], 23)], &[], Mode::Inference);
+    // Clip with bounds as inputs, values placed away from them.
+    let text = graph(
+        13,
+        "[3,4]",
+        "[3,4]",
+        "  init %lo = f32[] [-0.5]\n  init %hi = f32[] [0.55]",
+        "n: %y = Clip(%x, %lo, %hi)",
+    );
+    let x = Tensor::F32(
+        ArrayD::from_shape_vec(
+            IxDyn(&[3, 4]),
+            vec![
+                -0.9, -0.3, 0.1, 0.7, 0.2, -0.6, 0.52, 0.9, -0.1, 0.35, -0.45, 0.0,
+            ],
+        )
+        .unwrap(),
+    );
+    check(&text, vec![x], &[], Mode::Inference);
+}
+
+#[test]
+fn broadcasting_arithmetic() {
+    for op in ["Add", "Sub", "Mul", "Div", "Pow"] {
+        for shape in [[1usize, 3, 1], [2, 3, 4]] {
+            let text = graph(
+                13,
+                "[2,3,4]",
+                "[2,3,4]",
+                &init("b", &shape, 31),
+                &format!("n: %y = {op}(%x, %b)"),
+            );
+            let model: Model = qgraph_text::parse_model(&text).unwrap();
+            drop(model);
+            // Positive operands for Pow and away from zero for Div.
+            let Tensor::F32(x) = tensor(&[2, 3, 4], 32) else {
+                unreachable!()
+            };
+            let x = x.mapv(|v| v.abs() + 0.5);
+            let text = if op == "Div" || op == "Pow" {
+                text.replace(&init("b", &shape, 31), &{
+                    let n: usize = shape.iter().product();
+                    let vals: Vec<String> = values(n, 31)
+                        .iter()
+                        .map(|v| format!("{:?}", v.abs() + 0.5))
+                        .collect();
+                    format!("  init %b = f32{shape:?} [{}]", vals.join(", "))
+                })
+            } else {
+                text
+            };
+            check(&text, vec![Tensor::F32(x)], &["b"], Mode::Inference);
+        }
+    }
+}
+
+#[test]
+fn pooling_and_means() {
+    let cases = [
+        ("MaxPool(%x) {kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]}", "[2,2,4,4]"),
+        ("AveragePool(%x) {kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]}", "[2,2,4,4]"),
+        ("AveragePool(%x) {kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1], count_include_pad = 1}", "[2,2,4,4]"),
+        ("GlobalAveragePool(%x)", "[2,2,1,1]"),
+        ("ReduceMean(%x) {axes = [1, 3], keepdims = 0}", "[2,7]"),
+        ("ReduceMean(%x) {axes = [2]}", "[2,2,1,7]"),
+    ];
+    for (op, y) in cases {
+        let text = graph(13, "[2,2,7,7]", y, "", &format!("n: %y = {op}"));
+        check(&text, vec![tensor(&[2, 2, 7, 7], 41)], &[], Mode::Inference);
+    }
+}
+
+#[test]
+fn data_movement() {
+    let cases = [
+        ("Reshape(%x, %s)", "  init %s = i64[2] [6, -1]", "[6,4]", 14),
+        ("Flatten(%x) {axis = 2}", "", "[6,4]", 13),
+        ("Transpose(%x) {perm = [2, 0, 1]}", "", "[4,2,3]", 13),
+        ("Unsqueeze(%x, %a)", "  init %a = i64[1] [1]", "[2,1,3,4]", 13),
+        ("Slice(%x, %st, %en, %ax, %sp)", "  init %st = i64[2] [3, 0]\n  init %en = i64[2] [0, 3]\n  init %ax = i64[2] [2, 1]\n  init %sp = i64[2] [-2, 2]", "[2,2,2]", 13),
+        ("Pad(%x, %p)", "  init %p = i64[6] [0, 1, 2, 1, 0, 1]", "[3,4,7]", 13),
+        ("Concat(%x, %x) {axis = 1}", "", "[2,6,4]", 13),
+    ];
+    for (op, inits, y, opset) in cases {
+        let text = graph(opset, "[2,3,4]", y, inits, &format!("n: %y = {op}"));
+        check(&text, vec![tensor(&[2, 3, 4], 51)], &[], Mode::Inference);
+    }
+    // Split into two outputs, both feeding the loss.
+    let text = "ir_version 8\nopset \"\" 13\n\ngraph main {\n  input %x: f32[2,5]\n  output %a: f32[2,2]\n  output %b: f32[2,3]\n  init %s = i64[2] [2, 3]\n  n: %a, %b = Split(%x, %s) {axis = 1}\n}\n";
+    check(text, vec![tensor(&[2, 5], 52)], &[], Mode::Inference);
+}
+
+#[test]
+fn a_small_network_end_to_end() {
+    let text = r#"
+ir_version 8
+opset "" 13
+
+graph main {
+  input %x: f32[2,2,6,6]
+  output %y: f32[2,3]
+  init %w = f32[4,2,3,3] [W]
+  init %s = f32[4] [0.9, 1.1, 1.0, 0.8]
+  init %b = f32[4] [0.1, -0.1, 0.2, 0.0]
+  init %m = f32[4] [0.0, 0.1, -0.1, 0.05]
+  init %v = f32[4] [1.0, 0.9, 1.2, 1.1]
+  init %fc = f32[3,4] [F]
+  conv: %c = Conv(%x, %w) {pads = [1, 1, 1, 1]}
+  bn: %n = BatchNormalization(%c, %s, %b, %m, %v)
+  relu: %r = Relu(%n)
+  res: %a = Add(%r, %c)
+  pool: %p = GlobalAveragePool(%a)
+  flat: %f = Flatten(%p)
+  fc: %y = Gemm(%f, %fc) {transB = 1}
+}
+"#;
+    let list = |n: usize, seed: u64| {
+        values(n, seed)
+            .iter()
+            .map(|v| format!("{v:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let text = text
+        .replace("[W]", &format!("[{}]", list(72, 61)))
+        .replace("[F]", &format!("[{}]", list(12, 62)));
+    for mode in [Mode::Training, Mode::Inference] {
+        check(
+            &text,
+            vec![tensor(&[2, 2, 6, 6], 63)],
+            &["w", "s", "b", "fc"],
+            mode,
+        );
+    }
+}
+
+/// Fake quantization (QuantizeLinear then DequantizeLinear): the
+/// straight-through gradient of the input, and the scale's gradient by
+/// LSQ's formula (Esser et al. 2020, eq. 3) or PACT's (Choi et al. 2018,
+/// eq. 3), computed here in f64 from the definitions.
+#[test]
+fn fake_quantization_follows_the_papers() {
+    for (pact, zp, dtype, lo, hi) in [
+        (false, 0i64, "i8", -128f64, 127f64),
+        (false, 10, "u8", 0.0, 255.0),
+        (true, 0, "u8", 0.0, 255.0),
+    ] {
+        let meta = if pact {
+            " meta \"qgraph.train.scale_gradient\" = \"pact\""
+        } else {
+            ""
+        };
+        let text = format!(
+            "ir_version 8\nopset \"\" 13\n\ngraph main {{\n  input %x: f32[40]\n  output %y: f32[40]\n  init %s = f32[] [0.02]\n  init %z = {dtype}[] [{zp}]\n  q: %q = QuantizeLinear(%x, %s, %z){meta}\n  dq: %y = DequantizeLinear(%q, %s, %z)\n}}\n"
+        );
+        let model = qgraph_text::parse_model(&text).unwrap();
+        let g = &model.graph;
+        let ev = Evaluator::new(&model).unwrap();
+        let s_id = g.value_by_name("s").unwrap();
+        let params: HashMap<ValueId, Tensor> =
+            [(s_id, Tensor::F32(ArrayD::from_elem(IxDyn(&[]), 0.02)))].into();
+        // From far below the grid to far above it.
+        let xs: Vec<f32> = (0..40).map(|i| (i as f32 - 14.0) * 0.2 + 0.013).collect();
+        let x = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[40]), xs.clone()).unwrap());
+        let tape = ev.record(vec![x], &params, Mode::Training).unwrap();
+        let r = values(40, 71);
+        let seed = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[40]), r.clone()).unwrap());
+        let x_id = ev.required_inputs()[0];
+        let grads = tape
+            .backward(vec![(g.outputs()[0], seed)], &[x_id, s_id])
+            .unwrap();
+        let dx = f32s(&grads[&x_id]);
+        let ds = f32s(&grads[&s_id]).iter().next().copied().unwrap() as f64;
+        let s = 0.02f64;
+        let mut want_ds = 0.0;
+        for (e, (&xv, &rv)) in xs.iter().zip(&r).enumerate() {
+            let v = xv as f64 / s + zp as f64;
+            let inside = v >= lo && v <= hi;
+            // dq = dy s, then dx = dq / s: equal to dy up to rounding.
+            let want = if inside { rv } else { 0.0 };
+            assert!(
+                (dx[e] - want).abs() <= 1e-6 * want.abs(),
+                "dx[{e}] at x = {xv}: {} against {want}",
+                dx[e]
+            );
+            let q = (xv as f64 / s).round_ties_even() + zp as f64;
+            want_ds += rv as f64
+                * if v < lo {
+                    lo - zp as f64
+                } else if v > hi {
+                    hi - zp as f64
+                } else if pact {
+                    0.0
+                } else {
+                    (q - zp as f64) - xv as f64 / s
+                };
+        }
+        assert!(
+            (ds - want_ds).abs() <= 1e-4 * want_ds.abs().max(1.0),
+            "pact {pact}, zero point {zp}: ds {ds}, want {want_ds}"
+        );
+    }
+}
+
+#[test]
+fn an_operator_without_a_gradient_is_named() {
+    let text = graph(13, "[2,3]", "[2,3]", "", "fl: %y = Floor(%x)");
+    let model = qgraph_text::parse_model(&text).unwrap();
+    let ev = Evaluator::new(&model).unwrap();
+    let params = HashMap::new();
+    let tape = ev
+        .record(vec![tensor(&[2, 3], 1)], &params, Mode::Inference)
+        .unwrap();
+    let x = ev.required_inputs()[0];
+    let seed = tensor(&[2, 3], 2);
+    let err = tape
+        .backward(vec![(model.graph.outputs()[0], seed)], &[x])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("fl") && err.contains("gradient of Floor"),
+        "{err}"
+    );
+}
