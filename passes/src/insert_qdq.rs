@@ -25,6 +25,12 @@
 //! metadata `qgraph.range` ("min,max") that a calibration left in a model.
 
 use crate::{util, Params as PassParams, Pass, PassContext};
+
+/// QuantizeLinear node metadata: the integer range ("qmin,qmax") of a grid
+/// narrower than 8 bits, which the int8/uint8 tensors holding it do not
+/// show (the trainer quantizes to it; a weight's values and an
+/// activation's Clip keep the file's arithmetic on it).
+pub const GRID_KEY: &str = "qgraph.grid";
 use qgraph_ir::{AttrValue, DataType, Graph, Model, NewNode, NodeId, Tensor, ValueId};
 use qgraph_quant::rounding::{round_rows, SecondMoment};
 use qgraph_quant::{Grid, Params, RangeInit, Scheme, TensorScheme, PACT_INITIAL_ALPHA};
@@ -571,6 +577,10 @@ fn weight_rows(g: &Graph, node: NodeId, shape: &[usize]) -> Option<(usize, usize
 /// `qgraph_quant::rounding`). `None` when the shapes do not fit. Returns
 /// the rounded weight (dequantized values, which quantize back exactly)
 /// and the output errors of nearest and of this rounding.
+/// A weight's rounded values, with the output errors of nearest and of the
+/// chosen rounding.
+type RoundedWeight = (Tensor, (f64, f64));
+
 fn round_weight(
     g: &Graph,
     node: NodeId,
@@ -578,7 +588,7 @@ fn round_weight(
     params: &[Params],
     grid: Grid,
     moments: &[SecondMoment],
-) -> Result<Option<(Tensor, (f64, f64))>, String> {
+) -> Result<Option<RoundedWeight>, String> {
     let Tensor::F32(a) = w else { return Ok(None) };
     let shape = a.shape().to_vec();
     let Some((rows, k, transposed)) = weight_rows(g, node, &shape) else {
@@ -852,6 +862,12 @@ pub fn insert_qdq(
                 };
                 report.rounding_gains_db.push(gain);
             }
+            // Below 8 bits a range from the mean |w| (LSQ) leaves large
+            // weights outside the grid, where the int8 QuantizeLinear would
+            // not saturate: such weights are clipped to the grid first.
+            if site.scheme.grid.bits < 8 {
+                clip_weight_to_grid(g, site.value, &params, site.scheme.grid, site.axis)?;
+            }
         }
         let g = &mut model.graph;
         let dtype = storage(site.scheme.grid)?;
@@ -931,7 +947,14 @@ pub fn insert_qdq(
             q = q.attr("axis", AttrValue::Int(axis as i64));
             dq = dq.attr("axis", AttrValue::Int(axis as i64));
         }
-        g.add_node(q).map_err(err)?;
+        let q = g.add_node(q).map_err(err)?;
+        if site.scheme.grid.bits < 8 {
+            let grid = site.scheme.grid;
+            g.node_mut(q).map_err(err)?.meta.push((
+                GRID_KEY.to_string(),
+                format!("{},{}", grid.qmin(), grid.qmax()),
+            ));
+        }
         let dq = g.add_node(dq).map_err(err)?;
         // The value this pair stands for, which a folded activation's
         // removal takes out of the graph (for `qgraph report`).
@@ -970,6 +993,46 @@ pub fn insert_qdq(
         report.int32_biases = quantize_biases(&mut model.graph, plan, &site_scales)?;
     }
     Ok(report)
+}
+
+/// Clamps a constant weight to the values its quantization grid can
+/// represent (per channel of `axis`, or with one pair); leaves it alone
+/// when every value is inside.
+fn clip_weight_to_grid(
+    g: &mut Graph,
+    weight: ValueId,
+    params: &[Params],
+    grid: Grid,
+    axis: Option<usize>,
+) -> Result<(), String> {
+    let Some(Tensor::F32(w)) = util::constant(g, Some(weight)) else {
+        return Ok(());
+    };
+    let mut clipped = w.clone();
+    let mut changed = false;
+    let mut clamp = |values: &mut dyn Iterator<Item = &mut f32>, p: Params| {
+        let (lo, hi) = p.representable(grid);
+        for v in values {
+            let c = v.clamp(lo, hi);
+            changed |= c != *v;
+            *v = c;
+        }
+    };
+    match axis {
+        Some(axis) => {
+            for (mut lane, &p) in clipped
+                .axis_iter_mut(qgraph_ir::ndarray::Axis(axis))
+                .zip(params)
+            {
+                clamp(&mut lane.iter_mut(), p);
+            }
+        }
+        None => clamp(&mut clipped.iter_mut(), params[0]),
+    }
+    if changed {
+        util::set_constant(g, weight, Tensor::F32(clipped))?;
+    }
+    Ok(())
 }
 
 /// The bounds a Relu or Clip clamps to.

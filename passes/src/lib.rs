@@ -37,7 +37,7 @@ pub use fuse_matmul_add::FuseMatMulAdd;
 pub use infer_shapes::InferShapes;
 pub use insert_qdq::{
     insert_qdq, plan_qdq, recorded_range, Calibrated, InsertOptions, InsertQdq, InsertReport,
-    Override, Placement, QdqPlan, Site, QUANTIZES_KEY, RANGE_KEY,
+    Override, Placement, QdqPlan, Site, GRID_KEY, QUANTIZES_KEY, RANGE_KEY,
 };
 pub use lower_to_integer::{float_ops, LowerToInteger};
 pub use pipeline::{known_names, parse_pipeline, registry, Params, PassInfo, ALIASES};
@@ -191,6 +191,7 @@ impl Driver {
         Driver::default()
     }
 
+    #[allow(clippy::should_implement_trait)] // a builder step, not arithmetic
     pub fn add(mut self, pass: impl Pass + 'static) -> Driver {
         self.passes.push(Box::new(pass));
         self

@@ -351,6 +351,106 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Quantization-aware training of a Q/DQ model (or training of a float
+    /// one), with labels or distilled from a teacher model.
+    #[command(
+        after_help = "Q/DQ pairs train as fake quantization with straight-through gradients. \
+                      How scales move follows the scheme 'qgraph insert' recorded: lsq-* learns \
+                      every step size (LSQ, gradient scaled by 1/sqrt(N Qp)); pact-* learns the \
+                      activations' clipping levels (PACT, with L2 decay --pact-decay); other \
+                      schemes keep weight scales at each channel's extremes and move activation \
+                      ranges by a moving average (Jacob et al. 2018). Batch normalization uses \
+                      batch statistics and updates its running ones until --bn-freeze. Without \
+                      labels (or with --teacher) the loss is distillation from the teacher's \
+                      outputs. The output is the input graph with the trained values, ready for \
+                      'qgraph freeze'. A checkpoint is written after each epoch; --resume \
+                      continues from it.\n\n\
+                      Examples:\n  qgraph train cnn.onnx --data train.npz --eval test.npz --epochs 5 --lr 0.05 -o trained.onnx\n  \
+                      qgraph train qdq.onnx --data photos.npz --key x_u8 --norm imagenet --teacher float.onnx \\\n      \
+                      --optimizer adam --lr 1e-5 --schedule sine --epochs 2 -o qat.onnx"
+    )]
+    Train {
+        /// The model to train (.onnx or .qgt): Q/DQ or float.
+        model: PathBuf,
+        /// Training data (.npz: samples N first, uint8 or float32; labels).
+        #[arg(long)]
+        data: PathBuf,
+        /// The array of samples (default: x, else x_u8).
+        #[arg(long)]
+        key: Option<String>,
+        /// The array of labels (default: y when present).
+        #[arg(long)]
+        labels: Option<String>,
+        /// Input normalisation.
+        #[arg(long, value_enum, default_value_t = NormArg::None)]
+        norm: NormArg,
+        /// Distil from this model (usually the float one) instead of labels.
+        #[arg(long)]
+        teacher: Option<PathBuf>,
+        /// Evaluation data, measured after each epoch (same key and labels).
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// Evaluate on the first N samples only.
+        #[arg(long)]
+        eval_limit: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        /// Samples per step.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Base learning rate.
+        #[arg(long, default_value_t = 0.01)]
+        lr: f32,
+        #[arg(long, value_enum, default_value_t = OptimizerArg::Sgd)]
+        optimizer: OptimizerArg,
+        /// SGD momentum.
+        #[arg(long, default_value_t = 0.9)]
+        momentum: f32,
+        /// L2 decay on weights (decoupled for Adam).
+        #[arg(long, default_value_t = 0.0)]
+        weight_decay: f32,
+        /// PACT's L2 decay on its clipping levels.
+        #[arg(long, default_value_t = 2e-4)]
+        pact_decay: f32,
+        /// constant, cosine, sine (lr = base sin(pi t / T)) or step:EVERY:GAMMA (steps).
+        #[arg(long, default_value = "constant")]
+        schedule: String,
+        /// Batch normalization freezes its statistics after this many steps.
+        #[arg(long)]
+        bn_freeze: Option<usize>,
+        /// Fake quantization starts after this many steps.
+        #[arg(long, default_value_t = 0)]
+        quant_delay: usize,
+        /// Distillation temperature.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        /// Seed of the sample order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Worker threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Train on the first N samples only.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Checkpoint file (default: the output with .ckpt before its extension).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Continue from the checkpoint when it exists.
+        #[arg(long)]
+        resume: bool,
+        /// Where to write the trained model, atomically.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OptimizerArg {
+    /// SGD with momentum.
+    Sgd,
+    /// Adam with decoupled weight decay.
+    Adam,
 }
 
 impl From<NormArg> for qgraph::data::Norm {
@@ -568,6 +668,125 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 text += &format!("sqnr       {db:.2} dB\n");
             }
             emit(&text)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train {
+            model,
+            data,
+            key,
+            labels,
+            norm,
+            teacher,
+            eval,
+            eval_limit,
+            epochs,
+            batch,
+            lr,
+            optimizer,
+            momentum,
+            weight_decay,
+            pact_decay,
+            schedule,
+            bn_freeze,
+            quant_delay,
+            temperature,
+            seed,
+            threads,
+            limit,
+            checkpoint,
+            resume,
+            output,
+        } => {
+            let loaded = load(&model)?;
+            let teacher_model = teacher.as_ref().map(|t| load(t)).transpose()?;
+            let ds = qgraph::data::Dataset::load_npz(&data, key.as_deref(), labels.as_deref())?;
+            let eval_ds = eval
+                .as_ref()
+                .map(|e| qgraph::data::Dataset::load_npz(e, key.as_deref(), labels.as_deref()))
+                .transpose()?;
+            let schedule = qgraph::trainer::Schedule::parse(&schedule)
+                .map_err(|e| Failure(format!("--schedule: {e}")))?;
+            if lr.is_nan() || lr <= 0.0 {
+                return Err(Failure(format!("--lr: {lr} is not a positive rate")));
+            }
+            let checkpoint = checkpoint.unwrap_or_else(|| {
+                let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+                let ext = output.extension().map(|e| e.to_string_lossy().to_string());
+                output.with_file_name(match ext {
+                    Some(e) => format!("{stem}.ckpt.{e}"),
+                    None => format!("{stem}.ckpt"),
+                })
+            });
+            let config = qgraph::trainer::Config {
+                batch,
+                lr,
+                optimizer: match optimizer {
+                    OptimizerArg::Sgd => qgraph::trainer::Optimizer::Sgd { momentum },
+                    OptimizerArg::Adam => qgraph::trainer::Optimizer::adam(),
+                },
+                weight_decay,
+                pact_decay,
+                schedule,
+                seed,
+                threads,
+                bn_freeze_step: bn_freeze,
+                quant_delay,
+                temperature,
+                ..qgraph::trainer::Config::default()
+            };
+            let options = qgraph::train::TrainOptions {
+                config,
+                epochs,
+                norm: norm.into(),
+                limit,
+                teacher: teacher_model.map(|t| t.model),
+                eval: eval_ds,
+                eval_limit,
+                checkpoint: Some(checkpoint.clone()),
+                resume,
+            };
+            let mut bar = indicatif::ProgressBar::hidden();
+            let (trained, _) =
+                qgraph::train::train(&loaded.model, &ds, options, &mut |p| match p {
+                    qgraph::train::Progress::Epoch { epoch, steps } => {
+                        bar = indicatif::ProgressBar::new(steps as u64).with_style(
+                            indicatif::ProgressStyle::with_template(&format!(
+                                "epoch {} {{bar:30}} {{pos}}/{{len}} {{msg}} eta {{eta}}",
+                                epoch + 1
+                            ))
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                        );
+                    }
+                    qgraph::train::Progress::Step(r, rate) => {
+                        bar.inc(1);
+                        bar.set_message(format!(
+                            "loss {:.4} lr {:.2e} {:.0} samples/s",
+                            r.loss, r.lr, rate
+                        ));
+                    }
+                    qgraph::train::Progress::Evaluating => bar.set_message("evaluating"),
+                    qgraph::train::Progress::Done(r) => {
+                        bar.finish_and_clear();
+                        let mut line = format!("epoch {}  loss {:.4}", r.epoch + 1, r.mean_loss);
+                        if let Some(a) = r.train_accuracy {
+                            line += &format!("  train accuracy {a:.4}");
+                        }
+                        if let Some(a) = r.eval_accuracy {
+                            line += &format!("  eval accuracy {a:.4}");
+                        }
+                        if let Some(a) = r.eval_agreement {
+                            line += &format!("  eval agreement {a:.4}");
+                        }
+                        line += &format!("  {:.0} samples/s\n", r.samples_per_second);
+                        eprint!("{line}");
+                    }
+                })
+                .map_err(|e| Failure(format!("{}: {e}", model.display())))?;
+            qgraph::save(&trained, &output, &qgraph::SaveOptions::default())?;
+            if checkpoint.exists() && checkpoint != output {
+                let _ = std::fs::remove_file(&checkpoint);
+            }
+            emit(&format!("wrote {}\n", output.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {

@@ -81,7 +81,7 @@ fn every_malformed_file_exits_2_with_its_message_and_writes_nothing() {
 
 #[test]
 fn every_subcommand_has_help_with_an_example() {
-    for cmd in ["show", "diff", "convert", "eval", "infer", "run"] {
+    for cmd in ["show", "diff", "convert", "eval", "infer", "run", "train"] {
         let o = qgraph(&[cmd, "--help"]);
         assert_eq!(o.status.code(), Some(0));
         assert!(
@@ -720,4 +720,111 @@ fn freeze_to_integers_and_verify_op_by_op_and_refuse_bad_input() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("missing.onnx"), "{}", stderr(&o));
     assert!(!bad.exists());
+}
+
+#[test]
+fn train_fine_tunes_a_q_dq_model_resumes_from_its_checkpoint_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("testdata/data/mnist64.npz");
+    let data = path_str(&data).to_string();
+    let qdq = dir.path().join("qdq.onnx");
+    let o = qgraph(&[
+        "insert",
+        &lenet(),
+        "--scheme",
+        "pact-w4a8",
+        "--calib",
+        &data,
+        "-o",
+        path_str(&qdq),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trained = dir.path().join("trained.onnx");
+    let args = |out: &Path, epochs: &str| -> Vec<String> {
+        [
+            "train",
+            path_str(&qdq),
+            "--data",
+            &data,
+            "--eval",
+            &data,
+            "--epochs",
+            epochs,
+            "--batch",
+            "16",
+            "--lr",
+            "0.001",
+            "--threads",
+            "2",
+            "-o",
+            path_str(out),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |a: Vec<String>| qgraph(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = run(args(&trained, "1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    assert!(
+        log.contains("epoch 1") && log.contains("eval accuracy"),
+        "{log}"
+    );
+    // The checkpoint is gone once the output is written.
+    assert!(!dir.path().join("trained.ckpt.onnx").exists());
+    let o = qgraph(&["eval", path_str(&trained), "--data", &data]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The same graph with new values: a diff shows changed initializers only.
+    let o = qgraph(&["diff", path_str(&qdq), path_str(&trained)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("nodes 0 added, 0 removed, 0 changed; initializers 0 added, 0 removed"),
+        "{}",
+        stdout(&o)
+    );
+    // Deterministic: a second run writes the same bytes.
+    let again = dir.path().join("again.onnx");
+    assert!(run(args(&again, "1")).status.success());
+    assert_eq!(
+        std::fs::read(&trained).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+    // An interrupted run's checkpoint (here: one epoch's output) resumes:
+    // the second epoch alone runs.
+    let resumed = dir.path().join("resumed.onnx");
+    let mut a = args(&resumed, "2");
+    a.extend([
+        "--checkpoint".into(),
+        path_str(&dir.path().join("ck.onnx")).into(),
+        "--resume".into(),
+    ]);
+    let o = run(args(&dir.path().join("ck.onnx"), "1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("epoch 2") && !stderr(&o).contains("epoch 1 "),
+        "{}",
+        stderr(&o)
+    );
+    // Bad input: a schedule that does not exist, no labels and no teacher.
+    let o = run([
+        args(&trained, "1"),
+        vec!["--schedule".into(), "linear".into()],
+    ]
+    .concat());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--schedule") && stderr(&o).contains("linear"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run([
+        args(&trained, "1"),
+        vec!["--labels".into(), "nothing".into()],
+    ]
+    .concat());
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("nothing"), "{}", stderr(&o));
 }

@@ -19,7 +19,7 @@ use qgraph_ir::{Graph, Model, NodeId, Tensor, ValueDef, ValueId};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
-pub use ops::{differentiable_ops, supported_ops, SCALE_GRADIENT_KEY};
+pub use ops::{differentiable_ops, supported_ops, SCALE_GRADIENT_KEY, TRAINING_DOMAIN};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EvalError {

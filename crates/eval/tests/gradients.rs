@@ -590,3 +590,65 @@ fn an_operator_without_a_gradient_is_named() {
         "{err}"
     );
 }
+
+/// The training graph's FakeQuantize on a 4-bit grid held in uint8: its
+/// outputs are the bits of Clip + QuantizeLinear + DequantizeLinear, and its
+/// gradients follow LSQ and PACT.
+#[test]
+fn fake_quantize_matches_its_q_dq_pair_and_the_papers() {
+    let xs: Vec<f32> = (0..40).map(|i| (i as f32 - 14.0) * 0.05 + 0.013).collect();
+    let (s, zp, qmin, qmax) = (0.07f64, 3i64, 0i64, 15i64);
+    let (lo, hi) = (
+        ((qmin - zp) as f64 * s) as f32,
+        ((qmax - zp) as f64 * s) as f32,
+    );
+    let pair = format!(
+        "ir_version 8\nopset \"\" 13\n\ngraph main {{\n  input %x: f32[40]\n  output %y: f32[40]\n  init %s = f32[] [0.07]\n  init %z = u8[] [3]\n  init %lo = f32[] [{lo:?}]\n  init %hi = f32[] [{hi:?}]\n  c: %c = Clip(%x, %lo, %hi)\n  q: %q = QuantizeLinear(%c, %s, %z)\n  dq: %y = DequantizeLinear(%q, %s, %z)\n}}\n"
+    );
+    let x = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[40]), xs.clone()).unwrap());
+    let pair = qgraph_text::parse_model(&pair).unwrap();
+    let want = Evaluator::new(&pair).unwrap().run(vec![x.clone()]).unwrap();
+    for method in ["lsq", "pact"] {
+        let text = format!(
+            "ir_version 8\nopset \"\" 13\nopset \"qgraph.train\" 1\n\ngraph main {{\n  input %x: f32[40]\n  output %y: f32[40]\n  init %s = f32[] [0.07]\n  init %z = u8[] [3]\n  fq: %y = qgraph.train.FakeQuantize(%x, %s, %z) {{qmin = 0, qmax = 15, method = \"{method}\"}}\n}}\n"
+        );
+        let model = qgraph_text::parse_model(&text).unwrap();
+        let ev = Evaluator::new(&model).unwrap();
+        let got = ev.run(vec![x.clone()]).unwrap();
+        let bits = |t: &Tensor| f32s(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got[0]), bits(&want[0]), "{method}");
+        let g = &model.graph;
+        let s_id = g.value_by_name("s").unwrap();
+        let params = HashMap::new();
+        let tape = ev.record(vec![x.clone()], &params, Mode::Training).unwrap();
+        let r = values(40, 72);
+        let seed = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[40]), r.clone()).unwrap());
+        let x_id = ev.required_inputs()[0];
+        let grads = tape
+            .backward(vec![(g.outputs()[0], seed)], &[x_id, s_id])
+            .unwrap();
+        let dx = f32s(&grads[&x_id]);
+        let mut want_ds = 0.0;
+        for (e, (&xv, &rv)) in xs.iter().zip(&r).enumerate() {
+            let v = xv as f64 / s + zp as f64;
+            let inside = v >= qmin as f64 && v <= qmax as f64;
+            assert_eq!(dx[e], if inside { rv } else { 0.0 });
+            let q = (xv as f64 / s).round_ties_even() + zp as f64;
+            want_ds += rv as f64
+                * if v < qmin as f64 {
+                    (qmin - zp) as f64
+                } else if v > qmax as f64 {
+                    (qmax - zp) as f64
+                } else if method == "pact" {
+                    0.0
+                } else {
+                    q - zp as f64 - xv as f64 / s
+                };
+        }
+        let ds = f32s(&grads[&s_id]).iter().next().copied().unwrap() as f64;
+        assert!(
+            (ds - want_ds).abs() <= 1e-4 * want_ds.abs().max(1.0),
+            "{method}: {ds} against {want_ds}"
+        );
+    }
+}

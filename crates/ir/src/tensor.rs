@@ -644,7 +644,7 @@ mod tests {
             let mut bytes: Vec<u8> = (0..len).map(|i| (seed.rotate_left(i as u32 % 64) as u8) ^ i as u8).collect();
             if dtype == DataType::Bool { bytes.iter_mut().for_each(|b| *b &= 1); }
             let used = count * dtype.bits().unwrap();
-            if used % 8 != 0 { let last = bytes.len() - 1; bytes[last] &= (1u8 << (used % 8)) - 1; }
+            if !used.is_multiple_of(8) { let last = bytes.len() - 1; bytes[last] &= (1u8 << (used % 8)) - 1; }
             let t = Tensor::from_le_bytes(dtype, &shape, &bytes).unwrap();
             prop_assert_eq!(t.dtype(), dtype);
             prop_assert_eq!(t.shape(), &shape[..]);

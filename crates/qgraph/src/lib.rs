@@ -13,6 +13,7 @@ pub mod freeze;
 pub mod insert;
 pub mod moments;
 pub mod report;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,7 @@ pub use qgraph_onnx as onnx;
 pub use qgraph_passes as passes;
 pub use qgraph_quant as quant;
 pub use qgraph_text as text;
+pub use qgraph_train as trainer;
 
 /// An error about one file, naming it.
 #[derive(Debug, thiserror::Error)]

@@ -353,9 +353,9 @@ impl AbsHistogram {
                 if nonzero == 0 {
                     continue;
                 }
-                for b in start..end {
-                    if self.counts[b] > 0 {
-                        q[b] = mass / nonzero as f64;
+                for (qb, &c) in q[start..end].iter_mut().zip(&self.counts[start..end]) {
+                    if c > 0 {
+                        *qb = mass / nonzero as f64;
                     }
                 }
             }

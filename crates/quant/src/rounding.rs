@@ -91,7 +91,7 @@ pub fn round_rows(
     params: &[Params],
     grid: Grid,
 ) -> Result<RoundingError, String> {
-    if k == 0 || rows.len() % k != 0 || h.len() != k * k {
+    if k == 0 || !rows.len().is_multiple_of(k) || h.len() != k * k {
         return Err(format!(
             "{} weights and a {}-element second moment do not make rows of {k}",
             rows.len(),

@@ -79,6 +79,9 @@ pub type BackwardKernel = fn(&OpCtx, &Grads) -> Result<Vec<Option<Tensor>>, Eval
 
 /// The backward kernel of an operator, beside its forward kernel.
 pub fn backward_kernel(domain: &str, op: &str) -> Option<BackwardKernel> {
+    if domain == TRAINING_DOMAIN && op == "FakeQuantize" {
+        return Some(quant::fake_quantize_backward);
+    }
     if !matches!(domain, "" | "ai.onnx") {
         return None;
     }
@@ -156,10 +159,16 @@ pub fn kernel(domain: &str, op: &str) -> Option<Kernel> {
     let table = match domain {
         "" | "ai.onnx" => KERNELS,
         "com.microsoft" => MICROSOFT_KERNELS,
+        TRAINING_DOMAIN => TRAINING_KERNELS,
         _ => return None,
     };
     table.iter().find(|(name, _)| *name == op).map(|(_, k)| *k)
 }
+
+/// The domain of the operators only training graphs have.
+pub const TRAINING_DOMAIN: &str = "qgraph.train";
+
+const TRAINING_KERNELS: &[(&str, Kernel)] = &[("FakeQuantize", quant::fake_quantize)];
 
 const MICROSOFT_KERNELS: &[(&str, Kernel)] = &[
     ("QLinearAdd", contrib::qlinear_add),

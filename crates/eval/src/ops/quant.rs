@@ -362,3 +362,130 @@ pub fn dequantize_linear_backward(
     }
     Ok(grads)
 }
+
+/// The training graph's fake quantization (domain `qgraph.train`): a
+/// QuantizeLinear then DequantizeLinear on the integer range
+/// `[qmin, qmax]` of attributes, which may be narrower than any storage
+/// type (a 4-bit or 2-bit grid held in int8). The forward gives the bits of
+/// the Q/DQ pair (with the Clip that holds a narrow grid's activations)
+/// it stands for; `method` (`lsq` or `pact`) picks the scale's gradient.
+pub fn fake_quantize(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let fq = FakeQuant::read(cx, i)?;
+    let out: Vec<f32> = (0..fq.x.len())
+        .map(|e| {
+            let (q, k) = fq.level(e);
+            ((q - fq.zps[k]) as f32) * fq.scales[k]
+        })
+        .collect();
+    Ok(vec![Tensor::F32(array(&fq.shape, out))])
+}
+
+/// FakeQuantize's gradient, the straight-through estimator with clipping:
+/// `dx = dy` where `x / s + z` lies in `[qmin, qmax]`, else 0. The scale's
+/// (summed per scale element): LSQ's `round(x/s) - x/s` inside the range
+/// and `qmin - z` / `qmax - z` outside (Esser et al. 2020, eq. 3), or
+/// PACT's, the same with 0 inside (Choi et al. 2018, eq. 3).
+pub fn fake_quantize_backward(
+    cx: &OpCtx,
+    g: &super::Grads,
+) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) && !g.wants(1) {
+        return Ok(grads);
+    }
+    let fq = FakeQuant::read(cx, g.inputs)?;
+    let d = g.d_output(cx, 0)?;
+    let ds = d.as_slice().expect("standard layout");
+    let pact = cx.string_attr("method", "lsq")? == "pact";
+    if g.wants(0) {
+        let dx: Vec<f32> = (0..fq.x.len())
+            .map(|e| if fq.inside(e) { ds[e] } else { 0.0 })
+            .collect();
+        grads[0] = Some(Tensor::F32(array(&fq.shape, dx)));
+    }
+    if g.wants(1) {
+        grads[1] = Some(scale_gradient(
+            &fq.shape,
+            &fq.index,
+            fq.blocked,
+            &fq.scale_shape,
+            |e| {
+                let (q, k) = fq.level(e);
+                let s = fq.scales[k];
+                let r = fq.x[e] / s + fq.zps[k] as f32;
+                let step = if r < fq.qmin as f32 || r > fq.qmax as f32 {
+                    (q - fq.zps[k]) as f32
+                } else if pact {
+                    0.0
+                } else {
+                    (q - fq.zps[k]) as f32 - fq.x[e] / s
+                };
+                ds[e] * step
+            },
+        ));
+    }
+    Ok(grads)
+}
+
+/// A FakeQuantize node's operands.
+struct FakeQuant {
+    x: Vec<f32>,
+    shape: Vec<usize>,
+    scales: Vec<f32>,
+    scale_shape: Vec<usize>,
+    zps: Vec<i64>,
+    qmin: i64,
+    qmax: i64,
+    index: ScaleIndex,
+    blocked: bool,
+}
+
+impl FakeQuant {
+    fn read(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<FakeQuant, EvalError> {
+        let x = input(cx, i, 0)?;
+        let scale_t = input(cx, i, 1)?;
+        let scales = f32_values(cx, scale_t, "the scale")?;
+        let zps = match i.get(2).copied().flatten() {
+            Some(z) => int_values(cx, z, "zero point")?,
+            None => vec![0; scales.len()],
+        };
+        if zps.len() != scales.len() {
+            return cx.err("scale and zero point differ in size");
+        }
+        let (qmin, qmax) = (cx.int_attr("qmin", -128)?, cx.int_attr("qmax", 127)?);
+        if qmin > qmax {
+            return cx.err(format!("the grid [{qmin}, {qmax}] is empty"));
+        }
+        Ok(FakeQuant {
+            x: f32_values(cx, x, "the input")?,
+            shape: x.shape().to_vec(),
+            index: ScaleIndex::new(cx, x.shape(), scale_t.shape())?,
+            blocked: cx.int_attr("block_size", 0)? > 0,
+            scale_shape: scale_t.shape().to_vec(),
+            scales,
+            zps,
+            qmin,
+            qmax,
+        })
+    }
+
+    /// Element `e`'s integer level (as QuantizeLinear computes it, on this
+    /// grid) and its scale index.
+    fn level(&self, e: usize) -> (i64, usize) {
+        let k = self.index.of(e, self.blocked);
+        let r = (self.x[e] / self.scales[k]).round_ties_even() as f64 + self.zps[k] as f64;
+        let q = if r.is_nan() {
+            self.zps[k]
+        } else {
+            r.clamp(self.qmin as f64, self.qmax as f64) as i64
+        };
+        (q, k)
+    }
+
+    /// Whether `x / s + z` lies on the grid's range (before rounding).
+    fn inside(&self, e: usize) -> bool {
+        let k = self.index.of(e, self.blocked);
+        let r = self.x[e] / self.scales[k] + self.zps[k] as f32;
+        r >= self.qmin as f32 && r <= self.qmax as f32
+    }
+}

@@ -1,0 +1,512 @@
+//! The training loop: one step is a recorded forward pass, the loss on the
+//! first output, the backward pass, the scale and statistics updates that
+//! do not come from gradients, and an optimizer update.
+
+use crate::graph::{ParamKind, ScaleRule, TrainingGraph};
+use crate::optim::{Moments, Optimizer, Schedule};
+use crate::{loss, TrainError};
+use qgraph_eval::grad::Mode;
+use qgraph_eval::{Evaluator, Options};
+use qgraph_ir::ndarray::{ArrayD, IxDyn};
+use qgraph_ir::{Model, Tensor, ValueId};
+use qgraph_quant::{Grid, Params, RangeMode};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Training settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub batch: usize,
+    pub lr: f32,
+    pub optimizer: Optimizer,
+    /// L2 weight decay on the weights of weighted ops (decoupled for Adam).
+    pub weight_decay: f32,
+    /// PACT's L2 decay on its clipping levels (the paper's lambda_alpha).
+    pub pact_decay: f32,
+    pub schedule: Schedule,
+    /// The schedule's length in steps (epochs times steps per epoch).
+    pub total_steps: usize,
+    pub seed: u64,
+    pub threads: usize,
+    /// Batch normalization uses batch statistics (and updates its running
+    /// ones) until this step, then its running statistics, frozen.
+    pub bn_freeze_step: Option<usize>,
+    /// Fake quantization starts at this step; before, the graph runs float
+    /// (MindSpore's quant_delay).
+    pub quant_delay: usize,
+    /// The weight of the old range in the moving average of activation
+    /// ranges (Jacob et al. 2018); PyTorch's default 0.99.
+    pub range_decay: f32,
+    /// Distillation temperature.
+    pub temperature: f32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            batch: 32,
+            lr: 0.01,
+            optimizer: Optimizer::Sgd { momentum: 0.9 },
+            weight_decay: 0.0,
+            pact_decay: 2e-4,
+            schedule: Schedule::Constant,
+            total_steps: 1,
+            seed: 0,
+            threads: 0,
+            bn_freeze_step: None,
+            quant_delay: 0,
+            range_decay: 0.99,
+            temperature: 1.0,
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f32,
+    pub samples: usize,
+    /// Correct top-1 predictions of the batch, with labels.
+    pub correct: Option<usize>,
+}
+
+/// The targets of a step: labels, or the teacher's logits.
+pub enum Targets<'a> {
+    Labels(&'a [i64]),
+    Teacher(&'a [f32]),
+}
+
+/// Training state: the current values of everything training changes.
+pub struct Trainer {
+    graph: TrainingGraph,
+    /// The training graph, shared with the caller's evaluators.
+    model: Arc<Model>,
+    /// The training graph with FakeQuantize as Identity (quant delay).
+    float_model: Arc<Model>,
+    config: Config,
+    /// Current parameters, tracked scales and zero points, and running
+    /// statistics, in place of the initializers.
+    values: HashMap<ValueId, Tensor>,
+    moments: HashMap<ValueId, Moments>,
+    /// Moving-average ranges of tracked activation quantizers.
+    ranges: HashMap<ValueId, (f32, f32)>,
+    step: usize,
+}
+
+fn f32_data(t: &Tensor) -> Option<&ArrayD<f32>> {
+    match t {
+        Tensor::F32(a) => Some(a),
+        _ => None,
+    }
+}
+
+impl Trainer {
+    pub fn new(model: &Model, config: Config) -> Result<Trainer, TrainError> {
+        let graph = TrainingGraph::prepare(model)?;
+        let mut float_graph = graph.model.clone();
+        for q in &graph.quantizers {
+            let g = &mut float_graph.graph;
+            let inputs = g.node(q.node).inputs().len();
+            for slot in 1..inputs {
+                g.set_node_input(q.node, slot, None)
+                    .map_err(|e| TrainError::Graph(e.to_string()))?;
+            }
+            let node = g
+                .node_mut(q.node)
+                .map_err(|e| TrainError::Graph(e.to_string()))?;
+            node.op_type = "Identity".into();
+            node.domain = String::new();
+            node.attrs.clear();
+        }
+        let g = &graph.model.graph;
+        let mut values = HashMap::new();
+        let mut keep = |v: ValueId| {
+            if let Some(init) = g.initializer(v) {
+                values.insert(v, init.tensor.clone());
+            }
+        };
+        for p in &graph.params {
+            keep(p.value);
+        }
+        for q in &graph.quantizers {
+            keep(q.scale);
+            if let Some(z) = q.zero_point {
+                keep(z);
+            }
+            keep(q.input);
+        }
+        for bn in &graph.batch_norms {
+            keep(bn.mean);
+            keep(bn.var);
+        }
+        Ok(Trainer {
+            model: Arc::new(graph.model.clone()),
+            float_model: Arc::new(float_graph),
+            graph,
+            config,
+            values,
+            moments: HashMap::new(),
+            ranges: HashMap::new(),
+            step: 0,
+        })
+    }
+
+    pub fn graph(&self) -> &TrainingGraph {
+        &self.graph
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    /// Continues a schedule from step `step` (after `--resume`).
+    pub fn set_steps_done(&mut self, step: usize) {
+        self.step = step;
+    }
+
+    /// The graphs a step runs: the training graph, and the float variant
+    /// while fake quantization is delayed. Evaluators of these go to
+    /// [`Trainer::step`].
+    pub fn models(&self) -> (Arc<Model>, Option<Arc<Model>>) {
+        (
+            self.model.clone(),
+            (self.step < self.config.quant_delay).then(|| self.float_model.clone()),
+        )
+    }
+
+    /// Evaluator settings for the training graphs.
+    pub fn evaluator_options(&self) -> Options {
+        Options {
+            threads: self.config.threads,
+            whole_batches: true,
+        }
+    }
+
+    /// The original model with the trained values.
+    pub fn export(&self, original: &Model) -> Result<Model, TrainError> {
+        self.graph.export(original, &self.values)
+    }
+
+    /// Weight scales that follow their weights: the symmetric scale of each
+    /// channel's current extremes.
+    fn track_weight_scales(&mut self) -> Result<(), TrainError> {
+        for q in &self.graph.quantizers {
+            if !(q.weight && q.rule == ScaleRule::Track) {
+                continue;
+            }
+            let (Some(w), Some(s)) = (self.values.get(&q.input), self.values.get(&q.scale)) else {
+                continue;
+            };
+            let (Some(w), Some(s)) = (f32_data(w), f32_data(s)) else {
+                continue;
+            };
+            let levels = q.qmax.min(-q.qmin).max(1) as f32;
+            let mut scales: Vec<f32> = s.iter().copied().collect();
+            let amax: Vec<f32> = match q.axis {
+                Some(axis) if scales.len() > 1 => w
+                    .axis_iter(qgraph_ir::ndarray::Axis(axis))
+                    .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
+                    .collect(),
+                _ => vec![w.iter().fold(0f32, |m, v| m.max(v.abs()))],
+            };
+            if amax.len() != scales.len() {
+                continue;
+            }
+            for (s, a) in scales.iter_mut().zip(amax) {
+                if a > 0.0 {
+                    *s = (a / levels).max(f32::MIN_POSITIVE);
+                }
+            }
+            let shape = s.shape().to_vec();
+            self.values.insert(
+                q.scale,
+                Tensor::F32(ArrayD::from_shape_vec(IxDyn(&shape), scales).expect("same size")),
+            );
+        }
+        Ok(())
+    }
+
+    /// One training step on a batch; `quantized` and `float` from
+    /// [`Trainer::evaluators`].
+    pub fn step(
+        &mut self,
+        quantized: &Evaluator,
+        float: Option<&Evaluator>,
+        x: Tensor,
+        targets: Targets,
+    ) -> Result<StepReport, TrainError> {
+        let config = self.config.clone();
+        let rows = x.shape().first().copied().unwrap_or(1);
+        self.track_weight_scales()?;
+        let ev = match float {
+            Some(f) if self.step < config.quant_delay => f,
+            _ => quantized,
+        };
+        let mode = match config.bn_freeze_step {
+            Some(s) if self.step >= s => Mode::Inference,
+            _ => Mode::Training,
+        };
+        let g = &self.graph.model.graph;
+        let wrt: Vec<ValueId> = self.graph.params.iter().map(|p| p.value).collect();
+        let (loss, correct, grads, observed, stats) = {
+            let tape = ev.record(vec![x], &self.values, mode)?;
+            let out = tape.outputs()?;
+            let logits = out
+                .first()
+                .and_then(|t| f32_data(t))
+                .ok_or_else(|| TrainError::Data("the model's first output is not f32".into()))?;
+            let logits_shape = logits.shape().to_vec();
+            let flat: Vec<f32> = logits.iter().copied().collect();
+            let (loss, d) = match targets {
+                Targets::Labels(labels) => {
+                    loss::cross_entropy(&flat, rows, labels).map_err(TrainError::Data)?
+                }
+                Targets::Teacher(t) => loss::distillation(&flat, t, rows, config.temperature)
+                    .map_err(TrainError::Data)?,
+            };
+            let correct = match targets {
+                Targets::Labels(labels) => {
+                    let width = flat.len() / rows.max(1);
+                    Some(
+                        (0..rows)
+                            .filter(|&r| {
+                                let row = &flat[r * width..][..width];
+                                let best =
+                                    row.iter()
+                                        .enumerate()
+                                        .fold((0, f32::NEG_INFINITY), |b, (i, &v)| {
+                                            if v > b.1 {
+                                                (i, v)
+                                            } else {
+                                                b
+                                            }
+                                        })
+                                        .0;
+                                labels.get(r) == Some(&(best as i64))
+                            })
+                            .count(),
+                    )
+                }
+                Targets::Teacher(_) => None,
+            };
+            let seed = Tensor::F32(
+                ArrayD::from_shape_vec(IxDyn(&logits_shape), d).expect("one gradient per logit"),
+            );
+            let grads = tape.backward(vec![(g.outputs()[0], seed)], &wrt)?;
+            // What the non-gradient updates read: tracked activations'
+            // extremes and the batch statistics.
+            let mut observed = Vec::new();
+            if std::ptr::eq(ev, quantized) {
+                for q in &self.graph.quantizers {
+                    if q.weight || q.rule != ScaleRule::Track {
+                        continue;
+                    }
+                    if let Some(x) = tape.value(q.input).ok().and_then(f32_data) {
+                        let (lo, hi) = x
+                            .iter()
+                            .filter(|v| v.is_finite())
+                            .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                        observed.push((q.scale, lo, hi));
+                    }
+                }
+            }
+            let mut stats = Vec::new();
+            if mode == Mode::Training {
+                for bn in &self.graph.batch_norms {
+                    if let Some([Tensor::F32(m), Tensor::F32(v)]) = tape.saved(bn.node) {
+                        let count = tape
+                            .value(g.node(bn.node).inputs()[0].expect("a BN input"))
+                            .map(|t| t.len() / m.len().max(1))
+                            .unwrap_or(1);
+                        stats.push((bn.node, m.clone(), v.clone(), count));
+                    }
+                }
+            }
+            (loss, correct, grads, observed, stats)
+        };
+        let lr = config.lr * config.schedule.factor(self.step, config.total_steps);
+        self.update_ranges(&observed);
+        for (node, m, v, count) in stats {
+            let Some(bn) = self.graph.batch_norms.iter().find(|b| b.node == node) else {
+                continue;
+            };
+            let unbiased = count as f32 / (count.max(2) - 1) as f32;
+            for (value, batch, correction) in [(bn.mean, m, 1.0), (bn.var, v, unbiased)] {
+                if let Some(Tensor::F32(run)) = self.values.get_mut(&value) {
+                    for (r, b) in run.iter_mut().zip(batch.iter()) {
+                        *r = *r * bn.momentum + b * correction * (1.0 - bn.momentum);
+                    }
+                }
+            }
+        }
+        self.apply_gradients(grads, lr, rows)?;
+        self.step += 1;
+        Ok(StepReport {
+            step: self.step,
+            loss,
+            lr,
+            samples: rows,
+            correct,
+        })
+    }
+
+    /// Moving averages of tracked activation ranges, and the scale and
+    /// zero point each range gives on its grid.
+    fn update_ranges(&mut self, observed: &[(ValueId, f32, f32)]) {
+        let decay = self.config.range_decay;
+        for &(scale, lo, hi) in observed {
+            let Some(q) = self.graph.quantizers.iter().find(|q| q.scale == scale) else {
+                continue;
+            };
+            let s = self
+                .values
+                .get(&q.scale)
+                .and_then(|t| t.to_f64_vec())
+                .and_then(|v| v.first().copied())
+                .unwrap_or(1.0) as f32;
+            let z = q
+                .zero_point
+                .and_then(|z| self.values.get(&z))
+                .and_then(|t| t.to_f64_vec())
+                .and_then(|v| v.first().copied())
+                .unwrap_or(0.0) as i64;
+            // Starts from the calibrated range the scale stands for.
+            let start = (((q.qmin - z) as f32) * s, ((q.qmax - z) as f32) * s);
+            let range = self.ranges.entry(scale).or_insert(start);
+            range.0 = decay * range.0 + (1.0 - decay) * lo;
+            range.1 = decay * range.1 + (1.0 - decay) * hi;
+            let Some((grid, mode)) = grid_of(q.qmin, q.qmax, z) else {
+                continue;
+            };
+            let Ok(p) = Params::from_range(range.0, range.1, grid, mode) else {
+                continue;
+            };
+            self.values.insert(q.scale, Tensor::scalar_f32(p.scale));
+            if let Some(zv) = q.zero_point {
+                if let Some(t) = self.values.get(&zv) {
+                    let dtype = t.dtype();
+                    if let Ok(t) = Tensor::from_ints(dtype, &[], &[p.zero_point as i128]) {
+                        self.values.insert(zv, t);
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_gradients(
+        &mut self,
+        mut grads: HashMap<ValueId, Tensor>,
+        lr: f32,
+        rows: usize,
+    ) -> Result<(), TrainError> {
+        let config = &self.config;
+        for p in &self.graph.params {
+            let Some(Tensor::F32(grad)) = grads.remove(&p.value) else {
+                continue;
+            };
+            let mut grad: Vec<f32> = grad.iter().copied().collect();
+            let mut decay = 0.0;
+            match p.kind {
+                ParamKind::Weight => decay = config.weight_decay,
+                ParamKind::Bias => {}
+                ParamKind::Scale => {
+                    let Some(q) = self.graph.quantizers.iter().find(|q| q.scale == p.value) else {
+                        continue;
+                    };
+                    let z = q
+                        .zero_point
+                        .and_then(|z| self.values.get(&z))
+                        .and_then(|t| t.to_f64_vec())
+                        .and_then(|v| v.first().copied())
+                        .unwrap_or(0.0);
+                    let positive_levels = (q.qmax as f64 - z).max(1.0);
+                    let s = self
+                        .values
+                        .get(&p.value)
+                        .and_then(|t| t.to_f64_vec())
+                        .unwrap_or_default();
+                    match q.rule {
+                        // LSQ's gradient scale 1/sqrt(N Qp), N the values
+                        // per step size (per sample for activations).
+                        ScaleRule::Lsq => {
+                            let input = self.values.get(&q.input).map(|t| t.len());
+                            let per_scale = match input {
+                                Some(n) => n / grad.len().max(1),
+                                None => {
+                                    match self.graph.model.graph.value(q.input).effective_type() {
+                                        Some(qgraph_ir::ValueType::Tensor(t)) => {
+                                            t.shape.map(|dims| {
+                                                dims.iter()
+                                                    .skip(1)
+                                                    .map(|d| match d {
+                                                        qgraph_ir::Dim::Known(k) => *k as usize,
+                                                        _ => 1,
+                                                    })
+                                                    .product()
+                                            })
+                                        }
+                                        _ => None,
+                                    }
+                                    .unwrap_or(rows)
+                                }
+                            };
+                            let g = 1.0 / ((per_scale.max(1) as f64) * positive_levels).sqrt();
+                            grad.iter_mut().for_each(|v| *v = (*v as f64 * g) as f32);
+                        }
+                        // PACT learns alpha = s Qp: the step on alpha, with
+                        // its L2 decay, carried back to s.
+                        ScaleRule::Pact => {
+                            let q2 = positive_levels * positive_levels;
+                            for (v, s) in
+                                grad.iter_mut().zip(s.iter().chain(std::iter::repeat(&0.0)))
+                            {
+                                *v = (*v as f64 / q2 + config.pact_decay as f64 * s) as f32;
+                            }
+                        }
+                        ScaleRule::Track => {}
+                    }
+                }
+            }
+            let Some(Tensor::F32(value)) = self.values.get_mut(&p.value) else {
+                continue;
+            };
+            let mut data = value.as_standard_layout().into_owned();
+            let slice = data.as_slice_mut().expect("standard layout");
+            self.moments.entry(p.value).or_default().update(
+                config.optimizer,
+                slice,
+                &grad,
+                lr,
+                decay,
+            );
+            if p.kind == ParamKind::Scale {
+                slice.iter_mut().for_each(|s| *s = s.max(1e-8));
+            }
+            *value = data;
+        }
+        Ok(())
+    }
+}
+
+/// The qgraph-quant grid of an integer range, with the range mode a
+/// quantizer with zero point `z` on it uses.
+fn grid_of(qmin: i64, qmax: i64, z: i64) -> Option<(Grid, RangeMode)> {
+    let signed = qmin < 0;
+    let levels = (qmax - qmin + 1) as u64;
+    let narrow = signed && qmin == -qmax;
+    let bits = (levels + narrow as u64)
+        .next_power_of_two()
+        .trailing_zeros() as u8;
+    let grid = Grid::new(bits, signed, narrow).ok()?;
+    if grid.qmin() as i64 != qmin || grid.qmax() as i64 != qmax {
+        return None;
+    }
+    let mode = if signed && z == 0 {
+        RangeMode::Symmetric
+    } else {
+        RangeMode::Asymmetric
+    };
+    Some((grid, mode))
+}

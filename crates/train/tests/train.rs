@@ -1,0 +1,332 @@
+//! The trainer: its training graph computes what the Q/DQ graph computes,
+//! exporting writes the trained values back by name (the Clip bounds of
+//! narrow grids following their scales), training fits a small problem
+//! under every scale rule, and two runs with one seed agree to the bit.
+
+use qgraph_eval::grad::Mode;
+use qgraph_eval::Evaluator;
+use qgraph_ir::ndarray::{ArrayD, IxDyn};
+use qgraph_ir::{Model, Tensor};
+use qgraph_train::graph::ParamKind;
+use qgraph_train::{Config, Optimizer, ScaleRule, Targets, Trainer, TrainingGraph};
+use std::collections::HashMap;
+
+fn values(count: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..count)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn list(v: &[f32]) -> String {
+    v.iter()
+        .map(|x| format!("{x:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A small classifier on 2x6x6 images, as `qgraph insert` would quantize
+/// it with `scheme`: per-channel 4-bit weights (grid metadata), a 4-bit
+/// activation behind its Clip, an 8-bit input and an 8-bit last layer.
+fn qdq_model(scheme: &str) -> String {
+    let w = values(4 * 2 * 9, 1);
+    let amax: Vec<f32> = w
+        .chunks(18)
+        .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
+        .collect();
+    let scales: Vec<f32> = amax.iter().map(|a| a / 7.0).collect();
+    let fc = values(3 * 4, 2);
+    let fc_scale = fc.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+    format!(
+        r#"ir_version 8
+opset "" 13
+meta "qgraph.scheme" = "{scheme}"
+
+graph main {{
+  input %x: f32[N,2,6,6]
+  output %y: f32[N,3]
+  init %w = f32[4,2,3,3] [{w}]
+  init %b = f32[4] [0.1, -0.1, 0.05, 0.0]
+  init %g = f32[4] [1.0, 0.9, 1.1, 1.0]
+  init %beta = f32[4] [0.0, 0.1, -0.1, 0.2]
+  init %mean = f32[4] [0.0, 0.0, 0.0, 0.0]
+  init %var = f32[4] [1.0, 1.0, 1.0, 1.0]
+  init %fc = f32[3,4] [{fc}]
+  init %fb = f32[3] [0.0, 0.0, 0.0]
+  init %xs = f32[] [0.01]
+  init %xz = i8[] [0]
+  init %ws = f32[4] [{ws}]
+  init %wz = i8[4] [0, 0, 0, 0]
+  init %as = f32[] [0.2]
+  init %az = u8[] [0]
+  init %alo = f32[] [0.0]
+  init %ahi = f32[] [3.0]
+  init %fs = f32[] [{fs:?}]
+  init %fz = i8[] [0]
+  xq: %xq = QuantizeLinear(%x, %xs, %xz)
+  xdq: %xd = DequantizeLinear(%xq, %xs, %xz)
+  wq: %wq = QuantizeLinear(%w, %ws, %wz) {{axis = 0}}
+    meta "qgraph.grid" = "-7,7"
+  wdq: %wd = DequantizeLinear(%wq, %ws, %wz) {{axis = 0}}
+  conv: %c = Conv(%xd, %wd, %b) {{pads = [1, 1, 1, 1]}}
+  bn: %n = BatchNormalization(%c, %g, %beta, %mean, %var)
+  relu: %r = Relu(%n)
+  pool: %p = GlobalAveragePool(%r)
+  flat: %f = Flatten(%p)
+  clip: %fc_in = Clip(%f, %alo, %ahi)
+  aq: %aq = QuantizeLinear(%fc_in, %as, %az)
+    meta "qgraph.grid" = "0,15"
+  adq: %ad = DequantizeLinear(%aq, %as, %az)
+  fq: %fq = QuantizeLinear(%fc, %fs, %fz)
+  fdq: %fd = DequantizeLinear(%fq, %fs, %fz)
+  gemm: %y = Gemm(%ad, %fd, %fb) {{transB = 1}}
+}}
+"#,
+        w = list(&w),
+        fc = list(&fc),
+        ws = list(&scales),
+        fs = fc_scale,
+    )
+}
+
+/// Noisy images of three classes: channel 0 bright, channel 1 bright, or
+/// both dark (within the input quantizer's range, +-1.27).
+fn data(count: usize, seed: u64) -> (Tensor, Vec<i64>) {
+    let mut x = values(count * 72, seed);
+    let mut labels = Vec::with_capacity(count);
+    for (i, image) in x.chunks_mut(72).enumerate() {
+        let class = i % 3;
+        for (p, v) in image.iter_mut().enumerate() {
+            let channel = p / 36;
+            let offset = match (class, channel) {
+                (0, 0) | (1, 1) => 0.6,
+                (2, _) => -0.4,
+                _ => 0.0,
+            };
+            *v = 0.5 * *v + offset;
+        }
+        labels.push(class as i64);
+    }
+    (
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[count, 2, 6, 6]), x).unwrap()),
+        labels,
+    )
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    match t {
+        Tensor::F32(a) => a.iter().map(|v| v.to_bits()).collect(),
+        t => panic!("{}", t.dtype()),
+    }
+}
+
+#[test]
+fn the_training_graph_computes_what_the_q_dq_graph_computes() {
+    let model: Model = qgraph_text::parse_model(&qdq_model("w4a4")).unwrap();
+    let tg = TrainingGraph::prepare(&model).unwrap();
+    // Three pairs became FakeQuantize nodes and the Clip went with its pair.
+    let ops: Vec<String> = tg
+        .model
+        .graph
+        .topo_order()
+        .unwrap()
+        .into_iter()
+        .map(|n| tg.model.graph.node(n).op_type.clone())
+        .collect();
+    assert_eq!(ops.iter().filter(|o| *o == "FakeQuantize").count(), 4);
+    assert!(
+        !ops.iter().any(|o| o == "QuantizeLinear" || o == "Clip"),
+        "{ops:?}"
+    );
+    let grids: Vec<(i64, i64)> = tg.quantizers.iter().map(|q| (q.qmin, q.qmax)).collect();
+    assert_eq!(grids, vec![(-128, 127), (-7, 7), (0, 15), (-128, 127)]);
+    let kinds: Vec<ParamKind> = tg.params.iter().map(|p| p.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == ParamKind::Weight).count(), 2);
+    assert_eq!(kinds.iter().filter(|k| **k == ParamKind::Bias).count(), 4);
+    let (x, _) = data(5, 9);
+    let want = Evaluator::new(&model)
+        .unwrap()
+        .run(vec![x.clone()])
+        .unwrap();
+    let got = Evaluator::new(&tg.model).unwrap().run(vec![x]).unwrap();
+    assert_eq!(bits(&got[0]), bits(&want[0]));
+    // Exporting the untouched values gives the model back.
+    let same = tg.export(&model, &HashMap::new()).unwrap();
+    assert_eq!(
+        qgraph_text::print_model(&same, &qgraph_text::PrintOptions::with_all_data()),
+        qgraph_text::print_model(&model, &qgraph_text::PrintOptions::with_all_data())
+    );
+}
+
+#[test]
+fn scale_rules_follow_the_scheme() {
+    for (scheme, weights, activations) in [
+        ("lsq-w4a4", ScaleRule::Lsq, ScaleRule::Lsq),
+        ("pact-w4a4", ScaleRule::Track, ScaleRule::Pact),
+        ("w4a4", ScaleRule::Track, ScaleRule::Track),
+    ] {
+        let model: Model = qgraph_text::parse_model(&qdq_model(scheme)).unwrap();
+        let tg = TrainingGraph::prepare(&model).unwrap();
+        for q in &tg.quantizers {
+            let want = if q.weight { weights } else { activations };
+            assert_eq!(q.rule, want, "{scheme}");
+        }
+        let learned = tg
+            .params
+            .iter()
+            .filter(|p| p.kind == ParamKind::Scale)
+            .count();
+        let want = tg.quantizers.iter().filter(|q| q.rule.learned()).count();
+        assert_eq!(learned, want, "{scheme}");
+    }
+}
+
+/// Trains `steps` steps; returns the first and last losses, the final
+/// accuracy on held-out data, and the exported model.
+fn fit(scheme: &str, optimizer: Optimizer, lr: f32, steps: usize) -> (f64, f64, f64, Model) {
+    let model: Model = qgraph_text::parse_model(&qdq_model(scheme)).unwrap();
+    let config = Config {
+        batch: 24,
+        lr,
+        optimizer,
+        total_steps: steps,
+        threads: 2,
+        ..Config::default()
+    };
+    let mut trainer = Trainer::new(&model, config).unwrap();
+    let (train_x, train_y) = data(24 * 4, 3);
+    let Tensor::F32(all) = &train_x else {
+        unreachable!()
+    };
+    let (mut first, mut last) = (None, 0.0);
+    let (qm, fm) = trainer.models();
+    let opts = trainer.evaluator_options();
+    let q = Evaluator::with_options(&qm, opts).unwrap();
+    // No quant delay: the float variant is not needed.
+    assert!(fm.is_none());
+    for s in 0..steps {
+        let b = s % 4;
+        let xb = Tensor::F32(
+            all.slice(qgraph_ir::ndarray::s![b * 24..(b + 1) * 24, .., .., ..])
+                .to_owned()
+                .into_dyn(),
+        );
+        let report = trainer
+            .step(
+                &q,
+                None,
+                xb,
+                Targets::Labels(&train_y[b * 24..(b + 1) * 24]),
+            )
+            .unwrap();
+        first.get_or_insert(report.loss);
+        last = report.loss;
+    }
+    let trained = trainer.export(&model).unwrap();
+    let (test_x, test_y) = data(60, 4);
+    let out = Evaluator::new(&trained).unwrap().run(vec![test_x]).unwrap();
+    let Tensor::F32(logits) = &out[0] else {
+        unreachable!()
+    };
+    let correct = logits
+        .outer_iter()
+        .zip(&test_y)
+        .filter(|(row, &y)| {
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                );
+            best.0 as i64 == y
+        })
+        .count();
+    (first.unwrap(), last, correct as f64 / 60.0, trained)
+}
+
+#[test]
+fn training_fits_a_small_problem_under_every_scale_rule() {
+    for (scheme, optimizer, lr) in [
+        ("w4a4", Optimizer::Sgd { momentum: 0.9 }, 0.05),
+        ("lsq-w4a4", Optimizer::Sgd { momentum: 0.9 }, 0.05),
+        ("pact-w4a4", Optimizer::adam(), 0.03),
+    ] {
+        let (first, last, accuracy, trained) = fit(scheme, optimizer, lr, 40);
+        assert!(last < 0.6 * first, "{scheme}: loss {first} -> {last}");
+        assert!(accuracy >= 0.9, "{scheme}: held-out accuracy {accuracy}");
+        // The narrow grid's Clip follows its (tracked or learned) scale.
+        let g = &trained.graph;
+        let get = |name: &str| match &g
+            .initializer(g.value_by_name(name).unwrap())
+            .unwrap()
+            .tensor
+        {
+            Tensor::F32(a) => a.iter().next().copied().unwrap(),
+            t => panic!("{}", t.dtype()),
+        };
+        assert_eq!(get("ahi"), 15.0 * get("as"), "{scheme}");
+        assert_eq!(get("alo"), 0.0);
+        if scheme != "w4a4" {
+            assert_ne!(
+                get("as"),
+                0.2,
+                "{scheme}: the activation scale did not move"
+            );
+        }
+    }
+}
+
+#[test]
+fn two_runs_with_one_seed_agree_to_the_bit() {
+    let a = fit("lsq-w4a4", Optimizer::adam(), 0.01, 6).3;
+    let b = fit("lsq-w4a4", Optimizer::adam(), 0.01, 6).3;
+    let print =
+        |m: &Model| qgraph_text::print_model(m, &qgraph_text::PrintOptions::with_all_data());
+    assert_eq!(print(&a), print(&b));
+}
+
+#[test]
+fn batch_statistics_update_the_running_ones() {
+    let model: Model = qgraph_text::parse_model(&qdq_model("w4a4")).unwrap();
+    let mut trainer = Trainer::new(
+        &model,
+        Config {
+            batch: 12,
+            lr: 1e-6,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let (qm, _) = trainer.models();
+    let q = Evaluator::with_options(&qm, trainer.evaluator_options()).unwrap();
+    let (x, y) = data(12, 5);
+    // Batch statistics are kept for the BatchNormalization node.
+    let params = HashMap::new();
+    let tape = q.record(vec![x.clone()], &params, Mode::Training).unwrap();
+    let bn = qm.graph.node_by_name("bn").unwrap();
+    assert_eq!(tape.saved(bn).map(|s| s.len()), Some(2));
+    drop(tape);
+    trainer.step(&q, None, x, Targets::Labels(&y)).unwrap();
+    let trained = trainer.export(&model).unwrap();
+    let g = &trained.graph;
+    let mean = &g
+        .initializer(g.value_by_name("mean").unwrap())
+        .unwrap()
+        .tensor;
+    let var = &g
+        .initializer(g.value_by_name("var").unwrap())
+        .unwrap()
+        .tensor;
+    let (Tensor::F32(mean), Tensor::F32(var)) = (mean, var) else {
+        unreachable!()
+    };
+    // Moved by a tenth of the way towards the batch's statistics.
+    assert!(mean.iter().all(|&m| m != 0.0));
+    assert!(var.iter().all(|&v| v != 1.0 && v > 0.0));
+}
