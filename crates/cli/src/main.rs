@@ -2,6 +2,12 @@
 //! 2 bad input or usage.
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+// mimalloc keeps freed pages for the next allocation: tensors of megabytes
+// allocated and freed at every step otherwise go back to the system and
+// cost a page fault per 4 KiB when touched again (measured on training).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

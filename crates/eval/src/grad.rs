@@ -28,6 +28,8 @@ pub struct Tape<'e, 'm, 'p> {
     /// What training-mode kernels kept for the backward pass, per node.
     saved: HashMap<NodeId, Vec<Tensor>>,
     mode: Mode,
+    /// Seconds per operator type and direction, with call counts.
+    times: std::sync::Mutex<HashMap<String, (usize, f64)>>,
 }
 
 impl<'m> Evaluator<'m> {
@@ -53,6 +55,7 @@ impl<'m> Evaluator<'m> {
             values: required.into_iter().zip(inputs).collect(),
             saved: HashMap::new(),
             mode,
+            times: Default::default(),
         };
         self.threads.install(|| {
             for &n in &self.order {
@@ -92,9 +95,28 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
             .collect()
     }
 
+    fn time(&self, op: &str, direction: &str, started: std::time::Instant) {
+        let secs = started.elapsed().as_secs_f64();
+        let mut times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = times.entry(format!("{op} {direction}")).or_default();
+        entry.0 += 1;
+        entry.1 += secs;
+    }
+
+    /// Seconds spent per operator type, forward and backward, with call
+    /// counts, slowest first.
+    pub fn profile(&self) -> Vec<(String, usize, f64)> {
+        let times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<(String, usize, f64)> =
+            times.iter().map(|(k, &(n, t))| (k.clone(), n, t)).collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+        rows
+    }
+
     fn run(&mut self, n: NodeId) -> Result<(), EvalError> {
         let g = self.evaluator.graph;
         let node = g.node(n);
+        let started = std::time::Instant::now();
         let (results, saved) = {
             let args = self.lookup_all(node.inputs())?;
             let cx = self.context(n);
@@ -110,6 +132,7 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
                 (kernel(&cx, &args)?, None)
             }
         };
+        self.time(&node.op_type, "forward", started);
         if let Some(stats) = saved {
             self.saved.insert(n, stats);
         }
@@ -180,24 +203,37 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
                         op: format!("the gradient of {}", node.op_type),
                     });
                 };
+                let started = std::time::Instant::now();
                 let results = {
                     let inputs = self.lookup_all(node.inputs())?;
                     let outputs = self.lookup_all(outs)?;
-                    let d_outputs: Vec<Option<&Tensor>> =
-                        outs.iter().map(|v| v.and_then(|v| grads.get(&v))).collect();
+                    // Handed over, copied only when the caller wants them.
+                    let d_outputs: Vec<Option<Tensor>> = outs
+                        .iter()
+                        .map(|v| {
+                            v.and_then(|v| {
+                                if wanted_out.contains(&v) {
+                                    grads.get(&v).cloned()
+                                } else {
+                                    grads.remove(&v)
+                                }
+                            })
+                        })
+                        .collect();
                     let cx = self.context(n);
                     kernel(
                         &cx,
                         &Grads {
                             inputs: &inputs,
                             outputs: &outputs,
-                            d_outputs: &d_outputs,
+                            d_outputs: std::sync::Mutex::new(d_outputs),
                             wanted: &wanted,
                             training: self.mode == Mode::Training,
                             saved: self.saved(n).unwrap_or(&[]),
                         },
                     )?
                 };
+                self.time(&node.op_type, "backward", started);
                 for v in outs.iter().flatten() {
                     if !wanted_out.contains(v) {
                         grads.remove(v);

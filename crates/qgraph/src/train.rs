@@ -237,5 +237,11 @@ pub fn train(
         progress(Progress::Done(&report));
         reports.push(report);
     }
+    if std::env::var_os("QGRAPH_PROFILE").is_some() {
+        eprintln!("{:<32} {:>8} {:>10}", "operator", "calls", "seconds");
+        for (name, calls, secs) in trainer.profile() {
+            eprintln!("{name:<32} {calls:>8} {secs:>10.3}");
+        }
+    }
     Ok((current, reports))
 }

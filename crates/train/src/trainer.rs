@@ -93,6 +93,8 @@ pub struct Trainer {
     /// Moving-average ranges of tracked activation quantizers.
     ranges: HashMap<ValueId, (f32, f32)>,
     step: usize,
+    /// Seconds per operator and direction over all steps, and per phase.
+    profile: HashMap<String, (usize, f64)>,
 }
 
 fn f32_data(t: &Tensor) -> Option<&ArrayD<f32>> {
@@ -150,11 +152,24 @@ impl Trainer {
             moments: HashMap::new(),
             ranges: HashMap::new(),
             step: 0,
+            profile: HashMap::new(),
         })
     }
 
     pub fn graph(&self) -> &TrainingGraph {
         &self.graph
+    }
+
+    /// Seconds per operator and direction (and the optimizer's updates)
+    /// over the steps so far, slowest first.
+    pub fn profile(&self) -> Vec<(String, usize, f64)> {
+        let mut rows: Vec<(String, usize, f64)> = self
+            .profile
+            .iter()
+            .map(|(k, &(n, t))| (k.clone(), n, t))
+            .collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+        rows
     }
 
     pub fn steps_done(&self) -> usize {
@@ -295,6 +310,11 @@ impl Trainer {
                 ArrayD::from_shape_vec(IxDyn(&logits_shape), d).expect("one gradient per logit"),
             );
             let grads = tape.backward(vec![(g.outputs()[0], seed)], &wrt)?;
+            for (name, calls, secs) in tape.profile() {
+                let e = self.profile.entry(name).or_default();
+                e.0 += calls;
+                e.1 += secs;
+            }
             // What the non-gradient updates read: tracked activations'
             // extremes and the batch statistics.
             let mut observed = Vec::new();
@@ -341,7 +361,11 @@ impl Trainer {
                 }
             }
         }
+        let started = std::time::Instant::now();
         self.apply_gradients(grads, lr, rows)?;
+        let e = self.profile.entry("optimizer update".into()).or_default();
+        e.0 += 1;
+        e.1 += started.elapsed().as_secs_f64();
         self.step += 1;
         Ok(StepReport {
             step: self.step,
@@ -406,7 +430,12 @@ impl Trainer {
             let Some(Tensor::F32(grad)) = grads.remove(&p.value) else {
                 continue;
             };
-            let mut grad: Vec<f32> = grad.iter().copied().collect();
+            let grad = if grad.is_standard_layout() {
+                grad
+            } else {
+                grad.as_standard_layout().into_owned()
+            };
+            let mut grad = grad.into_raw_vec_and_offset().0;
             let mut decay = 0.0;
             match p.kind {
                 ParamKind::Weight => decay = config.weight_decay,
@@ -472,8 +501,10 @@ impl Trainer {
             let Some(Tensor::F32(value)) = self.values.get_mut(&p.value) else {
                 continue;
             };
-            let mut data = value.as_standard_layout().into_owned();
-            let slice = data.as_slice_mut().expect("standard layout");
+            if !value.is_standard_layout() {
+                *value = value.as_standard_layout().into_owned();
+            }
+            let slice = value.as_slice_mut().expect("standard layout");
             self.moments.entry(p.value).or_default().update(
                 config.optimizer,
                 slice,
@@ -484,7 +515,6 @@ impl Trainer {
             if p.kind == ParamKind::Scale {
                 slice.iter_mut().for_each(|s| *s = s.max(1e-8));
             }
-            *value = data;
         }
         Ok(())
     }

@@ -937,17 +937,18 @@ pub fn conv_backward(cx: &OpCtx, grads_in: &Grads) -> Result<Vec<Option<Tensor>>
     }
     let (cg, mg) = (s.cg, s.mg);
     if grads_in.wants(1) {
-        let mut dw = vec![0f32; s.m * k];
-        let threads = if s.group > 1 {
-            Threads::One
-        } else {
-            Threads::Pool
-        };
-        dw.par_chunks_mut((mg * k).max(1))
-            .enumerate()
-            .for_each(|(gi, dst)| {
+        // Per group, partial sums over fixed chunks of images in parallel,
+        // then the chunks added in order: the chunks come from the batch
+        // alone, so the result does not depend on the thread count.
+        let chunk = IMAGES_PER_WEIGHT_GRADIENT_TASK;
+        let chunks = s.n.div_ceil(chunk).max(1);
+        let partial: Vec<Vec<f32>> = (0..s.group * chunks)
+            .into_par_iter()
+            .map(|task| {
+                let (gi, part) = (task / chunks, task % chunks);
+                let mut acc = vec![0f32; mg * k];
                 let mut columns = Vec::new();
-                for b in 0..s.n {
+                for b in part * chunk..((part + 1) * chunk).min(s.n) {
                     let src = &xs[(b * s.c + gi * cg) * in_plane..][..cg * in_plane];
                     let dy = MatRef::row_major(&ds[(b * s.m + gi * mg) * plane..], mg, plane);
                     let cols = if s.pointwise {
@@ -956,9 +957,26 @@ pub fn conv_backward(cx: &OpCtx, grads_in: &Grads) -> Result<Vec<Option<Tensor>>
                         im2col_rows(src, cg, geo, 0..geo.oh, &mut columns);
                         MatRef::row_major(&columns, k, plane)
                     };
-                    gemm(dst, k, dy, cols.transposed(), 1.0, b > 0, threads);
+                    let first = b == part * chunk;
+                    gemm(
+                        &mut acc,
+                        k,
+                        dy,
+                        cols.transposed(),
+                        1.0,
+                        !first,
+                        Threads::One,
+                    );
                 }
-            });
+                acc
+            })
+            .collect();
+        let mut dw = vec![0f32; s.m * k];
+        for (gi, dst) in dw.chunks_mut((mg * k).max(1)).enumerate() {
+            for p in &partial[gi * chunks..(gi + 1) * chunks] {
+                dst.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+            }
+        }
         grads[1] = Some(Tensor::F32(array(w.shape(), dw)));
     }
     if grads_in.wants(0) {
@@ -997,6 +1015,10 @@ pub fn conv_backward(cx: &OpCtx, grads_in: &Grads) -> Result<Vec<Option<Tensor>>
     }
     Ok(grads)
 }
+
+/// Images whose weight gradients one task sums before the tasks' sums are
+/// added: enough parallel tasks at training batch sizes, few partial sums.
+const IMAGES_PER_WEIGHT_GRADIENT_TASK: usize = 4;
 
 /// Visits every (kernel tap, output row) whose window reads inside the
 /// input: `f(tap, output row, output columns, input offset of the first

@@ -37,7 +37,9 @@ pub type Kernel = fn(&OpCtx, &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalErro
 pub struct Grads<'a> {
     pub inputs: &'a [Option<&'a Tensor>],
     pub outputs: &'a [Option<&'a Tensor>],
-    pub d_outputs: &'a [Option<&'a Tensor>],
+    /// The loss gradient of each output (`None`: zero), handed over to the
+    /// kernel, which may reuse its buffer: see [`Grads::d_output`].
+    pub d_outputs: std::sync::Mutex<Vec<Option<Tensor>>>,
     pub wanted: &'a [bool],
     /// Whether the forward pass ran in training mode (batch statistics).
     pub training: bool,
@@ -53,15 +55,24 @@ impl Grads<'_> {
             && self.inputs.get(i).copied().flatten().is_some()
     }
 
-    /// The gradient of output `k` in standard layout, zeros when none flows.
+    /// Takes the gradient of output `k`, in standard layout (zeros when
+    /// none flows). Taken once: the kernel owns it and may overwrite it.
     pub fn d_output(&self, cx: &OpCtx, k: usize) -> Result<ArrayD<f32>, EvalError> {
         let Some(Some(y)) = self.outputs.get(k) else {
             return cx.err(format!("output {k} was not computed"));
         };
-        match self.d_outputs.get(k).copied().flatten() {
-            Some(Tensor::F32(d)) if d.shape() == y.shape() => {
-                Ok(d.as_standard_layout().into_owned())
-            }
+        let taken = self
+            .d_outputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(k)
+            .and_then(Option::take);
+        match taken {
+            Some(Tensor::F32(d)) if d.shape() == y.shape() => Ok(if d.is_standard_layout() {
+                d
+            } else {
+                d.as_standard_layout().into_owned()
+            }),
             Some(d) => cx.err(format!(
                 "the gradient of output {k} is {} {:?}, the output {:?}",
                 d.dtype(),

@@ -15,6 +15,37 @@ struct Pooling {
     w: usize,
     win: super::conv::Window,
     include_pad: bool,
+    /// Per output row (column): its taps inside the input, the input row
+    /// (column) of its first tap, and how many taps lie inside the padded
+    /// input.
+    rows: Vec<Taps>,
+    cols: Vec<Taps>,
+}
+
+/// The taps of one output row or column.
+#[derive(Clone)]
+struct Taps {
+    inside: std::ops::Range<usize>,
+    /// The input position of tap 0 (may lie in the padding).
+    origin: isize,
+    padded: usize,
+}
+
+fn axis_taps(
+    out: usize,
+    stride: usize,
+    dilation: usize,
+    pads: (usize, usize),
+    kernel: usize,
+    len: usize,
+) -> Vec<Taps> {
+    (0..out)
+        .map(|o| Taps {
+            inside: taps_inside(o, stride, dilation, pads.0, kernel, len),
+            origin: (o * stride) as isize - pads.0 as isize,
+            padded: taps_inside(o, stride, dilation, 0, kernel, len + pads.0 + pads.1).len(),
+        })
+        .collect()
 }
 
 impl Pooling {
@@ -27,12 +58,25 @@ impl Pooling {
         }
         let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
         let ceil_mode = cx.int_attr("ceil_mode", 0)? != 0;
+        let win = window(cx, &[h, w], None, ceil_mode)?;
+        let along = |d: usize, len: usize| {
+            axis_taps(
+                win.out[d],
+                win.strides[d],
+                win.dilations[d],
+                (win.pad_begin[d], win.pad_end[d]),
+                win.kernel[d],
+                len,
+            )
+        };
         Ok(Pooling {
             n,
             c,
             h,
             w,
-            win: window(cx, &[h, w], None, ceil_mode)?,
+            rows: along(0, h),
+            cols: along(1, w),
+            win,
             include_pad: cx.int_attr("count_include_pad", 0)? != 0,
         })
     }
@@ -41,28 +85,24 @@ impl Pooling {
         self.win.out[0] * self.win.out[1]
     }
 
-    /// The input positions (within a plane) that the window of output
-    /// pixel `(y, x)` reads, in the order the forward visits them, and the
-    /// window's size counting the explicit padding (`count_include_pad`).
-    fn taps(&self, y: usize, x: usize, taps: &mut Vec<usize>) -> usize {
-        let win = &self.win;
-        let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
-        let (h, w) = (self.h as isize, self.w as isize);
-        taps.clear();
-        let mut padded_count = 0;
-        for i in 0..win.kernel[0] {
-            let iy = (y * win.strides[0] + i * win.dilations[0]) as isize - ph;
-            for j in 0..win.kernel[1] {
-                let ix = (x * win.strides[1] + j * win.dilations[1]) as isize - pw;
-                if iy < h + win.pad_end[0] as isize && ix < w + win.pad_end[1] as isize {
-                    padded_count += 1;
-                }
-                if iy >= 0 && iy < h && ix >= 0 && ix < w {
-                    taps.push((iy * w + ix) as usize);
-                }
+    /// Calls `f` with each input position (within a plane) that the
+    /// window of output pixel `(y, x)` reads, in the order the forward
+    /// visits them; returns how many it read and the window's size counting
+    /// the explicit padding (`count_include_pad`).
+    #[inline(always)]
+    fn window(&self, y: usize, x: usize, mut f: impl FnMut(usize)) -> (usize, usize) {
+        let (rows, cols) = (&self.rows[y], &self.cols[x]);
+        let (dh, dw) = (self.win.dilations[0], self.win.dilations[1]);
+        for i in rows.inside.clone() {
+            let iy = (rows.origin + (i * dh) as isize) as usize;
+            for j in cols.inside.clone() {
+                f(iy * self.w + (cols.origin + (j * dw) as isize) as usize);
             }
         }
-        padded_count
+        (
+            rows.inside.len() * cols.inside.len(),
+            rows.padded * cols.padded,
+        )
     }
 
     /// The divisor of an average window.
@@ -75,6 +115,24 @@ impl Pooling {
     }
 }
 
+/// The kernel taps `t` of an output position `o` whose input position
+/// `o * stride + t * dilation - pad` lies in `0..len`, as a range.
+#[inline(always)]
+fn taps_inside(
+    o: usize,
+    stride: usize,
+    dilation: usize,
+    pad: usize,
+    kernel: usize,
+    len: usize,
+) -> std::ops::Range<usize> {
+    let start = o * stride;
+    // t * dilation >= pad - start, and start + t * dilation - pad < len.
+    let first = pad.saturating_sub(start).div_ceil(dilation);
+    let end = (len + pad).saturating_sub(start).div_ceil(dilation);
+    first.min(kernel)..end.min(kernel).max(first.min(kernel))
+}
+
 fn pool(cx: &OpCtx, inputs: &[Option<&Tensor>], max: bool) -> Result<Vec<Tensor>, EvalError> {
     let x = f32_input(cx, inputs, 0)?;
     let p = Pooling::read(cx, x.shape())?;
@@ -82,26 +140,29 @@ fn pool(cx: &OpCtx, inputs: &[Option<&Tensor>], max: bool) -> Result<Vec<Tensor>
     let x = x.as_standard_layout();
     let xs = x.as_slice().expect("standard layout");
     let mut out = vec![0f32; p.n * p.c * oh * ow];
-    let mut taps = Vec::new();
-    for (plane_i, dst) in out.chunks_mut((oh * ow).max(1)).enumerate().take(p.n * p.c) {
-        let plane = &xs[plane_i * p.h * p.w..][..p.h * p.w];
-        for y in 0..oh {
-            for xo in 0..ow {
-                let padded_count = p.taps(y, xo, &mut taps);
-                dst[y * ow + xo] = if max {
-                    taps.iter()
-                        .map(|&t| plane[t])
-                        .fold(f32::NEG_INFINITY, f32::max)
-                } else {
-                    let sum = taps.iter().fold(0f32, |a, &t| a + plane[t]);
-                    match p.divisor(taps.len(), padded_count) {
-                        0 => 0.0,
-                        d => sum / d as f32,
-                    }
-                };
+    let in_plane = p.h * p.w;
+    out.par_chunks_mut((oh * ow).max(1))
+        .enumerate()
+        .take(p.n * p.c)
+        .for_each(|(plane_i, dst)| {
+            let plane = &xs[plane_i * in_plane..][..in_plane];
+            for y in 0..oh {
+                for xo in 0..ow {
+                    dst[y * ow + xo] = if max {
+                        let mut best = f32::NEG_INFINITY;
+                        p.window(y, xo, |t| best = best.max(plane[t]));
+                        best
+                    } else {
+                        let mut sum = 0f32;
+                        let (count, padded) = p.window(y, xo, |t| sum += plane[t]);
+                        match p.divisor(count, padded) {
+                            0 => 0.0,
+                            d => sum / d as f32,
+                        }
+                    };
+                }
             }
-        }
-    }
+        });
     Ok(vec![Tensor::F32(array(&[p.n, p.c, oh, ow], out))])
 }
 
@@ -126,24 +187,24 @@ fn pool_backward(cx: &OpCtx, g: &Grads, max: bool) -> Result<Vec<Option<Tensor>>
         .for_each(|(plane_i, dst)| {
             let src = &xs[plane_i * in_plane..][..in_plane];
             let dy = &ds[plane_i * out_plane..][..out_plane];
-            let mut taps = Vec::new();
             for (o, &dv) in dy.iter().enumerate() {
-                let padded_count = p.taps(o / ow, o % ow, &mut taps);
+                let (y, xo) = (o / ow, o % ow);
                 if max {
                     let mut best: Option<usize> = None;
-                    for &t in &taps {
+                    p.window(y, xo, |t| {
                         if best.is_none_or(|b| src[t] > src[b]) {
                             best = Some(t);
                         }
-                    }
+                    });
                     if let Some(b) = best {
                         dst[b] += dv;
                     }
                 } else {
-                    let divisor = p.divisor(taps.len(), padded_count);
+                    let (count, padded) = p.window(y, xo, |_| {});
+                    let divisor = p.divisor(count, padded);
                     if divisor > 0 {
                         let share = dv / divisor as f32;
-                        taps.iter().for_each(|&t| dst[t] += share);
+                        p.window(y, xo, |t| dst[t] += share);
                     }
                 }
             }

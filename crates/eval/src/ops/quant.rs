@@ -6,6 +6,22 @@
 use super::{array, input};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::{DataType, PackedTensor, Tensor};
+use rayon::prelude::*;
+
+/// `x.round_ties_even()`, without the library call that the baseline
+/// x86-64 target makes of it: below 2^22 in magnitude, adding and
+/// subtracting 1.5 * 2^23 rounds to an integer in the default rounding mode
+/// (half to even), exactly; larger values are already integers or take
+/// the library's path.
+#[inline(always)]
+pub(crate) fn round_half_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    if x.abs() < 4_194_304.0 {
+        ((x.abs() + MAGIC) - MAGIC).copysign(x)
+    } else {
+        x.round_ties_even()
+    }
+}
 
 /// Integer values of a quantized tensor, in logical order.
 fn int_values(cx: &OpCtx, t: &Tensor, what: &str) -> Result<Vec<i64>, EvalError> {
@@ -25,7 +41,12 @@ fn int_values(cx: &OpCtx, t: &Tensor, what: &str) -> Result<Vec<i64>, EvalError>
 
 fn f32_values(cx: &OpCtx, t: &Tensor, what: &str) -> Result<Vec<f32>, EvalError> {
     match t {
-        Tensor::F32(a) => Ok(a.iter().copied().collect()),
+        // A copy of the memory when it is in order: ndarray's element
+        // iterator over dynamic dims costs several nanoseconds an element.
+        Tensor::F32(a) => Ok(match a.as_slice() {
+            Some(s) => s.to_vec(),
+            None => a.iter().copied().collect(),
+        }),
         t => cx.err(format!("{what} must be f32, found {}", t.dtype())),
     }
 }
@@ -185,7 +206,7 @@ pub fn quantize_linear(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>,
         .map(|(e, &v)| {
             let k = index.of(e, blocked);
             // f32 division, then round half to even, as the ONNX reference.
-            let r = (v / scales[k]).round_ties_even() as f64 + zps[k] as f64;
+            let r = round_half_even(v / scales[k]) as f64 + zps[k] as f64;
             (if r.is_nan() {
                 zps[k] as f64
             } else {
@@ -266,13 +287,8 @@ pub fn quantize_linear_backward(
         Some(t) => int_values(cx, t, "the output")?,
         None => return cx.err("the output was not kept for the backward pass"),
     };
-    let d = match g.d_outputs.first().copied().flatten() {
-        Some(Tensor::F32(d)) if d.shape() == x.shape() => {
-            d.as_standard_layout().iter().copied().collect::<Vec<f32>>()
-        }
-        Some(d) => return cx.err(format!("the output's gradient has shape {:?}", d.shape())),
-        None => vec![0.0; xs.len()],
-    };
+    let d = g.d_output(cx, 0)?;
+    let d = d.as_slice().expect("standard layout");
     let index = ScaleIndex::new(cx, x.shape(), scale_t.shape())?;
     let blocked = cx.int_attr("block_size", 0)? > 0;
     let (lo, hi) = (lo as f32, hi as f32);
@@ -371,12 +387,27 @@ pub fn dequantize_linear_backward(
 /// it stands for; `method` (`lsq` or `pact`) picks the scale's gradient.
 pub fn fake_quantize(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let fq = FakeQuant::read(cx, i)?;
-    let out: Vec<f32> = (0..fq.x.len())
-        .map(|e| {
-            let (q, k) = fq.level(e);
-            ((q - fq.zps[k]) as f32) * fq.scales[k]
-        })
-        .collect();
+    let mut out = vec![0f32; fq.x.len()];
+    let run = fq.run_length();
+    out.par_chunks_mut(run)
+        .zip(fq.x.par_chunks(run))
+        .enumerate()
+        .for_each(|(c, (dst, src))| {
+            if fq.blocked {
+                for (e, (d, &x)) in dst.iter_mut().zip(src).enumerate() {
+                    let k = fq.scale_of(c, run, e);
+                    let (s, z) = (fq.scales[k], fq.zps[k] as f32);
+                    *d = (fq.level(x, s, z) - z) * s;
+                }
+                return;
+            }
+            // One scale for the whole run: a loop the compiler vectorises.
+            let k = fq.scale_of(c, run, 0);
+            let (s, z) = (fq.scales[k], fq.zps[k] as f32);
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = (fq.level(x, s, z) - z) * s;
+            }
+        });
     Ok(vec![Tensor::F32(array(&fq.shape, out))])
 }
 
@@ -397,32 +428,55 @@ pub fn fake_quantize_backward(
     let d = g.d_output(cx, 0)?;
     let ds = d.as_slice().expect("standard layout");
     let pact = cx.string_attr("method", "lsq")? == "pact";
+    let run = fq.run_length();
+    let (qmin, qmax) = (fq.qmin as f32, fq.qmax as f32);
     if g.wants(0) {
-        let dx: Vec<f32> = (0..fq.x.len())
-            .map(|e| if fq.inside(e) { ds[e] } else { 0.0 })
-            .collect();
+        let mut dx = vec![0f32; fq.x.len()];
+        dx.par_chunks_mut(run)
+            .zip(fq.x.par_chunks(run).zip(ds.par_chunks(run)))
+            .enumerate()
+            .for_each(|(c, (dst, (xs, dys)))| {
+                for (e, ((d, &x), &dy)) in dst.iter_mut().zip(xs).zip(dys).enumerate() {
+                    let k = fq.scale_of(c, run, e);
+                    let r = x / fq.scales[k] + fq.zps[k] as f32;
+                    *d = if r >= qmin && r <= qmax { dy } else { 0.0 };
+                }
+            });
         grads[0] = Some(Tensor::F32(array(&fq.shape, dx)));
     }
     if g.wants(1) {
-        grads[1] = Some(scale_gradient(
-            &fq.shape,
-            &fq.index,
-            fq.blocked,
-            &fq.scale_shape,
-            |e| {
-                let (q, k) = fq.level(e);
-                let s = fq.scales[k];
-                let r = fq.x[e] / s + fq.zps[k] as f32;
-                let step = if r < fq.qmin as f32 || r > fq.qmax as f32 {
-                    (q - fq.zps[k]) as f32
-                } else if pact {
-                    0.0
-                } else {
-                    (q - fq.zps[k]) as f32 - fq.x[e] / s
-                };
-                ds[e] * step
-            },
-        ));
+        // Per chunk, sums per scale element; then the chunks in order.
+        let count = fq.scales.len();
+        let partial: Vec<Vec<f64>> =
+            fq.x.par_chunks(run)
+                .zip(ds.par_chunks(run))
+                .enumerate()
+                .map(|(c, (xs, dys))| {
+                    let mut sums = vec![0f64; count];
+                    for (e, (&x, &dy)) in xs.iter().zip(dys).enumerate() {
+                        let k = fq.scale_of(c, run, e);
+                        let (s, z) = (fq.scales[k], fq.zps[k] as f32);
+                        let r = x / s + z;
+                        let step = if r < qmin || r > qmax {
+                            fq.level(x, s, z) - z
+                        } else if pact {
+                            0.0
+                        } else {
+                            fq.level(x, s, z) - z - x / s
+                        };
+                        sums[k] += (dy * step) as f64;
+                    }
+                    sums
+                })
+                .collect();
+        let mut sums = vec![0f64; count];
+        for p in partial {
+            for (t, v) in sums.iter_mut().zip(p) {
+                *t += v;
+            }
+        }
+        let sums: Vec<f32> = sums.into_iter().map(|v| v as f32).collect();
+        grads[1] = Some(Tensor::F32(array(&fq.scale_shape, sums)));
     }
     Ok(grads)
 }
@@ -469,23 +523,46 @@ impl FakeQuant {
         })
     }
 
-    /// Element `e`'s integer level (as QuantizeLinear computes it, on this
-    /// grid) and its scale index.
-    fn level(&self, e: usize) -> (i64, usize) {
-        let k = self.index.of(e, self.blocked);
-        let r = (self.x[e] / self.scales[k]).round_ties_even() as f64 + self.zps[k] as f64;
-        let q = if r.is_nan() {
-            self.zps[k]
+    /// Elements per run of one scale: a per-axis scale's inner size, or
+    /// parallel chunks of a per-tensor one (1 for blocked scales).
+    fn run_length(&self) -> usize {
+        if self.index.per_tensor {
+            1 << 14
+        } else if self.blocked {
+            1
         } else {
-            r.clamp(self.qmin as f64, self.qmax as f64) as i64
-        };
-        (q, k)
+            self.index.inner.max(1)
+        }
     }
 
-    /// Whether `x / s + z` lies on the grid's range (before rounding).
-    fn inside(&self, e: usize) -> bool {
-        let k = self.index.of(e, self.blocked);
-        let r = self.x[e] / self.scales[k] + self.zps[k] as f32;
-        r >= self.qmin as f32 && r <= self.qmax as f32
+    /// The scale index of element `e` of run `c`.
+    #[inline(always)]
+    fn scale_of(&self, c: usize, run: usize, e: usize) -> usize {
+        if self.index.per_tensor {
+            0
+        } else if self.blocked {
+            self.index.of(c * run + e, true)
+        } else {
+            c % self.index.axis_dim
+        }
+    }
+
+    /// The integer level of `x` on this grid, as QuantizeLinear computes it
+    /// (f32 division, round half to even, saturation; NaN gives the zero
+    /// point); exact in f32, as levels are small integers. Quotients are
+    /// first limited to +-2^22, which saturates them the same way and lets
+    /// the rounding go without a branch.
+    #[inline(always)]
+    fn level(&self, x: f32, s: f32, z: f32) -> f32 {
+        const LIMIT: f32 = 4_194_304.0;
+        const MAGIC: f32 = 12_582_912.0;
+        let v = (x / s).clamp(-LIMIT, LIMIT);
+        let r = ((v.abs() + MAGIC) - MAGIC).copysign(v) + z;
+        let q = r.clamp(self.qmin as f32, self.qmax as f32);
+        if q.is_nan() {
+            z
+        } else {
+            q
+        }
     }
 }
