@@ -903,12 +903,7 @@ pub fn conv_backward(cx: &OpCtx, grads_in: &Grads) -> Result<Vec<Option<Tensor>>
                         let dy = &ds[(b * s.m + ch) * plane..][..plane];
                         for_each_tap(geo, |tap, oy, out_cols, in_start| {
                             let row = &dy[oy * geo.ow..][out_cols];
-                            let sum: f32 = row
-                                .iter()
-                                .enumerate()
-                                .map(|(t, &dv)| dv * src[in_start + t * geo.sw])
-                                .sum();
-                            acc[tap] += sum as f64;
+                            acc[tap] += strided_dot(row, &src[in_start..], geo.sw);
                         });
                     }
                     acc.into_iter().map(|v| v as f32)
@@ -925,10 +920,8 @@ pub fn conv_backward(cx: &OpCtx, grads_in: &Grads) -> Result<Vec<Option<Tensor>>
                     let dy = &ds[(b * s.m + ch) * plane..][..plane];
                     let ker = &ws[ch * geo.kh * geo.kw..][..geo.kh * geo.kw];
                     for_each_tap(geo, |tap, oy, out_cols, in_start| {
-                        let wv = ker[tap];
-                        for (t, &dv) in dy[oy * geo.ow..][out_cols].iter().enumerate() {
-                            dst[in_start + t * geo.sw] += wv * dv;
-                        }
+                        let row = &dy[oy * geo.ow..][out_cols];
+                        strided_add(&mut dst[in_start..], geo.sw, row, ker[tap]);
                     });
                 });
             grads[0] = Some(Tensor::F32(array(x.shape(), dx)));
@@ -1005,15 +998,53 @@ pub fn conv_backward(cx: &OpCtx, grads_in: &Grads) -> Result<Vec<Option<Tensor>>
                     let dst = &mut dst[ci * in_plane..][..in_plane];
                     for_each_tap(geo, |tap, oy, out_cols, in_start| {
                         let row = &block[tap * plane + oy * geo.ow..][out_cols];
-                        for (t, &v) in row.iter().enumerate() {
-                            dst[in_start + t * geo.sw] += v;
-                        }
+                        strided_add(&mut dst[in_start..], geo.sw, row, 1.0);
                     });
                 }
             });
         grads[0] = Some(Tensor::F32(array(x.shape(), dx)));
     }
     Ok(grads)
+}
+
+/// `sum(row[t] * src[t * stride])`: f32 partial sums in 8 lanes, then f64.
+#[inline(always)]
+fn strided_dot(row: &[f32], src: &[f32], stride: usize) -> f64 {
+    let mut lanes = [0f32; 8];
+    if stride == 1 {
+        let src = &src[..row.len()];
+        let (mut rc, mut sc) = (row.chunks_exact(8), src.chunks_exact(8));
+        for (r, x) in (&mut rc).zip(&mut sc) {
+            for ((l, &a), &b) in lanes.iter_mut().zip(r).zip(x) {
+                *l += a * b;
+            }
+        }
+        let tail: f32 = rc
+            .remainder()
+            .iter()
+            .zip(sc.remainder())
+            .map(|(a, b)| a * b)
+            .sum();
+        return lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64;
+    }
+    for (t, &a) in row.iter().enumerate() {
+        lanes[t % 8] += a * src[t * stride];
+    }
+    lanes.iter().map(|&l| l as f64).sum()
+}
+
+/// `dst[t * stride] += w * row[t]`.
+#[inline(always)]
+fn strided_add(dst: &mut [f32], stride: usize, row: &[f32], w: f32) {
+    if stride == 1 {
+        for (d, &v) in dst[..row.len()].iter_mut().zip(row) {
+            *d += w * v;
+        }
+        return;
+    }
+    for (d, &v) in dst.iter_mut().step_by(stride).zip(row) {
+        *d += w * v;
+    }
 }
 
 /// Images whose weight gradients one task sums before the tasks' sums are

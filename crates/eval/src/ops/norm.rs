@@ -132,6 +132,42 @@ impl BatchNorm {
     }
 }
 
+/// The sum of `f(v)` over a plane: f32 partial sums in 16 lanes (which the
+/// compiler keeps in vector registers), added in f64 at the end; the plane
+/// sums are then added in f64 by the caller, in order.
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v) as f64).sum();
+    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
+}
+
+/// As [`lane_sum`], of `f(x, d)` over two planes.
+#[inline(always)]
+fn lane_dot(xs: &[f32], ds: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    let mut lanes = [0f32; 16];
+    let mut xc = xs.chunks_exact(16);
+    let mut dc = ds.chunks_exact(16);
+    for (x, d) in (&mut xc).zip(&mut dc) {
+        for ((l, &a), &b) in lanes.iter_mut().zip(x).zip(d) {
+            *l += f(a, b);
+        }
+    }
+    let tail: f64 = xc
+        .remainder()
+        .iter()
+        .zip(dc.remainder())
+        .map(|(&a, &b)| f(a, b) as f64)
+        .sum();
+    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
+}
+
 /// BatchNormalization in training mode: normalised with the batch's own
 /// mean and (biased) variance per channel. Returns the output and the
 /// statistics `[mean, variance]`, which the backward pass reads and from
@@ -147,12 +183,12 @@ pub fn batch_norm_training(
     let stats: Vec<(f32, f32)> = (0..bn.channels)
         .into_par_iter()
         .map(|c| {
-            let sum: f64 = bn.planes(xs, c).flatten().map(|&v| v as f64).sum();
+            let sum: f64 = bn.planes(xs, c).map(|p| lane_sum(p, |v| v)).sum();
             let mean = sum / count;
+            let m = mean as f32;
             let var: f64 = bn
                 .planes(xs, c)
-                .flatten()
-                .map(|&v| (v as f64 - mean).powi(2))
+                .map(|p| lane_sum(p, |v| (v - m) * (v - m)))
                 .sum::<f64>()
                 / count;
             (mean as f32, var as f32)
@@ -212,10 +248,8 @@ pub fn batch_norm_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>,
             let mut sum_d = 0f64;
             let mut sum_dx = 0f64;
             for (xp, dp) in bn.planes(xs, c).zip(bn.planes(ds, c)) {
-                for (&xv, &dv) in xp.iter().zip(dp) {
-                    sum_d += dv as f64;
-                    sum_dx += (dv * (xv - mean[c]) * inv) as f64;
-                }
+                sum_d += lane_sum(dp, |v| v);
+                sum_dx += lane_dot(xp, dp, |x, d| d * (x - mean[c]) * inv);
             }
             (sum_d as f32, sum_dx as f32)
         })
