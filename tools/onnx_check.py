@@ -7,7 +7,8 @@ usage: onnx_check.py QGRAPH_BINARY MODEL.onnx [MODEL.onnx ...]
 For each model: `qgraph convert` it, `qgraph run` the standard pass
 pipeline on it, and `qgraph insert` Q/DQ pairs (int8 and w4a8, no data)
 then `qgraph freeze --target tensorrt` (and, for MNIST models, a calibrated
-int8-asym insert frozen `--target integer`); run onnx.checker (full check) on both results, run the
+int8-asym insert frozen `--target integer`, and a pact-w4a4 insert trained one
+epoch by `qgraph train`); run onnx.checker (full check) on both results, run the
 original and each result in ONNX Runtime on the same seeded random input, and
 require max |difference| == 0 for the conversion and <= 1e-4 relative (to the
 largest output magnitude) for the pipeline. Prints one line per check and a
@@ -124,6 +125,41 @@ def check_frozen(qgraph, qdq, workdir, target, feeds):
     return None
 
 
+def check_trained(qgraph, model, workdir):
+    """For a model on 1x28x28 inputs: `qgraph insert --scheme pact-w4a4`
+    calibrated on the 64 MNIST digits, then `qgraph train` one epoch on them.
+    The trained model passes the checker; ONNX Runtime (optimisations off)
+    computes what qgraph's evaluator computes (within 1e-5 relative) and
+    agrees with the float model's top-1 on at least 95% of the digits; its
+    TensorRT freeze computes the same as it."""
+    qdq = Path(workdir) / f"{model.stem}.pact-w4a4.onnx"
+    trained = Path(workdir) / f"{model.stem}.pact-w4a4.trained.onnx"
+    for cmd in ([qgraph, "insert", "--scheme", "pact-w4a4", str(model), "--calib", str(MNIST), "-o", str(qdq)],
+                [qgraph, "train", str(qdq), "--data", str(MNIST), "--epochs", "1", "--batch", "16",
+                 "--lr", "0.001", "-o", str(trained)]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return f"qgraph {cmd[1]} failed: {proc.stderr.strip()}"
+    onnx.checker.check_model(str(trained), full_check=True)
+    x = (np.load(MNIST)["x_u8"] / 255.0).astype(np.float32)
+    name = onnx.load(str(model)).graph.input[0].name
+    inputs, outputs = Path(workdir) / "train_in.npz", Path(workdir) / "train_out.npz"
+    np.savez(inputs, **{name: x})
+    proc = subprocess.run([qgraph, "infer", str(trained), "--inputs", str(inputs), "-o", str(outputs)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"qgraph infer failed: {proc.stderr.strip()}"
+    ours = np.load(outputs)[onnx.load(str(trained)).graph.output[0].name]
+    got = run(trained, {name: x})[0]
+    rel = float(np.max(np.abs(ours - got))) / (float(np.max(np.abs(got))) or 1.0)
+    if rel > 1e-5:
+        return f"ONNX Runtime and qgraph differ on the trained model by {rel:.2e} relative"
+    agree = float((run(model, {name: x})[0].argmax(1) == got.argmax(1)).mean())
+    if agree < 0.95:
+        return f"top-1 agreement with float {agree:.3f} < 0.95"
+    return check_frozen(qgraph, trained, workdir, "tensorrt", {name: x})
+
+
 def takes_mnist(model):
     dims = onnx.load(str(model), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
     return [d.dim_value for d in dims[1:]] == [1, 28, 28]
@@ -202,6 +238,19 @@ def main():
                         passed += 1
                         print(f"ok   {m.name} ({what}, freeze integer): onnx checker passes, ONNX Runtime's "
                               "integer kernels agree with the Q/DQ graph on 95%+")
+            if MNIST.exists() and takes_mnist(m):
+                try:
+                    problem = check_trained(qgraph, m, workdir)
+                except Exception as e:
+                    problem = f"{type(e).__name__}: {e}"
+                what = "insert pact-w4a4, train 1 epoch"
+                if problem:
+                    failed += 1
+                    print(f"FAIL {m.name} ({what}): {problem}")
+                else:
+                    passed += 1
+                    print(f"ok   {m.name} ({what}): onnx checker passes, ONNX Runtime computes what qgraph "
+                          "does, agrees with float on 95%+, freezes for TensorRT unchanged")
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

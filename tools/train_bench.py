@@ -71,7 +71,8 @@ def main():
                         "--steps", str(a.steps), "--threads", str(a.threads)]
             if not quant:
                 peer_cmd.append("--no-quant")
-            peer = json.loads(run(peer_cmd).strip().splitlines()[-1])
+            peer_out = run(peer_cmd)
+            peer = json.loads([ln for ln in peer_out.splitlines() if ln.startswith("{")][-1])
             rows.append((name, batch, "int8 fake quant" if quant else "float", ours,
                          peer["samples_per_s"]))
     print(f"{a.threads} threads; qgraph's epoch of {a.steps + 3} steps, PyTorch's {a.steps} steps "
