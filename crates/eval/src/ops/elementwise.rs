@@ -347,11 +347,17 @@ pub fn binary_backward(cx: &OpCtx, g: &super::Grads) -> Result<Vec<Option<Tensor
         ),
         other => return cx.err(format!("{other} has no gradient here")),
     };
+    let mut d = Some(d);
     for (k, (partial, operand)) in [(da, a), (db, b)].into_iter().enumerate() {
         if !g.wants(k) {
             continue;
         }
-        let mut dk = d.clone();
+        // The last operand wanted takes the output's gradient itself.
+        let mut dk = if k == 0 && g.wants(1) {
+            d.clone().expect("present until the last operand")
+        } else {
+            d.take().expect("present until the last operand")
+        };
         Zip::from(&mut dk)
             .and(&ab)
             .and(&bb)

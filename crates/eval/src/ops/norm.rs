@@ -195,17 +195,21 @@ pub fn batch_norm_training(
         })
         .collect();
     let [gamma, beta, _, _] = &bn.params;
-    let mut y = x.clone().into_owned();
-    let ys = y.as_slice_mut().expect("standard layout");
+    // Written from x in one pass.
+    let mut ys = vec![0f32; xs.len()];
     ys.par_chunks_mut(bn.inner.max(1))
+        .zip(xs.par_chunks(bn.inner.max(1)))
         .enumerate()
-        .for_each(|(plane, out)| {
+        .for_each(|(plane, (out, src))| {
             let c = plane % bn.channels;
             let (mean, var) = stats[c];
             let scale = gamma[c] / (var + bn.eps).sqrt();
             let shift = beta[c] - mean * scale;
-            out.iter_mut().for_each(|v| *v = *v * scale + shift);
+            out.iter_mut()
+                .zip(src)
+                .for_each(|(o, &v)| *o = v * scale + shift);
         });
+    let y = array(x.shape(), ys);
     let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
     let c = bn.channels;
     Ok((
@@ -255,7 +259,8 @@ pub fn batch_norm_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>,
         })
         .collect();
     if g.wants(0) {
-        let mut dx = d.clone();
+        // The output's gradient is ours: overwritten with the input's.
+        let mut dx = d;
         let dxs = dx.as_slice_mut().expect("standard layout");
         dxs.par_chunks_mut(bn.inner.max(1))
             .zip(xs.par_chunks(bn.inner.max(1)))
