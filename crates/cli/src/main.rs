@@ -364,8 +364,9 @@ enum Command {
                       How scales move follows the scheme 'qgraph insert' recorded: lsq-* learns \
                       every step size (LSQ, gradient scaled by 1/sqrt(N Qp)); pact-* learns the \
                       activations' clipping levels (PACT, with L2 decay --pact-decay); other \
-                      schemes keep weight scales at each channel's extremes and move activation \
-                      ranges by a moving average (Jacob et al. 2018). Batch normalization uses \
+                      schemes keep weight scales at each channel's extremes and the calibrated \
+                      activation ranges, or move them by a moving average with --range-ema \
+                      (Jacob et al. 2018). Batch normalization uses \
                       batch statistics and updates its running ones until --bn-freeze. Without \
                       labels (or with --teacher) the loss is distillation from the teacher's \
                       outputs. The output is the input graph with the trained values, ready for \
@@ -430,6 +431,11 @@ enum Command {
         /// Distillation temperature.
         #[arg(long, default_value_t = 1.0)]
         temperature: f32,
+        /// Online activation ranges for schemes that do not learn them: a
+        /// moving average of the batches' extremes with this weight on the
+        /// old range (e.g. 0.99). Default: the calibrated ranges stay.
+        #[arg(long)]
+        range_ema: Option<f32>,
         /// Seed of the sample order.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -696,6 +702,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             bn_freeze,
             quant_delay,
             temperature,
+            range_ema,
             seed,
             threads,
             limit,
@@ -712,6 +719,9 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 .transpose()?;
             let schedule = qgraph::trainer::Schedule::parse(&schedule)
                 .map_err(|e| Failure(format!("--schedule: {e}")))?;
+            if range_ema.is_some_and(|d| !(0.0..1.0).contains(&d)) {
+                return Err(Failure("--range-ema: the weight must lie in [0, 1)".into()));
+            }
             if lr.is_nan() || lr <= 0.0 {
                 return Err(Failure(format!("--lr: {lr} is not a positive rate")));
             }
@@ -738,6 +748,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 bn_freeze_step: bn_freeze,
                 quant_delay,
                 temperature,
+                range_decay: range_ema,
                 ..qgraph::trainer::Config::default()
             };
             let options = qgraph::train::TrainOptions {

@@ -425,7 +425,15 @@ fn fake_quantizer(
             .and_then(|v| v.first().copied())
             .unwrap_or(0.0);
         let level = |b: Option<f32>| b.zip(s).map(|(b, s)| (b / s).round_ties_even() as f64 + z);
-        if cn.op_type == "Clip"
+        // Only the Clip `insert` adds for a narrow grid (its Q carries the
+        // grid), with bounds of its own: a model's own Relu6 whose bounds
+        // happen to be the grid's ends stays, as do bounds other nodes read.
+        let own_bounds = [bounds.0, bounds.1]
+            .iter()
+            .all(|b| b.is_some_and(|b| g.consumers(b).len() == 1));
+        if node.meta.iter().any(|(k, _)| k == GRID_KEY)
+            && own_bounds
+            && cn.op_type == "Clip"
             && cn.domain.is_empty()
             && g.consumers(source).len() == 1
             && !g.value(source).is_graph_output()

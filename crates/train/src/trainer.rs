@@ -34,9 +34,13 @@ pub struct Config {
     /// Fake quantization starts at this step; before, the graph runs float
     /// (MindSpore's quant_delay).
     pub quant_delay: usize,
-    /// The weight of the old range in the moving average of activation
-    /// ranges (Jacob et al. 2018); PyTorch's default 0.99.
-    pub range_decay: f32,
+    /// Online activation ranges: the weight of the old range in a moving
+    /// average of the batches' extremes (Jacob et al. 2018; PyTorch uses
+    /// 0.99). `None` (the default) keeps the calibrated ranges: a
+    /// QuantizeLinear that took over a Relu or Clip clamps at its range's
+    /// ends, and a range moved by the values before the clamp would stop
+    /// clamping. An online range never moves below 0 when it starts there.
+    pub range_decay: Option<f32>,
     /// Distillation temperature.
     pub temperature: f32,
 }
@@ -55,7 +59,7 @@ impl Default for Config {
             threads: 0,
             bn_freeze_step: None,
             quant_delay: 0,
-            range_decay: 0.99,
+            range_decay: None,
             temperature: 1.0,
         }
     }
@@ -379,7 +383,9 @@ impl Trainer {
     /// Moving averages of tracked activation ranges, and the scale and
     /// zero point each range gives on its grid.
     fn update_ranges(&mut self, observed: &[(ValueId, f32, f32)]) {
-        let decay = self.config.range_decay;
+        let Some(decay) = self.config.range_decay else {
+            return;
+        };
         for &(scale, lo, hi) in observed {
             let Some(q) = self.graph.quantizers.iter().find(|q| q.scale == scale) else {
                 continue;
@@ -399,7 +405,12 @@ impl Trainer {
             // Starts from the calibrated range the scale stands for.
             let start = (((q.qmin - z) as f32) * s, ((q.qmax - z) as f32) * s);
             let range = self.ranges.entry(scale).or_insert(start);
-            range.0 = decay * range.0 + (1.0 - decay) * lo;
+            let floor = if start.0 == 0.0 {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            };
+            range.0 = (decay * range.0 + (1.0 - decay) * lo).max(floor);
             range.1 = decay * range.1 + (1.0 - decay) * hi;
             let Some((grid, mode)) = grid_of(q.qmin, q.qmax, z) else {
                 continue;
