@@ -41,18 +41,10 @@ impl<'m> Evaluator<'m> {
         params: &'p HashMap<ValueId, Tensor>,
         mode: Mode,
     ) -> Result<Tape<'e, 'm, 'p>, EvalError> {
-        let required = self.required_inputs();
-        if inputs.len() != required.len() {
-            return Err(EvalError::Input(format!(
-                "the model takes {} inputs, {} were given",
-                required.len(),
-                inputs.len()
-            )));
-        }
         let mut tape = Tape {
             evaluator: self,
             params,
-            values: required.into_iter().zip(inputs).collect(),
+            values: self.bind_inputs(inputs)?.into_iter().collect(),
             saved: HashMap::new(),
             mode,
             times: Default::default(),

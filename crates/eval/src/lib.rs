@@ -275,6 +275,19 @@ impl<'m> Evaluator<'m> {
             .collect()
     }
 
+    /// The given inputs paired with the graph inputs that need data.
+    fn bind_inputs(&self, inputs: Inputs) -> Result<Vec<(ValueId, Tensor)>, EvalError> {
+        let required = self.required_inputs();
+        if inputs.len() != required.len() {
+            return Err(EvalError::Input(format!(
+                "the model takes {} inputs, {} were given",
+                required.len(),
+                inputs.len()
+            )));
+        }
+        Ok(required.into_iter().zip(inputs).collect())
+    }
+
     /// The graph inputs that need data (those without an initializer default).
     pub fn required_inputs(&self) -> Vec<ValueId> {
         self.graph
@@ -360,21 +373,13 @@ impl<'m> Evaluator<'m> {
         mut times: Option<&mut HashMap<String, (usize, f64)>>,
     ) -> Result<Vec<Tensor>, EvalError> {
         let g = self.graph;
-        let required = self.required_inputs();
-        if inputs.len() != required.len() {
-            return Err(EvalError::Input(format!(
-                "the model takes {} inputs, {} were given",
-                required.len(),
-                inputs.len()
-            )));
-        }
         let mut env: HashMap<ValueId, Tensor> = HashMap::new();
         let mut left = self.uses.clone();
-        for (v, t) in required.iter().zip(inputs) {
-            if watch.contains(v) {
-                observe(*v, &t);
+        for (v, t) in self.bind_inputs(inputs)? {
+            if watch.contains(&v) {
+                observe(v, &t);
             }
-            env.insert(*v, t);
+            env.insert(v, t);
         }
         for step in &self.plan {
             if !step.is_fused() || step.hidden.iter().any(|v| watch.contains(v)) {

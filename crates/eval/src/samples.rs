@@ -212,15 +212,7 @@ fn known_integers(g: &Graph, info: &HashMap<ValueId, Info>, v: ValueId) -> Optio
     if let Some(t) = constant(g, v) {
         return integers(t);
     }
-    info.get(&v)?
-        .elements
-        .as_ref()?
-        .iter()
-        .map(|d| match d {
-            Dim::Known(k) => Some(*k),
-            _ => None,
-        })
-        .collect()
+    info.get(&v)?.ints()
 }
 
 fn rank(info: &HashMap<ValueId, Info>, v: ValueId) -> Option<usize> {

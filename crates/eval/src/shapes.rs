@@ -52,7 +52,7 @@ impl Info {
     }
 
     /// The elements, all known (negative values included: axes, -1).
-    fn ints(&self) -> Option<Vec<i64>> {
+    pub(crate) fn ints(&self) -> Option<Vec<i64>> {
         self.elements
             .as_ref()?
             .iter()

@@ -502,6 +502,23 @@ graph main {
     }
 }
 
+/// The derivative of a fake-quantized `x` by its scale `s` on the grid
+/// `[lo, hi]` with zero point `zp`, in f64 from the papers: `qmin - z` or
+/// `qmax - z` where `x` saturates, and inside LSQ's `round(x/s) - x/s`
+/// (Esser et al. 2020, eq. 3) or PACT's 0 (Choi et al. 2018, eq. 3).
+fn paper_scale_step(x: f32, s: f64, zp: i64, lo: f64, hi: f64, pact: bool) -> f64 {
+    let v = x as f64 / s + zp as f64;
+    if v < lo {
+        lo - zp as f64
+    } else if v > hi {
+        hi - zp as f64
+    } else if pact {
+        0.0
+    } else {
+        (x as f64 / s).round_ties_even() - x as f64 / s
+    }
+}
+
 /// Fake quantization (QuantizeLinear then DequantizeLinear): the
 /// straight-through gradient of the input, and the scale's gradient by
 /// LSQ's formula (Esser et al. 2020, eq. 3) or PACT's (Choi et al. 2018,
@@ -551,17 +568,7 @@ fn fake_quantization_follows_the_papers() {
                 "dx[{e}] at x = {xv}: {} against {want}",
                 dx[e]
             );
-            let q = (xv as f64 / s).round_ties_even() + zp as f64;
-            want_ds += rv as f64
-                * if v < lo {
-                    lo - zp as f64
-                } else if v > hi {
-                    hi - zp as f64
-                } else if pact {
-                    0.0
-                } else {
-                    (q - zp as f64) - xv as f64 / s
-                };
+            want_ds += rv as f64 * paper_scale_step(xv, s, zp, lo, hi, pact);
         }
         assert!(
             (ds - want_ds).abs() <= 1e-4 * want_ds.abs().max(1.0),
@@ -633,17 +640,8 @@ fn fake_quantize_matches_its_q_dq_pair_and_the_papers() {
             let v = xv as f64 / s + zp as f64;
             let inside = v >= qmin as f64 && v <= qmax as f64;
             assert_eq!(dx[e], if inside { rv } else { 0.0 });
-            let q = (xv as f64 / s).round_ties_even() + zp as f64;
-            want_ds += rv as f64
-                * if v < qmin as f64 {
-                    (qmin - zp) as f64
-                } else if v > qmax as f64 {
-                    (qmax - zp) as f64
-                } else if method == "pact" {
-                    0.0
-                } else {
-                    q - zp as f64 - xv as f64 / s
-                };
+            want_ds +=
+                rv as f64 * paper_scale_step(xv, s, zp, qmin as f64, qmax as f64, method == "pact");
         }
         let ds = f32s(&grads[&s_id]).iter().next().copied().unwrap() as f64;
         assert!(

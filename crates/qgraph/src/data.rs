@@ -353,7 +353,7 @@ pub struct Measurement {
     pub sqnr_db: Option<f64>,
 }
 
-fn first_output_rows(t: &Tensor) -> Option<(usize, Vec<f32>)> {
+pub(crate) fn first_output_rows(t: &Tensor) -> Option<(usize, Vec<f32>)> {
     let Tensor::F32(a) = t else { return None };
     let n = a.shape().first().copied()?;
     Some((n, a.iter().copied().collect()))

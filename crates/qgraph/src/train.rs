@@ -2,10 +2,10 @@
 //! data set, with labels or distilled from a teacher, evaluation after each
 //! epoch, and checkpoints from which an interrupted run resumes.
 
-use crate::data::{Dataset, Norm};
+use crate::data::{first_output_rows, Dataset, Norm};
 use crate::{save, SaveOptions};
 use qgraph_eval::Evaluator;
-use qgraph_ir::{Model, Tensor};
+use qgraph_ir::Model;
 use qgraph_train::{Config, StepReport, Targets, Trainer};
 use std::path::PathBuf;
 
@@ -80,13 +80,6 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
         order.swap(i, j);
     }
     order
-}
-
-fn logits(t: &Tensor) -> Result<Vec<f32>, String> {
-    match t {
-        Tensor::F32(a) => Ok(a.iter().copied().collect()),
-        t => Err(format!("the first output is {}, not f32", t.dtype())),
-    }
 }
 
 /// Trains `model` on `data` and returns the trained model (the original
@@ -178,7 +171,11 @@ pub fn train(
                         let out = t
                             .run(vec![x.clone()])
                             .map_err(|e| format!("teacher: {e}"))?;
-                        teacher_logits = logits(out.first().ok_or("teacher: no output")?)?;
+                        teacher_logits = out
+                            .first()
+                            .and_then(first_output_rows)
+                            .ok_or("teacher: the first output is not f32")?
+                            .1;
                         Targets::Teacher(&teacher_logits)
                     }
                     (None, Some(l)) => {

@@ -168,7 +168,7 @@ impl TrainingGraph {
             .topo_order()
             .map_err(|_| TrainError::Graph("the graph has a cycle".into()))?;
         let mut quantizers = Vec::new();
-        for q in order {
+        for &q in &order {
             if !g.contains_node(q) {
                 continue;
             }
@@ -176,10 +176,7 @@ impl TrainingGraph {
             if node.op_type != "QuantizeLinear" || !node.domain.is_empty() {
                 continue;
             }
-            let Some(fake) = fake_quantizer(g, q, weight_rule, activation_rule)? else {
-                continue;
-            };
-            quantizers.push(fake);
+            quantizers.extend(fake_quantizer(g, q)?);
         }
         let g = &model.graph;
         let trainable = |v: Option<ValueId>| {
@@ -202,10 +199,9 @@ impl TrainingGraph {
             }
         };
         let mut batch_norms = Vec::new();
-        for n in g
-            .topo_order()
-            .map_err(|_| TrainError::Graph("the graph has a cycle".into()))?
-        {
+        // The rewrite above replaced only Q/DQ pairs (and Clips): the
+        // weighted ops are where they were in the order.
+        for n in order.into_iter().filter(|&n| g.contains_node(n)) {
             let node = g.node(n);
             if !node.domain.is_empty() {
                 continue;
@@ -241,12 +237,11 @@ impl TrainingGraph {
             q.weight = params
                 .iter()
                 .any(|p| p.value == q.input && p.kind == ParamKind::Weight);
-            if q.weight && q.rule == ScaleRule::Pact {
-                q.rule = ScaleRule::Track;
-            }
-            if !q.weight && weight_rule == ScaleRule::Lsq {
-                q.rule = ScaleRule::Lsq;
-            }
+            q.rule = if q.weight {
+                weight_rule
+            } else {
+                activation_rule
+            };
         }
         for q in &quantizers {
             if q.rule.learned() && !params.iter().any(|p| p.value == q.scale) {
@@ -264,7 +259,6 @@ impl TrainingGraph {
                 "lsq"
             };
             let node = model.graph.node_mut(q.node).map_err(ir_err)?;
-            node.attrs.retain(|a| a.name != "method");
             node.attrs.push(qgraph_ir::Attribute {
                 name: "method".into(),
                 value: AttrValue::String(method.as_bytes().to_vec()),
@@ -346,12 +340,7 @@ impl TrainingGraph {
 
 /// Replaces the Q/DQ pair starting at `q` by a FakeQuantize, when `q`'s
 /// output goes to one DequantizeLinear with the same scale and zero point.
-fn fake_quantizer(
-    g: &mut Graph,
-    q: NodeId,
-    weight_rule: ScaleRule,
-    activation_rule: ScaleRule,
-) -> Result<Option<Quantizer>, TrainError> {
+fn fake_quantizer(g: &mut Graph, q: NodeId) -> Result<Option<Quantizer>, TrainError> {
     let node = g.node(q).clone();
     let (Some(source), Some(scale)) = (node.inputs()[0], node.inputs().get(1).copied().flatten())
     else {
@@ -446,8 +435,6 @@ fn fake_quantizer(
             }
         }
     }
-    let weight = g.initializer(input).is_some();
-    let rule = if weight { weight_rule } else { activation_rule };
     let output = dq_node.outputs()[0]
         .ok_or_else(|| TrainError::Graph(format!("{}: no output", g.describe_node(dq))))?;
     let name = node.name().to_string();
@@ -489,8 +476,9 @@ fn fake_quantizer(
         qmin,
         qmax,
         axis,
-        weight,
-        rule,
+        // Set by `prepare` once the weights are known.
+        weight: false,
+        rule: ScaleRule::Track,
         clip_bounds,
     }))
 }

@@ -73,6 +73,26 @@ pub fn distillation(
     Ok((total / rows.max(1) as f64, grad))
 }
 
+/// How many of the `rows` rows of `logits` have their largest value (the
+/// first, on ties) at their label.
+pub fn correct_top1(logits: &[f32], rows: usize, labels: &[i64]) -> usize {
+    let width = logits.len() / rows.max(1);
+    (0..rows)
+        .filter(|&r| {
+            let row = &logits[r * width..][..width];
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
+                .0;
+            labels.get(r) == Some(&(best as i64))
+        })
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

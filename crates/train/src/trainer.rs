@@ -96,6 +96,9 @@ pub struct Trainer {
     moments: HashMap<ValueId, Moments>,
     /// Moving-average ranges of tracked activation quantizers.
     ranges: HashMap<ValueId, (f32, f32)>,
+    /// Values per sample of each LSQ activation quantizer's input (LSQ's N),
+    /// by its scale, from the first step that ran it.
+    sample_sizes: HashMap<ValueId, usize>,
     step: usize,
     /// Seconds per operator and direction over all steps, and per phase.
     profile: HashMap<String, (usize, f64)>,
@@ -155,6 +158,7 @@ impl Trainer {
             values,
             moments: HashMap::new(),
             ranges: HashMap::new(),
+            sample_sizes: HashMap::new(),
             step: 0,
             profile: HashMap::new(),
         })
@@ -286,28 +290,7 @@ impl Trainer {
                     .map_err(TrainError::Data)?,
             };
             let correct = match targets {
-                Targets::Labels(labels) => {
-                    let width = flat.len() / rows.max(1);
-                    Some(
-                        (0..rows)
-                            .filter(|&r| {
-                                let row = &flat[r * width..][..width];
-                                let best =
-                                    row.iter()
-                                        .enumerate()
-                                        .fold((0, f32::NEG_INFINITY), |b, (i, &v)| {
-                                            if v > b.1 {
-                                                (i, v)
-                                            } else {
-                                                b
-                                            }
-                                        })
-                                        .0;
-                                labels.get(r) == Some(&(best as i64))
-                            })
-                            .count(),
-                    )
-                }
+                Targets::Labels(labels) => Some(loss::correct_top1(&flat, rows, labels)),
                 Targets::Teacher(_) => None,
             };
             let seed = Tensor::F32(
@@ -324,7 +307,15 @@ impl Trainer {
             let mut observed = Vec::new();
             if std::ptr::eq(ev, quantized) {
                 for q in &self.graph.quantizers {
-                    if q.weight || q.rule != ScaleRule::Track {
+                    if q.weight {
+                        continue;
+                    }
+                    if q.rule == ScaleRule::Lsq && !self.sample_sizes.contains_key(&q.scale) {
+                        if let Ok(x) = tape.value(q.input) {
+                            self.sample_sizes.insert(q.scale, x.len() / rows.max(1));
+                        }
+                    }
+                    if q.rule != ScaleRule::Track {
                         continue;
                     }
                     if let Some(x) = tape.value(q.input).ok().and_then(f32_data) {
@@ -338,13 +329,13 @@ impl Trainer {
             }
             let mut stats = Vec::new();
             if mode == Mode::Training {
-                for bn in &self.graph.batch_norms {
-                    if let Some([Tensor::F32(m), Tensor::F32(v)]) = tape.saved(bn.node) {
-                        let count = tape
-                            .value(g.node(bn.node).inputs()[0].expect("a BN input"))
-                            .map(|t| t.len() / m.len().max(1))
-                            .unwrap_or(1);
-                        stats.push((bn.node, m.clone(), v.clone(), count));
+                for (k, bn) in self.graph.batch_norms.iter().enumerate() {
+                    let input = g.node(bn.node).inputs()[0];
+                    if let (Some([Tensor::F32(m), Tensor::F32(v)]), Some(x)) =
+                        (tape.saved(bn.node), input.and_then(|x| tape.value(x).ok()))
+                    {
+                        let count = x.len() / m.len().max(1);
+                        stats.push((k, m.clone(), v.clone(), count));
                     }
                 }
             }
@@ -352,10 +343,8 @@ impl Trainer {
         };
         let lr = config.lr * config.schedule.factor(self.step, config.total_steps);
         self.update_ranges(&observed);
-        for (node, m, v, count) in stats {
-            let Some(bn) = self.graph.batch_norms.iter().find(|b| b.node == node) else {
-                continue;
-            };
+        for (k, m, v, count) in stats {
+            let bn = &self.graph.batch_norms[k];
             let unbiased = count as f32 / (count.max(2) - 1) as f32;
             for (value, batch, correction) in [(bn.mean, m, 1.0), (bn.var, v, unbiased)] {
                 if let Some(Tensor::F32(run)) = self.values.get_mut(&value) {
@@ -366,7 +355,7 @@ impl Trainer {
             }
         }
         let started = std::time::Instant::now();
-        self.apply_gradients(grads, lr, rows)?;
+        self.apply_gradients(grads, lr)?;
         let e = self.profile.entry("optimizer update".into()).or_default();
         e.0 += 1;
         e.1 += started.elapsed().as_secs_f64();
@@ -390,18 +379,8 @@ impl Trainer {
             let Some(q) = self.graph.quantizers.iter().find(|q| q.scale == scale) else {
                 continue;
             };
-            let s = self
-                .values
-                .get(&q.scale)
-                .and_then(|t| t.to_f64_vec())
-                .and_then(|v| v.first().copied())
-                .unwrap_or(1.0) as f32;
-            let z = q
-                .zero_point
-                .and_then(|z| self.values.get(&z))
-                .and_then(|t| t.to_f64_vec())
-                .and_then(|v| v.first().copied())
-                .unwrap_or(0.0) as i64;
+            let s = self.first_value(Some(q.scale)).unwrap_or(1.0) as f32;
+            let z = self.first_value(q.zero_point).unwrap_or(0.0) as i64;
             // Starts from the calibrated range the scale stands for.
             let start = (((q.qmin - z) as f32) * s, ((q.qmax - z) as f32) * s);
             let range = self.ranges.entry(scale).or_insert(start);
@@ -430,11 +409,19 @@ impl Trainer {
         }
     }
 
+    /// The first element of a value's current tensor (a scalar scale or
+    /// zero point).
+    fn first_value(&self, v: Option<ValueId>) -> Option<f64> {
+        self.values
+            .get(&v?)
+            .and_then(|t| t.to_f64_vec())
+            .and_then(|v| v.first().copied())
+    }
+
     fn apply_gradients(
         &mut self,
         mut grads: HashMap<ValueId, Tensor>,
         lr: f32,
-        rows: usize,
     ) -> Result<(), TrainError> {
         let config = &self.config;
         for p in &self.graph.params {
@@ -455,12 +442,7 @@ impl Trainer {
                     let Some(q) = self.graph.quantizers.iter().find(|q| q.scale == p.value) else {
                         continue;
                     };
-                    let z = q
-                        .zero_point
-                        .and_then(|z| self.values.get(&z))
-                        .and_then(|t| t.to_f64_vec())
-                        .and_then(|v| v.first().copied())
-                        .unwrap_or(0.0);
+                    let z = self.first_value(q.zero_point).unwrap_or(0.0);
                     let positive_levels = (q.qmax as f64 - z).max(1.0);
                     let s = self
                         .values
@@ -471,27 +453,13 @@ impl Trainer {
                         // LSQ's gradient scale 1/sqrt(N Qp), N the values
                         // per step size (per sample for activations).
                         ScaleRule::Lsq => {
-                            let input = self.values.get(&q.input).map(|t| t.len());
-                            let per_scale = match input {
-                                Some(n) => n / grad.len().max(1),
-                                None => {
-                                    match self.graph.model.graph.value(q.input).effective_type() {
-                                        Some(qgraph_ir::ValueType::Tensor(t)) => {
-                                            t.shape.map(|dims| {
-                                                dims.iter()
-                                                    .skip(1)
-                                                    .map(|d| match d {
-                                                        qgraph_ir::Dim::Known(k) => *k as usize,
-                                                        _ => 1,
-                                                    })
-                                                    .product()
-                                            })
-                                        }
-                                        _ => None,
-                                    }
-                                    .unwrap_or(rows)
-                                }
+                            // A weight's values are here; an activation's
+                            // size per sample was taken from the tape.
+                            let values = match self.values.get(&q.input) {
+                                Some(w) => w.len(),
+                                None => self.sample_sizes.get(&q.scale).copied().unwrap_or(1),
                             };
+                            let per_scale = values / grad.len().max(1);
                             let g = 1.0 / ((per_scale.max(1) as f64) * positive_levels).sqrt();
                             grad.iter_mut().for_each(|v| *v = (*v as f64 * g) as f32);
                         }

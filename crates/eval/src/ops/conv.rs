@@ -5,7 +5,7 @@ use super::gemm::{gemm, MatRef, Threads};
 use super::pointwise::{
     apply_maps, Epilogue, MapValue, Pointwise, Unchanged, ValueMap, WithValueMap,
 };
-use super::{array, f32_input, Grads};
+use super::{array, f32_input, lane_dot, Grads};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::Tensor;
 use rayon::prelude::*;
@@ -1007,26 +1007,14 @@ pub fn conv_backward(cx: &OpCtx, grads_in: &Grads) -> Result<Vec<Option<Tensor>>
     Ok(grads)
 }
 
-/// `sum(row[t] * src[t * stride])`: f32 partial sums in 8 lanes, then f64.
+/// `sum(row[t] * src[t * stride])`: in vector lanes (see `lane_dot`), or,
+/// strided, in 8 lanes of its own.
 #[inline(always)]
 fn strided_dot(row: &[f32], src: &[f32], stride: usize) -> f64 {
-    let mut lanes = [0f32; 8];
     if stride == 1 {
-        let src = &src[..row.len()];
-        let (mut rc, mut sc) = (row.chunks_exact(8), src.chunks_exact(8));
-        for (r, x) in (&mut rc).zip(&mut sc) {
-            for ((l, &a), &b) in lanes.iter_mut().zip(r).zip(x) {
-                *l += a * b;
-            }
-        }
-        let tail: f32 = rc
-            .remainder()
-            .iter()
-            .zip(sc.remainder())
-            .map(|(a, b)| a * b)
-            .sum();
-        return lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64;
+        return lane_dot(row, &src[..row.len()], |a, b| a * b);
     }
+    let mut lanes = [0f32; 8];
     for (t, &a) in row.iter().enumerate() {
         lanes[t % 8] += a * src[t * stride];
     }

@@ -336,3 +336,40 @@ pub fn ints_input_or_attr(
 pub fn array<T>(shape: &[usize], data: Vec<T>) -> ArrayD<T> {
     ArrayD::from_shape_vec(IxDyn(shape), data).expect("kernels build data of the shape's size")
 }
+
+/// The sum of `f(v)` over a slice (a plane, a row): f32 partial sums in 16
+/// lanes (which the compiler keeps in vector registers), added in f64 at the
+/// end; the callers add such sums in f64, in order. The backward kernels'
+/// reductions use these, so that they vectorise.
+#[inline(always)]
+pub(crate) fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v) as f64).sum();
+    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
+}
+
+/// As [`lane_sum`], of `f(x, d)` over two planes.
+#[inline(always)]
+pub(crate) fn lane_dot(xs: &[f32], ds: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    let mut lanes = [0f32; 16];
+    let mut xc = xs.chunks_exact(16);
+    let mut dc = ds.chunks_exact(16);
+    for (x, d) in (&mut xc).zip(&mut dc) {
+        for ((l, &a), &b) in lanes.iter_mut().zip(x).zip(d) {
+            *l += f(a, b);
+        }
+    }
+    let tail: f64 = xc
+        .remainder()
+        .iter()
+        .zip(dc.remainder())
+        .map(|(&a, &b)| f(a, b) as f64)
+        .sum();
+    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
+}

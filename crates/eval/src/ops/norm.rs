@@ -1,6 +1,6 @@
 //! Softmax and batch normalization's training forward; their gradients.
 
-use super::{array, f32_input, Grads};
+use super::{array, f32_input, lane_dot, lane_sum, Grads};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn};
 use qgraph_ir::Tensor;
@@ -130,42 +130,6 @@ impl BatchNorm {
         let (channels, inner) = (self.channels, self.inner);
         data.chunks(inner.max(1)).skip(c).step_by(channels.max(1))
     }
-}
-
-/// The sum of `f(v)` over a plane: f32 partial sums in 16 lanes (which the
-/// compiler keeps in vector registers), added in f64 at the end; the plane
-/// sums are then added in f64 by the caller, in order.
-#[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
-    let mut lanes = [0f32; 16];
-    let mut chunks = xs.chunks_exact(16);
-    for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l += f(v);
-        }
-    }
-    let tail: f64 = chunks.remainder().iter().map(|&v| f(v) as f64).sum();
-    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
-}
-
-/// As [`lane_sum`], of `f(x, d)` over two planes.
-#[inline(always)]
-fn lane_dot(xs: &[f32], ds: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
-    let mut lanes = [0f32; 16];
-    let mut xc = xs.chunks_exact(16);
-    let mut dc = ds.chunks_exact(16);
-    for (x, d) in (&mut xc).zip(&mut dc) {
-        for ((l, &a), &b) in lanes.iter_mut().zip(x).zip(d) {
-            *l += f(a, b);
-        }
-    }
-    let tail: f64 = xc
-        .remainder()
-        .iter()
-        .zip(dc.remainder())
-        .map(|(&a, &b)| f(a, b) as f64)
-        .sum();
-    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
 }
 
 /// BatchNormalization in training mode: normalised with the batch's own

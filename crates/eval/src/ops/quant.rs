@@ -15,12 +15,34 @@ use rayon::prelude::*;
 /// the library's path.
 #[inline(always)]
 pub(crate) fn round_half_even(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    if x.abs() < 4_194_304.0 {
-        ((x.abs() + MAGIC) - MAGIC).copysign(x)
+    if x.abs() < SMALL_ROUNDING_LIMIT {
+        round_small_half_even(x)
     } else {
         x.round_ties_even()
     }
+}
+
+/// Below this magnitude [`round_small_half_even`] is exact.
+const SMALL_ROUNDING_LIMIT: f32 = 4_194_304.0;
+
+/// Round half to even of `|x| < 2^22`, without a branch.
+#[inline(always)]
+fn round_small_half_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((x.abs() + MAGIC) - MAGIC).copysign(x)
+}
+
+/// The zero points of `count` scales: the optional input's values, or
+/// zeros.
+fn zero_points(cx: &OpCtx, zp: Option<&Tensor>, count: usize) -> Result<Vec<i64>, EvalError> {
+    let zps = match zp {
+        Some(z) => int_values(cx, z, "zero point")?,
+        None => vec![0; count],
+    };
+    if zps.len() != count {
+        return cx.err("scale and zero point differ in size");
+    }
+    Ok(zps)
 }
 
 /// Integer values of a quantized tensor, in logical order.
@@ -130,22 +152,15 @@ pub fn dequantize_linear(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor
     let scale_t = input(cx, i, 1)?;
     let values = int_values(cx, x, "input")?;
     let scales = f32_values(cx, scale_t, "the scale")?;
-    let zps = match i.get(2).copied().flatten() {
-        Some(z) => {
-            if z.dtype() != x.dtype() {
-                return cx.err(format!(
-                    "zero point is {} but the input is {}",
-                    z.dtype(),
-                    x.dtype()
-                ));
-            }
-            int_values(cx, z, "zero point")?
-        }
-        None => vec![0; scales.len()],
-    };
-    if zps.len() != scales.len() {
-        return cx.err("scale and zero point differ in size");
+    let zp_t = i.get(2).copied().flatten();
+    if let Some(z) = zp_t.filter(|z| z.dtype() != x.dtype()) {
+        return cx.err(format!(
+            "zero point is {} but the input is {}",
+            z.dtype(),
+            x.dtype()
+        ));
     }
+    let zps = zero_points(cx, zp_t, scales.len())?;
     let index = ScaleIndex::new(cx, x.shape(), scale_t.shape())?;
     let blocked = cx.int_attr("block_size", 0)? > 0;
     let out: Vec<f32> = values
@@ -190,13 +205,7 @@ pub fn quantize_linear(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>,
     }) else {
         return cx.err(format!("quantizing to {target} is not implemented"));
     };
-    let zps = match zp_t {
-        Some(z) => int_values(cx, z, "zero point")?,
-        None => vec![0; scales.len()],
-    };
-    if zps.len() != scales.len() {
-        return cx.err("scale and zero point differ in size");
-    }
+    let zps = zero_points(cx, zp_t, scales.len())?;
     let index = ScaleIndex::new(cx, x.shape(), scale_t.shape())?;
     let blocked = cx.int_attr("block_size", 0)? > 0;
     let (lo, hi) = (lo as f64, hi as f64);
@@ -279,10 +288,7 @@ pub fn quantize_linear_backward(
     let Some((lo, hi)) = target.int_range() else {
         return cx.err(format!("quantizing to {target} is not implemented"));
     };
-    let zps = match zp_t {
-        Some(z) => int_values(cx, z, "zero point")?,
-        None => vec![0; scales.len()],
-    };
+    let zps = zero_points(cx, zp_t, scales.len())?;
     let q = match g.outputs.first().copied().flatten() {
         Some(t) => int_values(cx, t, "the output")?,
         None => return cx.err("the output was not kept for the backward pass"),
@@ -350,10 +356,7 @@ pub fn dequantize_linear_backward(
     let scale_t = input(cx, g.inputs, 1)?;
     let scales = f32_values(cx, scale_t, "the scale")?;
     let q = int_values(cx, x, "input")?;
-    let zps = match g.inputs.get(2).copied().flatten() {
-        Some(z) => int_values(cx, z, "zero point")?,
-        None => vec![0; scales.len()],
-    };
+    let zps = zero_points(cx, g.inputs.get(2).copied().flatten(), scales.len())?;
     let d = g.d_output(cx, 0)?;
     let ds = d.as_slice().expect("standard layout");
     let index = ScaleIndex::new(cx, x.shape(), scale_t.shape())?;
@@ -499,13 +502,7 @@ impl FakeQuant {
         let x = input(cx, i, 0)?;
         let scale_t = input(cx, i, 1)?;
         let scales = f32_values(cx, scale_t, "the scale")?;
-        let zps = match i.get(2).copied().flatten() {
-            Some(z) => int_values(cx, z, "zero point")?,
-            None => vec![0; scales.len()],
-        };
-        if zps.len() != scales.len() {
-            return cx.err("scale and zero point differ in size");
-        }
+        let zps = zero_points(cx, i.get(2).copied().flatten(), scales.len())?;
         let (qmin, qmax) = (cx.int_attr("qmin", -128)?, cx.int_attr("qmax", 127)?);
         if qmin > qmax {
             return cx.err(format!("the grid [{qmin}, {qmax}] is empty"));
@@ -554,10 +551,8 @@ impl FakeQuant {
     /// the rounding go without a branch.
     #[inline(always)]
     fn level(&self, x: f32, s: f32, z: f32) -> f32 {
-        const LIMIT: f32 = 4_194_304.0;
-        const MAGIC: f32 = 12_582_912.0;
-        let v = (x / s).clamp(-LIMIT, LIMIT);
-        let r = ((v.abs() + MAGIC) - MAGIC).copysign(v) + z;
+        let v = (x / s).clamp(-SMALL_ROUNDING_LIMIT, SMALL_ROUNDING_LIMIT);
+        let r = round_small_half_even(v) + z;
         let q = r.clamp(self.qmin as f32, self.qmax as f32);
         if q.is_nan() {
             z

@@ -242,10 +242,13 @@ pub fn slice(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError
     Ok(vec![result])
 }
 
-/// Pad (constant, reflect, edge); pads are an attribute before opset 11.
-pub fn pad(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
-    let x = input(cx, i, 0)?;
-    let r = x.shape().len();
+/// The pads of a Pad node before and after each of the `r` axes; pads are
+/// an attribute before opset 11, and may name their axes from opset 18.
+fn pad_amounts(
+    cx: &OpCtx,
+    i: &[Option<&Tensor>],
+    r: usize,
+) -> Result<(Vec<i64>, Vec<i64>), EvalError> {
     let pads = if cx.opset >= 11 {
         ints_of(cx, input(cx, i, 1)?, "pads")?
     } else {
@@ -265,9 +268,23 @@ pub fn pad(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> 
             axes.len()
         ));
     }
+    let mut before = vec![0i64; r];
+    let mut after = vec![0i64; r];
+    for (k, &ax) in axes.iter().enumerate() {
+        before[ax] = pads[k];
+        after[ax] = pads[k + axes.len()];
+    }
+    Ok((before, after))
+}
+
+/// Pad (constant, reflect, edge).
+pub fn pad(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let x = input(cx, i, 0)?;
+    let r = x.shape().len();
+    let (before, after) = pad_amounts(cx, i, r)?;
     let mode = cx.string_attr("mode", "constant")?;
     let Tensor::F32(a) = x else {
-        if pads.iter().all(|&p| p == 0) {
+        if before.iter().chain(&after).all(|&p| p == 0) {
             return Ok(vec![x.clone()]);
         }
         return cx.err(format!("padding {} tensors is not implemented", x.dtype()));
@@ -281,12 +298,6 @@ pub fn pad(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> 
     } else {
         cx.float_attr("value", 0.0)?
     };
-    let mut before = vec![0i64; r];
-    let mut after = vec![0i64; r];
-    for (k, &ax) in axes.iter().enumerate() {
-        before[ax] = pads[k];
-        after[ax] = pads[k + axes.len()];
-    }
     let mut out_shape = Vec::with_capacity(r);
     for d in 0..r {
         let s = a.shape()[d] as i64 + before[d] + after[d];
@@ -620,11 +631,9 @@ pub fn pad_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalEr
     }
     let x = input(cx, g.inputs, 0)?;
     let d = g.d_output(cx, 0)?;
+    let (pads_before, _) = pad_amounts(cx, g.inputs, d.ndim())?;
     let mut region = Vec::with_capacity(d.ndim());
-    for (k, (&full, &inner)) in d.shape().iter().zip(x.shape()).enumerate() {
-        // The pads of every axis follow from the shapes, except how they
-        // split between the two ends: read them.
-        let before = pad_before(cx, g.inputs, d.ndim(), k)?;
+    for ((&full, &inner), &before) in d.shape().iter().zip(x.shape()).zip(&pads_before) {
         if before < 0 || before as usize + inner > full {
             return cx.err("cropping (negative) pads have no gradient here");
         }
@@ -636,25 +645,4 @@ pub fn pad_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalEr
     }
     grads[0] = Some(Tensor::F32(d.slice(region.as_slice()).to_owned()));
     Ok(grads)
-}
-
-/// The pad before axis `k` of a Pad node.
-fn pad_before(cx: &OpCtx, i: &[Option<&Tensor>], r: usize, k: usize) -> Result<i64, EvalError> {
-    let pads = if cx.opset >= 11 {
-        ints_of(cx, input(cx, i, 1)?, "pads")?
-    } else {
-        cx.ints_attr("pads")?.unwrap_or_default()
-    };
-    let axes: Vec<usize> = match i.get(3).copied().flatten() {
-        Some(t) => ints_of(cx, t, "axes")?
-            .iter()
-            .map(|&a| cx.axis(a, r))
-            .collect::<Result<_, _>>()?,
-        None => (0..r).collect(),
-    };
-    Ok(axes
-        .iter()
-        .position(|&a| a == k)
-        .and_then(|p| pads.get(p).copied())
-        .unwrap_or(0))
 }
