@@ -197,6 +197,10 @@ enum Command {
         /// and zero pads; see `qgraph run --list`).
         #[arg(long)]
         no_prepare: bool,
+        /// Leave batch normalization unfolded, for `qgraph train` to fold
+        /// while training on batch statistics (Jacob et al. 2018).
+        #[arg(long, conflicts_with = "no_prepare")]
+        keep_bn: bool,
         /// Leave biases as they are (by default each Conv and Gemm bias
         /// absorbs the mean output shift its quantized weight causes on the
         /// calibration data).
@@ -367,7 +371,11 @@ enum Command {
                       schemes keep weight scales at each channel's extremes and the calibrated \
                       activation ranges, or move them by a moving average with --range-ema \
                       (Jacob et al. 2018). Batch normalization uses \
-                      batch statistics and updates its running ones until --bn-freeze. Without \
+                      batch statistics and updates its running ones until --bn-freeze. A batch \
+                      normalization after a convolution with a quantized weight (from 'qgraph \
+                      insert --keep-bn') is folded into it while training (Jacob et al. 2018): the \
+                      quantizer sees the folded weight, and the output holds the folded \
+                      convolution; --bn separate keeps it a layer of its own. Without \
                       labels (or with --teacher) the loss is distillation from the teacher's \
                       outputs. The output is the input graph with the trained values, ready for \
                       'qgraph freeze'. A checkpoint is written after each epoch; --resume \
@@ -425,6 +433,10 @@ enum Command {
         /// Batch normalization freezes its statistics after this many steps.
         #[arg(long)]
         bn_freeze: Option<usize>,
+        /// A batch normalization after a convolution with a quantized
+        /// weight: folded into it while training, or kept separate.
+        #[arg(long, value_enum, default_value_t = BnArg::Fold)]
+        bn: BnArg,
         /// Fake quantization starts after this many steps.
         #[arg(long, default_value_t = 0)]
         quant_delay: usize,
@@ -455,6 +467,12 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BnArg {
+    Fold,
+    Separate,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -700,6 +718,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             pact_decay,
             schedule,
             bn_freeze,
+            bn,
             quant_delay,
             temperature,
             range_ema,
@@ -749,6 +768,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 quant_delay,
                 temperature,
                 range_decay: range_ema,
+                fold_batch_norm: matches!(bn, BnArg::Fold),
                 ..qgraph::trainer::Config::default()
             };
             let options = qgraph::train::TrainOptions {
@@ -896,6 +916,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             batch,
             low_bit_ends,
             no_prepare,
+            keep_bn,
             no_bias_correction,
             rounding,
         } => {
@@ -980,7 +1001,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let summary = qgraph::insert::insert(
                 &mut m,
                 &options,
-                !no_prepare,
+                match (no_prepare, keep_bn) {
+                    (true, _) => qgraph::insert::Prepare::Skip,
+                    (false, true) => qgraph::insert::Prepare::KeepBatchNorm,
+                    (false, false) => qgraph::insert::Prepare::Deploy,
+                },
                 !no_bias_correction,
                 calibration.as_ref(),
                 |done| bar.set_position(done as u64),

@@ -407,6 +407,23 @@ pub fn calibrate(
 pub const PREPARE: &str =
     "infer-shapes,fold-constants,fold-bn,fold-pad,fuse-matmul-add,reduce-mean-to-pool,cleanup";
 
+/// [`PREPARE`] without `fold-bn`: for quantization-aware training that
+/// folds batch normalization itself, on batch statistics (`qgraph train`).
+pub const PREPARE_KEEP_BATCH_NORM: &str =
+    "infer-shapes,fold-constants,fold-pad,fuse-matmul-add,reduce-mean-to-pool,cleanup";
+
+/// The passes `insert` runs before placing Q/DQ pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prepare {
+    /// None: the model is placed as it is.
+    Skip,
+    /// [`PREPARE`]: the deployable form.
+    Deploy,
+    /// [`PREPARE_KEEP_BATCH_NORM`]: batch normalization stays for training
+    /// to fold.
+    KeepBatchNorm,
+}
+
 /// What `insert` did.
 #[derive(Clone, Debug)]
 pub struct Summary {
@@ -417,7 +434,7 @@ pub struct Summary {
     pub calibration: String,
 }
 
-/// Runs the [`PREPARE`] passes when `prepare`, places Q/DQ pairs by
+/// Runs the `prepare` passes, places Q/DQ pairs by
 /// `options`, calibrates (with `bias_correction`, the biases also absorb the
 /// mean output shift of quantized weights, measured on the calibration data), on `calibration` when given,
 /// and rewrites `model`. Calibrated ranges are also recorded on the values
@@ -426,13 +443,18 @@ pub struct Summary {
 pub fn insert(
     model: &mut Model,
     options: &InsertOptions,
-    prepare: bool,
+    prepare: Prepare,
     bias_correction: bool,
     calibration: Option<&Calibration>,
     progress: impl FnMut(usize),
 ) -> Result<Summary, String> {
-    if prepare {
-        qgraph_passes::Driver::from_pipeline(PREPARE)?
+    let pipeline = match prepare {
+        Prepare::Skip => None,
+        Prepare::Deploy => Some(PREPARE),
+        Prepare::KeepBatchNorm => Some(PREPARE_KEEP_BATCH_NORM),
+    };
+    if let Some(pipeline) = pipeline {
+        qgraph_passes::Driver::from_pipeline(pipeline)?
             .run(model)
             .map_err(|e| e.to_string())?;
     }

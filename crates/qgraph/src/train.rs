@@ -6,7 +6,7 @@ use crate::data::{first_output_rows, Dataset, Norm};
 use crate::{save, SaveOptions};
 use qgraph_eval::Evaluator;
 use qgraph_ir::Model;
-use qgraph_train::{Config, StepReport, Targets, Trainer};
+use qgraph_train::{Config, ExportForm, StepReport, Targets, Trainer};
 use std::path::PathBuf;
 
 /// Training settings beyond the trainer's own.
@@ -62,6 +62,21 @@ fn meta_number(model: &Model, key: &str) -> Option<usize> {
         .iter()
         .find(|(k, _)| k == key)
         .and_then(|(_, v)| v.parse().ok())
+}
+
+/// The trained model in `form`, with the epochs and steps done recorded.
+fn export(
+    trainer: &Trainer,
+    original: &Model,
+    form: ExportForm,
+    epochs_done: usize,
+) -> Result<Model, String> {
+    let mut m = trainer.export(original, form).map_err(|e| e.to_string())?;
+    m.meta.retain(|(k, _)| k != EPOCH_KEY && k != STEP_KEY);
+    m.meta.push((EPOCH_KEY.into(), epochs_done.to_string()));
+    m.meta
+        .push((STEP_KEY.into(), trainer.steps_done().to_string()));
+    Ok(m)
 }
 
 /// A deterministic shuffle of `0..n` (Fisher–Yates on SplitMix64).
@@ -142,7 +157,9 @@ pub fn train(
         .transpose()
         .map_err(|e| format!("teacher: {e}"))?;
     let mut reports = Vec::new();
-    let mut current = start_model.clone();
+    // A resumed run with every epoch done gives the checkpoint's values,
+    // in the deployable form.
+    let mut current = export(&trainer, model, ExportForm::Deploy, first_epoch)?;
     for epoch in first_epoch..options.epochs {
         progress(Progress::Epoch {
             epoch,
@@ -195,16 +212,7 @@ pub fn train(
             }
         }
         let samples_per_second = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        current = trainer.export(model).map_err(|e| e.to_string())?;
-        current
-            .meta
-            .retain(|(k, _)| k != EPOCH_KEY && k != STEP_KEY);
-        current
-            .meta
-            .push((EPOCH_KEY.into(), (epoch + 1).to_string()));
-        current
-            .meta
-            .push((STEP_KEY.into(), trainer.steps_done().to_string()));
+        current = export(&trainer, model, ExportForm::Deploy, epoch + 1)?;
         let (mut eval_accuracy, mut eval_agreement) = (None, None);
         if let Some(eval) = &options.eval {
             progress(Progress::Evaluating);
@@ -221,7 +229,8 @@ pub fn train(
             eval_agreement = m.agree.map(|a| a as f64 / m.samples.max(1) as f64);
         }
         if let Some(path) = &options.checkpoint {
-            save(&current, path, &SaveOptions::default()).map_err(|e| e.to_string())?;
+            let checkpoint = export(&trainer, model, ExportForm::Checkpoint, epoch + 1)?;
+            save(&checkpoint, path, &SaveOptions::default()).map_err(|e| e.to_string())?;
         }
         let report = EpochReport {
             epoch,

@@ -6,7 +6,7 @@
 mod common;
 
 use qgraph::freeze::{freeze, verify, Int4, Target};
-use qgraph::insert::{insert, Calibration, Method, Rounding};
+use qgraph::insert::{insert, Calibration, Method, Prepare, Rounding};
 use qgraph::ir::{DataType, Model, Tensor};
 use qgraph::passes::{InsertOptions, Placement};
 use qgraph::quant::Scheme;
@@ -40,7 +40,15 @@ fn quantized(scheme: &str, placement: Placement) -> Model {
         ends_at_8_bits: false,
         overrides: Vec::new(),
     };
-    insert(&mut model, &options, true, true, Some(&calibration), |_| {}).unwrap();
+    insert(
+        &mut model,
+        &options,
+        Prepare::Deploy,
+        true,
+        Some(&calibration),
+        |_| {},
+    )
+    .unwrap();
     model
 }
 

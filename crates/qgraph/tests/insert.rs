@@ -2,7 +2,7 @@
 //! a residual connection, and calibrated Q/DQ graphs that keep the float
 //! graph's function (output SQNR above a stated bound) and run in tract.
 
-use qgraph::insert::{insert, Calibration, Method};
+use qgraph::insert::{insert, Calibration, Method, Prepare};
 use qgraph::ir::{Model, Tensor};
 use qgraph::passes::{plan_qdq, InsertOptions, Placement};
 use qgraph::quant::Scheme;
@@ -143,7 +143,7 @@ fn calibrated_lenet_keeps_its_function_with_every_method() {
         let summary = insert(
             &mut model,
             &options("int8"),
-            true,
+            Prepare::Deploy,
             true,
             Some(&calibration),
             |_| {},
@@ -181,7 +181,15 @@ fn gptq_rounding_lowers_the_output_error_of_low_bit_weights() {
             method: Method::MinMax,
             rounding,
         };
-        let summary = insert(&mut model, &opts, true, true, Some(&calibration), |_| {}).unwrap();
+        let summary = insert(
+            &mut model,
+            &opts,
+            Prepare::Deploy,
+            true,
+            Some(&calibration),
+            |_| {},
+        )
+        .unwrap();
         let out = qgraph::eval::Evaluator::new(&model)
             .unwrap()
             .run(vec![x.clone()])
@@ -385,7 +393,7 @@ fn learned_range_schemes_start_from_their_papers_rules() {
     let summary = insert(
         &mut model,
         &options("pact-w4a4"),
-        false,
+        Prepare::Skip,
         false,
         None,
         |_| {},
@@ -396,7 +404,15 @@ fn learned_range_schemes_start_from_their_papers_rules() {
     // r1 feeds the middle layer: 4 bits, [0, 10] over 15 steps.
     assert_eq!(scale_of(&model, "r1"), [10.0 / 15.0]);
     let mut model = qgraph::text::parse_model(MODEL).unwrap();
-    insert(&mut model, &options("lsq-w4a4"), false, false, None, |_| {}).unwrap();
+    insert(
+        &mut model,
+        &options("lsq-w4a4"),
+        Prepare::Skip,
+        false,
+        None,
+        |_| {},
+    )
+    .unwrap();
     let w2 = [
         0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, -0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7,
         -0.8, -0.9, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 0.3, 0.1, -0.2, 0.5, -0.7,
@@ -413,7 +429,7 @@ fn learned_range_schemes_start_from_their_papers_rules() {
     let summary = insert(
         &mut model,
         &options("dorefa-w4a4"),
-        false,
+        Prepare::Skip,
         false,
         None,
         |_| {},

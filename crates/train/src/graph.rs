@@ -51,6 +51,80 @@ pub struct Quantizer {
     /// The names of the Clip bounds that hold its grid in the original
     /// model, recomputed from the scale on export.
     pub clip_bounds: Option<(String, String)>,
+    /// For a weight: the batch normalization folded into it during
+    /// training (an index into [`TrainingGraph::folds`]); the quantizer then
+    /// reads the weight times the fold's factor, not `input` itself.
+    pub fold: Option<usize>,
+}
+
+/// A batch normalization folded into the convolution before it during
+/// training (Jacob et al. 2018, section 3.2; PyTorch's ConvBn): the
+/// quantizer sees the weight a deployed graph will hold, `w k` with
+/// `k = gamma / sqrt(running_var + eps)` per output channel, the
+/// convolution's output is divided by `k` again and the batch
+/// normalization follows, on batch statistics until it freezes. Frozen, the
+/// chain computes exactly the folded convolution; on export the weight
+/// becomes `w k`, the bias `(b - mean) k + beta`, and the batch
+/// normalization goes.
+///
+/// `k` is a constant of each step, recomputed from the current gamma and
+/// running variance before it: without quantization it cancels, so gamma's
+/// gradient comes through the batch normalization alone.
+#[derive(Clone, Debug)]
+pub struct BatchNormFold {
+    pub conv: NodeId,
+    pub batch_norm: NodeId,
+    /// The quantizer of the convolution's weight (index into
+    /// [`TrainingGraph::quantizers`]).
+    pub quantizer: usize,
+    /// The trainable weight, unfolded.
+    pub weight: ValueId,
+    /// The convolution's own bias, now added after the division by `k`.
+    pub bias: Option<ValueId>,
+    pub gamma: ValueId,
+    pub beta: ValueId,
+    pub mean: ValueId,
+    pub var: ValueId,
+    pub epsilon: f32,
+    /// `k` shaped for the weight, `[C, 1, ...]`, and for the convolution's
+    /// output, `[1, C, 1, ...]`: constants of the training graph that each
+    /// step rewrites.
+    pub weight_factor: ValueId,
+    pub output_factor: ValueId,
+}
+
+/// Which form [`TrainingGraph::export`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportForm {
+    /// What deploys: batch normalizations folded during training are folded
+    /// into their convolutions.
+    Deploy,
+    /// What training resumes from: the graph as it came, its weight
+    /// quantizers' scales those of the folded weights (recorded in the
+    /// metadata as [`FOLDED_SCALES_KEY`]).
+    Checkpoint,
+}
+
+/// Metadata of a checkpoint whose weight scales are already those of
+/// folded weights, so resuming does not initialise them again.
+pub const FOLDED_SCALES_KEY: &str = "qgraph.train.folded_weight_scales";
+
+/// Settings of [`TrainingGraph::prepare_with`].
+#[derive(Clone, Copy, Debug)]
+pub struct PrepareOptions {
+    /// Fold each batch normalization that follows a convolution with a
+    /// quantized weight into it during training ([`BatchNormFold`]);
+    /// otherwise it stays a layer of its own and the quantizer sees the
+    /// unfolded weight.
+    pub fold_batch_norm: bool,
+}
+
+impl Default for PrepareOptions {
+    fn default() -> PrepareOptions {
+        PrepareOptions {
+            fold_batch_norm: true,
+        }
+    }
 }
 
 /// The running statistics of a BatchNormalization.
@@ -86,6 +160,7 @@ pub struct TrainingGraph {
     pub params: Vec<Param>,
     pub quantizers: Vec<Quantizer>,
     pub batch_norms: Vec<BatchNorm>,
+    pub folds: Vec<BatchNormFold>,
 }
 
 /// How scales learn, from the scheme named in the model's metadata
@@ -155,11 +230,20 @@ fn constant_scalar(g: &Graph, v: Option<ValueId>) -> Option<f32> {
 }
 
 impl TrainingGraph {
+    /// [`TrainingGraph::prepare_with`] with the default options (batch
+    /// normalization folded).
+    pub fn prepare(model: &Model) -> Result<TrainingGraph, TrainError> {
+        TrainingGraph::prepare_with(model, PrepareOptions::default())
+    }
+
     /// Prepares `model` for training: Q/DQ pairs become FakeQuantize
     /// nodes, and every f32 initializer that is a weight or bias of a
     /// weighted op, or a scale or shift of a batch normalization, becomes
     /// trainable, as do the scales the scheme learns.
-    pub fn prepare(model: &Model) -> Result<TrainingGraph, TrainError> {
+    pub fn prepare_with(
+        model: &Model,
+        options: PrepareOptions,
+    ) -> Result<TrainingGraph, TrainError> {
         let (weight_rule, activation_rule) = scale_rules(model);
         let mut model = model.clone();
         model.set_opset_version(TRAINING_DOMAIN, 1);
@@ -265,23 +349,40 @@ impl TrainingGraph {
                 doc: String::new(),
             });
         }
+        let mut folds = Vec::new();
+        if options.fold_batch_norm {
+            for bn in &batch_norms {
+                if let Some(fold) = fold_into_conv(&mut model.graph, bn, &quantizers)? {
+                    quantizers[fold.quantizer].fold = Some(folds.len());
+                    folds.push(fold);
+                }
+            }
+        }
         Ok(TrainingGraph {
             model,
             params,
             quantizers,
             batch_norms,
+            folds,
         })
     }
 
     /// The original model with the trained values: every value of the
     /// training graph in `values` is written to the initializer of the
     /// same name, and the Clip bounds of narrow grids follow their scales.
+    /// In the [`ExportForm::Deploy`] form, batch normalizations folded
+    /// during training are folded into their convolutions.
     pub fn export(
         &self,
         original: &Model,
         values: &std::collections::HashMap<ValueId, Tensor>,
+        form: ExportForm,
     ) -> Result<Model, TrainError> {
         let mut out = original.clone();
+        out.meta.retain(|(k, _)| k != FOLDED_SCALES_KEY);
+        if form == ExportForm::Checkpoint && !self.folds.is_empty() {
+            out.meta.push((FOLDED_SCALES_KEY.into(), "1".into()));
+        }
         let tg = &self.model.graph;
         let g = &mut out.graph;
         let set = |g: &mut Graph, name: &str, t: Tensor| -> Result<(), TrainError> {
@@ -334,7 +435,112 @@ impl TrainingGraph {
             set(g, lo_name, Tensor::scalar_f32(lo))?;
             set(g, hi_name, Tensor::scalar_f32(hi))?;
         }
+        if form == ExportForm::Deploy {
+            for fold in &self.folds {
+                self.export_fold(&mut out.graph, fold, values)?;
+            }
+        }
         Ok(out)
+    }
+
+    /// Folds one batch normalization into its convolution in the exported
+    /// graph: weight `w k`, bias `(b - mean) k + beta`, and the
+    /// convolution takes over the batch normalization's output.
+    fn export_fold(
+        &self,
+        g: &mut Graph,
+        fold: &BatchNormFold,
+        values: &std::collections::HashMap<ValueId, Tensor>,
+    ) -> Result<(), TrainError> {
+        let tg = &self.model.graph;
+        let current = |v: ValueId| -> Result<Vec<f32>, TrainError> {
+            match values
+                .get(&v)
+                .or_else(|| tg.initializer(v).map(|i| &i.tensor))
+            {
+                Some(Tensor::F32(a)) => Ok(a.iter().copied().collect()),
+                _ => Err(TrainError::Graph(format!(
+                    "'{}': no f32 value to fold",
+                    tg.value(v).name()
+                ))),
+            }
+        };
+        let conv_name = tg.node(fold.conv).name();
+        let bn_name = tg.node(fold.batch_norm).name();
+        let (Some(conv), Some(bn)) = (g.node_by_name(conv_name), g.node_by_name(bn_name)) else {
+            return Err(TrainError::Graph(format!(
+                "the exported model has no '{conv_name}' or '{bn_name}' to fold"
+            )));
+        };
+        let k = fold_factor(&current(fold.gamma)?, &current(fold.var)?, fold.epsilon);
+        let (beta, mean) = (current(fold.beta)?, current(fold.mean)?);
+        let bias = match fold.bias {
+            Some(b) => current(b)?,
+            None => vec![0.0; k.len()],
+        };
+        let folded_bias: Vec<f32> = (0..k.len())
+            .map(|c| ((bias[c] as f64 - mean[c] as f64) * k[c] as f64 + beta[c] as f64) as f32)
+            .collect();
+        let weight_name = tg.value(fold.weight).name();
+        let weight = g.value_by_name(weight_name).ok_or_else(|| {
+            TrainError::Graph(format!("the exported model has no weight '{weight_name}'"))
+        })?;
+        if let Some(init) = g.initializer_mut(weight).map_err(ir_err)? {
+            if let Tensor::F32(w) = &mut init.tensor {
+                let per_channel = w.len() / k.len().max(1);
+                for (i, v) in w.iter_mut().enumerate() {
+                    *v = (*v as f64 * k[i / per_channel] as f64) as f32;
+                }
+            }
+        }
+        let bias_tensor = Tensor::F32(
+            qgraph_ir::ndarray::ArrayD::from_shape_vec(
+                qgraph_ir::ndarray::IxDyn(&[k.len()]),
+                folded_bias,
+            )
+            .expect("one bias per channel"),
+        );
+        match g.node(conv).inputs().get(2).copied().flatten() {
+            Some(b) => {
+                if let Some(init) = g.initializer_mut(b).map_err(ir_err)? {
+                    init.tensor = bias_tensor;
+                }
+            }
+            None => {
+                let name = g.unique_value_name(&format!("{conv_name}.bias"));
+                let b = g.add_initializer(name, bias_tensor).map_err(ir_err)?;
+                while g.node(conv).inputs().len() < 2 {
+                    g.push_node_input(conv, None).map_err(ir_err)?;
+                }
+                g.push_node_input(conv, Some(b)).map_err(ir_err)?;
+            }
+        }
+        let bn_node = g.remove_node(bn).map_err(ir_err)?;
+        let conv_output = g.node(conv).outputs()[0];
+        let Some(bn_output) = bn_node.outputs()[0] else {
+            return Err(TrainError::Graph(format!("'{bn_name}' has no output")));
+        };
+        if let Some(old) = conv_output {
+            g.set_node_output(conv, 0, bn_output).map_err(ir_err)?;
+            g.remove_value(old).map_err(ir_err)?;
+        }
+        for v in bn_node
+            .inputs()
+            .iter()
+            .skip(1)
+            .flatten()
+            .chain(bn_node.outputs().iter().skip(1).flatten())
+        {
+            let value = g.value(*v);
+            if !g.is_used(*v)
+                && !value.is_graph_output()
+                && !value.is_graph_input()
+                && g.producer(*v).is_none()
+            {
+                g.remove_value(*v).map_err(ir_err)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -480,5 +686,201 @@ fn fake_quantizer(g: &mut Graph, q: NodeId) -> Result<Option<Quantizer>, TrainEr
         weight: false,
         rule: ScaleRule::Track,
         clip_bounds,
+        fold: None,
     }))
+}
+
+/// The f32 initializer of `v` with `len` elements.
+fn vector(g: &Graph, v: Option<ValueId>, len: usize) -> Option<ValueId> {
+    let v = v?;
+    match &g.initializer(v)?.tensor {
+        Tensor::F32(a) if a.len() == len => Some(v),
+        _ => None,
+    }
+}
+
+/// Rewrites `Conv(x, FakeQuantize(w), b) -> BatchNormalization` into the
+/// training chain of [`BatchNormFold`], when the convolution's output and
+/// weight serve only this chain and the quantizer is per output channel or
+/// per tensor.
+fn fold_into_conv(
+    g: &mut Graph,
+    bn: &BatchNorm,
+    quantizers: &[Quantizer],
+) -> Result<Option<BatchNormFold>, TrainError> {
+    let node = g.node(bn.node).clone();
+    let extra_outputs_used = node
+        .outputs()
+        .iter()
+        .skip(1)
+        .flatten()
+        .any(|&v| g.is_used(v) || g.value(v).is_graph_output());
+    if !node.domain.is_empty() || extra_outputs_used {
+        return Ok(None);
+    }
+    let input = |k: usize| node.inputs().get(k).copied().flatten();
+    let Some(y) = input(0) else { return Ok(None) };
+    let Some((conv, 0)) = g.producer(y) else {
+        return Ok(None);
+    };
+    let cn = g.node(conv).clone();
+    if cn.op_type != "Conv"
+        || !cn.domain.is_empty()
+        || g.consumers(y).len() != 1
+        || g.value(y).is_graph_output()
+    {
+        return Ok(None);
+    }
+    let Some(quantized_weight) = cn.inputs().get(1).copied().flatten() else {
+        return Ok(None);
+    };
+    let Some((fake, _)) = g.producer(quantized_weight) else {
+        return Ok(None);
+    };
+    let Some(qi) = quantizers.iter().position(|q| q.node == fake && q.weight) else {
+        return Ok(None);
+    };
+    let q = &quantizers[qi];
+    let (channels, rank) = match g.initializer(q.input).map(|i| &i.tensor) {
+        Some(Tensor::F32(w)) if w.ndim() >= 3 => (w.shape()[0], w.ndim()),
+        _ => return Ok(None),
+    };
+    if !matches!(q.axis, None | Some(0))
+        || g.consumers(quantized_weight).len() != 1
+        || g.consumers(q.input).len() != 1
+    {
+        return Ok(None);
+    }
+    let (Some(gamma), Some(beta)) = (vector(g, input(1), channels), vector(g, input(2), channels))
+    else {
+        return Ok(None);
+    };
+    if vector(g, Some(bn.mean), channels).is_none() || vector(g, Some(bn.var), channels).is_none() {
+        return Ok(None);
+    }
+    let bias = cn.inputs().get(2).copied().flatten();
+    if let Some(b) = bias {
+        if vector(g, Some(b), channels).is_none() || g.consumers(b).len() != 1 {
+            return Ok(None);
+        }
+    }
+    let epsilon = match node.attr("epsilon") {
+        Some(AttrValue::Float(e)) => *e,
+        _ => 1e-5,
+    };
+    let base = cn.name().to_string();
+    let ones = |shape: &[usize]| {
+        Tensor::F32(qgraph_ir::ndarray::ArrayD::ones(qgraph_ir::ndarray::IxDyn(
+            shape,
+        )))
+    };
+    let mut weight_shape = vec![1; rank];
+    weight_shape[0] = channels;
+    let mut output_shape = vec![1; rank];
+    output_shape[1] = channels;
+    let name = g.unique_value_name(&format!("{base}.bn_fold.weight_factor"));
+    let weight_factor = g
+        .add_initializer(name, ones(&weight_shape))
+        .map_err(ir_err)?;
+    let name = g.unique_value_name(&format!("{base}.bn_fold.output_factor"));
+    let output_factor = g
+        .add_initializer(name, ones(&output_shape))
+        .map_err(ir_err)?;
+    let name = g.unique_value_name(&format!("{base}.bn_fold.weight"));
+    let folded_weight = g.add_value(name, None).map_err(ir_err)?;
+    let name = g.unique_node_name(&format!("{base}/bn_fold/scale_weight"));
+    g.add_node(
+        NewNode::new("Mul")
+            .named(name)
+            .inputs([q.input, weight_factor])
+            .outputs([folded_weight]),
+    )
+    .map_err(ir_err)?;
+    g.set_node_input(fake, 0, Some(folded_weight))
+        .map_err(ir_err)?;
+    let name = g.unique_value_name(&format!("{base}.bn_fold.scaled_output"));
+    let scaled = g.add_value(name, None).map_err(ir_err)?;
+    g.set_node_output(conv, 0, scaled).map_err(ir_err)?;
+    if bias.is_some() {
+        g.set_node_input(conv, 2, None).map_err(ir_err)?;
+    }
+    let unscaled = match bias {
+        Some(_) => {
+            let name = g.unique_value_name(&format!("{base}.bn_fold.output"));
+            g.add_value(name, None).map_err(ir_err)?
+        }
+        None => y,
+    };
+    let name = g.unique_node_name(&format!("{base}/bn_fold/unscale_output"));
+    g.add_node(
+        NewNode::new("Div")
+            .named(name)
+            .inputs([scaled, output_factor])
+            .outputs([unscaled]),
+    )
+    .map_err(ir_err)?;
+    if let Some(b) = bias {
+        let shape: Vec<i64> = output_shape.iter().map(|&d| d as i64).collect();
+        let name = g.unique_value_name(&format!("{base}.bn_fold.bias_shape"));
+        let shape = g
+            .add_initializer(
+                name,
+                Tensor::from_ints(
+                    DataType::I64,
+                    &[rank],
+                    &shape.iter().map(|&d| d as i128).collect::<Vec<_>>(),
+                )
+                .map_err(|e| TrainError::Graph(e.to_string()))?,
+            )
+            .map_err(ir_err)?;
+        let name = g.unique_value_name(&format!("{base}.bn_fold.bias"));
+        let shaped_bias = g.add_value(name, None).map_err(ir_err)?;
+        let name = g.unique_node_name(&format!("{base}/bn_fold/shape_bias"));
+        g.add_node(
+            NewNode::new("Reshape")
+                .named(name)
+                .inputs([b, shape])
+                .outputs([shaped_bias]),
+        )
+        .map_err(ir_err)?;
+        let name = g.unique_node_name(&format!("{base}/bn_fold/add_bias"));
+        g.add_node(
+            NewNode::new("Add")
+                .named(name)
+                .inputs([unscaled, shaped_bias])
+                .outputs([y]),
+        )
+        .map_err(ir_err)?;
+    }
+    Ok(Some(BatchNormFold {
+        conv,
+        batch_norm: bn.node,
+        quantizer: qi,
+        weight: q.input,
+        bias,
+        gamma,
+        beta,
+        mean: bn.mean,
+        var: bn.var,
+        epsilon,
+        weight_factor,
+        output_factor,
+    }))
+}
+
+/// `k = gamma / sqrt(var + eps)` per channel, kept away from 0 (a zero
+/// gamma would make the output's division infinite).
+pub fn fold_factor(gamma: &[f32], var: &[f32], epsilon: f32) -> Vec<f32> {
+    gamma
+        .iter()
+        .zip(var)
+        .map(|(&g, &v)| {
+            let k = g / (v.max(0.0) + epsilon).sqrt();
+            if k.abs() < 1e-12 {
+                1e-12f32.copysign(k)
+            } else {
+                k
+            }
+        })
+        .collect()
 }

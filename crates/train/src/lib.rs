@@ -13,7 +13,7 @@ pub mod loss;
 pub mod optim;
 mod trainer;
 
-pub use graph::{ScaleRule, TrainingGraph};
+pub use graph::{ExportForm, PrepareOptions, ScaleRule, TrainingGraph};
 pub use optim::{Optimizer, Schedule};
 pub use trainer::{Config, StepReport, Targets, Trainer};
 

@@ -2,7 +2,10 @@
 //! first output, the backward pass, the scale and statistics updates that
 //! do not come from gradients, and an optimizer update.
 
-use crate::graph::{ParamKind, ScaleRule, TrainingGraph};
+use crate::graph::{
+    fold_factor, ExportForm, ParamKind, PrepareOptions, Quantizer, ScaleRule, TrainingGraph,
+    FOLDED_SCALES_KEY,
+};
 use crate::optim::{Moments, Optimizer, Schedule};
 use crate::{loss, TrainError};
 use qgraph_eval::grad::Mode;
@@ -43,6 +46,11 @@ pub struct Config {
     pub range_decay: Option<f32>,
     /// Distillation temperature.
     pub temperature: f32,
+    /// Fold each batch normalization after a convolution with a quantized
+    /// weight into it during training (see `graph::BatchNormFold`), so the
+    /// quantizer learns the weights a deployed graph holds; otherwise it
+    /// stays a layer of its own.
+    pub fold_batch_norm: bool,
 }
 
 impl Default for Config {
@@ -61,6 +69,7 @@ impl Default for Config {
             quant_delay: 0,
             range_decay: None,
             temperature: 1.0,
+            fold_batch_norm: true,
         }
     }
 }
@@ -113,7 +122,12 @@ fn f32_data(t: &Tensor) -> Option<&ArrayD<f32>> {
 
 impl Trainer {
     pub fn new(model: &Model, config: Config) -> Result<Trainer, TrainError> {
-        let graph = TrainingGraph::prepare(model)?;
+        let graph = TrainingGraph::prepare_with(
+            model,
+            PrepareOptions {
+                fold_batch_norm: config.fold_batch_norm,
+            },
+        )?;
         let mut float_graph = graph.model.clone();
         for q in &graph.quantizers {
             let g = &mut float_graph.graph;
@@ -150,7 +164,12 @@ impl Trainer {
             keep(bn.mean);
             keep(bn.var);
         }
-        Ok(Trainer {
+        for fold in &graph.folds {
+            keep(fold.weight_factor);
+            keep(fold.output_factor);
+        }
+        let scales_folded = model.meta.iter().any(|(k, _)| k == FOLDED_SCALES_KEY);
+        let mut trainer = Trainer {
             model: Arc::new(graph.model.clone()),
             float_model: Arc::new(float_graph),
             graph,
@@ -161,7 +180,48 @@ impl Trainer {
             sample_sizes: HashMap::new(),
             step: 0,
             profile: HashMap::new(),
-        })
+        };
+        refresh_fold_factors(&trainer.graph, &mut trainer.values);
+        if !scales_folded {
+            trainer.initialise_folded_lsq_scales();
+        }
+        Ok(trainer)
+    }
+
+    /// LSQ's initial step sizes, `2 <|w k|> / sqrt(Qp)`, for weights whose
+    /// batch normalization is folded in: `insert` set them for the unfolded
+    /// weights.
+    fn initialise_folded_lsq_scales(&mut self) {
+        let mut updates = Vec::new();
+        for q in &self.graph.quantizers {
+            if q.fold.is_none() || q.rule != ScaleRule::Lsq {
+                continue;
+            }
+            let (Some(w), Some(s)) = (
+                quantized_weight(&self.graph, &self.values, q),
+                self.values.get(&q.scale),
+            ) else {
+                continue;
+            };
+            let positive_levels = (q.qmax as f32).max(1.0);
+            let channels = s.len().max(1);
+            let per_channel = w.len() / channels;
+            let flat: Vec<f32> = w.iter().copied().collect();
+            let scales: Vec<f32> = flat
+                .chunks(per_channel.max(1))
+                .take(channels)
+                .map(|c| {
+                    let mean = c.iter().map(|v| v.abs()).sum::<f32>() / c.len().max(1) as f32;
+                    (2.0 * mean / positive_levels.sqrt()).max(1e-8)
+                })
+                .collect();
+            let shape = s.shape().to_vec();
+            updates.push((
+                q.scale,
+                Tensor::F32(ArrayD::from_shape_vec(IxDyn(&shape), scales).expect("same size")),
+            ));
+        }
+        self.values.extend(updates);
     }
 
     pub fn graph(&self) -> &TrainingGraph {
@@ -207,48 +267,21 @@ impl Trainer {
         }
     }
 
-    /// The original model with the trained values.
-    pub fn export(&self, original: &Model) -> Result<Model, TrainError> {
-        self.graph.export(original, &self.values)
+    /// The original model with the trained values, in the deployable form
+    /// or the form training resumes from.
+    pub fn export(&self, original: &Model, form: ExportForm) -> Result<Model, TrainError> {
+        self.graph.export(original, &self.current_values(), form)
     }
 
-    /// Weight scales that follow their weights: the symmetric scale of each
-    /// channel's current extremes.
-    fn track_weight_scales(&mut self) -> Result<(), TrainError> {
-        for q in &self.graph.quantizers {
-            if !(q.weight && q.rule == ScaleRule::Track) {
-                continue;
-            }
-            let (Some(w), Some(s)) = (self.values.get(&q.input), self.values.get(&q.scale)) else {
-                continue;
-            };
-            let (Some(w), Some(s)) = (f32_data(w), f32_data(s)) else {
-                continue;
-            };
-            let levels = q.qmax.min(-q.qmin).max(1) as f32;
-            let mut scales: Vec<f32> = s.iter().copied().collect();
-            let amax: Vec<f32> = match q.axis {
-                Some(axis) if scales.len() > 1 => w
-                    .axis_iter(qgraph_ir::ndarray::Axis(axis))
-                    .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
-                    .collect(),
-                _ => vec![w.iter().fold(0f32, |m, v| m.max(v.abs()))],
-            };
-            if amax.len() != scales.len() {
-                continue;
-            }
-            for (s, a) in scales.iter_mut().zip(amax) {
-                if a > 0.0 {
-                    *s = (a / levels).max(f32::MIN_POSITIVE);
-                }
-            }
-            let shape = s.shape().to_vec();
-            self.values.insert(
-                q.scale,
-                Tensor::F32(ArrayD::from_shape_vec(IxDyn(&shape), scales).expect("same size")),
-            );
-        }
-        Ok(())
+    /// The training graph's values as the next step would start with them:
+    /// parameters, statistics, and what follows from them (the folds'
+    /// factors, scales that follow their weights).
+    pub fn current_values(&self) -> HashMap<ValueId, Tensor> {
+        let mut values = self.values.clone();
+        refresh_fold_factors(&self.graph, &mut values);
+        let tracked = tracked_weight_scales(&self.graph, &values);
+        values.extend(tracked);
+        values
     }
 
     /// One training step on a batch; `quantized` and `float` from
@@ -262,7 +295,9 @@ impl Trainer {
     ) -> Result<StepReport, TrainError> {
         let config = self.config.clone();
         let rows = x.shape().first().copied().unwrap_or(1);
-        self.track_weight_scales()?;
+        refresh_fold_factors(&self.graph, &mut self.values);
+        let tracked = tracked_weight_scales(&self.graph, &self.values);
+        self.values.extend(tracked);
         let ev = match float {
             Some(f) if self.step < config.quant_delay => f,
             _ => quantized,
@@ -497,6 +532,93 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// Writes each fold's `k = gamma / sqrt(running_var + eps)`, from the
+/// current gamma and variance, into its two constants.
+fn refresh_fold_factors(graph: &TrainingGraph, values: &mut HashMap<ValueId, Tensor>) {
+    for fold in &graph.folds {
+        let (Some(Tensor::F32(gamma)), Some(Tensor::F32(var))) =
+            (values.get(&fold.gamma), values.get(&fold.var))
+        else {
+            continue;
+        };
+        let gamma: Vec<f32> = gamma.iter().copied().collect();
+        let var: Vec<f32> = var.iter().copied().collect();
+        let k = fold_factor(&gamma, &var, fold.epsilon);
+        for factor in [fold.weight_factor, fold.output_factor] {
+            if let Some(Tensor::F32(t)) = values.get_mut(&factor) {
+                if t.len() == k.len() {
+                    t.iter_mut().zip(&k).for_each(|(t, k)| *t = *k);
+                }
+            }
+        }
+    }
+}
+
+/// The values a weight quantizer quantizes: its weight, times the
+/// folded batch normalization's factor per output channel.
+fn quantized_weight<'a>(
+    graph: &TrainingGraph,
+    values: &'a HashMap<ValueId, Tensor>,
+    q: &Quantizer,
+) -> Option<std::borrow::Cow<'a, ArrayD<f32>>> {
+    let w = f32_data(values.get(&q.input)?)?;
+    let Some(fold) = q.fold.and_then(|f| graph.folds.get(f)) else {
+        return Some(std::borrow::Cow::Borrowed(w));
+    };
+    let k = f32_data(values.get(&fold.weight_factor)?)?;
+    let per_channel = w.len() / k.len().max(1);
+    let k: Vec<f32> = k.iter().copied().collect();
+    let mut folded = w.as_standard_layout().into_owned();
+    folded
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v *= k[i / per_channel]);
+    Some(std::borrow::Cow::Owned(folded))
+}
+
+/// Weight scales that follow their weights: the symmetric scale of each
+/// channel's current extremes.
+fn tracked_weight_scales(
+    graph: &TrainingGraph,
+    values: &HashMap<ValueId, Tensor>,
+) -> Vec<(ValueId, Tensor)> {
+    let mut out = Vec::new();
+    for q in &graph.quantizers {
+        if !(q.weight && q.rule == ScaleRule::Track) {
+            continue;
+        }
+        let (Some(w), Some(s)) = (quantized_weight(graph, values, q), values.get(&q.scale)) else {
+            continue;
+        };
+        let Some(s) = f32_data(s) else {
+            continue;
+        };
+        let levels = q.qmax.min(-q.qmin).max(1) as f32;
+        let mut scales: Vec<f32> = s.iter().copied().collect();
+        let amax: Vec<f32> = match q.axis {
+            Some(axis) if scales.len() > 1 => w
+                .axis_iter(qgraph_ir::ndarray::Axis(axis))
+                .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
+                .collect(),
+            _ => vec![w.iter().fold(0f32, |m, v| m.max(v.abs()))],
+        };
+        if amax.len() != scales.len() {
+            continue;
+        }
+        for (s, a) in scales.iter_mut().zip(amax) {
+            if a > 0.0 {
+                *s = (a / levels).max(f32::MIN_POSITIVE);
+            }
+        }
+        let shape = s.shape().to_vec();
+        out.push((
+            q.scale,
+            Tensor::F32(ArrayD::from_shape_vec(IxDyn(&shape), scales).expect("same size")),
+        ));
+    }
+    out
 }
 
 /// The qgraph-quant grid of an integer range, with the range mode a

@@ -8,7 +8,9 @@ use qgraph_eval::Evaluator;
 use qgraph_ir::ndarray::{ArrayD, IxDyn};
 use qgraph_ir::{Model, Tensor};
 use qgraph_train::graph::ParamKind;
-use qgraph_train::{Config, Optimizer, ScaleRule, Targets, Trainer, TrainingGraph};
+use qgraph_train::{
+    Config, ExportForm, Optimizer, PrepareOptions, ScaleRule, Targets, Trainer, TrainingGraph,
+};
 use std::collections::HashMap;
 
 fn values(count: usize, seed: u64) -> Vec<f32> {
@@ -128,7 +130,15 @@ fn bits(t: &Tensor) -> Vec<u32> {
 #[test]
 fn the_training_graph_computes_what_the_q_dq_graph_computes() {
     let model: Model = qgraph_text::parse_model(&qdq_model("w4a4")).unwrap();
-    let tg = TrainingGraph::prepare(&model).unwrap();
+    // The batch normalization kept separate (folding changes what the
+    // weight quantizer sees; see the test below).
+    let tg = TrainingGraph::prepare_with(
+        &model,
+        PrepareOptions {
+            fold_batch_norm: false,
+        },
+    )
+    .unwrap();
     // Three pairs became FakeQuantize nodes and the Clip went with its pair.
     let ops: Vec<String> = tg
         .model
@@ -156,7 +166,9 @@ fn the_training_graph_computes_what_the_q_dq_graph_computes() {
     let got = Evaluator::new(&tg.model).unwrap().run(vec![x]).unwrap();
     assert_eq!(bits(&got[0]), bits(&want[0]));
     // Exporting the untouched values gives the model back.
-    let same = tg.export(&model, &HashMap::new()).unwrap();
+    let same = tg
+        .export(&model, &HashMap::new(), ExportForm::Deploy)
+        .unwrap();
     assert_eq!(
         qgraph_text::print_model(&same, &qgraph_text::PrintOptions::with_all_data()),
         qgraph_text::print_model(&model, &qgraph_text::PrintOptions::with_all_data())
@@ -237,7 +249,7 @@ fn fit_on(
         first.get_or_insert(report.loss);
         last = report.loss;
     }
-    let trained = trainer.export(&model).unwrap();
+    let trained = trainer.export(&model, ExportForm::Deploy).unwrap();
     let (test_x, test_y) = data(60, 4);
     let out = Evaluator::new(&trained).unwrap().run(vec![test_x]).unwrap();
     let Tensor::F32(logits) = &out[0] else {
@@ -323,7 +335,8 @@ fn batch_statistics_update_the_running_ones() {
     assert_eq!(tape.saved(bn).map(|s| s.len()), Some(2));
     drop(tape);
     trainer.step(&q, None, x, Targets::Labels(&y)).unwrap();
-    let trained = trainer.export(&model).unwrap();
+    // The checkpoint form keeps the batch normalization the trainer folds.
+    let trained = trainer.export(&model, ExportForm::Checkpoint).unwrap();
     let g = &trained.graph;
     let mean = &g
         .initializer(g.value_by_name("mean").unwrap())
@@ -339,4 +352,134 @@ fn batch_statistics_update_the_running_ones() {
     // Moved by a tenth of the way towards the batch's statistics.
     assert!(mean.iter().all(|&m| m != 0.0));
     assert!(var.iter().all(|&v| v != 1.0 && v > 0.0));
+}
+
+/// Jacob et al. 2018's folding: while training, the weight quantizer sees
+/// `w gamma / sqrt(var + eps)` and batch statistics normalize; frozen, the
+/// training graph computes what the exported graph (the batch
+/// normalization folded into the convolution) computes.
+#[test]
+fn batch_normalization_folds_into_its_convolution_while_training() {
+    let model: Model = qgraph_text::parse_model(&qdq_model("w4a4")).unwrap();
+    let mut trainer = Trainer::new(
+        &model,
+        Config {
+            batch: 24,
+            lr: 0.05,
+            total_steps: 8,
+            bn_freeze_step: Some(5),
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(trainer.graph().folds.len(), 1);
+    let (qm, _) = trainer.models();
+    let q = Evaluator::with_options(&qm, trainer.evaluator_options()).unwrap();
+    let (x, y) = data(24, 6);
+    for _ in 0..8 {
+        trainer
+            .step(&q, None, x.clone(), Targets::Labels(&y))
+            .unwrap();
+    }
+    let deployed = trainer.export(&model, ExportForm::Deploy).unwrap();
+    let g = &deployed.graph;
+    assert!(
+        g.node_by_name("bn").is_none(),
+        "the batch normalization stayed"
+    );
+    for name in ["g", "beta", "mean", "var"] {
+        assert!(g.value_by_name(name).is_none(), "'{name}' stayed");
+    }
+    let conv = g.node(g.node_by_name("conv").unwrap());
+    assert_eq!(g.value(conv.outputs()[0].unwrap()).name(), "n");
+    // The weight's scales are its folded channels' extremes over 7.
+    let get = |name: &str| match &g
+        .initializer(g.value_by_name(name).unwrap())
+        .unwrap()
+        .tensor
+    {
+        Tensor::F32(a) => a.iter().copied().collect::<Vec<f32>>(),
+        t => panic!("{}", t.dtype()),
+    };
+    let (w, ws) = (get("w"), get("ws"));
+    for (c, s) in ws.iter().enumerate() {
+        let amax = w[c * 18..(c + 1) * 18]
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            (amax / 7.0 - s).abs() <= 1e-6 * s,
+            "channel {c}: {amax} / 7 vs {s}"
+        );
+    }
+    let (test, _) = data(30, 7);
+    let want = Evaluator::new(&deployed)
+        .unwrap()
+        .run(vec![test.clone()])
+        .unwrap();
+    let values = trainer.current_values();
+    let tape = q.record(vec![test], &values, Mode::Inference).unwrap();
+    let got = tape.outputs().unwrap();
+    let (Tensor::F32(a), Tensor::F32(b)) = (&got[0], &want[0]) else {
+        unreachable!()
+    };
+    let worst = a
+        .iter()
+        .zip(b.iter())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst < 1e-4,
+        "training graph and deployed graph differ by {worst}"
+    );
+    // The checkpoint keeps the batch normalization and says its weight
+    // scales are the folded ones; a trainer resumes from it with the same
+    // values.
+    let checkpoint = trainer.export(&model, ExportForm::Checkpoint).unwrap();
+    assert!(checkpoint.graph.node_by_name("bn").is_some());
+    let resumed = Trainer::new(
+        &checkpoint,
+        Config {
+            fold_batch_norm: true,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let again = resumed.export(&model, ExportForm::Deploy).unwrap();
+    let print =
+        |m: &Model| qgraph_text::print_model(m, &qgraph_text::PrintOptions::with_all_data());
+    assert_eq!(print(&again), print(&deployed));
+}
+
+/// LSQ's step sizes start from the folded weights when the batch
+/// normalization folds in.
+#[test]
+fn lsq_steps_start_from_the_folded_weights() {
+    let mut text = qdq_model("lsq-w4a4");
+    // A gamma far from 1 makes folded and unfolded weights differ.
+    text = text.replace("[1.0, 0.9, 1.1, 1.0]", "[4.0, 0.5, 2.0, 1.0]");
+    let model: Model = qgraph_text::parse_model(&text).unwrap();
+    let trainer = Trainer::new(&model, Config::default()).unwrap();
+    let tg = trainer.graph();
+    let q = &tg.quantizers[tg.folds[0].quantizer];
+    let values = trainer.current_values();
+    let Tensor::F32(s) = &values[&q.scale] else {
+        unreachable!()
+    };
+    let Tensor::F32(w) = &values[&q.input] else {
+        unreachable!()
+    };
+    let k = [4.0f32, 0.5, 2.0, 1.0].map(|g| g / (1.0f32 + 1e-5).sqrt());
+    for (c, s) in s.iter().enumerate() {
+        let mean = w
+            .iter()
+            .skip(c * 18)
+            .take(18)
+            .map(|v| (v * k[c]).abs())
+            .sum::<f32>()
+            / 18.0;
+        let want = 2.0 * mean / 7f32.sqrt();
+        assert!(
+            (s - want).abs() <= 1e-5 * want,
+            "channel {c}: {s} vs {want}"
+        );
+    }
 }
