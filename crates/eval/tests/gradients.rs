@@ -650,3 +650,34 @@ fn fake_quantize_matches_its_q_dq_pair_and_the_papers() {
         );
     }
 }
+
+/// DoReFa's weight normalisation: central differences reach the maximum's
+/// own element too (its gradient has the extra term of the moving maximum).
+#[test]
+fn tanh_normalization_of_weights() {
+    let text = "ir_version 8\nopset \"\" 13\nopset \"qgraph.train\" 1\n\ngraph main {\n  input %x: f32[3,4]\n  output %y: f32[3,4]\n  n: %y = qgraph.train.TanhNormalize(%x) {scale = 0.7}\n}\n";
+    // One clear maximum (|1.6|), so small shifts do not move it elsewhere.
+    let mut x = values(12, 41);
+    x[5] = -1.6;
+    check(
+        text,
+        vec![Tensor::F32(
+            ArrayD::from_shape_vec(IxDyn(&[3, 4]), x.clone()).unwrap(),
+        )],
+        &[],
+        Mode::Inference,
+    );
+    let model: Model = qgraph_text::parse_model(text).unwrap();
+    let out = Evaluator::new(&model)
+        .unwrap()
+        .run(vec![Tensor::F32(
+            ArrayD::from_shape_vec(IxDyn(&[3, 4]), x.clone()).unwrap(),
+        )])
+        .unwrap();
+    let y = f32s(&out[0]);
+    let m = 1.6f32.tanh();
+    for (y, x) in y.iter().zip(&x) {
+        assert!((y - 0.7 * x.tanh() / m).abs() < 1e-6);
+    }
+    assert_eq!(y.iter().nth(5).copied(), Some(-0.7));
+}

@@ -51,6 +51,11 @@ pub struct Quantizer {
     /// The names of the Clip bounds that hold its grid in the original
     /// model, recomputed from the scale on export.
     pub clip_bounds: Option<(String, String)>,
+    /// For a weight under DoReFa (Zhou et al. 2016): the weight value is a
+    /// latent `v`, and the quantizer sees `scale tanh(v) / max |tanh(v)|`
+    /// (a `qgraph.train.TanhNormalize` node), `scale` the weight's largest
+    /// |w| when training began, so the layer's magnitude stays.
+    pub tanh_scale: Option<f32>,
     /// For a weight: the batch normalization folded into it during
     /// training (an index into [`TrainingGraph::folds`]); the quantizer then
     /// reads the weight times the fold's factor, not `input` itself.
@@ -167,12 +172,7 @@ pub struct TrainingGraph {
 /// (`qgraph.scheme`): `lsq-*` learns every scale by LSQ, `pact-*` the
 /// activations' by PACT, everything else tracks the values.
 pub fn scale_rules(model: &Model) -> (ScaleRule, ScaleRule) {
-    let scheme = model
-        .meta
-        .iter()
-        .find(|(k, _)| k == "qgraph.scheme")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("");
+    let scheme = scheme_name(model);
     if scheme.starts_with("lsq-") {
         (ScaleRule::Lsq, ScaleRule::Lsq)
     } else if scheme.starts_with("pact-") {
@@ -180,6 +180,16 @@ pub fn scale_rules(model: &Model) -> (ScaleRule, ScaleRule) {
     } else {
         (ScaleRule::Track, ScaleRule::Track)
     }
+}
+
+/// The scheme `insert` recorded in the model's metadata, or "".
+fn scheme_name(model: &Model) -> &str {
+    model
+        .meta
+        .iter()
+        .find(|(k, _)| k == "qgraph.scheme")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
 }
 
 fn ir_err(e: qgraph_ir::IrError) -> TrainError {
@@ -349,6 +359,11 @@ impl TrainingGraph {
                 doc: String::new(),
             });
         }
+        if scheme_name(&model).starts_with("dorefa-") {
+            for q in quantizers.iter_mut().filter(|q| q.weight) {
+                q.tanh_scale = normalize_by_tanh(&mut model.graph, q)?;
+            }
+        }
         let mut folds = Vec::new();
         if options.fold_batch_norm {
             for bn in &batch_norms {
@@ -407,7 +422,16 @@ impl TrainingGraph {
         let mut ids: Vec<&ValueId> = values.keys().collect();
         ids.sort();
         for v in ids {
-            set(g, tg.value(*v).name(), values[v].clone())?;
+            let latent = self
+                .quantizers
+                .iter()
+                .find(|q| q.input == *v)
+                .and_then(|q| q.tanh_scale);
+            let value = match (latent, &values[v]) {
+                (Some(scale), Tensor::F32(latent)) => Tensor::F32(tanh_normalized(latent, scale)),
+                (_, t) => t.clone(),
+            };
+            set(g, tg.value(*v).name(), value)?;
         }
         for q in &self.quantizers {
             let Some((lo_name, hi_name)) = &q.clip_bounds else {
@@ -686,6 +710,7 @@ fn fake_quantizer(g: &mut Graph, q: NodeId) -> Result<Option<Quantizer>, TrainEr
         weight: false,
         rule: ScaleRule::Track,
         clip_bounds,
+        tanh_scale: None,
         fold: None,
     }))
 }
@@ -786,13 +811,15 @@ fn fold_into_conv(
     let output_factor = g
         .add_initializer(name, ones(&output_shape))
         .map_err(ir_err)?;
+    // The weight, or its DoReFa normalisation.
+    let weight_source = g.node(fake).inputs()[0].unwrap_or(q.input);
     let name = g.unique_value_name(&format!("{base}.bn_fold.weight"));
     let folded_weight = g.add_value(name, None).map_err(ir_err)?;
     let name = g.unique_node_name(&format!("{base}/bn_fold/scale_weight"));
     g.add_node(
         NewNode::new("Mul")
             .named(name)
-            .inputs([q.input, weight_factor])
+            .inputs([weight_source, weight_factor])
             .outputs([folded_weight]),
     )
     .map_err(ir_err)?;
@@ -866,6 +893,53 @@ fn fold_into_conv(
         weight_factor,
         output_factor,
     }))
+}
+
+/// DoReFa's reparametrisation of a weight quantizer's input: the weight's
+/// initializer becomes the latent `v = atanh(tanh(1) w / max|w|)`, and a
+/// TanhNormalize with `scale = max|w|` gives `w` back from it. Returns the
+/// scale, or `None` for an all-zero weight (left as it is).
+fn normalize_by_tanh(g: &mut Graph, q: &Quantizer) -> Result<Option<f32>, TrainError> {
+    let largest = match g.initializer(q.input).map(|i| &i.tensor) {
+        Some(Tensor::F32(w)) => w.iter().fold(0f32, |m, v| m.max(v.abs())),
+        _ => return Ok(None),
+    };
+    if !(largest > 0.0 && largest.is_finite()) {
+        return Ok(None);
+    }
+    let edge = 1f32.tanh();
+    if let Some(init) = g.initializer_mut(q.input).map_err(ir_err)? {
+        if let Tensor::F32(w) = &mut init.tensor {
+            w.mapv_inplace(|v| (edge * v / largest).atanh());
+        }
+    }
+    let base = g.node(q.node).name().to_string();
+    let name = g.unique_value_name(&format!("{base}.tanh_normalized"));
+    let normalized = g.add_value(name, None).map_err(ir_err)?;
+    let name = g.unique_node_name(&format!("{base}/tanh_normalize"));
+    g.add_node(
+        NewNode::new("TanhNormalize")
+            .named(name)
+            .domain(TRAINING_DOMAIN)
+            .inputs([q.input])
+            .outputs([normalized])
+            .attr("scale", AttrValue::Float(largest)),
+    )
+    .map_err(ir_err)?;
+    g.set_node_input(q.node, 0, Some(normalized))
+        .map_err(ir_err)?;
+    Ok(Some(largest))
+}
+
+/// What TanhNormalize computes: `scale tanh(v) / max |tanh(v)|`.
+pub fn tanh_normalized(
+    v: &qgraph_ir::ndarray::ArrayD<f32>,
+    scale: f32,
+) -> qgraph_ir::ndarray::ArrayD<f32> {
+    let tanh = v.mapv(f32::tanh);
+    let largest = tanh.iter().fold(0f32, |m, t| m.max(t.abs()));
+    let factor = if largest > 0.0 { scale / largest } else { 0.0 };
+    tanh.mapv(|t| t * factor)
 }
 
 /// `k = gamma / sqrt(var + eps)` per channel, kept away from 0 (a zero

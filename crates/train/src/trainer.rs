@@ -3,8 +3,8 @@
 //! do not come from gradients, and an optimizer update.
 
 use crate::graph::{
-    fold_factor, ExportForm, ParamKind, PrepareOptions, Quantizer, ScaleRule, TrainingGraph,
-    FOLDED_SCALES_KEY,
+    fold_factor, tanh_normalized, ExportForm, ParamKind, PrepareOptions, Quantizer, ScaleRule,
+    TrainingGraph, FOLDED_SCALES_KEY,
 };
 use crate::optim::{Moments, Optimizer, Schedule};
 use crate::{loss, TrainError};
@@ -564,8 +564,12 @@ fn quantized_weight<'a>(
     q: &Quantizer,
 ) -> Option<std::borrow::Cow<'a, ArrayD<f32>>> {
     let w = f32_data(values.get(&q.input)?)?;
+    let w = match q.tanh_scale {
+        Some(scale) => std::borrow::Cow::Owned(tanh_normalized(w, scale)),
+        None => std::borrow::Cow::Borrowed(w),
+    };
     let Some(fold) = q.fold.and_then(|f| graph.folds.get(f)) else {
-        return Some(std::borrow::Cow::Borrowed(w));
+        return Some(w);
     };
     let k = f32_data(values.get(&fold.weight_factor)?)?;
     let per_channel = w.len() / k.len().max(1);

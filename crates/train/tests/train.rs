@@ -483,3 +483,57 @@ fn lsq_steps_start_from_the_folded_weights() {
         );
     }
 }
+
+/// DoReFa (Zhou et al. 2016, eq. 9): a weight trains as a latent `v` that
+/// the quantizer sees as `tanh(v) / max|tanh(v)|`, times the weight's
+/// largest |w| so the layer keeps its magnitude: the training graph starts
+/// from the model's weights, and a trained weight's largest |w| stays.
+#[test]
+fn dorefa_weights_train_through_tanh() {
+    let model: Model = qgraph_text::parse_model(&qdq_model("dorefa-w4a4")).unwrap();
+    let tg = TrainingGraph::prepare(&model).unwrap();
+    let weights: Vec<_> = tg.quantizers.iter().filter(|q| q.weight).collect();
+    assert_eq!(weights.len(), 2);
+    assert!(weights.iter().all(|q| q.tanh_scale.is_some()));
+    let g = &tg.model.graph;
+    let original = |name: &str| match &model
+        .graph
+        .initializer(model.graph.value_by_name(name).unwrap())
+        .unwrap()
+        .tensor
+    {
+        Tensor::F32(a) => a.clone(),
+        t => panic!("{}", t.dtype()),
+    };
+    for q in &weights {
+        let name = g.value(q.input).name();
+        let Tensor::F32(latent) = &g.initializer(q.input).unwrap().tensor else {
+            unreachable!()
+        };
+        let back = qgraph_train::graph::tanh_normalized(latent, q.tanh_scale.unwrap());
+        let w = original(name);
+        let largest = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_eq!(q.tanh_scale, Some(largest));
+        for (a, b) in back.iter().zip(w.iter()) {
+            assert!((a - b).abs() <= 1e-6 * largest, "'{name}': {a} vs {b}");
+        }
+    }
+    let (first, last, accuracy, trained) =
+        fit("dorefa-w4a4", Optimizer::Sgd { momentum: 0.9 }, 0.05, 40);
+    assert!(last < 0.6 * first, "loss {first} -> {last}");
+    assert!(accuracy >= 0.9, "held-out accuracy {accuracy}");
+    let g = &trained.graph;
+    for name in ["fc"] {
+        let Tensor::F32(w) = &g
+            .initializer(g.value_by_name(name).unwrap())
+            .unwrap()
+            .tensor
+        else {
+            unreachable!()
+        };
+        let before = original(name);
+        let largest = |a: &ArrayD<f32>| a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!((largest(w) - largest(&before)).abs() <= 1e-6 * largest(&before));
+        assert_ne!(w, &before, "'{name}' did not train");
+    }
+}

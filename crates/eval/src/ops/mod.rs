@@ -90,8 +90,12 @@ pub type BackwardKernel = fn(&OpCtx, &Grads) -> Result<Vec<Option<Tensor>>, Eval
 
 /// The backward kernel of an operator, beside its forward kernel.
 pub fn backward_kernel(domain: &str, op: &str) -> Option<BackwardKernel> {
-    if domain == TRAINING_DOMAIN && op == "FakeQuantize" {
-        return Some(quant::fake_quantize_backward);
+    if domain == TRAINING_DOMAIN {
+        return match op {
+            "FakeQuantize" => Some(quant::fake_quantize_backward),
+            "TanhNormalize" => Some(quant::tanh_normalize_backward),
+            _ => None,
+        };
     }
     if !matches!(domain, "" | "ai.onnx") {
         return None;
@@ -179,7 +183,10 @@ pub fn kernel(domain: &str, op: &str) -> Option<Kernel> {
 /// The domain of the operators only training graphs have.
 pub const TRAINING_DOMAIN: &str = "qgraph.train";
 
-const TRAINING_KERNELS: &[(&str, Kernel)] = &[("FakeQuantize", quant::fake_quantize)];
+const TRAINING_KERNELS: &[(&str, Kernel)] = &[
+    ("FakeQuantize", quant::fake_quantize),
+    ("TanhNormalize", quant::tanh_normalize),
+];
 
 const MICROSOFT_KERNELS: &[(&str, Kernel)] = &[
     ("QLinearAdd", contrib::qlinear_add),

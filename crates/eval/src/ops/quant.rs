@@ -561,3 +561,59 @@ impl FakeQuant {
         }
     }
 }
+
+/// DoReFa's weight normalisation (Zhou et al. 2016, eq. 9), a training op
+/// (domain `qgraph.train`): `y = scale tanh(v) / max |tanh(v)|` over the
+/// whole tensor, so the quantizer after it sees values in
+/// `[-scale, scale]` with the largest at an end, and the latent `v` is
+/// what trains.
+pub fn tanh_normalize(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let v = input(cx, i, 0)?;
+    let t = f32_values(cx, v, "the input")?;
+    let scale = cx.float_attr("scale", 1.0)?;
+    let tanh: Vec<f32> = t.iter().map(|v| v.tanh()).collect();
+    let largest = tanh.iter().fold(0f32, |m, t| m.max(t.abs()));
+    let factor = if largest > 0.0 { scale / largest } else { 0.0 };
+    let y: Vec<f32> = tanh.iter().map(|t| t * factor).collect();
+    Ok(vec![Tensor::F32(array(v.shape(), y))])
+}
+
+/// TanhNormalize's gradient: with `t = tanh(v)` and `M = max |t|` at
+/// element `m`, `dv_j = scale (1 - t_j^2) dy_j / M`, and at `m` also
+/// `- scale (1 - t_m^2) sign(t_m) sum_i dy_i t_i / M^2` (the maximum moves
+/// with `v_m`).
+pub fn tanh_normalize_backward(
+    cx: &OpCtx,
+    g: &super::Grads,
+) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) {
+        return Ok(grads);
+    }
+    let v = input(cx, g.inputs, 0)?;
+    let t: Vec<f32> = f32_values(cx, v, "the input")?
+        .iter()
+        .map(|v| v.tanh())
+        .collect();
+    let scale = cx.float_attr("scale", 1.0)?;
+    let d = g.d_output(cx, 0)?;
+    let dy = d.as_slice().expect("standard layout");
+    // The first largest |t|, as the forward's fold finds it.
+    let (argmax, largest) =
+        t.iter().enumerate().fold(
+            (0, 0f32),
+            |(k, m), (i, t)| if t.abs() > m { (i, t.abs()) } else { (k, m) },
+        );
+    let mut dv = vec![0f32; t.len()];
+    if largest > 0.0 {
+        for ((dv, &t), &dy) in dv.iter_mut().zip(&t).zip(dy) {
+            *dv = scale * (1.0 - t * t) * dy / largest;
+        }
+        let weighted: f64 = t.iter().zip(dy).map(|(&t, &d)| (t * d) as f64).sum();
+        let tm = t[argmax];
+        dv[argmax] -= (scale as f64 * (1.0 - (tm * tm) as f64) * tm.signum() as f64 * weighted
+            / (largest as f64 * largest as f64)) as f32;
+    }
+    grads[0] = Some(Tensor::F32(array(v.shape(), dv)));
+    Ok(grads)
+}
