@@ -463,8 +463,57 @@ impl TrainingGraph {
             for fold in &self.folds {
                 self.export_fold(&mut out.graph, fold, values)?;
             }
+            for q in self.quantizers.iter().filter(|q| q.weight) {
+                self.clip_weight_to_grid(&mut out.graph, q)?;
+            }
         }
         Ok(out)
+    }
+
+    /// Clamps an exported weight to what its grid represents,
+    /// `[(qmin - z) s, (qmax - z) s]` per scale: a grid narrower than the
+    /// storage type (2 or 4 bits in int8) saturates in FakeQuantize but not
+    /// in QuantizeLinear, and a learned step size or a folded weight leaves
+    /// values beyond it.
+    fn clip_weight_to_grid(&self, g: &mut Graph, q: &Quantizer) -> Result<(), TrainError> {
+        let tg = &self.model.graph;
+        let read = |g: &Graph, v: Option<ValueId>| -> Option<Vec<f64>> {
+            let v = g.value_by_name(tg.value(v?).name())?;
+            g.initializer(v)?.tensor.to_f64_vec()
+        };
+        let Some(scales) = read(g, Some(q.scale)) else {
+            return Ok(());
+        };
+        let zeros = read(g, q.zero_point).unwrap_or_else(|| vec![0.0; scales.len()]);
+        let Some(weight) = g.value_by_name(tg.value(q.input).name()) else {
+            return Ok(());
+        };
+        let Some(init) = g.initializer_mut(weight).map_err(ir_err)? else {
+            return Ok(());
+        };
+        let Tensor::F32(w) = &mut init.tensor else {
+            return Ok(());
+        };
+        let bounds = |k: usize| {
+            let (s, z) = (
+                scales[k] as f32,
+                zeros.get(k).copied().unwrap_or(0.0) as i64,
+            );
+            (((q.qmin - z) as f32) * s, ((q.qmax - z) as f32) * s)
+        };
+        match q.axis {
+            Some(axis) if scales.len() > 1 && axis < w.ndim() => {
+                for (k, mut lane) in w.axis_iter_mut(qgraph_ir::ndarray::Axis(axis)).enumerate() {
+                    let (lo, hi) = bounds(k.min(scales.len() - 1));
+                    lane.mapv_inplace(|v| v.clamp(lo, hi));
+                }
+            }
+            _ => {
+                let (lo, hi) = bounds(0);
+                w.mapv_inplace(|v| v.clamp(lo, hi));
+            }
+        }
+        Ok(())
     }
 
     /// Folds one batch normalization into its convolution in the exported
