@@ -828,3 +828,138 @@ fn train_fine_tunes_a_q_dq_model_resumes_from_its_checkpoint_and_refuses_bad_inp
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("nothing"), "{}", stderr(&o));
 }
+
+/// A small Conv -> BatchNormalization -> Relu classifier on 28x28 images,
+/// in the text form.
+fn conv_bn_model() -> String {
+    let mut state = 7u64;
+    let mut next = |scale: f32| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    };
+    let list = |v: Vec<f32>| {
+        v.iter()
+            .map(|x| format!("{x:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let w = list((0..4 * 9).map(|_| next(0.5)).collect());
+    let fc = list((0..10 * 4).map(|_| next(0.5)).collect());
+    format!(
+        r#"ir_version 8
+opset "" 13
+
+graph conv_bn {{
+  input %x: f32[N,1,28,28]
+  output %y: f32[N,10]
+  init %w = f32[4,1,3,3] [{w}]
+  init %g = f32[4] [1.0, 0.8, 1.2, 1.0]
+  init %beta = f32[4] [0.1, 0.0, -0.1, 0.2]
+  init %mean = f32[4] [0.2, 0.1, 0.0, -0.1]
+  init %var = f32[4] [0.5, 1.0, 2.0, 1.5]
+  init %fc = f32[10,4] [{fc}]
+  init %fb = f32[10] [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+  conv: %c = Conv(%x, %w) {{pads = [1, 1, 1, 1]}}
+  bn: %n = BatchNormalization(%c, %g, %beta, %mean, %var)
+  relu: %r = Relu(%n)
+  pool: %p = GlobalAveragePool(%r)
+  flat: %f = Flatten(%p)
+  gemm: %y = Gemm(%f, %fc, %fb) {{transB = 1}}
+}}
+"#
+    )
+}
+
+#[test]
+fn insert_keeps_batch_normalization_for_training_to_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let float = dir.path().join("float.qgt");
+    std::fs::write(&float, conv_bn_model()).unwrap();
+    let data = root().join("testdata/data/mnist64.npz");
+    let data = path_str(&data).to_string();
+    let qdq = dir.path().join("qdq.onnx");
+    let o = qgraph(&[
+        "insert",
+        path_str(&float),
+        "--scheme",
+        "w4a8",
+        "--low-bit-ends",
+        "--keep-bn",
+        "--calib",
+        &data,
+        "-o",
+        path_str(&qdq),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let show = |path: &Path| {
+        let o = qgraph(&["show", path_str(path)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let text = show(&qdq);
+    assert!(text.contains("BatchNormalization"), "{text}");
+    let train = |bn: &str, out: &Path| {
+        qgraph(&[
+            "train",
+            path_str(&qdq),
+            "--data",
+            &data,
+            "--epochs",
+            "1",
+            "--batch",
+            "16",
+            "--lr",
+            "0.01",
+            "--bn",
+            bn,
+            "--bn-freeze",
+            "2",
+            "--threads",
+            "2",
+            "-o",
+            path_str(out),
+        ])
+    };
+    // Folded while training: the output holds the folded convolution.
+    let folded = dir.path().join("folded.onnx");
+    let o = train("fold", &folded);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = show(&folded);
+    assert!(!text.contains("BatchNormalization"), "{text}");
+    assert!(text.contains("conv: %n: f32[N,4,28,28] = Conv("), "{text}");
+    let o = qgraph(&["eval", path_str(&folded), "--data", &data]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Kept separate: the same graph with new values.
+    let separate = dir.path().join("separate.onnx");
+    let o = train("separate", &separate);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = show(&separate);
+    assert!(text.contains("BatchNormalization"), "{text}");
+    // A bad --bn is refused by name.
+    let o = train("sideways", &separate);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--bn"), "{}", stderr(&o));
+    // A text form without its data is refused by initializer.
+    let elided = dir.path().join("elided.qgt");
+    assert!(
+        qgraph(&["convert", path_str(&qdq), "-o", path_str(&elided)])
+            .status
+            .success()
+    );
+    let o = qgraph(&[
+        "train",
+        path_str(&elided),
+        "--data",
+        &data,
+        "-o",
+        path_str(&separate),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("values were left out"),
+        "{}",
+        stderr(&o)
+    );
+}

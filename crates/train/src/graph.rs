@@ -254,6 +254,18 @@ impl TrainingGraph {
         model: &Model,
         options: PrepareOptions,
     ) -> Result<TrainingGraph, TrainError> {
+        let g = &model.graph;
+        if let Some(v) = g
+            .initializers()
+            .into_iter()
+            .find(|&v| matches!(g.initializer(v).map(|i| &i.tensor), Some(Tensor::Elided(_))))
+        {
+            return Err(TrainError::Graph(format!(
+                "initializer '{}': its values were left out (a text form printed without \
+                 all data); training needs them",
+                g.value(v).name()
+            )));
+        }
         let (weight_rule, activation_rule) = scale_rules(model);
         let mut model = model.clone();
         model.set_opset_version(TRAINING_DOMAIN, 1);
