@@ -21,7 +21,8 @@
 //!   0), weights one scale per layer from the largest |w|, on the narrow
 //!   signed grid (DoReFa's weight levels `2 quantize(tanh w / 2 max|tanh w| +
 //!   1/2) - 1` have no zero, which no integer zero point gives; its tanh
-//!   reparametrisation belongs to the trainer).
+//!   reparametrisation belongs to the trainer: `qgraph train` trains a
+//!   latent through `qgraph.train.TanhNormalize`).
 //!
 //! The learned-range schemes place the same Q/DQ pairs; the trainer then
 //! learns their scales.
