@@ -430,8 +430,10 @@ enum Command {
         /// constant, cosine, sine (lr = base sin(pi t / T)) or step:EVERY:GAMMA (steps).
         #[arg(long, default_value = "constant")]
         schedule: String,
-        /// Batch normalization freezes its statistics after this many steps.
-        #[arg(long)]
+        /// Batch normalization freezes its statistics after this many steps,
+        /// or "never" (default: never, or half-way through when batch
+        /// normalization folds into convolutions).
+        #[arg(long, value_name = "STEPS|never", value_parser = parse_bn_freeze)]
         bn_freeze: Option<usize>,
         /// A batch normalization after a convolution with a quantized
         /// weight: folded into it while training, or kept separate.
@@ -467,6 +469,16 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+}
+
+/// `--bn-freeze`: a step count, or "never".
+fn parse_bn_freeze(text: &str) -> Result<usize, String> {
+    match text {
+        "never" => Ok(usize::MAX),
+        _ => text
+            .parse()
+            .map_err(|_| format!("'{text}' is neither a step count nor 'never'")),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -32,7 +32,13 @@ pub struct Config {
     pub seed: u64,
     pub threads: usize,
     /// Batch normalization uses batch statistics (and updates its running
-    /// ones) until this step, then its running statistics, frozen.
+    /// ones) until this step, then its running statistics, frozen. `None`:
+    /// never freezes, except when batch normalization folds into a
+    /// convolution: then half-way through `total_steps`, since a folded,
+    /// low-bit network trained on batch statistics throughout can lose most
+    /// of its accuracy on the running ones it deploys with (measured: a
+    /// W2A2 CNN on Fashion-MNIST, 0.84 in training, 0.34 deployed, 0.84
+    /// deployed with a freeze half-way). `Some(usize::MAX)` never freezes.
     pub bn_freeze_step: Option<usize>,
     /// Fake quantization starts at this step; before, the graph runs float
     /// (MindSpore's quant_delay).
@@ -128,6 +134,10 @@ impl Trainer {
                 fold_batch_norm: config.fold_batch_norm,
             },
         )?;
+        let mut config = config;
+        if config.bn_freeze_step.is_none() && !graph.folds.is_empty() {
+            config.bn_freeze_step = Some(config.total_steps / 2);
+        }
         let mut float_graph = graph.model.clone();
         for q in &graph.quantizers {
             let g = &mut float_graph.graph;

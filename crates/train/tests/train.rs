@@ -321,6 +321,9 @@ fn batch_statistics_update_the_running_ones() {
         Config {
             batch: 12,
             lr: 1e-6,
+            // The batch normalization folds, so its statistics freeze by
+            // default half-way, at step 5; this is step 0.
+            total_steps: 10,
             ..Config::default()
         },
     )
@@ -560,5 +563,42 @@ fn dorefa_weights_train_through_tanh() {
         let largest = |a: &ArrayD<f32>| a.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!((largest(w) - largest(&before)).abs() <= 1e-6 * largest(&before));
         assert_ne!(w, &before, "'{name}' did not train");
+    }
+}
+
+/// A folded batch normalization freezes half-way unless told otherwise.
+#[test]
+fn folded_batch_normalization_freezes_half_way_by_default() {
+    let model: Model = qgraph_text::parse_model(&qdq_model("w4a4")).unwrap();
+    let running_mean = |trainer: &Trainer| {
+        let trained = trainer.export(&model, ExportForm::Checkpoint).unwrap();
+        let g = &trained.graph;
+        g.initializer(g.value_by_name("mean").unwrap())
+            .unwrap()
+            .tensor
+            .clone()
+    };
+    for (freeze, updates) in [(None, 2), (Some(usize::MAX), 4)] {
+        let mut trainer = Trainer::new(
+            &model,
+            Config {
+                batch: 12,
+                lr: 1e-6,
+                total_steps: 4,
+                bn_freeze_step: freeze,
+                ..Config::default()
+            },
+        )
+        .unwrap();
+        let (qm, _) = trainer.models();
+        let q = Evaluator::with_options(&qm, trainer.evaluator_options()).unwrap();
+        let mut changed = 0;
+        for s in 0..4 {
+            let (x, y) = data(12, 20 + s);
+            let before = running_mean(&trainer);
+            trainer.step(&q, None, x, Targets::Labels(&y)).unwrap();
+            changed += (running_mean(&trainer) != before) as usize;
+        }
+        assert_eq!(changed, updates, "{freeze:?}");
     }
 }
