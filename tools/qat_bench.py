@@ -49,6 +49,9 @@ def main():
     ap.add_argument("--qat-lr", default="w4a4:0.01,w2a2:0.001",
                     help="learning rate per scheme, BITS:LR,...")
     ap.add_argument("--float-model", help="skip float training: use this trained model")
+    ap.add_argument("--methods", default="pact,lsq",
+                    help="QAT methods: pact, lsq, dorefa, and lsq-fold (insert --keep-bn: batch "
+                         "normalization folded while training, Jacob et al. 2018)")
     a = ap.parse_args()
     work = a.workdir or tempfile.mkdtemp(prefix="qat_bench_")
     os.makedirs(work, exist_ok=True)
@@ -75,10 +78,12 @@ def main():
                     "-o", out])
         rows.append((scheme, "PTQ", accuracy(q, out, test), t))
     for bits in qat_lr:
-        for method in ["pact", "lsq"]:
+        for method in a.methods.split(","):
+            scheme, _, fold = method.partition("-")
+            keep_bn = ["--keep-bn"] if fold == "fold" else []
             qdq = os.path.join(work, f"{method}_{bits}.onnx")
-            _, t1 = run([q, "insert", flt, "--scheme", f"{method}-{bits}", "--calib", train,
-                         "--calib-count", "512", "-o", qdq])
+            _, t1 = run([q, "insert", flt, "--scheme", f"{scheme}-{bits}", "--calib", train,
+                         "--calib-count", "512", "-o", qdq] + keep_bn)
             rows.append((bits, f"{method.upper()} init (no training)", accuracy(q, qdq, test), t1))
             out = os.path.join(work, f"qat_{method}_{bits}.onnx")
             log, t2 = run([q, "train", qdq, "--data", train, "--epochs", str(a.qat_epochs),
