@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--qat-lr", default="w4a4:0.01,w2a2:0.001",
                     help="learning rate per scheme, BITS:LR,...")
     ap.add_argument("--float-model", help="skip float training: use this trained model")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
+                    help="the QAT optimizer (float training is SGD)")
     ap.add_argument("--methods", default="pact,lsq",
                     help="QAT methods: pact, lsq, dorefa, and lsq-fold (insert --keep-bn: batch "
                          "normalization folded while training, Jacob et al. 2018)")
@@ -88,11 +90,13 @@ def main():
             out = os.path.join(work, f"qat_{method}_{bits}.onnx")
             log, t2 = run([q, "train", qdq, "--data", train, "--epochs", str(a.qat_epochs),
                            "--batch", "64", "--lr", qat_lr[bits], "--schedule", "cosine",
+                           "--optimizer", a.optimizer,
                            "--weight-decay", "5e-4", "-o", out] + threads)
             print(log.strip(), file=sys.stderr)
             rows.append((bits, f"QAT {method.upper()}", accuracy(q, out, test), t1 + t2))
     print(f"Fashion-MNIST test set (10000 images); float {a.float_epochs} epochs, "
-          f"QAT {a.qat_epochs} epoch(s), lr {a.qat_lr}; {a.threads} threads; files in {work}\n")
+          f"QAT {a.qat_epochs} epoch(s), {a.optimizer}, lr {a.qat_lr}; {a.threads} threads; "
+          f"files in {work}\n")
     print("| scheme | method | top-1 accuracy | vs float (pt) | seconds |")
     print("|---|---|---:|---:|---:|")
     for scheme, method, acc, t in rows:
