@@ -489,11 +489,6 @@ impl Trainer {
                     };
                     let z = self.first_value(q.zero_point).unwrap_or(0.0);
                     let positive_levels = (q.qmax as f64 - z).max(1.0);
-                    let s = self
-                        .values
-                        .get(&p.value)
-                        .and_then(|t| t.to_f64_vec())
-                        .unwrap_or_default();
                     match q.rule {
                         // LSQ's gradient scale 1/sqrt(N Qp), N the values
                         // per step size (per sample for activations).
@@ -508,15 +503,18 @@ impl Trainer {
                             let g = 1.0 / ((per_scale.max(1) as f64) * positive_levels).sqrt();
                             grad.iter_mut().for_each(|v| *v = (*v as f64 * g) as f32);
                         }
-                        // PACT learns alpha = s Qp: the step on alpha, with
-                        // its L2 decay, carried back to s.
+                        // PACT learns alpha = s Qp: the step on alpha
+                        // carried back to s. Its L2 decay on alpha, in s's
+                        // units, is the optimizer's weight decay: added to
+                        // the gradient under SGD (the paper's), decoupled
+                        // under Adam, whose normalised step would otherwise
+                        // let the decay alone shrink every level at the
+                        // learning rate's pace (W2A2 PACT under Adam fell
+                        // to chance accuracy that way).
                         ScaleRule::Pact => {
                             let q2 = positive_levels * positive_levels;
-                            for (v, s) in
-                                grad.iter_mut().zip(s.iter().chain(std::iter::repeat(&0.0)))
-                            {
-                                *v = (*v as f64 / q2 + config.pact_decay as f64 * s) as f32;
-                            }
+                            grad.iter_mut().for_each(|v| *v = (*v as f64 / q2) as f32);
+                            decay = config.pact_decay;
                         }
                         ScaleRule::Track => {}
                     }
