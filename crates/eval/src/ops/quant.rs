@@ -428,26 +428,13 @@ pub fn fake_quantize_backward(
         return Ok(grads);
     }
     let fq = FakeQuant::read(cx, g.inputs)?;
-    let d = g.d_output(cx, 0)?;
-    let ds = d.as_slice().expect("standard layout");
+    // The output's gradient, owned: masked in place into the input's.
+    let mut d = g.d_output(cx, 0)?;
     let pact = cx.string_attr("method", "lsq")? == "pact";
     let run = fq.run_length();
     let (qmin, qmax) = (fq.qmin as f32, fq.qmax as f32);
-    if g.wants(0) {
-        let mut dx = vec![0f32; fq.x.len()];
-        dx.par_chunks_mut(run)
-            .zip(fq.x.par_chunks(run).zip(ds.par_chunks(run)))
-            .enumerate()
-            .for_each(|(c, (dst, (xs, dys)))| {
-                for (e, ((d, &x), &dy)) in dst.iter_mut().zip(xs).zip(dys).enumerate() {
-                    let k = fq.scale_of(c, run, e);
-                    let r = x / fq.scales[k] + fq.zps[k] as f32;
-                    *d = if r >= qmin && r <= qmax { dy } else { 0.0 };
-                }
-            });
-        grads[0] = Some(Tensor::F32(array(&fq.shape, dx)));
-    }
     if g.wants(1) {
+        let ds = d.as_slice().expect("standard layout");
         // Per chunk, sums per scale element; then the chunks in order.
         let count = fq.scales.len();
         let partial: Vec<Vec<f64>> =
@@ -481,12 +468,41 @@ pub fn fake_quantize_backward(
         let sums: Vec<f32> = sums.into_iter().map(|v| v as f32).collect();
         grads[1] = Some(Tensor::F32(array(&fq.scale_shape, sums)));
     }
+    if g.wants(0) {
+        let ds = d.as_slice_mut().expect("standard layout");
+        ds.par_chunks_mut(run)
+            .zip(fq.x.par_chunks(run))
+            .enumerate()
+            .for_each(|(c, (dys, xs))| {
+                let inside = |x: f32, k: usize| {
+                    let r = x / fq.scales[k] + fq.zps[k] as f32;
+                    r >= qmin && r <= qmax
+                };
+                if fq.blocked {
+                    for (e, (d, &x)) in dys.iter_mut().zip(xs).enumerate() {
+                        if !inside(x, fq.scale_of(c, run, e)) {
+                            *d = 0.0;
+                        }
+                    }
+                    return;
+                }
+                // One scale for the whole run.
+                let k = fq.scale_of(c, run, 0);
+                for (d, &x) in dys.iter_mut().zip(xs) {
+                    if !inside(x, k) {
+                        *d = 0.0;
+                    }
+                }
+            });
+        grads[0] = Some(Tensor::F32(d));
+    }
     Ok(grads)
 }
 
 /// A FakeQuantize node's operands.
-struct FakeQuant {
-    x: Vec<f32>,
+struct FakeQuant<'a> {
+    /// The input's elements in order: borrowed when its memory is.
+    x: std::borrow::Cow<'a, [f32]>,
     shape: Vec<usize>,
     scales: Vec<f32>,
     scale_shape: Vec<usize>,
@@ -497,8 +513,8 @@ struct FakeQuant {
     blocked: bool,
 }
 
-impl FakeQuant {
-    fn read(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<FakeQuant, EvalError> {
+impl<'a> FakeQuant<'a> {
+    fn read(cx: &OpCtx, i: &[Option<&'a Tensor>]) -> Result<FakeQuant<'a>, EvalError> {
         let x = input(cx, i, 0)?;
         let scale_t = input(cx, i, 1)?;
         let scales = f32_values(cx, scale_t, "the scale")?;
@@ -507,8 +523,15 @@ impl FakeQuant {
         if qmin > qmax {
             return cx.err(format!("the grid [{qmin}, {qmax}] is empty"));
         }
+        let x_values = match x {
+            Tensor::F32(a) => match a.as_slice() {
+                Some(s) => std::borrow::Cow::Borrowed(s),
+                None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+            },
+            t => return cx.err(format!("the input must be f32, found {}", t.dtype())),
+        };
         Ok(FakeQuant {
-            x: f32_values(cx, x, "the input")?,
+            x: x_values,
             shape: x.shape().to_vec(),
             index: ScaleIndex::new(cx, x.shape(), scale_t.shape())?,
             blocked: cx.int_attr("block_size", 0)? > 0,
