@@ -51,6 +51,10 @@ pub struct Quantizer {
     /// The names of the Clip bounds that hold its grid in the original
     /// model, recomputed from the scale on export.
     pub clip_bounds: Option<(String, String)>,
+    /// The Relu or Clip before an activation quantizer that the
+    /// FakeQuantize took over (attributes `clip_lo`, `clip_hi`): its bounds.
+    /// `input` is then the value before it.
+    pub clamp: Option<(f32, f32)>,
     /// For a weight under DoReFa (Zhou et al. 2016): the weight value is a
     /// latent `v`, and the quantizer sees `scale tanh(v) / max |tanh(v)|`
     /// (a `qgraph.train.TanhNormalize` node), `scale` the weight's largest
@@ -283,6 +287,9 @@ impl TrainingGraph {
                 continue;
             }
             quantizers.extend(fake_quantizer(g, q)?);
+        }
+        for q in &mut quantizers {
+            take_over_clamp(&mut model.graph, q)?;
         }
         let g = &model.graph;
         let trainable = |v: Option<ValueId>| {
@@ -771,9 +778,76 @@ fn fake_quantizer(g: &mut Graph, q: NodeId) -> Result<Option<Quantizer>, TrainEr
         weight: false,
         rule: ScaleRule::Track,
         clip_bounds,
+        clamp: None,
         tanh_scale: None,
         fold: None,
     }))
+}
+
+/// Moves the Relu or Clip whose output only this quantizer reads into the
+/// FakeQuantize (attributes `clip_lo`, `clip_hi`, `clip_lo_open`), which
+/// clamps with the same bits and gradient in one pass over memory instead
+/// of two. The exported model keeps its Relu or Clip: only the training
+/// graph changes.
+fn take_over_clamp(g: &mut Graph, q: &mut Quantizer) -> Result<(), TrainError> {
+    let Some((p, 0)) = g.producer(q.input) else {
+        return Ok(());
+    };
+    let node = g.node(p).clone();
+    if !node.domain.is_empty()
+        || g.consumers(q.input).len() != 1
+        || g.value(q.input).is_graph_output()
+        || node.outputs().len() != 1
+    {
+        return Ok(());
+    }
+    let Some(x) = node.inputs().first().copied().flatten() else {
+        return Ok(());
+    };
+    let (lo, hi, lo_open) = match node.op_type.as_str() {
+        "Relu" => (0.0, f32::INFINITY, true),
+        // Bounds as inputs (opset 11 and later), constant scalars or absent.
+        "Clip" if node.attr("min").is_none() && node.attr("max").is_none() => {
+            let bound = |k: usize, default: f32| match node.inputs().get(k).copied().flatten() {
+                None => Some(default),
+                Some(v) => constant_scalar(g, Some(v)).filter(|_| !g.value(v).is_graph_input()),
+            };
+            match (bound(1, f32::NEG_INFINITY), bound(2, f32::INFINITY)) {
+                (Some(lo), Some(hi)) => (lo, hi, false),
+                _ => return Ok(()),
+            }
+        }
+        _ => return Ok(()),
+    };
+    let clipped = q.input;
+    g.set_node_input(q.node, 0, Some(x)).map_err(ir_err)?;
+    g.remove_node(p).map_err(ir_err)?;
+    g.remove_value(clipped).map_err(ir_err)?;
+    for b in node.inputs().iter().skip(1).flatten() {
+        if !g.is_used(*b) && !g.value(*b).is_graph_output() && !g.value(*b).is_graph_input() {
+            g.remove_value(*b).map_err(ir_err)?;
+        }
+    }
+    g.set_node_input(q.node, 0, Some(x)).map_err(ir_err)?;
+    let fake = g.node_mut(q.node).map_err(ir_err)?;
+    let mut attrs = vec![("clip_lo_open", AttrValue::Int(lo_open as i64))];
+    // Infinite bounds are the defaults (and have no text form).
+    if lo.is_finite() {
+        attrs.push(("clip_lo", AttrValue::Float(lo)));
+    }
+    if hi.is_finite() {
+        attrs.push(("clip_hi", AttrValue::Float(hi)));
+    }
+    for (name, value) in attrs {
+        fake.attrs.push(qgraph_ir::Attribute {
+            name: name.into(),
+            value,
+            doc: String::new(),
+        });
+    }
+    q.input = x;
+    q.clamp = Some((lo, hi));
+    Ok(())
 }
 
 /// The f32 initializer of `v` with `len` elements.

@@ -149,9 +149,18 @@ impl Trainer {
             let node = g
                 .node_mut(q.node)
                 .map_err(|e| TrainError::Graph(e.to_string()))?;
-            node.op_type = "Identity".into();
-            node.domain = String::new();
-            node.attrs.clear();
+            if q.clamp.is_some() {
+                // Only the Relu or Clip it took over.
+                node.attrs.push(qgraph_ir::Attribute {
+                    name: "bypass".into(),
+                    value: qgraph_ir::AttrValue::Int(1),
+                    doc: String::new(),
+                });
+            } else {
+                node.op_type = "Identity".into();
+                node.domain = String::new();
+                node.attrs.clear();
+            }
         }
         let g = &graph.model.graph;
         let mut values = HashMap::new();
@@ -364,10 +373,14 @@ impl Trainer {
                         continue;
                     }
                     if let Some(x) = tape.value(q.input).ok().and_then(f32_data) {
-                        let (lo, hi) = x
+                        let (mut lo, mut hi) = x
                             .iter()
                             .filter(|v| v.is_finite())
                             .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                        // What the quantizer sees, after its clamp.
+                        if let Some((a, b)) = q.clamp {
+                            (lo, hi) = (lo.clamp(a, b), hi.clamp(a, b));
+                        }
                         observed.push((q.scale, lo, hi));
                     }
                 }

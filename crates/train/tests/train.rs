@@ -602,3 +602,119 @@ fn folded_batch_normalization_freezes_half_way_by_default() {
         assert_eq!(changed, updates, "{freeze:?}");
     }
 }
+
+/// A Relu or Clip whose output only a quantizer reads becomes part of the
+/// FakeQuantize: one pass over memory instead of two, with the Q/DQ
+/// graph's bits forward and its straight-through gradients backward.
+#[test]
+fn a_quantizer_takes_over_the_relu_or_clip_before_it() {
+    let text = r#"ir_version 8
+opset "" 13
+
+graph main {
+  input %x: f32[N,4]
+  output %y: f32[N,3]
+  init %w1 = f32[5,4] [0.3, -0.2, 0.5, 0.1, -0.4, 0.6, 0.2, -0.3, 0.1, 0.1, -0.5, 0.4, 0.2, -0.1, 0.3, 0.6, -0.6, 0.2, 0.4, -0.2]
+  init %w2 = f32[3,5] [0.5, -0.3, 0.2, 0.1, -0.4, 0.3, 0.4, -0.2, 0.6, 0.1, -0.1, 0.2, 0.5, -0.5, 0.3]
+  init %s1 = f32[] [0.01]
+  init %z1 = u8[] [0]
+  init %s2 = f32[] [0.004]
+  init %z2 = i8[] [0]
+  init %lo = f32[] [-0.3]
+  init %hi = f32[] [0.35]
+  fc1: %h = Gemm(%x, %w1) {transB = 1}
+  relu: %r = Relu(%h)
+  q1: %rq = QuantizeLinear(%r, %s1, %z1)
+  dq1: %rd = DequantizeLinear(%rq, %s1, %z1)
+  fc2: %o = Gemm(%rd, %w2) {transB = 1}
+  clip: %c = Clip(%o, %lo, %hi)
+  q2: %cq = QuantizeLinear(%c, %s2, %z2)
+  dq2: %y = DequantizeLinear(%cq, %s2, %z2)
+}
+"#;
+    let model: Model = qgraph_text::parse_model(text).unwrap();
+    let tg = TrainingGraph::prepare(&model).unwrap();
+    let g = &tg.model.graph;
+    let ops: Vec<&str> = g
+        .node_ids()
+        .into_iter()
+        .map(|n| g.node(n).op_type.as_str())
+        .collect();
+    assert!(!ops.contains(&"Relu") && !ops.contains(&"Clip"), "{ops:?}");
+    let clamps: Vec<Option<(f32, f32)>> = tg.quantizers.iter().map(|q| q.clamp).collect();
+    assert_eq!(clamps, vec![Some((0.0, f32::INFINITY)), Some((-0.3, 0.35))]);
+    let x: Vec<f32> = values(6 * 4, 31).iter().map(|v| v * 2.0).collect();
+    let x = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[6, 4]), x).unwrap());
+    // Forward: the Q/DQ graph's bits.
+    let want = Evaluator::new(&model)
+        .unwrap()
+        .run(vec![x.clone()])
+        .unwrap();
+    let got = Evaluator::new(&tg.model)
+        .unwrap()
+        .run(vec![x.clone()])
+        .unwrap();
+    assert_eq!(bits(&got[0]), bits(&want[0]));
+    // Backward: the Q/DQ graph's straight-through gradients, to the
+    // weights and the input.
+    let seed = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[6, 3]), values(18, 32)).unwrap());
+    let grads = |m: &Model| {
+        let ev = Evaluator::new(m).unwrap();
+        let g = &m.graph;
+        let params: HashMap<_, _> = ["w1", "w2"]
+            .iter()
+            .map(|n| {
+                let v = g.value_by_name(n).unwrap();
+                (v, g.initializer(v).unwrap().tensor.clone())
+            })
+            .collect();
+        let tape = ev.record(vec![x.clone()], &params, Mode::Training).unwrap();
+        let wrt: Vec<_> = ["x", "w1", "w2"]
+            .iter()
+            .map(|n| g.value_by_name(n).unwrap())
+            .collect();
+        let out = tape
+            .backward(vec![(g.outputs()[0], seed.clone())], &wrt)
+            .unwrap();
+        wrt.iter()
+            .map(|v| match &out[v] {
+                Tensor::F32(a) => a.iter().copied().collect::<Vec<f32>>(),
+                t => panic!("{}", t.dtype()),
+            })
+            .collect::<Vec<_>>()
+    };
+    for (a, b) in grads(&tg.model).iter().zip(grads(&model)) {
+        for (a, b) in a.iter().zip(&b) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        assert!(a.iter().any(|&v| v != 0.0));
+    }
+    // Before the quant delay ends, only the Relu and the Clip act: the
+    // float graph's bits.
+    let trainer = Trainer::new(
+        &model,
+        Config {
+            quant_delay: 5,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let (_, float) = trainer.models();
+    let float_text = text
+        .replace("  q1: %rq = QuantizeLinear(%r, %s1, %z1)\n", "")
+        .replace("  dq1: %rd = DequantizeLinear(%rq, %s1, %z1)\n", "")
+        .replace("Gemm(%rd, %w2)", "Gemm(%r, %w2)")
+        .replace("clip: %c = Clip", "clip: %y = Clip")
+        .replace("  q2: %cq = QuantizeLinear(%c, %s2, %z2)\n", "")
+        .replace("  dq2: %y = DequantizeLinear(%cq, %s2, %z2)\n", "");
+    let float_model: Model = qgraph_text::parse_model(&float_text).unwrap();
+    let want = Evaluator::new(&float_model)
+        .unwrap()
+        .run(vec![x.clone()])
+        .unwrap();
+    let got = Evaluator::new(&float.unwrap())
+        .unwrap()
+        .run(vec![x])
+        .unwrap();
+    assert_eq!(bits(&got[0]), bits(&want[0]));
+}

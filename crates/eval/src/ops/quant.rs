@@ -388,7 +388,20 @@ pub fn dequantize_linear_backward(
 /// type (a 4-bit or 2-bit grid held in int8). The forward gives the bits of
 /// the Q/DQ pair (with the Clip that holds a narrow grid's activations)
 /// it stands for; `method` (`lsq` or `pact`) picks the scale's gradient.
+///
+/// With `clip_lo`/`clip_hi` it first clamps its input as the Relu or Clip
+/// it took over did (one pass over memory instead of two, with the same
+/// bits); `bypass = 1` leaves only that clamp (training before quant
+/// delay ends).
 pub fn fake_quantize(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    let clip = Clamp::read(cx)?;
+    if cx.int_attr("bypass", 0)? != 0 {
+        let x = input(cx, i, 0)?;
+        let Tensor::F32(a) = x else {
+            return cx.err(format!("the input must be f32, found {}", x.dtype()));
+        };
+        return Ok(vec![Tensor::F32(a.mapv(|v| clip.apply(v)))]);
+    }
     let fq = FakeQuant::read(cx, i)?;
     let mut out = vec![0f32; fq.x.len()];
     let run = fq.run_length();
@@ -400,7 +413,7 @@ pub fn fake_quantize(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, E
                 for (e, (d, &x)) in dst.iter_mut().zip(src).enumerate() {
                     let k = fq.scale_of(c, run, e);
                     let (s, z) = (fq.scales[k], fq.zps[k] as f32);
-                    *d = (fq.level(x, s, z) - z) * s;
+                    *d = (fq.level(clip.apply(x), s, z) - z) * s;
                 }
                 return;
             }
@@ -408,10 +421,47 @@ pub fn fake_quantize(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, E
             let k = fq.scale_of(c, run, 0);
             let (s, z) = (fq.scales[k], fq.zps[k] as f32);
             for (d, &x) in dst.iter_mut().zip(src) {
-                *d = (fq.level(x, s, z) - z) * s;
+                *d = (fq.level(clip.apply(x), s, z) - z) * s;
             }
         });
     Ok(vec![Tensor::F32(array(&fq.shape, out))])
+}
+
+/// The clamp a FakeQuantize applies first (attributes `clip_lo`,
+/// `clip_hi`; `clip_lo_open = 1` for a Relu, whose gradient is 0 at 0).
+#[derive(Clone, Copy)]
+struct Clamp {
+    lo: f32,
+    hi: f32,
+    lo_open: bool,
+}
+
+impl Clamp {
+    fn read(cx: &OpCtx) -> Result<Clamp, EvalError> {
+        Ok(Clamp {
+            lo: cx.float_attr("clip_lo", f32::NEG_INFINITY)?,
+            hi: cx.float_attr("clip_hi", f32::INFINITY)?,
+            lo_open: cx.int_attr("clip_lo_open", 0)? != 0,
+        })
+    }
+
+    /// As the Relu and Clip kernels clamp (NaN becomes the lower bound).
+    #[inline(always)]
+    fn apply(self, x: f32) -> f32 {
+        super::pointwise::clamp(x, self.lo, self.hi)
+    }
+
+    /// Whether the clamp passes the gradient at `x`, as Relu's and Clip's
+    /// backward kernels decide.
+    #[inline(always)]
+    fn passes(self, x: f32) -> bool {
+        let above = if self.lo_open {
+            x > self.lo
+        } else {
+            x >= self.lo
+        };
+        above && x <= self.hi
+    }
 }
 
 /// FakeQuantize's gradient, the straight-through estimator with clipping:
@@ -427,9 +477,25 @@ pub fn fake_quantize_backward(
     if !g.wants(0) && !g.wants(1) {
         return Ok(grads);
     }
-    let fq = FakeQuant::read(cx, g.inputs)?;
+    let clip = Clamp::read(cx)?;
     // The output's gradient, owned: masked in place into the input's.
     let mut d = g.d_output(cx, 0)?;
+    if cx.int_attr("bypass", 0)? != 0 {
+        if g.wants(0) {
+            let x = input(cx, g.inputs, 0)?;
+            let Tensor::F32(a) = x else {
+                return cx.err(format!("the input must be f32, found {}", x.dtype()));
+            };
+            d.zip_mut_with(a, |d, &x| {
+                if !clip.passes(x) {
+                    *d = 0.0;
+                }
+            });
+            grads[0] = Some(Tensor::F32(d));
+        }
+        return Ok(grads);
+    }
+    let fq = FakeQuant::read(cx, g.inputs)?;
     let pact = cx.string_attr("method", "lsq")? == "pact";
     let run = fq.run_length();
     let (qmin, qmax) = (fq.qmin as f32, fq.qmax as f32);
@@ -446,6 +512,7 @@ pub fn fake_quantize_backward(
                     for (e, (&x, &dy)) in xs.iter().zip(dys).enumerate() {
                         let k = fq.scale_of(c, run, e);
                         let (s, z) = (fq.scales[k], fq.zps[k] as f32);
+                        let x = clip.apply(x);
                         let r = x / s + z;
                         let step = if r < qmin || r > qmax {
                             fq.level(x, s, z) - z
@@ -475,8 +542,8 @@ pub fn fake_quantize_backward(
             .enumerate()
             .for_each(|(c, (dys, xs))| {
                 let inside = |x: f32, k: usize| {
-                    let r = x / fq.scales[k] + fq.zps[k] as f32;
-                    r >= qmin && r <= qmax
+                    let r = clip.apply(x) / fq.scales[k] + fq.zps[k] as f32;
+                    r >= qmin && r <= qmax && clip.passes(x)
                 };
                 if fq.blocked {
                     for (e, (d, &x)) in dys.iter_mut().zip(xs).enumerate() {
