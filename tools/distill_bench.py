@@ -39,6 +39,9 @@ def main():
     ap.add_argument("--lr", default="1e-5")
     ap.add_argument("--schemes", default="w4a8,lsq-w4a8")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep-bn", action="store_true",
+                    help="train from `insert --keep-bn`: batch normalization folded while "
+                         "training (the PTQ column stays insert's default)")
     a = ap.parse_args()
     sys.path.insert(0, os.path.join(a.shared, "peers"))
     import ort_ptq  # the peer's own split
@@ -65,15 +68,22 @@ def main():
         _, t1 = run([q, "insert", flt, "--scheme", scheme, "--calib", train, "--calib-count",
                      "200"] + norm + ["-o", ptq])
         before = agreement(ptq)
+        start = ptq
+        if a.keep_bn:
+            start = os.path.join(work, f"{scheme}_keep_bn.onnx")
+            run([q, "insert", flt, "--scheme", scheme, "--calib", train, "--calib-count", "200",
+                 "--keep-bn"] + norm + ["-o", start])
         qat = os.path.join(work, f"{scheme}_qat.onnx")
-        log, t2 = run([q, "train", ptq, "--data", train, "--teacher", flt, "--epochs",
+        log, t2 = run([q, "train", start, "--data", train, "--teacher", flt, "--epochs",
                        str(a.epochs), "--batch", "16", "--optimizer", "adam", "--lr", a.lr,
                        "--schedule", "sine", "--threads", str(a.threads), "-o", qat] + norm)
         print(log.strip(), file=sys.stderr)
         rows.append((scheme, before, agreement(qat), t1, t2))
     print(f"MobileNetV2, {int(cal_m.sum())} training views (200 of them calibrate), "
           f"{int(ev_m.sum())} held-back views; QAT {a.epochs} epochs, Adam lr {a.lr}, sine "
-          f"schedule, distilled from float; {a.threads} threads\n")
+          f"schedule, distilled from float"
+          f"{', batch normalization folded while training' if a.keep_bn else ''}; "
+          f"{a.threads} threads\n")
     print("| scheme | PTQ agreement | QAT agreement | insert s | train s |")
     print("|---|---:|---:|---:|---:|")
     for scheme, before, after, t1, t2 in rows:
