@@ -124,7 +124,7 @@ enum Command {
                       wNaM       N-bit weights (symmetric, per channel), M-bit activations (unsigned, \
                       asymmetric), N and M from 2 to 8, e.g. w4a8, w2a2; the first and last weighted \
                       layers stay at 8 bits unless --low-bit-ends\n  \
-                      pact-wNaM  as wNaM, activations on [0, alpha] (PACT): alpha the calibrated maximum, \
+                      pact-wNaM  as wNaM, activations on [0, alpha] (PACT): alpha the end of the calibrated range (--method), \
                       or 10 without data\n  \
                       lsq-wNaM   LSQ: one step per layer, s = 2<|v|>/sqrt(Qp) from the weights and the \
                       first calibration batch; weights on the full signed grid\n  \

@@ -278,7 +278,10 @@ pub fn calibrate(
                     mean: None,
                     extremes: MinMax::default(),
                 },
-                (Some(RangeInit::PactClip | RangeInit::UnitRange), _) | (_, Method::MinMax) => {
+                // PACT's alpha is the end of the calibrated range: the
+                // maximum, or where --method clips (at 2 bits the maximum
+                // leaves most activations below the first level).
+                (Some(RangeInit::UnitRange), _) | (_, Method::MinMax) => {
                     Observer::MinMax(MinMax::default())
                 }
                 _ => Observer::Histogram(AbsHistogram::default()),
@@ -473,10 +476,13 @@ pub fn insert(
     let report = insert_qdq(model, &plan, &calibrated, bias_correction)?;
     let init = match options.scheme.activations.init {
         RangeInit::Observed => String::new(),
-        RangeInit::PactClip if calibration.is_some() => {
-            "; PACT alpha from the calibrated maximum".into()
-        }
-        RangeInit::PactClip => format!("; PACT alpha = {PACT_INITIAL_ALPHA} (no data)"),
+        RangeInit::PactClip => match calibration {
+            Some(c) => format!(
+                "; PACT alpha from the calibrated range ({})",
+                c.method.describe()
+            ),
+            None => format!("; PACT alpha = {PACT_INITIAL_ALPHA} (no data)"),
+        },
         RangeInit::LsqMeanAbs => "; LSQ steps 2<|v|>/sqrt(Qp) (activations: first batch)".into(),
         RangeInit::UnitRange => "; DoReFa activations on [0, 1]".into(),
     };

@@ -494,3 +494,48 @@ fn image_folders_decode_to_the_samples_and_preprocess_to_one_size() {
         .unwrap_err()
         .contains("unknown preprocessing step 'blur'"));
 }
+
+/// PACT's alpha with data is where the calibration method ends the range:
+/// the maximum with minmax, lower where mse clips a 2-bit grid.
+#[test]
+fn pact_alpha_follows_the_calibration_method() {
+    let (float, data, _, _) = lenet_on_digits();
+    let alpha = |method: Method| {
+        let mut model: Model = float.clone();
+        let calibration = Calibration {
+            data: &data,
+            samples: (0..data.len()).collect(),
+            norm: qgraph::data::Norm::None,
+            batch: 16,
+            method,
+            rounding: qgraph::insert::Rounding::Nearest,
+        };
+        let mut opts = options("pact-w2a2");
+        opts.ends_at_8_bits = false;
+        let summary = insert(
+            &mut model,
+            &opts,
+            Prepare::Deploy,
+            false,
+            Some(&calibration),
+            |_| {},
+        )
+        .unwrap();
+        assert!(
+            summary
+                .calibration
+                .contains("PACT alpha from the calibrated range"),
+            "{}",
+            summary.calibration
+        );
+        let g = &model.graph;
+        // The first pooled activation's quantizer: 2-bit unsigned, alpha = 3 s.
+        let v = g.value_by_name("/maxpool1/MaxPool_output_0_scale").unwrap();
+        match &g.initializer(v).unwrap().tensor {
+            Tensor::F32(a) => 3.0 * a.iter().next().copied().unwrap(),
+            t => panic!("{t:?}"),
+        }
+    };
+    let (max, mse) = (alpha(Method::MinMax), alpha(Method::Mse));
+    assert!(mse < 0.8 * max, "mse alpha {mse}, maximum {max}");
+}

@@ -11,7 +11,8 @@
 //!   unsigned asymmetric per tensor, which gives post-ReLU values the whole
 //!   grid and keeps 0 exact.
 //! - `pact-wNaM`: as `wNaM`, activations on `[0, alpha]` (PACT, Choi et al.
-//!   2018): alpha the calibrated maximum, or 10 without data.
+//!   2018): alpha the end of the calibrated range (the maximum, or where
+//!   the calibration method clips), or 10 without data.
 //! - `lsq-wNaM`: LSQ (Esser et al. 2020): one step size per layer,
 //!   `s = 2 <|v|> / sqrt(Qp)` from the weight or from the first calibration
 //!   batch; weights on the full signed grid, activations unsigned from 0.
@@ -51,7 +52,7 @@ pub enum RangeInit {
     /// is `Qp * s` (and `-Qn * s` when signed).
     LsqMeanAbs,
     /// PACT (Choi et al. 2018): activations clipped to `[0, alpha]`,
-    /// `alpha` the calibrated maximum, or 10 without data (the paper's
+    /// `alpha` the end of the calibrated range, or 10 without data (the paper's
     /// initial value, its Appendix B).
     PactClip,
     /// DoReFa (Zhou et al. 2016): activations on `[0, 1]`, with or without
