@@ -120,6 +120,19 @@ fn lenet_on_digits() -> (Model, qgraph::data::Dataset, Tensor, Vec<Tensor>) {
     (float, data, x, reference)
 }
 
+/// Calibration on every sample of `data` (not normalised, batches of 16,
+/// nearest rounding).
+fn every_sample(data: &qgraph::data::Dataset, method: Method) -> Calibration<'_> {
+    Calibration {
+        data,
+        samples: (0..data.len()).collect(),
+        norm: qgraph::data::Norm::None,
+        batch: 16,
+        method,
+        rounding: qgraph::insert::Rounding::Nearest,
+    }
+}
+
 /// Quantizes LeNet-5 on 64 digits with every method and checks the output
 /// against the float model on the same digits: int8 within 30 dB SQNR.
 #[test]
@@ -132,14 +145,7 @@ fn calibrated_lenet_keeps_its_function_with_every_method() {
         Method::Mse,
     ] {
         let mut model: Model = float.clone();
-        let calibration = Calibration {
-            data: &data,
-            samples: (0..data.len()).collect(),
-            norm: qgraph::data::Norm::None,
-            batch: 16,
-            method,
-            rounding: qgraph::insert::Rounding::Nearest,
-        };
+        let calibration = every_sample(&data, method);
         let summary = insert(
             &mut model,
             &options("int8"),
@@ -502,14 +508,7 @@ fn pact_alpha_follows_the_calibration_method() {
     let (float, data, _, _) = lenet_on_digits();
     let alpha = |method: Method| {
         let mut model: Model = float.clone();
-        let calibration = Calibration {
-            data: &data,
-            samples: (0..data.len()).collect(),
-            norm: qgraph::data::Norm::None,
-            batch: 16,
-            method,
-            rounding: qgraph::insert::Rounding::Nearest,
-        };
+        let calibration = every_sample(&data, method);
         let mut opts = options("pact-w2a2");
         opts.ends_at_8_bits = false;
         let summary = insert(

@@ -948,71 +948,57 @@ fn fold_into_conv(
         .map_err(ir_err)?;
     // The weight, or its DoReFa normalisation.
     let weight_source = g.node(fake).inputs()[0].unwrap_or(q.input);
-    let name = g.unique_value_name(&format!("{base}.bn_fold.weight"));
-    let folded_weight = g.add_value(name, None).map_err(ir_err)?;
-    let name = g.unique_node_name(&format!("{base}/bn_fold/scale_weight"));
-    g.add_node(
+    let folded_weight = new_value(g, &format!("{base}.bn_fold.weight"))?;
+    add_op(
+        g,
         NewNode::new("Mul")
-            .named(name)
+            .named(format!("{base}/bn_fold/scale_weight"))
             .inputs([weight_source, weight_factor])
             .outputs([folded_weight]),
-    )
-    .map_err(ir_err)?;
+    )?;
     g.set_node_input(fake, 0, Some(folded_weight))
         .map_err(ir_err)?;
-    let name = g.unique_value_name(&format!("{base}.bn_fold.scaled_output"));
-    let scaled = g.add_value(name, None).map_err(ir_err)?;
+    let scaled = new_value(g, &format!("{base}.bn_fold.scaled_output"))?;
     g.set_node_output(conv, 0, scaled).map_err(ir_err)?;
     if bias.is_some() {
         g.set_node_input(conv, 2, None).map_err(ir_err)?;
     }
     let unscaled = match bias {
-        Some(_) => {
-            let name = g.unique_value_name(&format!("{base}.bn_fold.output"));
-            g.add_value(name, None).map_err(ir_err)?
-        }
+        Some(_) => new_value(g, &format!("{base}.bn_fold.output"))?,
         None => y,
     };
-    let name = g.unique_node_name(&format!("{base}/bn_fold/unscale_output"));
-    g.add_node(
+    add_op(
+        g,
         NewNode::new("Div")
-            .named(name)
+            .named(format!("{base}/bn_fold/unscale_output"))
             .inputs([scaled, output_factor])
             .outputs([unscaled]),
-    )
-    .map_err(ir_err)?;
+    )?;
     if let Some(b) = bias {
-        let shape: Vec<i64> = output_shape.iter().map(|&d| d as i64).collect();
+        let shape: Vec<i128> = output_shape.iter().map(|&d| d as i128).collect();
         let name = g.unique_value_name(&format!("{base}.bn_fold.bias_shape"));
         let shape = g
             .add_initializer(
                 name,
-                Tensor::from_ints(
-                    DataType::I64,
-                    &[rank],
-                    &shape.iter().map(|&d| d as i128).collect::<Vec<_>>(),
-                )
-                .map_err(|e| TrainError::Graph(e.to_string()))?,
+                Tensor::from_ints(DataType::I64, &[rank], &shape)
+                    .map_err(|e| TrainError::Graph(e.to_string()))?,
             )
             .map_err(ir_err)?;
-        let name = g.unique_value_name(&format!("{base}.bn_fold.bias"));
-        let shaped_bias = g.add_value(name, None).map_err(ir_err)?;
-        let name = g.unique_node_name(&format!("{base}/bn_fold/shape_bias"));
-        g.add_node(
+        let shaped_bias = new_value(g, &format!("{base}.bn_fold.bias"))?;
+        add_op(
+            g,
             NewNode::new("Reshape")
-                .named(name)
+                .named(format!("{base}/bn_fold/shape_bias"))
                 .inputs([b, shape])
                 .outputs([shaped_bias]),
-        )
-        .map_err(ir_err)?;
-        let name = g.unique_node_name(&format!("{base}/bn_fold/add_bias"));
-        g.add_node(
+        )?;
+        add_op(
+            g,
             NewNode::new("Add")
-                .named(name)
+                .named(format!("{base}/bn_fold/add_bias"))
                 .inputs([unscaled, shaped_bias])
                 .outputs([y]),
-        )
-        .map_err(ir_err)?;
+        )?;
     }
     Ok(Some(BatchNormFold {
         conv,
@@ -1028,6 +1014,18 @@ fn fold_into_conv(
         weight_factor,
         output_factor,
     }))
+}
+
+/// A new value named `base` (made unique), for a node to define.
+fn new_value(g: &mut Graph, base: &str) -> Result<ValueId, TrainError> {
+    let name = g.unique_value_name(base);
+    g.add_value(name, None).map_err(ir_err)
+}
+
+/// Adds a training graph's node, its name (already set) made unique.
+fn add_op(g: &mut Graph, node: NewNode) -> Result<NodeId, TrainError> {
+    let name = g.unique_node_name(&node.name);
+    g.add_node(node.named(name)).map_err(ir_err)
 }
 
 /// DoReFa's reparametrisation of a weight quantizer's input: the weight's
@@ -1049,18 +1047,16 @@ fn normalize_by_tanh(g: &mut Graph, q: &Quantizer) -> Result<Option<f32>, TrainE
         }
     }
     let base = g.node(q.node).name().to_string();
-    let name = g.unique_value_name(&format!("{base}.tanh_normalized"));
-    let normalized = g.add_value(name, None).map_err(ir_err)?;
-    let name = g.unique_node_name(&format!("{base}/tanh_normalize"));
-    g.add_node(
+    let normalized = new_value(g, &format!("{base}.tanh_normalized"))?;
+    add_op(
+        g,
         NewNode::new("TanhNormalize")
-            .named(name)
+            .named(format!("{base}/tanh_normalize"))
             .domain(TRAINING_DOMAIN)
             .inputs([q.input])
             .outputs([normalized])
             .attr("scale", AttrValue::Float(largest)),
-    )
-    .map_err(ir_err)?;
+    )?;
     g.set_node_input(q.node, 0, Some(normalized))
         .map_err(ir_err)?;
     Ok(Some(largest))

@@ -234,6 +234,10 @@ impl Trainer {
                     (2.0 * mean / positive_levels.sqrt()).max(1e-8)
                 })
                 .collect();
+            // A scale that does not divide its weight evenly stays.
+            if scales.len() != channels || per_channel * channels != w.len() {
+                continue;
+            }
             let shape = s.shape().to_vec();
             updates.push((
                 q.scale,

@@ -120,6 +120,11 @@ fn data(count: usize, seed: u64) -> (Tensor, Vec<i64>) {
     )
 }
 
+/// The text form with every tensor's values.
+fn print_all(m: &Model) -> String {
+    qgraph_text::print_model(m, &qgraph_text::PrintOptions::with_all_data())
+}
+
 fn bits(t: &Tensor) -> Vec<u32> {
     match t {
         Tensor::F32(a) => a.iter().map(|v| v.to_bits()).collect(),
@@ -169,10 +174,7 @@ fn the_training_graph_computes_what_the_q_dq_graph_computes() {
     let same = tg
         .export(&model, &HashMap::new(), ExportForm::Deploy)
         .unwrap();
-    assert_eq!(
-        qgraph_text::print_model(&same, &qgraph_text::PrintOptions::with_all_data()),
-        qgraph_text::print_model(&model, &qgraph_text::PrintOptions::with_all_data())
-    );
+    assert_eq!(print_all(&same), print_all(&model));
 }
 
 #[test]
@@ -255,20 +257,8 @@ fn fit_on(
     let Tensor::F32(logits) = &out[0] else {
         unreachable!()
     };
-    let correct = logits
-        .outer_iter()
-        .zip(&test_y)
-        .filter(|(row, &y)| {
-            let best = row
-                .iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-                );
-            best.0 as i64 == y
-        })
-        .count();
+    let flat: Vec<f32> = logits.iter().copied().collect();
+    let correct = qgraph_train::loss::correct_top1(&flat, test_y.len(), &test_y);
     (first.unwrap(), last, correct as f64 / 60.0, trained)
 }
 
@@ -308,9 +298,7 @@ fn training_fits_a_small_problem_under_every_scale_rule() {
 fn two_runs_with_one_seed_agree_to_the_bit_whatever_the_thread_count() {
     let a = fit_on("lsq-w4a4", Optimizer::adam(), 0.01, 6, 1).3;
     let b = fit_on("lsq-w4a4", Optimizer::adam(), 0.01, 6, 3).3;
-    let print =
-        |m: &Model| qgraph_text::print_model(m, &qgraph_text::PrintOptions::with_all_data());
-    assert_eq!(print(&a), print(&b));
+    assert_eq!(print_all(&a), print_all(&b));
 }
 
 #[test]
@@ -472,9 +460,7 @@ fn folds_while_training(scheme: &str) {
     )
     .unwrap();
     let again = resumed.export(&model, ExportForm::Deploy).unwrap();
-    let print =
-        |m: &Model| qgraph_text::print_model(m, &qgraph_text::PrintOptions::with_all_data());
-    assert_eq!(print(&again), print(&deployed));
+    assert_eq!(print_all(&again), print_all(&deployed));
 }
 
 /// LSQ's step sizes start from the folded weights when the batch
