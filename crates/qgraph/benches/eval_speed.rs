@@ -61,10 +61,16 @@ fn main() {
             continue;
         }
         let model = qgraph::load(&path).expect("load").model;
+        // QGRAPH_BENCH_THREADS: qgraph's threads (2), to see how a kernel
+        // scales; ONNX Runtime keeps 2.
+        let threads: usize = std::env::var("QGRAPH_BENCH_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2);
         let ev = qgraph::eval::Evaluator::with_options(
             &model,
             qgraph::eval::Options {
-                threads: 2,
+                threads,
                 whole_batches: std::env::var("QGRAPH_BENCH_WHOLE_BATCHES").is_ok_and(|v| v == "1"),
             },
         )
@@ -89,11 +95,23 @@ fn main() {
                 times.sort_by(f64::total_cmp);
                 times[times.len() / 2]
             };
-            if std::env::var_os("QGRAPH_PROFILE").is_some() {
-                for (op, n, t) in ev.profile(x.clone()).expect("profile") {
+            // QGRAPH_PROFILE=N: the mean over N runs (1 for any other value).
+            if let Ok(runs) = std::env::var("QGRAPH_PROFILE") {
+                let runs: usize = runs.parse().unwrap_or(1).max(1);
+                let mut total: Vec<(String, usize, f64)> = Vec::new();
+                for _ in 0..runs {
+                    for (op, n, t) in ev.profile(x.clone()).expect("profile") {
+                        match total.iter_mut().find(|r| r.0 == op) {
+                            Some(r) => r.2 += t,
+                            None => total.push((op, n, t)),
+                        }
+                    }
+                }
+                total.sort_by(|a, b| b.2.total_cmp(&a.2));
+                for (op, n, t) in total {
                     eprintln!(
-                        "  {name} batch {batch}: {op:<20} x{n:<3} {:>8.2} ms",
-                        t * 1e3
+                        "  {name} batch {batch}: {op:<20} x{n:<3} {:>8.3} ms",
+                        t * 1e3 / runs as f64
                     );
                 }
             }
@@ -119,14 +137,14 @@ fn main() {
                     .map(|r| format!("{:.2}", r.0 / r.1.unwrap_or(1.0)))
                     .collect();
                 println!(
-                    "| {name} | {batch} | {:.1} | {:.1} | {ratio:.2} ({}) |",
+                    "| {name} | {batch} | {:.2} | {:.2} | {ratio:.2} ({}) |",
                     ours * 1e3,
                     theirs * 1e3,
                     each.join(", ")
                 );
             } else {
                 println!(
-                    "| {name} | {batch} | {:.1} | (ONNX Runtime unavailable) | |",
+                    "| {name} | {batch} | {:.2} | (ONNX Runtime unavailable) | |",
                     ours * 1e3
                 );
             }

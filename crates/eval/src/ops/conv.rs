@@ -1,12 +1,13 @@
 //! Convolution: im2col + matrix product per group, a direct kernel for
 //! depthwise convolution, and the window arithmetic shared with pooling.
 
-use super::gemm::{gemm, MatRef, Threads};
+use super::gemm::{gemm, gemm_into, MatRef, Threads};
 use super::pointwise::{
     apply_maps, Epilogue, MapValue, Pointwise, Unchanged, ValueMap, WithValueMap,
 };
 use super::{array, f32_input, lane_dot, Grads};
 use crate::{EvalError, OpCtx};
+use qgraph_ir::ndarray::{ArrayViewMut2, Axis};
 use qgraph_ir::Tensor;
 use rayon::prelude::*;
 
@@ -231,55 +232,119 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
             data: values,
         });
     };
-    // Tasks are (image, group, block of output channels), the blocks cut
-    // from the shape alone, so that neither the batch size nor the thread
-    // count changes a result's bits; a task takes its output pixels in
-    // row blocks that stay in cache from the product through the epilogue.
-    // Splitting channels, not pixels, keeps each task's output contiguous
-    // and gives a single image enough tasks for every thread.
-    let chunk = channel_chunk(mg, k, plane);
-    let rows = block_rows(chunk.min(mg) + k, oh, ow);
+    // Tasks are tiles of one (image, group)'s output: a block of whole
+    // output rows (im2col makes only those columns) by a block of output
+    // channels, both cut from the shape alone, so that neither the batch
+    // size nor the thread count changes a result's bits. Each tile stays in
+    // cache from the product through the epilogue.
     let plane_len = plane.max(1);
-    out.par_chunks_mut((mg * plane).max(1))
-        .enumerate()
-        .flat_map(|(image_group, block)| {
-            block
-                .par_chunks_mut(chunk * plane_len)
+    if out.is_empty() {
+        return Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))]);
+    }
+    let tile = Tile::new(mg, k, oh, ow);
+    let whole = ArrayViewMut2::from_shape((n * group * mg, plane_len), &mut out[..])
+        .expect("the output holds n x m planes");
+    let mut tasks = Vec::new();
+    for (image_group, outputs) in chunks(whole, Axis(0), mg).into_iter().enumerate() {
+        for (part, channels) in chunks(outputs, Axis(0), tile.channels)
+            .into_iter()
+            .enumerate()
+        {
+            for (block, tile_view) in chunks(channels, Axis(1), tile.rows * ow.max(1))
+                .into_iter()
                 .enumerate()
-                .map(move |(part, dst)| (image_group, part, dst))
-        })
-        .for_each(|(image_group, part, dst)| {
+            {
+                tasks.push((
+                    image_group,
+                    part * tile.channels,
+                    block * tile.rows,
+                    tile_view,
+                ));
+            }
+        }
+    }
+    tasks.into_par_iter().for_each_init(
+        Vec::new,
+        |columns, (image_group, first_channel, y0, mut dst)| {
             let (b, g) = (image_group / group, image_group % group);
-            let first_channel = part * chunk;
-            let channels = dst.len() / plane_len;
+            let (channels, width) = dst.dim();
             let src = &xs[(b * c + g * cg) * h * wd..][..cg * h * wd];
             let weights = &ws[(g * mg + first_channel) * k..][..channels * k];
             let wg = MatRef::row_major(weights, channels, k);
-            // Where this task's output starts in the whole output.
-            let base = ((b * group + g) * mg + first_channel) * plane;
-            let mut columns = Vec::new();
-            for y0 in (0..oh).step_by(rows.max(1)) {
-                let (first, width) = (y0 * ow, (rows.min(oh - y0)) * ow);
-                let rhs = if pointwise {
-                    // A 1x1 convolution without stride or padding is a
-                    // product with the input planes as they are.
-                    MatRef::row_major(src, cg, plane).columns(first, width)
-                } else {
-                    im2col_rows(src, cg, &geometry, y0..y0 + width / ow, &mut columns);
-                    MatRef::row_major(&columns, k, width)
-                };
-                gemm(&mut dst[first..], plane, wg, rhs, 1.0, false, Threads::One);
-                for oc in 0..channels {
-                    let at = oc * plane + first;
-                    finish(
-                        g * mg + first_channel + oc,
-                        base + at,
-                        &mut dst[at..][..width],
-                    );
-                }
+            let first = y0 * ow;
+            let rhs = if pointwise {
+                // A 1x1 convolution without stride or padding is a product
+                // with the input planes as they are.
+                MatRef::row_major(src, cg, plane).columns(first, width)
+            } else {
+                im2col_rows(src, cg, &geometry, y0..y0 + width / ow.max(1), columns);
+                MatRef::row_major(columns, k, width)
+            };
+            gemm_into(dst.view_mut(), wg, rhs, 1.0, false, Threads::One);
+            for (oc, mut row) in dst.rows_mut().into_iter().enumerate() {
+                let channel = first_channel + oc;
+                finish(
+                    g * mg + channel,
+                    (image_group * mg + channel) * plane + first,
+                    row.as_slice_mut().expect("a tile's rows are contiguous"),
+                );
             }
-        });
+        },
+    );
     Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))])
+}
+
+/// A view cut along `axis` into consecutive blocks of `size` (the last one
+/// shorter), each keeping the view's lifetime.
+fn chunks(view: ArrayViewMut2<f32>, axis: Axis, size: usize) -> Vec<ArrayViewMut2<f32>> {
+    let mut blocks = Vec::new();
+    let mut rest = view;
+    while rest.len_of(axis) > size {
+        let (block, tail) = rest.split_at(axis, size);
+        blocks.push(block);
+        rest = tail;
+    }
+    blocks.push(rest);
+    blocks
+}
+
+/// A convolution task's share of one (image, group)'s output.
+struct Tile {
+    /// Output channels (all of them unless the rows are too few to share).
+    channels: usize,
+    /// Whole output rows.
+    rows: usize,
+}
+
+impl Tile {
+    /// About `TASK_MACS` multiply-adds per tile, at least 65 columns (see
+    /// gemm.rs: a product with more than 64 columns takes the general path)
+    /// and no more than fit in about 1 MiB of cache with their input
+    /// columns; all output channels, so that the right operand is packed
+    /// once for all of them, unless that leaves fewer than `MIN_TILES` tiles
+    /// per image: then channel blocks of whole vectors (16) make more.
+    fn new(channels: usize, k: usize, oh: usize, ow: usize) -> Tile {
+        const TASK_MACS: usize = 1 << 21;
+        const MIN_TILES: usize = 4;
+        const BLOCK_VALUES: usize = 262144;
+        let (oh, ow) = (oh.max(1), ow.max(1));
+        let row_macs = (channels * k * ow).max(1);
+        let cached = (BLOCK_VALUES / (k + channels).max(1)).div_ceil(ow);
+        let rows = (TASK_MACS / row_macs)
+            .min(cached)
+            .max(65usize.div_ceil(ow))
+            .clamp(1, oh);
+        let row_tiles = oh.div_ceil(rows);
+        let channels = if row_tiles < MIN_TILES {
+            channels
+                .div_ceil(MIN_TILES.div_ceil(row_tiles))
+                .next_multiple_of(16)
+                .clamp(1, channels.max(1))
+        } else {
+            channels.max(1)
+        };
+        Tile { channels, rows }
+    }
 }
 
 /// A 2-D convolution's sizes, read from its input and weight shapes and
@@ -675,7 +740,7 @@ fn depthwise_plane<M: MapValue>(
 const LANES: usize = 16;
 
 /// `out[x] = map(sum over taps k of ker[k] * src[offsets[k] + x])`, the
-/// taps in kernel order, starting from zero.
+/// taps in kernel order (kernel row, then column), starting from zero.
 #[inline(always)]
 fn depthwise_sums<M: MapValue>(
     out: &mut [f32],
@@ -687,125 +752,78 @@ fn depthwise_sums<M: MapValue>(
 ) {
     let n = out.len();
     let tap = |k: usize| &src[offsets[k]..][..n];
-    if g.kh == 3 && g.kw == 3 {
-        let t = [
-            tap(0),
-            tap(1),
-            tap(2),
-            tap(3),
-            tap(4),
-            tap(5),
-            tap(6),
-            tap(7),
-            tap(8),
-        ];
-        kernel_3x3(out, ker, t, map);
-        return;
-    }
-    // Other kernels add kernel row by kernel row.
-    out.fill(0.0);
-    for i in 0..g.kh {
-        let w = &ker[i * g.kw..][..g.kw];
-        let row = |j: usize| tap(i * g.kw + j);
-        match g.kw {
-            3 => kernel_row3(out, w, row(0), row(1), row(2)),
-            5 => kernel_row5(out, w, [row(0), row(1), row(2), row(3), row(4)]),
-            _ => {
-                for (j, &wv) in w.iter().enumerate() {
-                    for (d, s) in out.iter_mut().zip(row(j)) {
-                        *d += wv * s;
-                    }
+    match (g.kh, g.kw) {
+        (3, 3) => kernel_taps::<9, M>(out, ker, std::array::from_fn(tap), map),
+        (5, 5) => kernel_taps::<25, M>(out, ker, std::array::from_fn(tap), map),
+        _ => {
+            out.fill(0.0);
+            for (k, &wv) in ker[..g.kh * g.kw].iter().enumerate() {
+                for (d, s) in out.iter_mut().zip(tap(k)) {
+                    *d += wv * s;
                 }
             }
+            out.iter_mut().for_each(|x| *x = map.map(*x));
         }
     }
-    out.iter_mut().for_each(|x| *x = map.map(*x));
 }
 
-/// A whole 3x3 kernel, the sum kept in a register: `d = 0; d += w[0] *
-/// t[0][x]; d += w[1] * t[1][x]; ...`, the order of the row-by-row loop
-/// (kernel row, then column); `map` is applied before the store.
+/// Outputs per block of [`kernel_taps`]: four vectors of 16 lanes, whose
+/// sums are independent chains the processor overlaps (one chain waits
+/// for each add before the next).
+const TAP_BLOCK: usize = 64;
+
+/// A whole kernel of `K` taps, each sum kept in a register: `d = 0; d +=
+/// w[0] * t[0][x]; d += w[1] * t[1][x]; ...`, in tap order; `map` is
+/// applied before the store.
 #[inline(always)]
-fn kernel_3x3<M: MapValue>(out: &mut [f32], w: &[f32], t: [&[f32]; 9], map: M) {
+fn kernel_taps<const K: usize, M: MapValue>(out: &mut [f32], w: &[f32], t: [&[f32]; K], map: M) {
     let n = out.len();
-    let w: &[f32; 9] = w[..9].try_into().expect("9 weights");
-    let [t0, t1, t2, t3, t4, t5, t6, t7, t8] = t;
-    let (t0, t1, t2) = (&t0[..n], &t1[..n], &t2[..n]);
-    let (t3, t4, t5) = (&t3[..n], &t4[..n], &t5[..n]);
-    let (t6, t7, t8) = (&t6[..n], &t7[..n], &t8[..n]);
-    for x in 0..n {
+    let w: &[f32; K] = w[..K].try_into().expect("K weights");
+    let whole = n - n % TAP_BLOCK;
+    for x0 in (0..whole).step_by(TAP_BLOCK) {
+        // Four accumulators of one vector each, kept in registers.
+        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+        for k in 0..K {
+            let wk = w[k];
+            let tk: &[f32; TAP_BLOCK] = t[k][x0..x0 + TAP_BLOCK].try_into().expect("a block");
+            for l in 0..16 {
+                a0[l] += wk * tk[l];
+                a1[l] += wk * tk[16 + l];
+                a2[l] += wk * tk[32 + l];
+                a3[l] += wk * tk[48 + l];
+            }
+        }
+        let o: &mut [f32; TAP_BLOCK] = (&mut out[x0..x0 + TAP_BLOCK]).try_into().expect("a block");
+        for l in 0..16 {
+            o[l] = map.map(a0[l]);
+            o[16 + l] = map.map(a1[l]);
+            o[32 + l] = map.map(a2[l]);
+            o[48 + l] = map.map(a3[l]);
+        }
+    }
+    // The rest a vector at a time (callers round lengths up to whole
+    // vectors), then one by one.
+    let vectors = n - n % 16;
+    for x0 in (whole..vectors).step_by(16) {
+        let mut acc = [0f32; 16];
+        for k in 0..K {
+            let wk = w[k];
+            let tk: &[f32; 16] = t[k][x0..x0 + 16].try_into().expect("a vector");
+            for l in 0..16 {
+                acc[l] += wk * tk[l];
+            }
+        }
+        for (o, a) in out[x0..x0 + 16].iter_mut().zip(acc) {
+            *o = map.map(a);
+        }
+    }
+    for x in vectors..n {
         let mut acc = 0.0;
-        acc += w[0] * t0[x];
-        acc += w[1] * t1[x];
-        acc += w[2] * t2[x];
-        acc += w[3] * t3[x];
-        acc += w[4] * t4[x];
-        acc += w[5] * t5[x];
-        acc += w[6] * t6[x];
-        acc += w[7] * t7[x];
-        acc += w[8] * t8[x];
+        for k in 0..K {
+            acc += w[k] * t[k][x];
+        }
         out[x] = map.map(acc);
     }
-}
-
-/// One kernel row of 3 taps added to an output row, the sum kept in a
-/// register: `d += w0 * a; d += w1 * b; d += w2 * c`, the order of a
-/// tap-by-tap loop.
-#[inline(always)]
-fn kernel_row3(out: &mut [f32], w: &[f32], a: &[f32], b: &[f32], c: &[f32]) {
-    let n = out.len();
-    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
-    let (w0, w1, w2) = (w[0], w[1], w[2]);
-    for x in 0..n {
-        let mut acc = out[x];
-        acc += w0 * a[x];
-        acc += w1 * b[x];
-        acc += w2 * c[x];
-        out[x] = acc;
-    }
-}
-
-/// [`kernel_row3`] for 5 taps.
-#[inline(always)]
-fn kernel_row5(out: &mut [f32], w: &[f32], t: [&[f32]; 5]) {
-    let n = out.len();
-    let (t0, t1, t2, t3, t4) = (&t[0][..n], &t[1][..n], &t[2][..n], &t[3][..n], &t[4][..n]);
-    let (w0, w1, w2, w3, w4) = (w[0], w[1], w[2], w[3], w[4]);
-    for x in 0..n {
-        let mut acc = out[x];
-        acc += w0 * t0[x];
-        acc += w1 * t1[x];
-        acc += w2 * t2[x];
-        acc += w3 * t3[x];
-        acc += w4 * t4[x];
-        out[x] = acc;
-    }
-}
-
-/// Output channels per task of a convolution: the product of one image is
-/// cut into chunks of about `TASK_MACS` multiply-adds, whole vectors of 16
-/// channels each, so that one image keeps every thread busy while a task
-/// stays large against the cost of starting it and of packing its operands.
-fn channel_chunk(channels: usize, k: usize, plane: usize) -> usize {
-    const TASK_MACS: usize = 1 << 22;
-    let chunks = (channels * k * plane).div_ceil(TASK_MACS).max(1);
-    channels
-        .div_ceil(chunks)
-        .next_multiple_of(16)
-        .min(channels)
-        .max(1)
-}
-
-/// Output rows per block of a product: the block's columns of the right
-/// operand and of the output (`rows_and_cols` = k + output channels values
-/// each) fit in about 1 MiB of cache; at least 65 columns, or the whole
-/// plane (see gemm.rs: a product with more than 64 columns takes the
-/// general path).
-fn block_rows(rows_and_cols: usize, oh: usize, ow: usize) -> usize {
-    // Measured on MobileNetV2: 256 KiB blocks were slower than 1 MiB ones.
-    const BLOCK_VALUES: usize = 262144;
-    let width = (BLOCK_VALUES / rows_and_cols.max(1)).max(65);
-    width.div_ceil(ow.max(1)).clamp(1, oh.max(1))
 }
 
 /// im2col for the output rows `ys`: one row per (channel, ky, kx), one

@@ -4,6 +4,8 @@
 //! makes the call. Nothing else in the workspace uses `unsafe`.
 #![allow(unsafe_code)]
 
+use qgraph_ir::ndarray::ArrayViewMut2;
+
 /// A read-only matrix over a slice: element (r, c) is at
 /// `r * row_stride + c * col_stride`.
 #[derive(Clone, Copy)]
@@ -114,22 +116,99 @@ pub fn gemm(
         }
         return;
     }
+    // SAFETY: checked above.
+    unsafe {
+        product(
+            dst.as_mut_ptr(),
+            dst_row_stride as isize,
+            1,
+            a,
+            b,
+            alpha,
+            accumulate,
+            threads,
+        )
+    }
+}
+
+/// As [`gemm`], into a matrix view: `dst = alpha * a b` (or `+=`), where
+/// `dst` may be a block of a larger matrix (a few columns of each row).
+pub fn gemm_into(
+    mut dst: ArrayViewMut2<f32>,
+    a: MatRef,
+    b: MatRef,
+    alpha: f32,
+    accumulate: bool,
+    threads: Threads,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "inner dimensions of a matrix product");
+    assert_eq!(dst.dim(), (m, n), "destination shape of a matrix product");
+    assert!(a.extent() <= a.data.len(), "left operand outside its slice");
+    assert!(
+        b.extent() <= b.data.len(),
+        "right operand outside its slice"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let (row_stride, col_stride) = (dst.strides()[0], dst.strides()[1]);
+    // SAFETY: the view holds its `m x n` elements at these strides
+    // exclusively (ndarray's invariant for a mutable view), so the product
+    // writes only them and they alias neither operand, which the asserts
+    // put inside their slices.
+    unsafe {
+        product(
+            dst.as_mut_ptr(),
+            row_stride,
+            col_stride,
+            a,
+            b,
+            alpha,
+            accumulate,
+            threads,
+        )
+    }
+}
+
+/// The call into the crate.
+///
+/// # Safety
+/// `dst` with the strides must address `a.rows() x b.cols()` elements that
+/// nothing else reads or writes during the call, and `a` and `b` must lie
+/// inside their slices, their inner dimensions equal and none empty.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    dst: *mut f32,
+    dst_row_stride: isize,
+    dst_col_stride: isize,
+    a: MatRef,
+    b: MatRef,
+    alpha: f32,
+    accumulate: bool,
+    threads: Threads,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     let parallelism = match threads {
         Threads::One => gemm::Parallelism::None,
         Threads::Pool => gemm::Parallelism::Rayon(0),
     };
-    // SAFETY: the asserts above put every element of the three matrices
-    // inside its slice; `dst` is borrowed mutably, so it aliases neither
-    // operand; the strides are non-negative and fit isize because the
-    // extents fit in slices.
+    // SAFETY: the caller's contract; the operands' strides are
+    // non-negative and fit isize because their extents fit in slices.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
-            1,
-            dst_row_stride as isize,
+            dst,
+            dst_col_stride,
+            dst_row_stride,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,

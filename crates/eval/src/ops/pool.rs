@@ -1,7 +1,7 @@
 //! Pooling and mean reduction, and their gradients.
 
 use super::conv::window;
-use super::{array, f32_input, ints_input_or_attr, Grads};
+use super::{array, f32_input, ints_input_or_attr, lane_sum, Grads};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn};
 use qgraph_ir::Tensor;
@@ -268,13 +268,18 @@ fn global(cx: &OpCtx, inputs: &[Option<&Tensor>], max: bool) -> Result<Vec<Tenso
     let inner: usize = x.shape()[2..].iter().product();
     let x = x.as_standard_layout();
     let xs = x.as_slice().expect("standard layout");
+    // Planes in parallel; each plane's value is computed on its own, so
+    // the thread count does not change it.
     let out: Vec<f32> = (0..n * c)
+        .into_par_iter()
+        .with_min_len((16384 / inner.max(1)).max(1))
         .map(|p| {
             let s = &xs[p * inner..][..inner];
             if max {
                 s.iter().copied().fold(f32::NEG_INFINITY, f32::max)
             } else {
-                s.iter().sum::<f32>() / inner as f32
+                // Summed in vector lanes, not one long chain of dependent adds.
+                (lane_sum(s, |v| v) / inner as f64) as f32
             }
         })
         .collect();
