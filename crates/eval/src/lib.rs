@@ -141,6 +141,43 @@ fn profile_name(g: &Graph, n: NodeId) -> String {
     }
 }
 
+/// Runs `work` on the current rayon thread while the pool's other threads
+/// wait for jobs awake instead of asleep. Layer by layer, each operator
+/// shares its work out and ends; a worker idle between operators goes to
+/// sleep within microseconds, and waking it again (a futex, on a virtual
+/// machine an interrupt to another processor) took longer than a small
+/// operator's share of the work, so at batch 1 two threads were barely
+/// faster than one. The helpers steal and run the operators' jobs as they
+/// appear (`rayon::yield_now`), spinning between them.
+fn with_workers_awake<R>(work: impl FnOnce() -> R) -> R {
+    let threads = rayon::current_num_threads();
+    if threads < 2 {
+        return work();
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let owner = rayon::current_thread_index();
+    rayon::in_place_scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(|_| {
+                // A helper the calling thread picks up itself (while it
+                // waits inside a join) must not spin: it would wait for
+                // its own work to finish.
+                if rayon::current_thread_index() == owner {
+                    return;
+                }
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+        let result = work();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        result
+    })
+}
+
 /// The context a kernel sees: the node (for attributes and messages) and the
 /// default-domain opset the model imports.
 pub struct OpCtx<'a> {
@@ -327,7 +364,7 @@ impl<'m> Evaluator<'m> {
             }
         }
         self.threads
-            .install(|| self.run_in_pool(inputs, watch, observe))
+            .install(|| with_workers_awake(|| self.run_in_pool(inputs, watch, observe)))
     }
 
     /// Whether the graph computes each sample from that sample alone, so
