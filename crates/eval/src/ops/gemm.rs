@@ -1,7 +1,8 @@
 //! The one call into the `gemm` crate. Its entry point is an `unsafe fn` over
-//! raw pointers and strides; this wrapper takes slices, checks that every
-//! element the product can read or write lies inside them, and only then
-//! makes the call. Nothing else in the workspace uses `unsafe`.
+//! raw pointers and strides; this wrapper takes slices (and, for the
+//! output, a mutable view, whose elements it holds exclusively), checks
+//! that every element the product can read or write lies inside them, and
+//! only then makes the call. Nothing else in the workspace uses `unsafe`.
 #![allow(unsafe_code)]
 
 use qgraph_ir::ndarray::ArrayViewMut2;
