@@ -222,7 +222,15 @@ fn convolutions_match_the_definition_whatever_the_tiling() {
         case(1, (4, 10, 9), (4, 4), [7, 7], [1, 1], [1, 1], [3, 3, 3, 3]),
         // The same size out as in, padded unevenly.
         case(1, (5, 9, 10), (5, 5), [4, 4], [1, 1], [1, 1], [1, 2, 2, 1]),
-        case(1, (17, 3, 40), (17, 17), [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+        case(
+            1,
+            (17, 3, 40),
+            (17, 17),
+            [3, 3],
+            [1, 1],
+            [1, 1],
+            [1, 1, 1, 1],
+        ),
         case(1, (6, 11, 11), (6, 6), [3, 3], [3, 3], [2, 2], [0, 1, 2, 0]),
     ];
     for (i, case) in cases.iter().enumerate() {
