@@ -116,9 +116,22 @@ impl Call<'_> {
 }
 
 /// Adds a kernel's seconds to a profile, when one is being taken.
-fn record(times: &mut Option<&mut HashMap<String, (usize, f64)>>, name: String, secs: f64) {
-    if let Some(t) = times.as_deref_mut() {
-        let e = t.entry(name).or_default();
+/// Where a profiled run adds up the seconds of its steps: per row name
+/// (operator type and kind), or per node, the node's name after it.
+#[derive(Default)]
+struct Profile {
+    times: HashMap<String, (usize, f64)>,
+    by_node: bool,
+}
+
+fn record(profile: &mut Option<&mut Profile>, g: &Graph, n: NodeId, name: String, secs: f64) {
+    if let Some(p) = profile.as_deref_mut() {
+        let key = if p.by_node {
+            format!("{name} {}", g.node(n).name())
+        } else {
+            name
+        };
+        let e = p.times.entry(key).or_default();
         e.0 += 1;
         e.1 += secs;
     }
@@ -384,11 +397,32 @@ impl<'m> Evaluator<'m> {
     /// Runs the graph once and returns, per operator type, how many nodes ran
     /// and the seconds they took, slowest first.
     pub fn profile(&self, inputs: Inputs) -> Result<Vec<(String, usize, f64)>, EvalError> {
-        let mut times: HashMap<String, (usize, f64)> = HashMap::new();
-        self.threads
-            .install(|| self.run_timed(inputs, &[], &mut |_, _| {}, Some(&mut times)))?;
-        let mut rows: Vec<(String, usize, f64)> =
-            times.into_iter().map(|(k, (n, t))| (k, n, t)).collect();
+        self.profile_rows(inputs, false)
+    }
+
+    /// As [`Evaluator::profile`], a row per step: its operator type and
+    /// kind, then the name of its node.
+    pub fn profile_nodes(&self, inputs: Inputs) -> Result<Vec<(String, usize, f64)>, EvalError> {
+        self.profile_rows(inputs, true)
+    }
+
+    fn profile_rows(
+        &self,
+        inputs: Inputs,
+        by_node: bool,
+    ) -> Result<Vec<(String, usize, f64)>, EvalError> {
+        let mut profile = Profile {
+            by_node,
+            ..Profile::default()
+        };
+        self.threads.install(|| {
+            with_workers_awake(|| self.run_timed(inputs, &[], &mut |_, _| {}, Some(&mut profile)))
+        })?;
+        let mut rows: Vec<(String, usize, f64)> = profile
+            .times
+            .into_iter()
+            .map(|(k, (n, t))| (k, n, t))
+            .collect();
         rows.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
         Ok(rows)
     }
@@ -407,7 +441,7 @@ impl<'m> Evaluator<'m> {
         inputs: Inputs,
         watch: &[ValueId],
         observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
-        mut times: Option<&mut HashMap<String, (usize, f64)>>,
+        mut times: Option<&mut Profile>,
     ) -> Result<Vec<Tensor>, EvalError> {
         let g = self.graph;
         let mut env: HashMap<ValueId, Tensor> = HashMap::new();
@@ -424,7 +458,7 @@ impl<'m> Evaluator<'m> {
                 for n in step.nodes() {
                     let call = Call::single(n);
                     let secs = self.exec(&call, &mut env, &mut left, watch, observe)?;
-                    record(&mut times, profile_name(g, n), secs);
+                    record(&mut times, g, n, profile_name(g, n), secs);
                 }
                 continue;
             }
@@ -448,7 +482,7 @@ impl<'m> Evaluator<'m> {
                     None => {
                         let secs =
                             self.exec(&Call::single(pad), &mut env, &mut left, watch, observe)?;
-                        record(&mut times, "Pad".into(), secs);
+                        record(&mut times, g, pad, "Pad".into(), secs);
                     }
                 }
             }
@@ -472,7 +506,7 @@ impl<'m> Evaluator<'m> {
             for &f in &step.fused {
                 name = format!("{name}+{}", g.node(f).op_type);
             }
-            record(&mut times, name, secs);
+            record(&mut times, g, step.node, name, secs);
         }
         let mut outs = Vec::with_capacity(g.outputs().len());
         for (i, &v) in g.outputs().iter().enumerate() {

@@ -79,4 +79,17 @@ fn a_fused_residual_add_gives_the_bits_of_the_nodes_alone() {
             "no step {want} in {steps:?}"
         );
     }
+    // Per node, each step is named after its first node too.
+    let rows: Vec<String> = ev
+        .profile_nodes(inputs(2))
+        .unwrap()
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect();
+    for want in [
+        "Conv(1x1)+BatchNormalization+Add+Relu conv1",
+        "Conv(depthwise 3x3)+Add conv2",
+    ] {
+        assert!(rows.iter().any(|s| s == want), "no row {want} in {rows:?}");
+    }
 }

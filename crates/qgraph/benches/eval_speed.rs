@@ -95,12 +95,19 @@ fn main() {
                 times.sort_by(f64::total_cmp);
                 times[times.len() / 2]
             };
-            // QGRAPH_PROFILE=N: the mean over N runs (1 for any other value).
+            // QGRAPH_PROFILE=N: the mean over N runs (1 for any other value);
+            // QGRAPH_PROFILE_NODES=1: a row per node rather than per kind.
             if let Ok(runs) = std::env::var("QGRAPH_PROFILE") {
                 let runs: usize = runs.parse().unwrap_or(1).max(1);
+                let by_node = std::env::var("QGRAPH_PROFILE_NODES").is_ok_and(|v| v == "1");
                 let mut total: Vec<(String, usize, f64)> = Vec::new();
                 for _ in 0..runs {
-                    for (op, n, t) in ev.profile(x.clone()).expect("profile") {
+                    let rows = if by_node {
+                        ev.profile_nodes(x.clone())
+                    } else {
+                        ev.profile(x.clone())
+                    };
+                    for (op, n, t) in rows.expect("profile") {
                         match total.iter_mut().find(|r| r.0 == op) {
                             Some(r) => r.2 += t,
                             None => total.push((op, n, t)),
