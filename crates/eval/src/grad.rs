@@ -49,13 +49,11 @@ impl<'m> Evaluator<'m> {
             mode,
             times: Default::default(),
         };
-        self.threads.install(|| {
-            crate::with_workers_awake(|| {
-                for &n in &self.order {
-                    tape.run(n)?;
-                }
-                Ok::<_, EvalError>(())
-            })
+        self.in_pool(|| {
+            for &n in &self.order {
+                tape.run(n)?;
+            }
+            Ok::<_, EvalError>(())
         })?;
         Ok(tape)
     }
@@ -176,75 +174,73 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
         for (v, t) in seeds {
             accumulate(&mut grads, v, t).map_err(|m| EvalError::Input(m.to_string()))?;
         }
-        self.evaluator.threads.install(|| {
-            crate::with_workers_awake(|| {
-                for &n in order.iter().rev() {
-                    let node = g.node(n);
-                    let outs = node.outputs();
-                    if !outs.iter().flatten().any(|v| grads.contains_key(v)) {
-                        continue;
-                    }
-                    let wanted: Vec<bool> = node
-                        .inputs()
+        self.evaluator.in_pool(|| {
+            for &n in order.iter().rev() {
+                let node = g.node(n);
+                let outs = node.outputs();
+                if !outs.iter().flatten().any(|v| grads.contains_key(v)) {
+                    continue;
+                }
+                let wanted: Vec<bool> = node
+                    .inputs()
+                    .iter()
+                    .map(|v| v.is_some_and(|v| reaches.contains(&v)))
+                    .collect();
+                if !wanted.contains(&true) {
+                    continue;
+                }
+                let Some(kernel) = ops::backward_kernel(&node.domain, &node.op_type) else {
+                    return Err(EvalError::Unsupported {
+                        node: g.describe_node(n),
+                        op: format!("the gradient of {}", node.op_type),
+                    });
+                };
+                let started = std::time::Instant::now();
+                let results = {
+                    let inputs = self.lookup_all(node.inputs())?;
+                    let outputs = self.lookup_all(outs)?;
+                    // Handed over, copied only when the caller wants them.
+                    let d_outputs: Vec<Option<Tensor>> = outs
                         .iter()
-                        .map(|v| v.is_some_and(|v| reaches.contains(&v)))
-                        .collect();
-                    if !wanted.contains(&true) {
-                        continue;
-                    }
-                    let Some(kernel) = ops::backward_kernel(&node.domain, &node.op_type) else {
-                        return Err(EvalError::Unsupported {
-                            node: g.describe_node(n),
-                            op: format!("the gradient of {}", node.op_type),
-                        });
-                    };
-                    let started = std::time::Instant::now();
-                    let results = {
-                        let inputs = self.lookup_all(node.inputs())?;
-                        let outputs = self.lookup_all(outs)?;
-                        // Handed over, copied only when the caller wants them.
-                        let d_outputs: Vec<Option<Tensor>> = outs
-                            .iter()
-                            .map(|v| {
-                                v.and_then(|v| {
-                                    if wanted_out.contains(&v) {
-                                        grads.get(&v).cloned()
-                                    } else {
-                                        grads.remove(&v)
-                                    }
-                                })
+                        .map(|v| {
+                            v.and_then(|v| {
+                                if wanted_out.contains(&v) {
+                                    grads.get(&v).cloned()
+                                } else {
+                                    grads.remove(&v)
+                                }
                             })
-                            .collect();
-                        let cx = self.context(n);
-                        kernel(
-                            &cx,
-                            &Grads {
-                                inputs: &inputs,
-                                outputs: &outputs,
-                                d_outputs: std::sync::Mutex::new(d_outputs),
-                                wanted: &wanted,
-                                training: self.mode == Mode::Training,
-                                saved: self.saved(n).unwrap_or(&[]),
-                            },
-                        )?
-                    };
-                    self.time(&node.op_type, "backward", started);
-                    for v in outs.iter().flatten() {
-                        if !wanted_out.contains(v) {
-                            grads.remove(v);
-                        }
-                    }
-                    for ((v, t), want) in node.inputs().iter().zip(results).zip(&wanted) {
-                        if let (Some(v), Some(t), true) = (v, t, want) {
-                            accumulate(&mut grads, *v, t).map_err(|m| EvalError::Op {
-                                node: g.describe_node(n),
-                                message: m.to_string(),
-                            })?;
-                        }
+                        })
+                        .collect();
+                    let cx = self.context(n);
+                    kernel(
+                        &cx,
+                        &Grads {
+                            inputs: &inputs,
+                            outputs: &outputs,
+                            d_outputs: std::sync::Mutex::new(d_outputs),
+                            wanted: &wanted,
+                            training: self.mode == Mode::Training,
+                            saved: self.saved(n).unwrap_or(&[]),
+                        },
+                    )?
+                };
+                self.time(&node.op_type, "backward", started);
+                for v in outs.iter().flatten() {
+                    if !wanted_out.contains(v) {
+                        grads.remove(v);
                     }
                 }
-                Ok(())
-            })
+                for ((v, t), want) in node.inputs().iter().zip(results).zip(&wanted) {
+                    if let (Some(v), Some(t), true) = (v, t, want) {
+                        accumulate(&mut grads, *v, t).map_err(|m| EvalError::Op {
+                            node: g.describe_node(n),
+                            message: m.to_string(),
+                        })?;
+                    }
+                }
+            }
+            Ok(())
         })?;
         grads.retain(|v, _| wanted_out.contains(v));
         Ok(grads)

@@ -115,7 +115,6 @@ impl Call<'_> {
     }
 }
 
-/// Adds a kernel's seconds to a profile, when one is being taken.
 /// Where a profiled run adds up the seconds of its steps: per row name
 /// (operator type and kind), or per node, the node's name after it.
 #[derive(Default)]
@@ -124,6 +123,7 @@ struct Profile {
     by_node: bool,
 }
 
+/// Adds a kernel's seconds to a profile, when one is being taken.
 fn record(profile: &mut Option<&mut Profile>, g: &Graph, n: NodeId, name: String, secs: f64) {
     if let Some(p) = profile.as_deref_mut() {
         let key = if p.by_node {
@@ -376,8 +376,14 @@ impl<'m> Evaluator<'m> {
                 return samples::join(outputs);
             }
         }
-        self.threads
-            .install(|| with_workers_awake(|| self.run_in_pool(inputs, watch, observe)))
+        self.in_pool(|| self.run_in_pool(inputs, watch, observe))
+    }
+
+    /// Runs `work` in this evaluator's pool, the other workers awake until
+    /// it ends (see [`with_workers_awake`]): for work that goes operator by
+    /// operator.
+    pub(crate) fn in_pool<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        self.threads.install(|| with_workers_awake(work))
     }
 
     /// Whether the graph computes each sample from that sample alone, so
@@ -415,9 +421,7 @@ impl<'m> Evaluator<'m> {
             by_node,
             ..Profile::default()
         };
-        self.threads.install(|| {
-            with_workers_awake(|| self.run_timed(inputs, &[], &mut |_, _| {}, Some(&mut profile)))
-        })?;
+        self.in_pool(|| self.run_timed(inputs, &[], &mut |_, _| {}, Some(&mut profile)))?;
         let mut rows: Vec<(String, usize, f64)> = profile
             .times
             .into_iter()
@@ -441,7 +445,7 @@ impl<'m> Evaluator<'m> {
         inputs: Inputs,
         watch: &[ValueId],
         observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
-        mut times: Option<&mut Profile>,
+        mut profile: Option<&mut Profile>,
     ) -> Result<Vec<Tensor>, EvalError> {
         let g = self.graph;
         let mut env: HashMap<ValueId, Tensor> = HashMap::new();
@@ -458,7 +462,7 @@ impl<'m> Evaluator<'m> {
                 for n in step.nodes() {
                     let call = Call::single(n);
                     let secs = self.exec(&call, &mut env, &mut left, watch, observe)?;
-                    record(&mut times, g, n, profile_name(g, n), secs);
+                    record(&mut profile, g, n, profile_name(g, n), secs);
                 }
                 continue;
             }
@@ -482,7 +486,7 @@ impl<'m> Evaluator<'m> {
                     None => {
                         let secs =
                             self.exec(&Call::single(pad), &mut env, &mut left, watch, observe)?;
-                        record(&mut times, g, pad, "Pad".into(), secs);
+                        record(&mut profile, g, pad, "Pad".into(), secs);
                     }
                 }
             }
@@ -506,7 +510,7 @@ impl<'m> Evaluator<'m> {
             for &f in &step.fused {
                 name = format!("{name}+{}", g.node(f).op_type);
             }
-            record(&mut times, g, step.node, name, secs);
+            record(&mut profile, g, step.node, name, secs);
         }
         let mut outs = Vec::with_capacity(g.outputs().len());
         for (i, &v) in g.outputs().iter().enumerate() {

@@ -66,7 +66,7 @@ graph main {{
             group = self.group,
             s = list(&self.strides),
             d = list(&self.dilations),
-            p = list(&[self.pads[0], self.pads[1], self.pads[2], self.pads[3]]),
+            p = list(&self.pads),
         )
     }
 
@@ -149,6 +149,7 @@ fn case(
 
 #[test]
 fn convolutions_match_the_definition_whatever_the_tiling() {
+    #[rustfmt::skip]
     let cases = [
         // 1x1 on a large plane: several row tiles, all channels each.
         case(1, (64, 56, 56), (64, 1), [1, 1], [1, 1], [1, 1], [0; 4]),
@@ -157,15 +158,7 @@ fn convolutions_match_the_definition_whatever_the_tiling() {
         // Few input channels: channel tiles of a whole-plane row tile.
         case(1, (16, 30, 30), (96, 1), [1, 1], [1, 1], [1, 1], [0; 4]),
         // A network's first convolution: im2col, stride 2, padding.
-        case(
-            1,
-            (3, 64, 64),
-            (32, 1),
-            [3, 3],
-            [2, 2],
-            [1, 1],
-            [1, 1, 1, 1],
-        ),
+        case(1, (3, 64, 64), (32, 1), [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
         // 1x1 with a stride (im2col, not the plain product).
         case(2, (24, 20, 18), (40, 1), [1, 1], [2, 2], [1, 1], [0; 4]),
         // Groups, dilation, asymmetric padding and strides.
@@ -174,63 +167,15 @@ fn convolutions_match_the_definition_whatever_the_tiling() {
         case(1, (5, 9, 12), (7, 1), [2, 4], [1, 1], [1, 1], [1, 2, 0, 1]),
         // Depthwise: 3x3 and 5x5, strides 1 and 2, channels not a whole
         // vector, planes not square, and a size with no unrolled kernel.
-        case(
-            2,
-            (20, 15, 17),
-            (20, 20),
-            [3, 3],
-            [1, 1],
-            [1, 1],
-            [1, 1, 1, 1],
-        ),
-        case(
-            1,
-            (20, 15, 17),
-            (20, 20),
-            [3, 3],
-            [2, 2],
-            [1, 1],
-            [1, 1, 1, 1],
-        ),
-        case(
-            1,
-            (36, 28, 28),
-            (36, 36),
-            [5, 5],
-            [1, 1],
-            [1, 1],
-            [2, 2, 2, 2],
-        ),
-        case(
-            1,
-            (36, 28, 28),
-            (36, 36),
-            [5, 5],
-            [2, 2],
-            [1, 1],
-            [1, 1, 2, 2],
-        ),
-        case(
-            2,
-            (48, 7, 7),
-            (48, 48),
-            [3, 3],
-            [1, 1],
-            [1, 1],
-            [1, 1, 1, 1],
-        ),
+        case(2, (20, 15, 17), (20, 20), [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+        case(1, (20, 15, 17), (20, 20), [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
+        case(1, (36, 28, 28), (36, 36), [5, 5], [1, 1], [1, 1], [2, 2, 2, 2]),
+        case(1, (36, 28, 28), (36, 36), [5, 5], [2, 2], [1, 1], [1, 1, 2, 2]),
+        case(2, (48, 7, 7), (48, 48), [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
         case(1, (4, 10, 9), (4, 4), [7, 7], [1, 1], [1, 1], [3, 3, 3, 3]),
         // The same size out as in, padded unevenly.
         case(1, (5, 9, 10), (5, 5), [4, 4], [1, 1], [1, 1], [1, 2, 2, 1]),
-        case(
-            1,
-            (17, 3, 40),
-            (17, 17),
-            [3, 3],
-            [1, 1],
-            [1, 1],
-            [1, 1, 1, 1],
-        ),
+        case(1, (17, 3, 40), (17, 17), [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
         case(1, (6, 11, 11), (6, 6), [3, 3], [3, 3], [2, 2], [0, 1, 2, 0]),
     ];
     for (i, case) in cases.iter().enumerate() {

@@ -64,12 +64,10 @@ fn a_fused_residual_add_gives_the_bits_of_the_nodes_alone() {
             .unwrap();
         assert!(fused == alone, "batch {batch}: fusion changed a value");
     }
-    let steps: Vec<String> = ev
-        .profile(inputs(2))
-        .unwrap()
-        .into_iter()
-        .map(|(name, _, _)| name)
-        .collect();
+    let names = |rows: Vec<(String, usize, f64)>| -> Vec<String> {
+        rows.into_iter().map(|(name, _, _)| name).collect()
+    };
+    let steps = names(ev.profile(inputs(2)).unwrap());
     for want in [
         "Conv(1x1)+BatchNormalization+Add+Relu",
         "Conv(depthwise 3x3)+Add",
@@ -80,12 +78,7 @@ fn a_fused_residual_add_gives_the_bits_of_the_nodes_alone() {
         );
     }
     // Per node, each step is named after its first node too.
-    let rows: Vec<String> = ev
-        .profile_nodes(inputs(2))
-        .unwrap()
-        .into_iter()
-        .map(|(name, _, _)| name)
-        .collect();
+    let rows = names(ev.profile_nodes(inputs(2)).unwrap());
     for want in [
         "Conv(1x1)+BatchNormalization+Add+Relu conv1",
         "Conv(depthwise 3x3)+Add conv2",

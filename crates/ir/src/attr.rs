@@ -10,6 +10,17 @@ pub struct Attribute {
     pub doc: String,
 }
 
+impl Attribute {
+    /// An attribute without documentation.
+    pub fn new(name: impl Into<String>, value: AttrValue) -> Attribute {
+        Attribute {
+            name: name.into(),
+            value,
+            doc: String::new(),
+        }
+    }
+}
+
 /// The kind of an attribute, as ONNX names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttrKind {

@@ -193,11 +193,7 @@ impl NewNode {
     }
 
     pub fn attr(mut self, name: impl Into<String>, value: AttrValue) -> NewNode {
-        self.attrs.push(Attribute {
-            name: name.into(),
-            value,
-            doc: String::new(),
-        });
+        self.attrs.push(Attribute::new(name, value));
         self
     }
 }

@@ -372,11 +372,10 @@ impl TrainingGraph {
                 "lsq"
             };
             let node = model.graph.node_mut(q.node).map_err(ir_err)?;
-            node.attrs.push(qgraph_ir::Attribute {
-                name: "method".into(),
-                value: AttrValue::String(method.as_bytes().to_vec()),
-                doc: String::new(),
-            });
+            node.attrs.push(qgraph_ir::Attribute::new(
+                "method",
+                AttrValue::String(method.as_bytes().to_vec()),
+            ));
         }
         if scheme_name(&model).starts_with("dorefa-") {
             for q in quantizers.iter_mut().filter(|q| q.weight) {
@@ -828,7 +827,6 @@ fn take_over_clamp(g: &mut Graph, q: &mut Quantizer) -> Result<(), TrainError> {
             g.remove_value(*b).map_err(ir_err)?;
         }
     }
-    g.set_node_input(q.node, 0, Some(x)).map_err(ir_err)?;
     let fake = g.node_mut(q.node).map_err(ir_err)?;
     let mut attrs = vec![("clip_lo_open", AttrValue::Int(lo_open as i64))];
     // Infinite bounds are the defaults (and have no text form).
@@ -838,13 +836,11 @@ fn take_over_clamp(g: &mut Graph, q: &mut Quantizer) -> Result<(), TrainError> {
     if hi.is_finite() {
         attrs.push(("clip_hi", AttrValue::Float(hi)));
     }
-    for (name, value) in attrs {
-        fake.attrs.push(qgraph_ir::Attribute {
-            name: name.into(),
-            value,
-            doc: String::new(),
-        });
-    }
+    fake.attrs.extend(
+        attrs
+            .into_iter()
+            .map(|(name, value)| qgraph_ir::Attribute::new(name, value)),
+    );
     q.input = x;
     q.clamp = Some((lo, hi));
     Ok(())

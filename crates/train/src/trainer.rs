@@ -151,11 +151,10 @@ impl Trainer {
                 .map_err(|e| TrainError::Graph(e.to_string()))?;
             if q.clamp.is_some() {
                 // Only the Relu or Clip it took over.
-                node.attrs.push(qgraph_ir::Attribute {
-                    name: "bypass".into(),
-                    value: qgraph_ir::AttrValue::Int(1),
-                    doc: String::new(),
-                });
+                node.attrs.push(qgraph_ir::Attribute::new(
+                    "bypass",
+                    qgraph_ir::AttrValue::Int(1),
+                ));
             } else {
                 node.op_type = "Identity".into();
                 node.domain = String::new();

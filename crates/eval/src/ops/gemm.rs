@@ -5,7 +5,7 @@
 //! only then makes the call. Nothing else in the workspace uses `unsafe`.
 #![allow(unsafe_code)]
 
-use qgraph_ir::ndarray::ArrayViewMut2;
+use qgraph_ir::ndarray::{ArrayViewMut2, ShapeBuilder};
 
 /// A read-only matrix over a slice: element (r, c) is at
 /// `r * row_stride + c * col_stride`.
@@ -92,44 +92,11 @@ pub fn gemm(
     accumulate: bool,
     threads: Threads,
 ) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(b.rows, k, "inner dimensions of a matrix product");
-    assert!(a.extent() <= a.data.len(), "left operand outside its slice");
-    assert!(
-        b.extent() <= b.data.len(),
-        "right operand outside its slice"
-    );
-    let dst_extent = if m == 0 || n == 0 {
-        0
-    } else {
-        (m - 1) * dst_row_stride + n
-    };
-    assert!(dst_extent <= dst.len(), "destination outside its slice");
-    assert!(n <= dst_row_stride || m <= 1, "destination rows overlap");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[r * dst_row_stride..][..n].fill(0.0);
-            }
-        }
-        return;
-    }
-    // SAFETY: checked above.
-    unsafe {
-        product(
-            dst.as_mut_ptr(),
-            dst_row_stride as isize,
-            1,
-            a,
-            b,
-            alpha,
-            accumulate,
-            threads,
-        )
-    }
+    // The view checks that every row fits in the slice and that no two
+    // rows overlap.
+    let dst = ArrayViewMut2::from_shape((a.rows, b.cols).strides((dst_row_stride, 1)), dst)
+        .expect("destination outside its slice, or its rows overlap");
+    gemm_into(dst, a, b, alpha, accumulate, threads)
 }
 
 /// As [`gemm`], into a matrix view: `dst = alpha * a b` (or `+=`), where
@@ -159,55 +126,23 @@ pub fn gemm_into(
         }
         return;
     }
-    let (row_stride, col_stride) = (dst.strides()[0], dst.strides()[1]);
-    // SAFETY: the view holds its `m x n` elements at these strides
-    // exclusively (ndarray's invariant for a mutable view), so the product
-    // writes only them and they alias neither operand, which the asserts
-    // put inside their slices.
-    unsafe {
-        product(
-            dst.as_mut_ptr(),
-            row_stride,
-            col_stride,
-            a,
-            b,
-            alpha,
-            accumulate,
-            threads,
-        )
-    }
-}
-
-/// The call into the crate.
-///
-/// # Safety
-/// `dst` with the strides must address `a.rows() x b.cols()` elements that
-/// nothing else reads or writes during the call, and `a` and `b` must lie
-/// inside their slices, their inner dimensions equal and none empty.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    dst: *mut f32,
-    dst_row_stride: isize,
-    dst_col_stride: isize,
-    a: MatRef,
-    b: MatRef,
-    alpha: f32,
-    accumulate: bool,
-    threads: Threads,
-) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
     let parallelism = match threads {
         Threads::One => gemm::Parallelism::None,
         Threads::Pool => gemm::Parallelism::Rayon(0),
     };
-    // SAFETY: the caller's contract; the operands' strides are
-    // non-negative and fit isize because their extents fit in slices.
+    let (dst_row_stride, dst_col_stride) = (dst.strides()[0], dst.strides()[1]);
+    // SAFETY: the view holds its `m x n` elements at these strides
+    // exclusively (ndarray's invariant for a mutable view), so the product
+    // writes only them and they alias neither operand; the asserts above
+    // put every element of the operands inside their slices, and their
+    // strides are non-negative and fit isize because the extents fit in
+    // slices.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst,
+            dst.as_mut_ptr(),
             dst_col_stride,
             dst_row_stride,
             accumulate,
@@ -265,6 +200,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "rows overlap")]
+    fn overlapping_destination_rows_are_refused() {
+        let a = [1f32; 4];
+        let mut d = [0f32; 4];
+        gemm(
+            &mut d,
+            1,
+            MatRef::row_major(&a, 2, 2),
+            MatRef::row_major(&a, 2, 2),
+            1.0,
+            false,
+            Threads::One,
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! uint16, int32 (dequantize), int4 and uint4; round half to even and
 //! saturation to the output type.
 
-use super::{array, input};
+use super::{array, f32_input, input};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::{DataType, PackedTensor, Tensor};
 use rayon::prelude::*;
@@ -396,10 +396,7 @@ pub fn dequantize_linear_backward(
 pub fn fake_quantize(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let clip = Clamp::read(cx)?;
     if cx.int_attr("bypass", 0)? != 0 {
-        let x = input(cx, i, 0)?;
-        let Tensor::F32(a) = x else {
-            return cx.err(format!("the input must be f32, found {}", x.dtype()));
-        };
+        let a = f32_input(cx, i, 0)?;
         return Ok(vec![Tensor::F32(a.mapv(|v| clip.apply(v)))]);
     }
     let fq = FakeQuant::read(cx, i)?;
@@ -482,10 +479,7 @@ pub fn fake_quantize_backward(
     let mut d = g.d_output(cx, 0)?;
     if cx.int_attr("bypass", 0)? != 0 {
         if g.wants(0) {
-            let x = input(cx, g.inputs, 0)?;
-            let Tensor::F32(a) = x else {
-                return cx.err(format!("the input must be f32, found {}", x.dtype()));
-            };
+            let a = f32_input(cx, g.inputs, 0)?;
             d.zip_mut_with(a, |d, &x| {
                 if !clip.passes(x) {
                     *d = 0.0;
@@ -590,12 +584,10 @@ impl<'a> FakeQuant<'a> {
         if qmin > qmax {
             return cx.err(format!("the grid [{qmin}, {qmax}] is empty"));
         }
-        let x_values = match x {
-            Tensor::F32(a) => match a.as_slice() {
-                Some(s) => std::borrow::Cow::Borrowed(s),
-                None => std::borrow::Cow::Owned(a.iter().copied().collect()),
-            },
-            t => return cx.err(format!("the input must be f32, found {}", t.dtype())),
+        let a = f32_input(cx, i, 0)?;
+        let x_values = match a.as_slice() {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(a.iter().copied().collect()),
         };
         Ok(FakeQuant {
             x: x_values,
