@@ -81,13 +81,13 @@ def check_insert(qgraph, model, workdir, scheme):
 MNIST = Path(__file__).resolve().parent.parent / "testdata" / "data" / "mnist64.npz"
 
 
-def check_calibrated(qgraph, model, workdir, scheme, placement):
+def check_calibrated(qgraph, model, workdir, scheme, placement, extra=()):
     """For a model on 1x28x28 inputs: `qgraph insert` calibrated on the 64
     MNIST digits in testdata; ONNX Runtime (optimisations off) must agree
     with the float model's top-1 on at least 95% of them."""
-    out = Path(workdir) / f"{model.stem}.{scheme}.{placement}.onnx"
+    out = Path(workdir) / f"{model.stem}.{scheme}.{placement}{''.join(extra)}.onnx"
     proc = subprocess.run([qgraph, "insert", "--scheme", scheme, "--placement", placement, str(model),
-                           "--calib", str(MNIST), "-o", str(out)], capture_output=True, text=True)
+                           "--calib", str(MNIST), "-o", str(out), *extra], capture_output=True, text=True)
     if proc.returncode != 0:
         return f"qgraph insert failed: {proc.stderr.strip()}"
     onnx.checker.check_model(str(out), full_check=True)
@@ -99,12 +99,13 @@ def check_calibrated(qgraph, model, workdir, scheme, placement):
     return None if agree >= 0.95 else f"top-1 agreement {agree:.3f} < 0.95"
 
 
-def check_frozen(qgraph, qdq, workdir, target, feeds):
+def check_frozen(qgraph, qdq, workdir, target, feeds, exact=False):
     """`qgraph freeze` of a Q/DQ model qgraph wrote: the result passes the
     checker and runs in ONNX Runtime. The TensorRT form computes the same as
     the Q/DQ graph (optimisations off: the same arithmetic, within 1e-5
     relative); the integer form, in ONNX Runtime's integer kernels, agrees
-    on top-1 with the Q/DQ graph on at least 95% of the rows."""
+    on top-1 with the Q/DQ graph on at least 95% of the rows, and with
+    `exact` (power-of-two scales) equals it bit for bit."""
     out = Path(workdir) / f"{Path(qdq).stem}.{target}.onnx"
     proc = subprocess.run([qgraph, "freeze", "--target", target, str(qdq), "-o", str(out)],
                           capture_output=True, text=True)
@@ -115,6 +116,12 @@ def check_frozen(qgraph, qdq, workdir, target, feeds):
     if target == "integer":
         got = ort.InferenceSession(str(out), ort.SessionOptions(),
                                    providers=["CPUExecutionProvider"]).run(None, feeds)
+        if exact:
+            for a, b in zip(want, got):
+                if not np.array_equal(a, b):
+                    return (f"{int((a != b).sum())} of {a.size} outputs differ from the Q/DQ graph "
+                            f"(largest {float(np.max(np.abs(a - b))):.2e}); power-of-two scales promise none")
+            return None
         agree = float((want[0].argmax(1) == got[0].argmax(1)).mean())
         return None if agree >= 0.95 else f"top-1 agreement with the Q/DQ graph {agree:.3f} < 0.95"
     got = run(out, feeds)
@@ -210,25 +217,27 @@ def main():
                     print(f"ok   {m.name} (insert {scheme}, freeze tensorrt): onnx checker passes, "
                           "ONNX Runtime outputs equal the Q/DQ graph's within 1e-5")
             if MNIST.exists() and takes_mnist(m):
-                for scheme, placement in (("int8", "tensorrt"), ("int8-asym", "ort"), ("w4a4", "ort")):
+                for scheme, placement, extra in (("int8", "tensorrt", ()), ("int8-asym", "ort", ()),
+                                                 ("w4a4", "ort", ()), ("int8", "ort", ("--pow2-scales",))):
                     try:
-                        problem = check_calibrated(qgraph, m, workdir, scheme, placement)
+                        problem = check_calibrated(qgraph, m, workdir, scheme, placement, extra)
                     except Exception as e:
                         problem = f"{type(e).__name__}: {e}"
-                    what = f"insert {scheme} --placement {placement}, calibrated"
+                    what = f"insert {scheme} --placement {placement}{''.join(' ' + e for e in extra)}, calibrated"
                     if problem:
                         failed += 1
                         print(f"FAIL {m.name} ({what}): {problem}")
                         continue
                     passed += 1
                     print(f"ok   {m.name} ({what}): runs in ONNX Runtime, agrees with float on 95%+")
-                    if (scheme, placement) != ("int8-asym", "ort"):
+                    if placement != "ort" or scheme != "int8-asym" and not extra:
                         continue
-                    qdq = Path(workdir) / f"{m.stem}.{scheme}.{placement}.onnx"
+                    exact = "--pow2-scales" in extra
+                    qdq = Path(workdir) / f"{m.stem}.{scheme}.{placement}{''.join(extra)}.onnx"
                     x = (np.load(MNIST)["x_u8"] / 255.0).astype(np.float32)
                     feeds = {onnx.load(str(m)).graph.input[0].name: x}
                     try:
-                        problem = check_frozen(qgraph, qdq, workdir, "integer", feeds)
+                        problem = check_frozen(qgraph, qdq, workdir, "integer", feeds, exact)
                     except Exception as e:
                         problem = f"{type(e).__name__}: {e}"
                     if problem:
@@ -237,7 +246,8 @@ def main():
                     else:
                         passed += 1
                         print(f"ok   {m.name} ({what}, freeze integer): onnx checker passes, ONNX Runtime's "
-                              "integer kernels agree with the Q/DQ graph on 95%+")
+                              "integer kernels " + ("equal the Q/DQ graph bit for bit" if exact
+                                                    else "agree with the Q/DQ graph on 95%+"))
             if MNIST.exists() and takes_mnist(m):
                 try:
                     problem = check_trained(qgraph, m, workdir)

@@ -514,10 +514,28 @@ fn weight_params(
             .map(|c| range(&mut c.iter().copied()))
             .collect(),
     };
+    let channels: Vec<Vec<f32>> = match (scheme.pow2, axis) {
+        (false, _) => Vec::new(),
+        (true, None) => vec![w.iter().copied().collect()],
+        (true, Some(axis)) => w
+            .axis_iter(qgraph_ir::ndarray::Axis(axis))
+            .map(|c| c.iter().copied().collect())
+            .collect(),
+    };
     ranges
         .into_iter()
-        .map(|(lo, hi)| {
-            Params::from_range(lo, hi, scheme.grid, scheme.mode).map_err(|e| e.to_string())
+        .enumerate()
+        .map(|(i, (lo, hi))| {
+            if scheme.pow2 {
+                // Of the two powers of two around the scale, the one that
+                // quantizes this channel's weights with less error.
+                Params::from_range_pow2(lo, hi, scheme.grid, scheme.mode, |p| {
+                    p.squared_error(&channels[i], scheme.grid)
+                })
+            } else {
+                Params::from_range(lo, hi, scheme.grid, scheme.mode)
+            }
+            .map_err(|e| e.to_string())
         })
         .collect()
 }
@@ -788,10 +806,14 @@ pub fn insert_qdq(
                 report.unranged.push(name);
                 continue;
             };
-            vec![
+            // Calibration already chose a power-of-two scale; a range
+            // recorded without one gets the scale above it.
+            let params = if site.scheme.pow2 {
+                Params::from_range_pow2(lo, hi, site.scheme.grid, site.scheme.mode, |_| 0.0)
+            } else {
                 Params::from_range(lo, hi, site.scheme.grid, site.scheme.mode)
-                    .map_err(|e| format!("activation '{name}': {e}"))?,
-            ]
+            };
+            vec![params.map_err(|e| format!("activation '{name}': {e}"))?]
         };
         if site.weight {
             let g = &mut model.graph;
@@ -1185,19 +1207,20 @@ pub struct InsertQdq {
 impl InsertQdq {
     pub fn from_params(mut p: PassParams) -> Result<Box<dyn Pass>, String> {
         let scheme = p.take("scheme").unwrap_or_else(|| "int8".to_string());
-        let scheme = Scheme::parse(&scheme)?;
-        let ends = match p.take("ends-at-8-bits").as_deref() {
-            None | Some("true") => true,
-            Some("false") => false,
-            Some(other) => {
-                return Err(format!(
-                    "ends-at-8-bits must be true or false, not '{other}'"
-                ))
-            }
+        let mut scheme = Scheme::parse(&scheme)?;
+        let mut flag = |name: &str, default: bool| match p.take(name).as_deref() {
+            None => Ok(default),
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            Some(other) => Err(format!("{name} must be true or false, not '{other}'")),
         };
+        let ends = flag("ends-at-8-bits", true)?;
+        let pow2 = flag("pow2-scales", false)?;
+        scheme.weights.pow2 = pow2;
+        scheme.activations.pow2 = pow2;
         let placement =
             Placement::parse(&p.take("placement").unwrap_or_else(|| "tensorrt".into()))?;
-        p.finish(&["scheme", "placement", "ends-at-8-bits"])?;
+        p.finish(&["scheme", "placement", "ends-at-8-bits", "pow2-scales"])?;
         Ok(Box::new(InsertQdq {
             options: InsertOptions {
                 scheme,

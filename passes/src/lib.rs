@@ -94,7 +94,7 @@ static REGISTRY: [PassInfo; 14] = [
     },
     PassInfo {
         name: "insert-qdq",
-        summary: "insert QuantizeLinear/DequantizeLinear pairs by TensorRT's placement rules (scheme=int8|int8-asym|wNaM, placement=tensorrt|ort, ends-at-8-bits=true|false); weights from their values, activations where a calibrated range is recorded (qgraph insert calibrates)",
+        summary: "insert QuantizeLinear/DequantizeLinear pairs by TensorRT's placement rules (scheme=int8|int8-asym|wNaM, placement=tensorrt|ort, ends-at-8-bits=true|false, pow2-scales=true|false: every scale a power of two); weights from their values, activations where a calibrated range is recorded (qgraph insert calibrates)",
         build: InsertQdq::from_params,
     },
     PassInfo {

@@ -210,6 +210,14 @@ enum Command {
         /// calibration data (without it, to nearest).
         #[arg(long, value_enum, default_value_t = RoundingArg::Auto)]
         rounding: RoundingArg,
+        /// Round every scale to a power of two (per channel for weights: the
+        /// one below or above, whichever quantizes the weights with less
+        /// error; for activations by the calibration histogram). Products and
+        /// sums of such dequantized values are exact in f32, so `qgraph
+        /// freeze --target integer` computes exactly what the Q/DQ graph does,
+        /// in every runtime; the grid is up to twice as coarse.
+        #[arg(long)]
+        pow2_scales: bool,
     },
     /// Per-layer error of a quantized model: the SQNR of each quantized
     /// tensor against its float twin, worst first, as a table and a chart.
@@ -931,9 +939,23 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             keep_bn,
             no_bias_correction,
             rounding,
+            pow2_scales,
         } => {
-            let scheme = qgraph::quant::Scheme::parse(&scheme)
+            let mut scheme = qgraph::quant::Scheme::parse(&scheme)
                 .map_err(|e| Failure(format!("--scheme: {e}")))?;
+            if pow2_scales {
+                if [scheme.weights.init, scheme.activations.init]
+                    .iter()
+                    .any(|&i| i != qgraph::quant::RangeInit::Observed)
+                {
+                    return Err(Failure(format!(
+                        "--pow2-scales: the scheme '{}' learns its scales in training, which moves them off powers of two; use int8, int8-asym or wNaM",
+                        scheme.name
+                    )));
+                }
+                scheme.weights.pow2 = true;
+                scheme.activations.pow2 = true;
+            }
             if !(0.0..=100.0).contains(&percentile) || percentile == 0.0 {
                 return Err(Failure(format!(
                     "--percentile must be in (0, 100], not {percentile}"

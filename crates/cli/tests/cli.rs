@@ -530,6 +530,25 @@ fn insert_quantizes_lenet_deterministically_and_refuses_bad_options() {
     assert!(o.status.success(), "{}", stderr(&o));
     let shown = stdout(&qgraph(&["show", path_str(&low)]));
     assert_eq!(shown.matches("= Clip(").count(), 2, "{shown}");
+    // Power-of-two scales are recorded in the model's metadata.
+    let pow2 = dir.path().join("pow2.onnx");
+    let o = qgraph(&[
+        "insert",
+        "--scheme",
+        "int8",
+        "--pow2-scales",
+        &lenet(),
+        "--calib",
+        data,
+        "-o",
+        path_str(&pow2),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shown = stdout(&qgraph(&["show", path_str(&pow2)]));
+    assert!(
+        shown.contains("meta \"qgraph.scales\" = \"powers of two\""),
+        "{shown}"
+    );
     // Bad options and files: exit 2, a message naming them, nothing written.
     let out = dir.path().join("never.onnx");
     let model = lenet();
@@ -544,6 +563,10 @@ fn insert_quantizes_lenet_deterministically_and_refuses_bad_options() {
             "no array named 'nope'",
         ),
         (vec!["--calib", data, "--norm", "imagenet"], "3 channels"),
+        (
+            vec!["--scheme", "lsq-w4a4", "--pow2-scales"],
+            "--pow2-scales: the scheme 'lsq-w4a4' learns its scales",
+        ),
     ] {
         let mut full = vec!["insert", model.as_str(), "-o", path_str(&out)];
         full.extend(args);

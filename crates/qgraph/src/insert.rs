@@ -16,7 +16,9 @@ use qgraph_passes::{
 };
 use qgraph_quant::observe::{AbsHistogram, MinMax};
 use qgraph_quant::rounding::SecondMoment;
-use qgraph_quant::{RangeInit, RangeMode, Scheme, PACT_INITIAL_ALPHA};
+use qgraph_quant::{
+    range_for_scale, Grid, Params, RangeInit, RangeMode, Scheme, PACT_INITIAL_ALPHA,
+};
 use std::collections::HashMap;
 
 /// Per-layer overrides from TOML: a list of `[[override]]` tables, each
@@ -387,6 +389,17 @@ pub fn calibrate(
                 }
             }
         };
+        let range = if site.scheme.pow2 {
+            pow2_range(
+                range,
+                grid,
+                site.scheme.mode,
+                &observers[&site.value],
+                calibration.method,
+            )?
+        } else {
+            range
+        };
         ranges.insert(site.value, range);
     }
     let channel_means = sums.into_iter().map(|(v, s)| (v, s.means())).collect();
@@ -401,6 +414,40 @@ pub fn calibrate(
         channel_means,
         input_moments,
     })
+}
+
+/// `range` moved to the nearest range with a power-of-two scale: the scale
+/// just below (finer, clipping more) or just above (coarser, clipping less)
+/// the one `range` needs, whichever the histogram finds the smaller expected
+/// error; without a histogram, or for min-max ranges that promise to clip
+/// nothing, the one above.
+fn pow2_range(
+    range: (f32, f32),
+    grid: Grid,
+    mode: RangeMode,
+    observer: &Observer,
+    method: Method,
+) -> Result<(f32, f32), String> {
+    let histogram = match observer {
+        Observer::Histogram(h) if method != Method::MinMax => Some(h),
+        _ => None,
+    };
+    let error = |p: &Params| match histogram {
+        Some(h) => {
+            let (lo, hi) = p.representable(grid);
+            // The histogram holds |x|: one threshold for both sides.
+            let threshold = if h.extremes.min >= 0.0 {
+                hi
+            } else {
+                (hi - lo) / 2.0
+            };
+            h.expected_error(threshold as f64, p.scale as f64)
+        }
+        None => 0.0,
+    };
+    let p =
+        Params::from_range_pow2(range.0, range.1, grid, mode, error).map_err(|e| e.to_string())?;
+    Ok(range_for_scale(range.0, range.1, p.scale, grid, mode))
 }
 
 /// The passes run before placement: a deployable Q/DQ graph quantizes the
@@ -495,9 +542,15 @@ pub fn insert(
         })
         .unwrap_or_else(|| "none (weights from their values)".into())
         + &init;
+    let scales = if options.scheme.weights.pow2 || options.scheme.activations.pow2 {
+        "powers of two"
+    } else {
+        "free"
+    };
     for (k, v) in [
         ("qgraph.scheme", options.scheme.name.clone()),
         ("qgraph.calibration", method.clone()),
+        ("qgraph.scales", scales.to_string()),
         ("qgraph.version", env!("CARGO_PKG_VERSION").to_string()),
     ] {
         model.meta.retain(|(key, _)| key != k);

@@ -22,6 +22,11 @@ fn digits() -> qgraph::data::Dataset {
 }
 
 fn quantized(scheme: &str, placement: Placement) -> Model {
+    quantized_with(scheme, placement, Method::MinMax, false)
+}
+
+/// `scheme` calibrated by `method`, scales powers of two with `pow2`.
+fn quantized_with(scheme: &str, placement: Placement, method: Method, pow2: bool) -> Model {
     let mut model = qgraph::load(&root().join("testdata/models/lenet5_mnist_clntrained.onnx"))
         .unwrap()
         .model;
@@ -31,11 +36,14 @@ fn quantized(scheme: &str, placement: Placement) -> Model {
         samples: (0..data.len()).collect(),
         norm: qgraph::data::Norm::None,
         batch: 16,
-        method: Method::MinMax,
+        method,
         rounding: Rounding::Nearest,
     };
+    let mut scheme = Scheme::parse(scheme).unwrap();
+    scheme.weights.pow2 = pow2;
+    scheme.activations.pow2 = pow2;
     let options = InsertOptions {
-        scheme: Scheme::parse(scheme).unwrap(),
+        scheme,
         placement,
         ends_at_8_bits: false,
         overrides: Vec::new(),
@@ -174,4 +182,39 @@ fn integer_target_is_integer_and_within_one_step_op_by_op() {
     // Both convolutions and the first Gemm (the last one's output is float).
     assert_eq!(by_op.tensors, 3, "{by_op:?}");
     assert_eq!(by_op.within_one, by_op.elements, "{by_op:?}");
+}
+
+#[test]
+fn power_of_two_scales_make_the_integer_target_exact() {
+    for method in [Method::MinMax, Method::Mse] {
+        let qdq = quantized_with("int8", Placement::Ort, method, true);
+        let g = &qdq.graph;
+        let mut scales = 0;
+        for n in g.node_ids() {
+            let node = g.node(n);
+            if !node.op_type.ends_with("QuantizeLinear") {
+                continue;
+            }
+            let scale = node.inputs()[1].unwrap();
+            let Some(Tensor::F32(s)) = g.initializer(scale).map(|i| &i.tensor) else {
+                panic!("{}: no constant scale", node.name());
+            };
+            for &s in s.iter() {
+                assert_eq!(
+                    qgraph::quant::pow2_neighbours(s).0,
+                    s,
+                    "{}: scale {s}",
+                    node.name()
+                );
+                scales += 1;
+            }
+        }
+        assert!(scales > 40, "{scales} scales");
+        let mut frozen = qdq.clone();
+        let report = freeze(&mut frozen, Target::Integer, Int4::Auto).unwrap();
+        assert!(report.float_ops.is_empty(), "{:?}", report.float_ops);
+        // Bit for bit: every dequantized product and sum is exact in f32, so
+        // the Q/DQ graph rounds the same exact values the integer graph does.
+        assert_eq!(outputs(&qdq), outputs(&frozen), "{method:?}");
+    }
 }

@@ -166,6 +166,87 @@ impl Params {
     }
 }
 
+/// The powers of two just below and just above a positive normal `scale`
+/// (both `scale` when it is one).
+pub fn pow2_neighbours(scale: f32) -> (f32, f32) {
+    // Clearing the mantissa of a normal f32 leaves the power of two below it.
+    let below = f32::from_bits(scale.to_bits() & 0xFF80_0000);
+    if below == scale {
+        (scale, scale)
+    } else {
+        (below, below * 2.0)
+    }
+}
+
+/// A range that [`Params::from_range`] maps onto `grid` with exactly the
+/// power-of-two `scale`, covering as much of `[min, max]` as that scale
+/// allows (the asymmetric zero point placed where `min` lands). With every
+/// scale a power of two, a dequantized value is an integer times a power of
+/// two, so the products and sums a Q/DQ graph computes in f32 are exact
+/// (while they stay below 2^24 steps) and equal the integer graph's.
+pub fn range_for_scale(min: f32, max: f32, scale: f32, grid: Grid, mode: RangeMode) -> (f32, f32) {
+    let (qmin, qmax) = (grid.qmin(), grid.qmax());
+    match mode {
+        RangeMode::Symmetric => {
+            let half = if grid.signed {
+                qmax
+            } else {
+                qmax - (qmin + qmax + 1).div_euclid(2)
+            };
+            let amax = half as f32 * scale;
+            (-amax, amax)
+        }
+        RangeMode::Asymmetric => {
+            let _ = max;
+            let zero_point = (qmin as f32 - min.min(0.0) / scale)
+                .round_ties_even()
+                .clamp(qmin as f32, qmax as f32);
+            let lo = (qmin as f32 - zero_point) * scale;
+            (lo, lo + (qmax - qmin) as f32 * scale)
+        }
+    }
+}
+
+impl Params {
+    /// [`Params::from_range`] with the scale a power of two: of the powers
+    /// just below and just above the scale `[min, max]` needs, the one
+    /// whose parameters `error` finds smaller (the one above, which clips
+    /// nothing, on a tie).
+    pub fn from_range_pow2(
+        min: f32,
+        max: f32,
+        grid: Grid,
+        mode: RangeMode,
+        error: impl Fn(&Params) -> f64,
+    ) -> Result<Params, GridError> {
+        let exact = Params::from_range(min, max, grid, mode)?;
+        let (below, above) = pow2_neighbours(exact.scale);
+        let params = |scale: f32| {
+            let (lo, hi) = range_for_scale(min, max, scale, grid, mode);
+            Params::from_range(lo, hi, grid, mode)
+        };
+        let above = params(above)?;
+        if below == exact.scale && above.scale == exact.scale {
+            return Ok(above);
+        }
+        let below = params(below)?;
+        Ok(if error(&below) < error(&above) {
+            below
+        } else {
+            above
+        })
+    }
+
+    /// The squared error of fake-quantizing `values` with these parameters.
+    pub fn squared_error(&self, values: &[f32], grid: Grid) -> f64 {
+        values
+            .iter()
+            .map(|&v| (v - self.fake_quantize(v, grid)) as f64)
+            .map(|e| e * e)
+            .sum()
+    }
+}
+
 /// A scale as the smallest positive normal f32 at least, so dividing by it
 /// never overflows to infinity for finite ranges of ordinary size.
 fn positive(scale: f64) -> f32 {
@@ -176,6 +257,56 @@ fn positive(scale: f64) -> f32 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn pow2_scales_are_exact_and_chosen_by_error() {
+        assert_eq!(pow2_neighbours(0.3), (0.25, 0.5));
+        assert_eq!(pow2_neighbours(0.25), (0.25, 0.25));
+        assert_eq!(pow2_neighbours(3.0e-6), (2f32.powi(-19), 2f32.powi(-18)));
+        let int8 = Grid::int8();
+        let uint8 = Grid::uint8();
+        let narrow = Grid::new(8, true, true).unwrap();
+        for (grid, mode) in [
+            (int8, RangeMode::Symmetric),
+            (narrow, RangeMode::Symmetric),
+            (uint8, RangeMode::Asymmetric),
+            (int8, RangeMode::Asymmetric),
+        ] {
+            for (lo, hi) in [(-1.3f32, 2.7f32), (0.0, 6.0), (-0.01, 0.02), (-5.0, 0.0)] {
+                // The error that prefers the larger scale, then the smaller.
+                let above =
+                    Params::from_range_pow2(lo, hi, grid, mode, |p| -p.scale as f64).unwrap();
+                let below =
+                    Params::from_range_pow2(lo, hi, grid, mode, |p| p.scale as f64).unwrap();
+                let exact = Params::from_range(lo, hi, grid, mode).unwrap();
+                assert_eq!(pow2_neighbours(above.scale).0, above.scale);
+                assert_eq!(pow2_neighbours(below.scale).0, below.scale);
+                assert!(
+                    below.scale < exact.scale && exact.scale < above.scale,
+                    "{lo} {hi}"
+                );
+                assert_eq!(above.scale, 2.0 * below.scale);
+                // The larger scale covers the whole range: nothing clips.
+                let (rlo, rhi) = above.representable(grid);
+                assert!(
+                    rlo <= lo.min(0.0) && rhi >= hi.max(0.0),
+                    "{grid:?} {mode:?} {lo} {hi} {rlo} {rhi}"
+                );
+                // Zero stays exact.
+                assert_eq!(above.fake_quantize(0.0, grid), 0.0);
+                assert_eq!(below.fake_quantize(0.0, grid), 0.0);
+            }
+        }
+        // Squared error picks: values spread evenly, no outlier, favour the
+        // finer grid unless it clips too much.
+        let values: Vec<f32> = (0..200).map(|i| i as f32 / 199.0 * 1.9 - 0.95).collect();
+        let p = Params::from_range_pow2(-0.95, 0.95, narrow, RangeMode::Symmetric, |p| {
+            p.squared_error(&values, narrow)
+        })
+        .unwrap();
+        // 0.95 / 127 lies between 2^-8 (range 0.496, clipping half) and 2^-7.
+        assert_eq!(p.scale, 2f32.powi(-7));
+    }
 
     #[test]
     fn grids_have_the_onnx_bounds() {

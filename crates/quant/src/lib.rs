@@ -17,7 +17,7 @@ pub mod rounding;
 mod scheme;
 
 pub use fixed_point::{multiply_by_quantized_multiplier, quantize_multiplier, QuantizedMultiplier};
-pub use grid::{Grid, GridError, Params, RangeMode};
+pub use grid::{pow2_neighbours, range_for_scale, Grid, GridError, Params, RangeMode};
 pub use scheme::{RangeInit, Scheme, TensorScheme, PACT_INITIAL_ALPHA, SCHEME_NAMES};
 
 /// Rounds half to even, as ONNX QuantizeLinear does.

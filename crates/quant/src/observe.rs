@@ -385,34 +385,40 @@ impl AbsHistogram {
     /// `[0, t]` (per side): rounding noise `step^2 / 12` inside, clipping
     /// error outside.
     pub fn mse(&self, steps: usize) -> (f32, f32) {
-        let total: u64 = self.counts.iter().sum();
-        if total == 0 {
+        if self.counts.iter().all(|&c| c == 0) {
             return (0.0, 0.0);
         }
         let bw = self.bin_width() as f64;
-        let centres: Vec<f64> = (0..BINS).map(|b| (b as f64 + 0.5) * bw).collect();
         let mut best = (f64::INFINITY, BINS);
         for i in 1..=BINS {
             let t = i as f64 * bw;
-            let step = t / steps.max(1) as f64;
-            let mut err = 0.0;
-            for (b, &c) in self.counts.iter().enumerate() {
-                if c == 0 {
-                    continue;
-                }
-                let x = centres[b];
-                let e = if x > t {
-                    (x - t) * (x - t)
-                } else {
-                    step * step / 12.0
-                };
-                err += c as f64 * e;
-            }
+            let err = self.expected_error(t, t / steps.max(1) as f64);
             if err < best.0 {
                 best = (err, i);
             }
         }
         self.range_for(best.1 as f32 * self.bin_width())
+    }
+
+    /// The summed squared error the observed values get from a grid of
+    /// spacing `step` clipped at `threshold` (per side): rounding noise
+    /// `step^2 / 12` inside, the distance to the threshold outside.
+    pub fn expected_error(&self, threshold: f64, step: f64) -> f64 {
+        let bw = self.bin_width() as f64;
+        let mut err = 0.0;
+        for (b, &c) in self.counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let x = (b as f64 + 0.5) * bw;
+            let e = if x > threshold {
+                (x - threshold) * (x - threshold)
+            } else {
+                step * step / 12.0
+            };
+            err += c as f64 * e;
+        }
+        err
     }
 }
 

@@ -40,6 +40,9 @@ pub struct TensorScheme {
     pub per_channel: bool,
     /// How the initial range is chosen.
     pub init: RangeInit,
+    /// Scales rounded to powers of two (`qgraph insert --pow2-scales`), so
+    /// that an integer-only graph computes exactly what the Q/DQ graph does.
+    pub pow2: bool,
 }
 
 /// How a scheme's initial range is chosen.
@@ -85,6 +88,7 @@ impl Scheme {
             mode: RangeMode::Symmetric,
             per_channel: true,
             init: RangeInit::Observed,
+            pow2: false,
         };
         let (w, a) = match name {
             "int8" => (
@@ -94,6 +98,7 @@ impl Scheme {
                     mode: RangeMode::Symmetric,
                     per_channel: false,
                     init: RangeInit::Observed,
+                    pow2: false,
                 },
             ),
             "int8-asym" => (
@@ -103,6 +108,7 @@ impl Scheme {
                     mode: RangeMode::Asymmetric,
                     per_channel: false,
                     init: RangeInit::Observed,
+                    pow2: false,
                 },
             ),
             _ => {
@@ -121,6 +127,7 @@ impl Scheme {
                     mode: RangeMode::Asymmetric,
                     per_channel: false,
                     init: RangeInit::Observed,
+                    pow2: false,
                 };
                 match learned {
                     None => (weights(wb), activations),
@@ -156,6 +163,7 @@ impl Scheme {
                             mode: RangeMode::Symmetric,
                             per_channel: false,
                             init: RangeInit::LsqMeanAbs,
+                            pow2: false,
                         },
                         TensorScheme {
                             init: RangeInit::LsqMeanAbs,

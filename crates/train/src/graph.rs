@@ -186,6 +186,16 @@ pub fn scale_rules(model: &Model) -> (ScaleRule, ScaleRule) {
     }
 }
 
+/// Whether `insert --pow2-scales` made every scale a power of two
+/// (metadata `qgraph.scales`): training keeps them so, or the integer graph
+/// `freeze` makes would no longer compute exactly what the Q/DQ graph does.
+pub fn pow2_scales(model: &Model) -> bool {
+    model
+        .meta
+        .iter()
+        .any(|(k, v)| k == "qgraph.scales" && v == "powers of two")
+}
+
 /// The scheme `insert` recorded in the model's metadata, or "".
 fn scheme_name(model: &Model) -> &str {
     model

@@ -455,7 +455,12 @@ impl Trainer {
             let Some((grid, mode)) = grid_of(q.qmin, q.qmax, z) else {
                 continue;
             };
-            let Ok(p) = Params::from_range(range.0, range.1, grid, mode) else {
+            let p = if crate::graph::pow2_scales(&self.graph.model) {
+                Params::from_range_pow2(range.0, range.1, grid, mode, |_| 0.0)
+            } else {
+                Params::from_range(range.0, range.1, grid, mode)
+            };
+            let Ok(p) = p else {
                 continue;
             };
             self.values.insert(q.scale, Tensor::scalar_f32(p.scale));
@@ -613,6 +618,7 @@ fn tracked_weight_scales(
     values: &HashMap<ValueId, Tensor>,
 ) -> Vec<(ValueId, Tensor)> {
     let mut out = Vec::new();
+    let pow2 = crate::graph::pow2_scales(&graph.model);
     for q in &graph.quantizers {
         if !(q.weight && q.rule == ScaleRule::Track) {
             continue;
@@ -625,20 +631,31 @@ fn tracked_weight_scales(
         };
         let levels = q.qmax.min(-q.qmin).max(1) as f32;
         let mut scales: Vec<f32> = s.iter().copied().collect();
-        let amax: Vec<f32> = match q.axis {
+        let channels: Vec<Vec<f32>> = match q.axis {
             Some(axis) if scales.len() > 1 => w
                 .axis_iter(qgraph_ir::ndarray::Axis(axis))
-                .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
+                .map(|c| c.iter().copied().collect())
                 .collect(),
-            _ => vec![w.iter().fold(0f32, |m, v| m.max(v.abs()))],
+            _ => vec![w.iter().copied().collect()],
         };
-        if amax.len() != scales.len() {
+        if channels.len() != scales.len() {
             continue;
         }
-        for (s, a) in scales.iter_mut().zip(amax) {
-            if a > 0.0 {
-                *s = (a / levels).max(f32::MIN_POSITIVE);
+        let grid = grid_of(q.qmin, q.qmax, 0).map(|(grid, _)| grid);
+        for (s, c) in scales.iter_mut().zip(channels) {
+            let a = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if a <= 0.0 {
+                continue;
             }
+            *s = match grid.filter(|_| pow2) {
+                // The power of two next to the scale that quantizes the
+                // channel with less error, as `insert` chose it.
+                Some(grid) => Params::from_range_pow2(-a, a, grid, RangeMode::Symmetric, |p| {
+                    p.squared_error(&c, grid)
+                })
+                .map_or(*s, |p| p.scale),
+                None => (a / levels).max(f32::MIN_POSITIVE),
+            };
         }
         let shape = s.shape().to_vec();
         out.push((

@@ -213,7 +213,17 @@ fn fit_on(
     steps: usize,
     threads: usize,
 ) -> (f64, f64, f64, Model) {
-    let model: Model = qgraph_text::parse_model(&qdq_model(scheme)).unwrap();
+    fit_model(&qdq_model(scheme), optimizer, lr, steps, threads)
+}
+
+fn fit_model(
+    text: &str,
+    optimizer: Optimizer,
+    lr: f32,
+    steps: usize,
+    threads: usize,
+) -> (f64, f64, f64, Model) {
+    let model: Model = qgraph_text::parse_model(text).unwrap();
     let config = Config {
         batch: 24,
         lr,
@@ -291,6 +301,29 @@ fn training_fits_a_small_problem_under_every_scale_rule() {
                 "{scheme}: the activation scale did not move"
             );
         }
+    }
+}
+
+#[test]
+fn power_of_two_scales_stay_powers_of_two() {
+    let text = qdq_model("w4a4").replace(
+        "meta \"qgraph.scheme\" = \"w4a4\"",
+        "meta \"qgraph.scheme\" = \"w4a4\"\nmeta \"qgraph.scales\" = \"powers of two\"",
+    );
+    assert!(text.contains("powers of two"));
+    let (first, last, _, trained) = fit_model(&text, Optimizer::Sgd { momentum: 0.9 }, 0.05, 20, 2);
+    assert!(last < first, "loss {first} -> {last}");
+    let g = &trained.graph;
+    let Tensor::F32(ws) = &g
+        .initializer(g.value_by_name("ws").unwrap())
+        .unwrap()
+        .tensor
+    else {
+        panic!("ws is not f32");
+    };
+    // The weight scales tracked their channels' extremes onto powers of two.
+    for &s in ws.iter() {
+        assert_eq!(qgraph_quant::pow2_neighbours(s).0, s, "scale {s}");
     }
 }
 
