@@ -428,6 +428,10 @@ fn pooling_and_means() {
         ("MaxPool(%x) {kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]}", "[2,2,4,4]"),
         ("AveragePool(%x) {kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]}", "[2,2,4,4]"),
         ("AveragePool(%x) {kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1], count_include_pad = 1}", "[2,2,4,4]"),
+        // Windows wholly inside the input: the fixed-loop paths.
+        ("MaxPool(%x) {kernel_shape = [2, 2], strides = [2, 2]}", "[2,2,3,3]"),
+        ("MaxPool(%x) {kernel_shape = [3, 2], strides = [1, 2], dilations = [2, 1]}", "[2,2,3,3]"),
+        ("AveragePool(%x) {kernel_shape = [2, 2], strides = [2, 2]}", "[2,2,3,3]"),
         ("GlobalAveragePool(%x)", "[2,2,1,1]"),
         ("ReduceMean(%x) {axes = [1, 3], keepdims = 0}", "[2,7]"),
         ("ReduceMean(%x) {axes = [2]}", "[2,2,1,7]"),

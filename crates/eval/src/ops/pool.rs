@@ -105,6 +105,28 @@ impl Pooling {
         )
     }
 
+    /// Whether every window lies wholly inside the input (no padding, no
+    /// partial window at the end from `ceil_mode`): then fixed loops over
+    /// the kernel's taps, which the compiler vectorises along a row, do
+    /// what [`Pooling::window`] does, in the same order.
+    fn windows_inside(&self) -> bool {
+        self.rows
+            .iter()
+            .all(|t| t.inside == (0..self.win.kernel[0]))
+            && self
+                .cols
+                .iter()
+                .all(|t| t.inside == (0..self.win.kernel[1]))
+    }
+
+    /// Where tap `(i, j)` of output row `y`, column 0, reads (windows
+    /// inside); column `x` reads `x * strides[1]` further on.
+    #[inline(always)]
+    fn tap_start(&self, y: usize, i: usize, j: usize) -> usize {
+        let iy = self.rows[y].origin as usize + i * self.win.dilations[0];
+        iy * self.w + self.cols[0].origin as usize + j * self.win.dilations[1]
+    }
+
     /// The divisor of an average window.
     fn divisor(&self, taps: usize, padded_count: usize) -> usize {
         if self.include_pad {
@@ -141,11 +163,39 @@ fn pool(cx: &OpCtx, inputs: &[Option<&Tensor>], max: bool) -> Result<Vec<Tensor>
     let xs = x.as_slice().expect("standard layout");
     let mut out = vec![0f32; p.n * p.c * oh * ow];
     let in_plane = p.h * p.w;
+    let inside = p.windows_inside();
+    let (kh, kw, sw) = (p.win.kernel[0], p.win.kernel[1], p.win.strides[1]);
     out.par_chunks_mut((oh * ow).max(1))
         .enumerate()
         .take(p.n * p.c)
         .for_each(|(plane_i, dst)| {
             let plane = &xs[plane_i * in_plane..][..in_plane];
+            if inside {
+                // Each output row takes its taps one at a time across the
+                // row: the same folds as below, in the same tap order.
+                for (y, row) in dst.chunks_exact_mut(ow.max(1)).enumerate() {
+                    row.fill(if max { f32::NEG_INFINITY } else { 0.0 });
+                    for i in 0..kh {
+                        for j in 0..kw {
+                            let taps = &plane[p.tap_start(y, i, j)..];
+                            if max {
+                                for (o, v) in row.iter_mut().zip(taps.iter().step_by(sw)) {
+                                    *o = o.max(*v);
+                                }
+                            } else {
+                                for (o, v) in row.iter_mut().zip(taps.iter().step_by(sw)) {
+                                    *o += *v;
+                                }
+                            }
+                        }
+                    }
+                    if !max {
+                        let d = (kh * kw) as f32;
+                        row.iter_mut().for_each(|o| *o /= d);
+                    }
+                }
+                return;
+            }
             for y in 0..oh {
                 for xo in 0..ow {
                     dst[y * ow + xo] = if max {
@@ -182,11 +232,31 @@ fn pool_backward(cx: &OpCtx, g: &Grads, max: bool) -> Result<Vec<Option<Tensor>>
     let ds = d.as_slice().expect("standard layout");
     let (in_plane, out_plane, ow) = (p.h * p.w, p.out_plane(), p.win.out[1]);
     let mut dx = vec![0f32; xs.len()];
+    let inside = max && p.windows_inside();
+    let (kh, kw, sw) = (p.win.kernel[0], p.win.kernel[1], p.win.strides[1]);
     dx.par_chunks_mut(in_plane.max(1))
         .enumerate()
         .for_each(|(plane_i, dst)| {
             let src = &xs[plane_i * in_plane..][..in_plane];
             let dy = &ds[plane_i * out_plane..][..out_plane];
+            if inside {
+                // The first maximum of each window, taps in the forward's
+                // order, without the general window's bounds arithmetic.
+                for (o, &dv) in dy.iter().enumerate() {
+                    let (y, xo) = (o / ow, o % ow);
+                    let mut best = p.tap_start(y, 0, 0) + xo * sw;
+                    for i in 0..kh {
+                        for j in 0..kw {
+                            let t = p.tap_start(y, i, j) + xo * sw;
+                            if src[t] > src[best] {
+                                best = t;
+                            }
+                        }
+                    }
+                    dst[best] += dv;
+                }
+                return;
+            }
             for (o, &dv) in dy.iter().enumerate() {
                 let (y, xo) = (o / ow, o % ow);
                 if max {
