@@ -99,8 +99,16 @@ static REGISTRY: [PassInfo; 14] = [
     },
     PassInfo {
         name: "lower-to-integer",
-        summary: "turn DequantizeLinear -> Conv/Gemm/MatMul/Add/Mul/GlobalAveragePool/Concat/Sigmoid -> QuantizeLinear groups into QLinearConv, QLinearMatMul and the com.microsoft QLinear ops and QGemm",
-        build: |p| p.finish(&[]).map(|_| Box::new(LowerToInteger) as Box<dyn Pass>),
+        summary: "turn DequantizeLinear -> Conv/Gemm/MatMul/Add/Mul/GlobalAveragePool/Concat/Sigmoid -> QuantizeLinear groups into QLinearConv, QLinearMatMul and the com.microsoft QLinear ops and QGemm; ops=onnx: operators of the ONNX standard only (Gemm as QLinearConv 1x1 or MatMulInteger), the rest kept between Q/DQ",
+        build: |mut p| {
+            let standard_only = match p.take("ops").as_deref() {
+                None | Some("ort") => false,
+                Some("onnx") => true,
+                Some(other) => return Err(format!("ops must be ort or onnx, not '{other}'")),
+            };
+            p.finish(&["ops"])?;
+            Ok(Box::new(LowerToInteger { standard_only }) as Box<dyn Pass>)
+        },
     },
     PassInfo {
         name: "reduce-mean-to-pool",

@@ -21,11 +21,22 @@
 //!
 //! Anything else keeps its DequantizeLinear/QuantizeLinear boundary and
 //! runs in float ([`float_ops`] lists what is left).
+//!
+//! With `ops=onnx` only operators of the ONNX standard are written, for
+//! runtimes without the `com.microsoft` ones (tract): Gemm becomes a 1x1
+//! `QLinearConv` between Reshapes, or `MatMulInteger` + int32 bias + an
+//! int32 DequantizeLinear for a float output; the `com.microsoft` rules
+//! do not apply.
 
 use crate::{util, Pass, PassContext};
 use qgraph_ir::{AttrValue, DataType, Graph, Model, NewNode, NodeId, Tensor, ValueId};
 
-pub struct LowerToInteger;
+pub struct LowerToInteger {
+    /// Only operators of the ONNX standard (QLinearConv, QLinearMatMul,
+    /// MatMulInteger), for runtimes without ONNX Runtime's `com.microsoft`
+    /// ones; what has no standard integer form keeps its Q/DQ boundary.
+    pub standard_only: bool,
+}
 
 /// A DequantizeLinear feeding a value: its integer input, scale and zero
 /// point.
@@ -151,18 +162,31 @@ fn int_type(g: &Graph, d: &Dequantized) -> DataType {
 struct Lowering {
     /// Nodes to remove (the float op, its activation, its QuantizeLinear).
     remove: Vec<NodeId>,
-    /// The value the integer op defines (the QuantizeLinear's output, or
-    /// the float op's output when nothing quantizes it).
+    /// The value the integer op (or the last of `post`) defines: the
+    /// QuantizeLinear's output, or the float op's output when nothing
+    /// quantizes it.
     output: ValueId,
     op: &'static str,
     domain: &'static str,
     inputs: Vec<Input>,
     attrs: Vec<(String, AttrValue)>,
-    /// An integer Clip after the op: (low, high) on its output grid, and
-    /// the grid's type.
-    clip: Option<(i64, i64, DataType)>,
-    /// A float value added to the op's (float) output.
-    add_after: Option<ValueId>,
+    /// An input reshaped before the op: its index and the new shape.
+    reshape_input: Option<(usize, Vec<i64>)>,
+    /// What follows the op, in order.
+    post: Vec<Post>,
+}
+
+/// A step after the integer op.
+enum Post {
+    /// An integer Clip: (low, high) on the output grid, of the grid's type.
+    Clip(i64, i64, DataType),
+    /// An Add of a value of the output's type (a bias).
+    Add(Input),
+    /// A Reshape to this shape (0 keeps a dimension).
+    Reshape(Vec<i64>),
+    /// A DequantizeLinear of an int32 output by this scale, per column
+    /// (axis 1) when it has more than one element.
+    Dequantize(Input),
 }
 
 /// An input of the new op: an existing value, a zero point to create (an
@@ -269,7 +293,7 @@ fn copied_attrs(g: &Graph, n: NodeId) -> Vec<(String, AttrValue)> {
         .collect()
 }
 
-fn match_node(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
+fn match_node(g: &Graph, n: NodeId, opset: i64, standard_only: bool) -> Option<Lowering> {
     let node = g.node(n);
     if !node.domain.is_empty() {
         return None;
@@ -330,10 +354,14 @@ fn match_node(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
                     bias,
                 ],
                 attrs: copied_attrs(g, n),
-                clip,
-                add_after: None,
+                reshape_input: None,
+                post: clip
+                    .map(|(lo, hi, t)| Post::Clip(lo, hi, t))
+                    .into_iter()
+                    .collect(),
             })
         }
+        "Gemm" if standard_only => gemm_as_standard_ops(g, n, opset),
         "Gemm" => {
             let int = |name, default| match node.attr(name) {
                 Some(AttrValue::Int(v)) => *v,
@@ -405,8 +433,12 @@ fn match_node(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
                 domain: "com.microsoft",
                 inputs,
                 attrs: vec![("transB".into(), AttrValue::Int(trans_b as i64))],
-                clip,
-                add_after: float_bias,
+                reshape_input: None,
+                post: clip
+                    .map(|(lo, hi, t)| Post::Clip(lo, hi, t))
+                    .into_iter()
+                    .chain(float_bias.map(|b| Post::Add(Input::Value(b))))
+                    .collect(),
             })
         }
         "MatMul" => {
@@ -434,10 +466,12 @@ fn match_node(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
                     zero_or_new(&y, g),
                 ],
                 attrs: Vec::new(),
-                clip: None,
-                add_after: None,
+                reshape_input: None,
+                post: Vec::new(),
             })
         }
+        // No standard ONNX operator computes these on integers.
+        "Add" | "Mul" | "GlobalAveragePool" | "Sigmoid" | "Concat" if standard_only => None,
         "Add" | "Mul" | "GlobalAveragePool" | "Sigmoid" | "Concat" => {
             let (q, y, y_value) = sole_quantize(g, out)?;
             let data: Vec<Dequantized> = node
@@ -494,11 +528,158 @@ fn match_node(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
                 domain: "com.microsoft",
                 inputs,
                 attrs,
-                clip: None,
-                add_after: None,
+                reshape_input: None,
+                post: Vec::new(),
             })
         }
         _ => None,
+    }
+}
+
+/// A 2-D integer tensor, transposed when `transpose`, as a tensor of its
+/// type with `shape` (as many elements).
+fn ints_as(t: &Tensor, transpose: bool, shape: &[usize]) -> Option<Tensor> {
+    let (r, c) = (t.shape()[0], t.shape()[1]);
+    let v = t.to_f64_vec()?;
+    let values: Vec<i128> = if transpose {
+        // Element (j, i) of the r x c input lands at j * r + i.
+        (0..r * c).map(|o| v[(o % r) * c + o / r] as i128).collect()
+    } else {
+        v.iter().map(|&x| x as i128).collect()
+    };
+    Tensor::from_ints(t.dtype(), shape, &values).ok()
+}
+
+/// Gemm in operators of the ONNX standard alone (for runtimes without
+/// ONNX Runtime's `com.microsoft` ops, such as tract). A quantized output
+/// becomes a 1x1 `QLinearConv` on the input reshaped to `[N, K, 1, 1]`
+/// (it takes the int32 bias and per-channel weight scales QLinearMatMul
+/// lacks), reshaped back; a float output becomes `MatMulInteger`, the int32
+/// bias added, and a DequantizeLinear of the int32 sums by `x_scale *
+/// w_scale` per column.
+fn gemm_as_standard_ops(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
+    let node = g.node(n);
+    let input = |k: usize| node.inputs().get(k).copied().flatten();
+    let out = node.outputs().first().copied().flatten()?;
+    let int = |name, default| match node.attr(name) {
+        Some(AttrValue::Int(v)) => *v,
+        _ => default,
+    };
+    let float = |name| match node.attr(name) {
+        Some(AttrValue::Float(v)) => *v,
+        _ => 1.0,
+    };
+    if int("transA", 0) != 0 || float("alpha") != 1.0 || float("beta") != 1.0 {
+        return None;
+    }
+    let trans_b = int("transB", 0) != 0;
+    let a = dequantized(g, input(0)?, true)?;
+    let b = dequantized(g, input(1)?, false)?;
+    let weight = util::constant(g, Some(b.integer))?;
+    if weight.shape().len() != 2 {
+        return None;
+    }
+    let (m, k) = if trans_b {
+        (weight.shape()[0], weight.shape()[1])
+    } else {
+        (weight.shape()[1], weight.shape()[0])
+    };
+    let ws = f32s(g, b.scale)?;
+    let axis = match g.node(g.producer(input(1)?)?.0).attr("axis") {
+        Some(AttrValue::Int(a)) => *a,
+        _ => 1,
+    };
+    if ws.len() != 1 && (ws.len() != m || axis != if trans_b { 0 } else { 1 }) {
+        return None;
+    }
+    let xs = f32s(g, a.scale)?[0];
+    let step: Vec<f32> = ws.iter().map(|w| xs * w).collect();
+    let base = g.value(b.integer).name().to_string();
+    let activated = sole_activation(g, out, opset).and_then(|(act, lo, hi)| {
+        let act_out = g.node(act).outputs().first().copied().flatten()?;
+        let q = sole_quantize(g, act_out)?;
+        let clip = clip_on_grid(g, &q.1, lo, hi)?;
+        (clip.is_none() || opset >= 12).then_some((act, q, clip))
+    });
+    let (activation, quantized, clip) = match activated {
+        Some((act, q, clip)) => (Some(act), Some(q), clip),
+        None => (None, sole_quantize(g, out), None),
+    };
+    let [ai, asc, az] = triple(&a, g);
+    let weight_zero = zero_or_new(&b, g);
+    match quantized {
+        Some((q, y, y_value)) => {
+            let bias = int32_bias(g, input(2), &step, m)?;
+            let kernel = ints_as(weight, !trans_b, &[m, k, 1, 1])?;
+            let mut remove = vec![n, q];
+            remove.extend(activation);
+            let mut post: Vec<Post> = clip
+                .map(|(lo, hi, t)| Post::Clip(lo, hi, t))
+                .into_iter()
+                .collect();
+            post.push(Post::Reshape(vec![0, m as i64]));
+            Some(Lowering {
+                remove,
+                output: y_value,
+                op: "QLinearConv",
+                domain: "",
+                inputs: vec![
+                    ai,
+                    asc,
+                    az,
+                    Input::New(format!("{base}_1x1"), kernel),
+                    Input::Value(b.scale),
+                    weight_zero,
+                    Input::Value(y.scale),
+                    zero_or_new(&y, g),
+                    bias,
+                ],
+                attrs: Vec::new(),
+                reshape_input: Some((0, vec![0, k as i64, 1, 1])),
+                post,
+            })
+        }
+        None => {
+            // Per-column scales need DequantizeLinear's axis (opset 13).
+            if step.len() > 1 && opset < 13 {
+                return None;
+            }
+            let columns = ints_as(weight, trans_b, &[k, m])?;
+            let mut post = Vec::new();
+            // An int32 bias on the sums' grid is added exactly; any other
+            // stays float, added after.
+            let exact = input(2).and_then(|b| match int32_bias(g, Some(b), &step, m)? {
+                Input::Value(v) => Some(v),
+                _ => None,
+            });
+            if let Some(bias) = exact {
+                post.push(Post::Add(Input::Value(bias)));
+            }
+            let scale_shape: &[usize] = if step.len() == 1 { &[] } else { &[m] };
+            let scale = Tensor::f32(scale_shape, step.clone()).ok()?;
+            post.push(Post::Dequantize(Input::New(
+                format!("{base}_sum_scale"),
+                scale,
+            )));
+            if let (Some(b), None) = (input(2), exact) {
+                post.push(Post::Add(Input::Value(b)));
+            }
+            Some(Lowering {
+                remove: vec![n],
+                output: out,
+                op: "MatMulInteger",
+                domain: "",
+                inputs: vec![
+                    ai,
+                    Input::New(format!("{base}_columns"), columns),
+                    az,
+                    weight_zero,
+                ],
+                attrs: Vec::new(),
+                reshape_input: None,
+                post,
+            })
+        }
     }
 }
 
@@ -526,59 +707,132 @@ fn apply(g: &mut Graph, lowering: Lowering) -> Result<(), String> {
     }
     let mut inputs: Vec<Option<ValueId>> = Vec::new();
     for i in lowering.inputs {
-        inputs.push(match i {
-            Input::Value(v) => Some(v),
-            Input::Absent => None,
-            Input::New(base, t) => Some(
-                g.add_initializer(g.unique_value_name(&base), t)
-                    .map_err(err)?,
-            ),
-        });
+        inputs.push(resolve(g, i)?);
     }
     while inputs.last() == Some(&None) {
         inputs.pop();
     }
-    let op_out = if lowering.clip.is_some() || lowering.add_after.is_some() {
+    if let Some((k, shape)) = lowering.reshape_input {
+        let source = inputs[k].ok_or("a reshaped input is absent")?;
+        inputs[k] = Some(reshape(g, &name, source, shape, None)?);
+    }
+    // The op, then each step after it; the last defines the group's output.
+    let steps = lowering.post.len();
+    let mut current = if steps == 0 {
+        lowering.output
+    } else {
         g.add_value(g.unique_value_name(&format!("{name}_integer")), None)
             .map_err(err)?
-    } else {
-        lowering.output
     };
     let mut new = NewNode::new(lowering.op)
         .named(g.unique_node_name(&format!("{name}_{}", lowering.op)))
         .domain(lowering.domain)
-        .outputs([op_out]);
+        .outputs([current]);
     new.inputs = inputs;
     for (k, v) in lowering.attrs {
         new = new.attr(k, v);
     }
     g.add_node(new).map_err(err)?;
-    if let Some((lo, hi, dtype)) = lowering.clip {
-        let bound = |g: &mut Graph, v: i64, what: &str| {
-            let t = Tensor::from_ints(dtype, &[], &[v as i128]).map_err(|e| e.to_string())?;
-            g.add_initializer(g.unique_value_name(&format!("{name}_{what}")), t)
-                .map_err(err)
+    for (i, step) in lowering.post.into_iter().enumerate() {
+        let last = i + 1 == steps;
+        let out = if last {
+            lowering.output
+        } else {
+            g.add_value(g.unique_value_name(&format!("{name}_step{i}")), None)
+                .map_err(err)?
         };
-        let lo = bound(g, lo, "clip_min")?;
-        let hi = bound(g, hi, "clip_max")?;
-        g.add_node(
-            NewNode::new("Clip")
-                .named(g.unique_node_name(&format!("{name}_Clip")))
-                .inputs([op_out, lo, hi])
-                .outputs([lowering.output]),
-        )
-        .map_err(err)?;
-    }
-    if let Some(bias) = lowering.add_after {
-        g.add_node(
-            NewNode::new("Add")
-                .named(g.unique_node_name(&format!("{name}_bias")))
-                .inputs([op_out, bias])
-                .outputs([lowering.output]),
-        )
-        .map_err(err)?;
+        match step {
+            Post::Clip(lo, hi, dtype) => {
+                let bound = |g: &mut Graph, v: i64, what: &str| {
+                    let t =
+                        Tensor::from_ints(dtype, &[], &[v as i128]).map_err(|e| e.to_string())?;
+                    g.add_initializer(g.unique_value_name(&format!("{name}_{what}")), t)
+                        .map_err(err)
+                };
+                let lo = bound(g, lo, "clip_min")?;
+                let hi = bound(g, hi, "clip_max")?;
+                g.add_node(
+                    NewNode::new("Clip")
+                        .named(g.unique_node_name(&format!("{name}_Clip")))
+                        .inputs([current, lo, hi])
+                        .outputs([out]),
+                )
+                .map_err(err)?;
+            }
+            Post::Add(value) => {
+                let value = resolve(g, value)?.ok_or("an absent addend")?;
+                g.add_node(
+                    NewNode::new("Add")
+                        .named(g.unique_node_name(&format!("{name}_bias")))
+                        .inputs([current, value])
+                        .outputs([out]),
+                )
+                .map_err(err)?;
+            }
+            Post::Reshape(shape) => {
+                reshape(g, &name, current, shape, Some(out))?;
+            }
+            Post::Dequantize(scale) => {
+                let scale = resolve(g, scale)?.ok_or("an absent scale")?;
+                let per_column = util::constant(g, Some(scale)).is_some_and(|t| t.len() > 1);
+                let mut dq = NewNode::new("DequantizeLinear")
+                    .named(g.unique_node_name(&format!("{name}_DequantizeLinear")))
+                    .inputs([current, scale])
+                    .outputs([out]);
+                if per_column {
+                    dq = dq.attr("axis", AttrValue::Int(1));
+                }
+                g.add_node(dq).map_err(err)?;
+            }
+        }
+        current = out;
     }
     Ok(())
+}
+
+/// An input of a new node as a value: an existing one, none, or a new
+/// initializer.
+fn resolve(g: &mut Graph, input: Input) -> Result<Option<ValueId>, String> {
+    Ok(match input {
+        Input::Value(v) => Some(v),
+        Input::Absent => None,
+        Input::New(base, t) => Some(
+            g.add_initializer(g.unique_value_name(&base), t)
+                .map_err(|e| e.to_string())?,
+        ),
+    })
+}
+
+/// A Reshape of `source` to `shape` (0 keeps a dimension) into `out`, or
+/// into a new value; returns the reshaped value.
+fn reshape(
+    g: &mut Graph,
+    name: &str,
+    source: ValueId,
+    shape: Vec<i64>,
+    out: Option<ValueId>,
+) -> Result<ValueId, String> {
+    let err = |e: qgraph_ir::IrError| e.to_string();
+    let shape = g
+        .add_initializer(
+            g.unique_value_name(&format!("{name}_shape")),
+            Tensor::i64_vector(shape),
+        )
+        .map_err(err)?;
+    let out = match out {
+        Some(v) => v,
+        None => g
+            .add_value(g.unique_value_name(&format!("{name}_reshaped")), None)
+            .map_err(err)?,
+    };
+    g.add_node(
+        NewNode::new("Reshape")
+            .named(g.unique_node_name(&format!("{name}_Reshape")))
+            .inputs([source, shape])
+            .outputs([out]),
+    )
+    .map_err(err)?;
+    Ok(out)
 }
 
 impl Pass for LowerToInteger {
@@ -595,7 +849,7 @@ impl Pass for LowerToInteger {
             if !g.contains_node(n) {
                 continue;
             }
-            let Some(lowering) = match_node(g, n, opset) else {
+            let Some(lowering) = match_node(g, n, opset, self.standard_only) else {
                 continue;
             };
             if !cx.allow_rewrite() {

@@ -267,7 +267,11 @@ enum Command {
                       integer   QLinearConv / QLinearMatMul / MatMulInteger and the com.microsoft QLinear \
                       ops ONNX Runtime runs, integers between the input's QuantizeLinear and the \
                       output's DequantizeLinear; ops that cannot be made integer are named and keep \
-                      their Q/DQ boundary (freeze a model inserted with --placement ort)\n\n\
+                      their Q/DQ boundary (freeze a model inserted with --placement ort; insert with \
+                      --pow2-scales too and the integer graph computes the Q/DQ graph's values bit for bit)\n  \
+                      integer-onnx  the same with operators of the ONNX standard only (for tract and other \
+                      runtimes): Gemm as a 1x1 QLinearConv or MatMulInteger; Add, pooling and the like keep \
+                      their Q/DQ boundary\n\n\
                       `qgraph verify q.onnx frozen.onnx --data ...` shows that both compute the same.\n\n\
                       Examples:\n  qgraph freeze --target tensorrt q.onnx -o q.trt.onnx\n  \
                       qgraph freeze --target integer q_ort.onnx -o q.int.onnx")]
@@ -521,6 +525,9 @@ enum TargetArg {
     Ort,
     /// Integer operators only, between input and output.
     Integer,
+    /// Integer operators of the ONNX standard only (no com.microsoft ops):
+    /// for tract and other runtimes; Add and pooling stay float between Q/DQ.
+    IntegerOnnx,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -1119,6 +1126,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 TargetArg::Tensorrt => qgraph::freeze::Target::TensorRt,
                 TargetArg::Ort => qgraph::freeze::Target::Ort,
                 TargetArg::Integer => qgraph::freeze::Target::Integer,
+                TargetArg::IntegerOnnx => qgraph::freeze::Target::IntegerOnnx,
             };
             let int4 = match int4 {
                 Int4Arg::Auto => qgraph::freeze::Int4::Auto,

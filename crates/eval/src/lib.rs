@@ -185,9 +185,17 @@ fn with_workers_awake<R>(work: impl FnOnce() -> R) -> R {
                 }
             });
         }
-        let result = work();
-        done.store(true, std::sync::atomic::Ordering::Release);
-        result
+        // Set when `work` returns or unwinds: a panic in an operator must
+        // reach the caller, not leave the helpers spinning and the scope
+        // waiting for them.
+        struct Release<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let _release = Release(&done);
+        work()
     })
 }
 

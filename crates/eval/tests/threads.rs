@@ -97,3 +97,31 @@ fn single_images_give_the_same_bits_on_one_and_two_threads() {
         assert!(run(1) == run(2), "{}: batch 1 differs", path.display());
     }
 }
+
+/// An empty batch gives empty outputs, not a panic (nor, with the workers
+/// kept awake, a hang); two threads so that the helpers spin.
+#[test]
+fn an_empty_batch_runs_to_empty_outputs() {
+    let model = qgraph_text::parse_model(
+        r#"ir_version 8
+opset "" 13
+
+graph main {
+  input %x: f32[N,4]
+  output %y: f32[N,3]
+  init %w = f32[3,4] [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+  init %b = f32[3] [0.5, -0.5, 1]
+  fc: %y = Gemm(%x, %w, %b) {transB = 1}
+}
+"#,
+    )
+    .unwrap();
+    let options = Options {
+        threads: 2,
+        ..Default::default()
+    };
+    let ev = Evaluator::with_options(&model, options).unwrap();
+    let x = qgraph_ir::Tensor::f32(&[0, 4], Vec::new()).unwrap();
+    let out = ev.run(vec![x]).unwrap();
+    assert_eq!(out[0].shape(), &[0, 3]);
+}

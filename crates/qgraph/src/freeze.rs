@@ -25,6 +25,11 @@ pub enum Target {
     /// Integer operators between the input's QuantizeLinear and the output's
     /// DequantizeLinear.
     Integer,
+    /// The same with operators of the ONNX standard only (no
+    /// `com.microsoft` ones), for other runtimes such as tract: Gemm as a 1x1
+    /// QLinearConv or MatMulInteger; Add, pooling and the like stay float
+    /// between Q/DQ.
+    IntegerOnnx,
 }
 
 impl Target {
@@ -33,8 +38,9 @@ impl Target {
             "tensorrt" => Ok(Target::TensorRt),
             "ort" => Ok(Target::Ort),
             "integer" => Ok(Target::Integer),
+            "integer-onnx" => Ok(Target::IntegerOnnx),
             other => Err(format!(
-                "unknown target '{other}'; the targets are tensorrt, ort, integer"
+                "unknown target '{other}'; the targets are tensorrt, ort, integer, integer-onnx"
             )),
         }
     }
@@ -51,6 +57,7 @@ pub fn pipeline(target: Target, int4: bool) -> String {
     match target {
         Target::TensorRt | Target::Ort => format!("{common},dce"),
         Target::Integer => format!("{common},lower-to-integer,dce"),
+        Target::IntegerOnnx => format!("{common},lower-to-integer(ops=onnx),dce"),
     }
 }
 
@@ -110,6 +117,7 @@ pub fn freeze(model: &mut Model, target: Target, int4: Int4) -> Result<Frozen, S
         Target::TensorRt => "tensorrt",
         Target::Ort => "ort",
         Target::Integer => "integer",
+        Target::IntegerOnnx => "integer-onnx",
     };
     model.meta.retain(|(k, _)| k != "qgraph.frozen");
     model
@@ -122,7 +130,7 @@ pub fn freeze(model: &mut Model, target: Target, int4: Int4) -> Result<Frozen, S
             .filter(|(_, changed)| *changed)
             .map(|(name, _)| name.to_string())
             .collect(),
-        float_ops: if target == Target::Integer {
+        float_ops: if matches!(target, Target::Integer | Target::IntegerOnnx) {
             qgraph_passes::float_ops(&model.graph)
         } else {
             Vec::new()

@@ -218,3 +218,156 @@ fn power_of_two_scales_make_the_integer_target_exact() {
         assert_eq!(outputs(&qdq), outputs(&frozen), "{method:?}");
     }
 }
+
+#[test]
+fn integer_onnx_target_uses_standard_ops_and_runs_in_tract() {
+    let qdq = quantized_with("int8", Placement::Ort, Method::MinMax, true);
+    let mut frozen = qdq.clone();
+    let report = freeze(&mut frozen, Target::IntegerOnnx, Int4::Auto).unwrap();
+    assert!(report.float_ops.is_empty(), "{:?}", report.float_ops);
+    let g = &frozen.graph;
+    let ops: Vec<String> = g
+        .node_ids()
+        .into_iter()
+        .map(|n| g.node(n).op_type.clone())
+        .collect();
+    assert!(
+        g.node_ids()
+            .into_iter()
+            .all(|n| g.node(n).domain.is_empty()),
+        "{ops:?}"
+    );
+    // Two convolutions and the first Gemm (as a 1x1 convolution); the last
+    // Gemm, whose output is float, as MatMulInteger.
+    assert_eq!(
+        ops.iter().filter(|o| *o == "QLinearConv").count(),
+        3,
+        "{ops:?}"
+    );
+    assert_eq!(
+        ops.iter().filter(|o| *o == "MatMulInteger").count(),
+        1,
+        "{ops:?}"
+    );
+    for op in ["Conv", "Gemm", "QGemm"] {
+        assert!(!ops.contains(&op.to_string()), "{op} left: {ops:?}");
+    }
+    // Power-of-two scales: the same values as the Q/DQ graph, bit for bit.
+    assert_eq!(outputs(&qdq), outputs(&frozen));
+    // tract loads and runs it, and computes the same values (its integer
+    // requantization rounds exact values as ONNX says).
+    let x = digits().batch(0, 64, qgraph::data::Norm::None).unwrap();
+    let Tensor::F32(xa) = &x else { panic!("f32") };
+    let input = (
+        xa.shape().to_vec(),
+        xa.iter().copied().collect::<Vec<f32>>(),
+    );
+    let bytes = qgraph::onnx::encode_model(&frozen).unwrap();
+    let tract = common::run_tract(&bytes, &common::to_tract(&[input])).unwrap();
+    let tract = tract[0].to_plain_array_view::<f32>().unwrap();
+    let Tensor::F32(ours) = &outputs(&frozen)[0] else {
+        panic!("f32")
+    };
+    let equal = ours
+        .iter()
+        .zip(tract.iter())
+        .filter(|(a, b)| a == b)
+        .count();
+    assert_eq!(
+        equal,
+        ours.len(),
+        "tract equals qgraph on {equal} of {} outputs",
+        ours.len()
+    );
+}
+
+#[test]
+fn integer_onnx_target_runs_in_tract_on_mobilenet_v2() {
+    let Some(models) = common::shared_models() else {
+        return;
+    };
+    let Some(path) = models.iter().find(|p| p.ends_with("mobilenetv2_bn.onnx")) else {
+        eprintln!("SKIPPED: mobilenetv2_bn.onnx is absent");
+        return;
+    };
+    let photos = path.parent().unwrap().join("../data/photos_calib_dev.npz");
+    let data = qgraph::data::Dataset::load_npz(&photos, Some("x_u8"), Some("")).unwrap();
+    let norm = qgraph::data::Norm::Imagenet;
+    let mut model = qgraph::load(path).unwrap().model;
+    let calibration = Calibration {
+        data: &data,
+        samples: vec![0, 100, 200, 300],
+        norm,
+        batch: 4,
+        method: Method::MinMax,
+        rounding: Rounding::Nearest,
+    };
+    let mut scheme = Scheme::parse("int8").unwrap();
+    scheme.weights.pow2 = true;
+    scheme.activations.pow2 = true;
+    let options = InsertOptions {
+        scheme,
+        placement: Placement::Ort,
+        ends_at_8_bits: false,
+        overrides: Vec::new(),
+    };
+    insert(
+        &mut model,
+        &options,
+        Prepare::Deploy,
+        true,
+        Some(&calibration),
+        |_| {},
+    )
+    .unwrap();
+    let qdq = model.clone();
+    let report = freeze(&mut model, Target::IntegerOnnx, Int4::Auto).unwrap();
+    let g = &model.graph;
+    assert!(g
+        .node_ids()
+        .into_iter()
+        .all(|n| g.node(n).domain.is_empty()));
+    // What has no standard integer operator stays float between Q/DQ.
+    let left: Vec<&str> = report.float_ops.iter().map(|(op, _)| op.as_str()).collect();
+    assert_eq!(left, ["Add", "GlobalAveragePool"], "{:?}", report.float_ops);
+    let x = data.batch(50, 52, norm).unwrap();
+    let run = |m: &Model| {
+        let out = qgraph::eval::Evaluator::new(m)
+            .unwrap()
+            .run(vec![x.clone()])
+            .unwrap();
+        let Tensor::F32(a) = &out[0] else {
+            panic!("f32")
+        };
+        a.iter().copied().collect::<Vec<f32>>()
+    };
+    let ours = run(&model);
+    assert_eq!(
+        ours,
+        run(&qdq),
+        "power-of-two scales: the Q/DQ graph's values"
+    );
+    let Tensor::F32(xa) = &x else { panic!("f32") };
+    let input = (
+        xa.shape().to_vec(),
+        xa.iter().copied().collect::<Vec<f32>>(),
+    );
+    let bytes = qgraph::onnx::encode_model(&model).unwrap();
+    let tract = common::run_tract(&bytes, &common::to_tract(&[input])).unwrap();
+    let tract: Vec<f32> = tract[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect();
+    let equal = ours.iter().zip(&tract).filter(|(a, b)| a == b).count();
+    let diff = ours
+        .iter()
+        .zip(&tract)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!(
+        "tract: {equal} of {} equal, largest difference {diff}",
+        ours.len()
+    );
+    assert_eq!(equal, ours.len(), "largest difference {diff}");
+}

@@ -92,6 +92,10 @@ pub fn gemm(
     accumulate: bool,
     threads: Threads,
 ) {
+    // An empty product writes nothing (and an empty slice holds no view).
+    if a.rows == 0 || b.cols == 0 {
+        return;
+    }
     // The view checks that every row fits in the slice and that no two
     // rows overlap.
     let dst = ArrayViewMut2::from_shape((a.rows, b.cols).strides((dst_row_stride, 1)), dst)
