@@ -46,6 +46,21 @@ def peak_gb(cmd):
     return seconds, kb / 2**20, proc.stdout
 
 
+def calibration_views(data, n_cal, tmp):
+    """Writes the peer's calibration views (split by photo, n_cal drawn with
+    seed 1), before normalisation (qgraph normalises), to tmp/calib.npz;
+    returns its path, the number of views and the mask of the evaluation
+    views."""
+    _, _, src = ort_ptq.load(data, "none")
+    cal_m, ev_m = ort_ptq.split(src)
+    pick = np.random.default_rng(1).permutation(int(cal_m.sum()))[:n_cal]
+    raw = np.load(data)
+    key = "x_u8" if "x_u8" in raw.files else "x"
+    calib = os.path.join(tmp, "calib.npz")
+    np.savez(calib, **{key: raw[key][cal_m][pick]})
+    return calib, len(pick), ev_m
+
+
 def agreement(path, xe, ref_top1):
     out = {}
     for tag, opt in (("sim", False), ("int8", True)):
@@ -69,16 +84,9 @@ def main():
     ap.add_argument("--qgraph", default=os.path.join(ROOT, "target", "release", "qgraph"))
     a = ap.parse_args()
 
-    _, _, src = ort_ptq.load(a.data, "none")
-    cal_m, ev_m = ort_ptq.split(src)
-    pick = np.random.default_rng(1).permutation(int(cal_m.sum()))[: a.n_cal]
-    raw = np.load(a.data)
-    key = "x_u8" if "x_u8" in raw.files else "x"
     tmp = tempfile.mkdtemp()
-    calib = os.path.join(tmp, "calib.npz")
-    # The same views as the peer, before normalisation (qgraph normalises).
-    np.savez(calib, **{key: raw[key][cal_m][pick]})
-    print(f"calibration: {len(pick)} views; evaluation: {int(ev_m.sum())} views of held-back photos")
+    calib, count, ev_m = calibration_views(a.data, a.n_cal, tmp)
+    print(f"calibration: {count} views; evaluation: {int(ev_m.sum())} views of held-back photos")
     print("| model | tool | method | agree sim | agree int8 | time s | peak GB |")
     print("|---|---|---|---:|---:|---:|---:|")
     for spec in a.models.split(","):

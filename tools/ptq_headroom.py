@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
 sys.path.insert(0, os.path.join(SHARED, "peers"))
 import ort_ptq  # noqa: E402  (the peer's own split and loading)
+import ptq_bench  # noqa: E402  (the same calibration views)
 
 WIDE_ACTIVATIONS = """[[override]]
 op = "Conv"
@@ -62,14 +63,7 @@ def main():
     a = ap.parse_args()
     model = a.model if os.path.isabs(a.model) else os.path.join(SHARED, "models", a.model)
     tmp = tempfile.mkdtemp()
-    # The split and calibration views of ptq_bench.py.
-    _, _, src = ort_ptq.load(a.data, "none")
-    cal_m, ev_m = ort_ptq.split(src)
-    pick = np.random.default_rng(1).permutation(int(cal_m.sum()))[: a.n_cal]
-    raw = np.load(a.data)
-    key = "x_u8" if "x_u8" in raw.files else "x"
-    calib = os.path.join(tmp, "calib.npz")
-    np.savez(calib, **{key: raw[key][cal_m][pick]})
+    calib, _, ev_m = ptq_bench.calibration_views(a.data, a.n_cal, tmp)
     xe = ort_ptq.load(a.data, a.norm)[0][ev_m]
     ref = logits(model, xe)
     top = np.sort(ref, axis=1)

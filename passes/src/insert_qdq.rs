@@ -507,30 +507,19 @@ fn weight_params(
         }
         _ => min_max(values),
     };
-    let ranges: Vec<(f32, f32)> = match axis {
-        None => vec![range(&mut w.iter().copied())],
-        Some(axis) => w
-            .axis_iter(qgraph_ir::ndarray::Axis(axis))
-            .map(|c| range(&mut c.iter().copied()))
-            .collect(),
+    let channels: Vec<_> = match axis {
+        None => vec![w.view()],
+        Some(axis) => w.axis_iter(qgraph_ir::ndarray::Axis(axis)).collect(),
     };
-    let channels: Vec<Vec<f32>> = match (scheme.pow2, axis) {
-        (false, _) => Vec::new(),
-        (true, None) => vec![w.iter().copied().collect()],
-        (true, Some(axis)) => w
-            .axis_iter(qgraph_ir::ndarray::Axis(axis))
-            .map(|c| c.iter().copied().collect())
-            .collect(),
-    };
-    ranges
-        .into_iter()
-        .enumerate()
-        .map(|(i, (lo, hi))| {
+    channels
+        .iter()
+        .map(|c| {
+            let (lo, hi) = range(&mut c.iter().copied());
             if scheme.pow2 {
                 // Of the two powers of two around the scale, the one that
                 // quantizes this channel's weights with less error.
                 Params::from_range_pow2(lo, hi, scheme.grid, scheme.mode, |p| {
-                    p.squared_error(&channels[i], scheme.grid)
+                    p.squared_error(c.iter().copied(), scheme.grid)
                 })
             } else {
                 Params::from_range(lo, hi, scheme.grid, scheme.mode)

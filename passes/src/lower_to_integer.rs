@@ -362,85 +362,7 @@ fn match_node(g: &Graph, n: NodeId, opset: i64, standard_only: bool) -> Option<L
             })
         }
         "Gemm" if standard_only => gemm_as_standard_ops(g, n, opset),
-        "Gemm" => {
-            let int = |name, default| match node.attr(name) {
-                Some(AttrValue::Int(v)) => *v,
-                _ => default,
-            };
-            let float = |name| match node.attr(name) {
-                Some(AttrValue::Float(v)) => *v,
-                _ => 1.0,
-            };
-            if int("transA", 0) != 0 || float("alpha") != 1.0 || float("beta") != 1.0 {
-                return None;
-            }
-            let trans_b = int("transB", 0) != 0;
-            let a = dequantized(g, input(0)?, true)?;
-            let b = dequantized(g, input(1)?, false)?;
-            let shape = util::constant(g, Some(b.integer))?.shape().to_vec();
-            let n_out = if trans_b {
-                shape.first()?
-            } else {
-                shape.get(1)?
-            };
-            // Per-channel weights must be per output column.
-            let ws = f32s(g, b.scale)?;
-            let axis = match g.node(g.producer(input(1)?)?.0).attr("axis") {
-                Some(AttrValue::Int(a)) => *a,
-                _ => 1,
-            };
-            if ws.len() != 1 && axis != if trans_b { 0 } else { 1 } {
-                return None;
-            }
-            let xs = f32s(g, a.scale)?[0];
-            let step: Vec<f32> = ws.iter().map(|w| xs * w).collect();
-            // Quantized after an optional activation (folded as for Conv),
-            // or a float output.
-            let activated = sole_activation(g, out, opset).and_then(|(a, lo, hi)| {
-                let a_out = g.node(a).outputs().first().copied().flatten()?;
-                let q = sole_quantize(g, a_out)?;
-                let clip = clip_on_grid(g, &q.1, lo, hi)?;
-                (clip.is_none() || opset >= 12).then_some((a, q, clip))
-            });
-            let (activation, quantized, clip) = match activated {
-                Some((a, q, clip)) => (Some(a), Some(q), clip),
-                None => (None, sole_quantize(g, out), None),
-            };
-            // A float output keeps a float bias exactly, added after; a
-            // quantized one takes it as int32.
-            let exact_int32 =
-                |b: ValueId| matches!(int32_bias(g, Some(b), &step, *n_out), Some(Input::Value(_)));
-            let (bias, float_bias) = match (input(2), &quantized) {
-                (Some(b), None) if !exact_int32(b) => (Input::Absent, Some(b)),
-                (b, _) => (int32_bias(g, b, &step, *n_out)?, None),
-            };
-            let [ai, asc, az] = triple(&a, g);
-            let [bi, bsc, bz] = triple(&b, g);
-            let mut inputs = vec![ai, asc, az, bi, bsc, bz, bias];
-            let (mut remove, output) = match quantized {
-                Some((q, y, y_value)) => {
-                    inputs.push(Input::Value(y.scale));
-                    inputs.push(zero_or_new(&y, g));
-                    (vec![n, q], y_value)
-                }
-                None => (vec![n], out),
-            };
-            remove.extend(activation);
-            Some(Lowering {
-                remove,
-                output,
-                op: "QGemm",
-                domain: "com.microsoft",
-                inputs,
-                attrs: vec![("transB".into(), AttrValue::Int(trans_b as i64))],
-                reshape_input: None,
-                post: clip
-                    .map(|(lo, hi, t)| Post::Clip(lo, hi, t))
-                    .into_iter()
-                    .chain(float_bias.map(|b| Post::Add(Input::Value(b))))
-                    .collect(),
-            })
-        }
+        "Gemm" => gemm_as_qgemm(g, n, opset),
         "MatMul" => {
             let a = dequantized(g, input(0)?, true)?;
             let b = dequantized(g, input(1)?, false)?;
@@ -536,6 +458,139 @@ fn match_node(g: &Graph, n: NodeId, opset: i64, standard_only: bool) -> Option<L
     }
 }
 
+/// A Gemm the integer rules lower: `A B (+ C)` (no transA, alpha and beta
+/// 1) with a per-tensor dequantized A and a dequantized constant B, per
+/// tensor or per output column; its output quantized after an optional
+/// activation (folded as for Conv), or float.
+struct GemmGroup {
+    trans_b: bool,
+    a: Dequantized,
+    b: Dequantized,
+    /// Output columns.
+    columns: usize,
+    bias: Option<ValueId>,
+    /// `x_scale * w_scale`: one, or one per column.
+    step: Vec<f32>,
+    /// The Gemm's own output.
+    out: ValueId,
+    activation: Option<NodeId>,
+    /// The QuantizeLinear of the output, its parameters and its output.
+    quantized: Option<(NodeId, Dequantized, ValueId)>,
+    clip: Option<(i64, i64, DataType)>,
+}
+
+fn match_gemm(g: &Graph, n: NodeId, opset: i64) -> Option<GemmGroup> {
+    let node = g.node(n);
+    let input = |k: usize| node.inputs().get(k).copied().flatten();
+    let out = node.outputs().first().copied().flatten()?;
+    let int = |name, default| match node.attr(name) {
+        Some(AttrValue::Int(v)) => *v,
+        _ => default,
+    };
+    let float = |name| match node.attr(name) {
+        Some(AttrValue::Float(v)) => *v,
+        _ => 1.0,
+    };
+    if int("transA", 0) != 0 || float("alpha") != 1.0 || float("beta") != 1.0 {
+        return None;
+    }
+    let trans_b = int("transB", 0) != 0;
+    let a = dequantized(g, input(0)?, true)?;
+    let b = dequantized(g, input(1)?, false)?;
+    let shape = util::constant(g, Some(b.integer))?.shape().to_vec();
+    if shape.len() != 2 {
+        return None;
+    }
+    let columns = if trans_b { shape[0] } else { shape[1] };
+    // Per-channel weights must be per output column.
+    let ws = f32s(g, b.scale)?;
+    let axis = match g.node(g.producer(input(1)?)?.0).attr("axis") {
+        Some(AttrValue::Int(a)) => *a,
+        _ => 1,
+    };
+    if ws.len() != 1 && axis != if trans_b { 0 } else { 1 } {
+        return None;
+    }
+    let xs = f32s(g, a.scale)?[0];
+    let step: Vec<f32> = ws.iter().map(|w| xs * w).collect();
+    let activated = sole_activation(g, out, opset).and_then(|(act, lo, hi)| {
+        let act_out = g.node(act).outputs().first().copied().flatten()?;
+        let q = sole_quantize(g, act_out)?;
+        let clip = clip_on_grid(g, &q.1, lo, hi)?;
+        (clip.is_none() || opset >= 12).then_some((act, q, clip))
+    });
+    let (activation, quantized, clip) = match activated {
+        Some((act, q, clip)) => (Some(act), Some(q), clip),
+        None => (None, sole_quantize(g, out), None),
+    };
+    Some(GemmGroup {
+        trans_b,
+        a,
+        b,
+        columns,
+        bias: input(2),
+        step,
+        out,
+        activation,
+        quantized,
+        clip,
+    })
+}
+
+/// Gemm as `com.microsoft.QGemm`.
+fn gemm_as_qgemm(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
+    let GemmGroup {
+        trans_b,
+        a,
+        b,
+        columns,
+        bias,
+        step,
+        out,
+        activation,
+        quantized,
+        clip,
+    } = match_gemm(g, n, opset)?;
+    // A float output keeps a float bias exactly, added after; a quantized
+    // one takes it as int32.
+    let exact_int32 = |b: ValueId| {
+        matches!(
+            int32_bias(g, Some(b), &step, columns),
+            Some(Input::Value(_))
+        )
+    };
+    let (bias, float_bias) = match (bias, &quantized) {
+        (Some(b), None) if !exact_int32(b) => (Input::Absent, Some(b)),
+        (b, _) => (int32_bias(g, b, &step, columns)?, None),
+    };
+    let [ai, asc, az] = triple(&a, g);
+    let [bi, bsc, bz] = triple(&b, g);
+    let mut inputs = vec![ai, asc, az, bi, bsc, bz, bias];
+    let (mut remove, output) = match quantized {
+        Some((q, y, y_value)) => {
+            inputs.push(Input::Value(y.scale));
+            inputs.push(zero_or_new(&y, g));
+            (vec![n, q], y_value)
+        }
+        None => (vec![n], out),
+    };
+    remove.extend(activation);
+    Some(Lowering {
+        remove,
+        output,
+        op: "QGemm",
+        domain: "com.microsoft",
+        inputs,
+        attrs: vec![("transB".into(), AttrValue::Int(trans_b as i64))],
+        reshape_input: None,
+        post: clip
+            .map(|(lo, hi, t)| Post::Clip(lo, hi, t))
+            .into_iter()
+            .chain(float_bias.map(|b| Post::Add(Input::Value(b))))
+            .collect(),
+    })
+}
+
 /// A 2-D integer tensor, transposed when `transpose`, as a tensor of its
 /// type with `shape` (as many elements).
 fn ints_as(t: &Tensor, transpose: bool, shape: &[usize]) -> Option<Tensor> {
@@ -558,58 +613,29 @@ fn ints_as(t: &Tensor, transpose: bool, shape: &[usize]) -> Option<Tensor> {
 /// bias added, and a DequantizeLinear of the int32 sums by `x_scale *
 /// w_scale` per column.
 fn gemm_as_standard_ops(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
-    let node = g.node(n);
-    let input = |k: usize| node.inputs().get(k).copied().flatten();
-    let out = node.outputs().first().copied().flatten()?;
-    let int = |name, default| match node.attr(name) {
-        Some(AttrValue::Int(v)) => *v,
-        _ => default,
-    };
-    let float = |name| match node.attr(name) {
-        Some(AttrValue::Float(v)) => *v,
-        _ => 1.0,
-    };
-    if int("transA", 0) != 0 || float("alpha") != 1.0 || float("beta") != 1.0 {
+    let GemmGroup {
+        trans_b,
+        a,
+        b,
+        columns: m,
+        bias,
+        step,
+        out,
+        activation,
+        quantized,
+        clip,
+    } = match_gemm(g, n, opset)?;
+    if step.len() != 1 && step.len() != m {
         return None;
     }
-    let trans_b = int("transB", 0) != 0;
-    let a = dequantized(g, input(0)?, true)?;
-    let b = dequantized(g, input(1)?, false)?;
     let weight = util::constant(g, Some(b.integer))?;
-    if weight.shape().len() != 2 {
-        return None;
-    }
-    let (m, k) = if trans_b {
-        (weight.shape()[0], weight.shape()[1])
-    } else {
-        (weight.shape()[1], weight.shape()[0])
-    };
-    let ws = f32s(g, b.scale)?;
-    let axis = match g.node(g.producer(input(1)?)?.0).attr("axis") {
-        Some(AttrValue::Int(a)) => *a,
-        _ => 1,
-    };
-    if ws.len() != 1 && (ws.len() != m || axis != if trans_b { 0 } else { 1 }) {
-        return None;
-    }
-    let xs = f32s(g, a.scale)?[0];
-    let step: Vec<f32> = ws.iter().map(|w| xs * w).collect();
+    let k = weight.shape()[if trans_b { 1 } else { 0 }];
     let base = g.value(b.integer).name().to_string();
-    let activated = sole_activation(g, out, opset).and_then(|(act, lo, hi)| {
-        let act_out = g.node(act).outputs().first().copied().flatten()?;
-        let q = sole_quantize(g, act_out)?;
-        let clip = clip_on_grid(g, &q.1, lo, hi)?;
-        (clip.is_none() || opset >= 12).then_some((act, q, clip))
-    });
-    let (activation, quantized, clip) = match activated {
-        Some((act, q, clip)) => (Some(act), Some(q), clip),
-        None => (None, sole_quantize(g, out), None),
-    };
     let [ai, asc, az] = triple(&a, g);
     let weight_zero = zero_or_new(&b, g);
     match quantized {
         Some((q, y, y_value)) => {
-            let bias = int32_bias(g, input(2), &step, m)?;
+            let bias = int32_bias(g, bias, &step, m)?;
             let kernel = ints_as(weight, !trans_b, &[m, k, 1, 1])?;
             let mut remove = vec![n, q];
             remove.extend(activation);
@@ -648,7 +674,7 @@ fn gemm_as_standard_ops(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
             let mut post = Vec::new();
             // An int32 bias on the sums' grid is added exactly; any other
             // stays float, added after.
-            let exact = input(2).and_then(|b| match int32_bias(g, Some(b), &step, m)? {
+            let exact = bias.and_then(|b| match int32_bias(g, Some(b), &step, m)? {
                 Input::Value(v) => Some(v),
                 _ => None,
             });
@@ -661,7 +687,7 @@ fn gemm_as_standard_ops(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
                 format!("{base}_sum_scale"),
                 scale,
             )));
-            if let (Some(b), None) = (input(2), exact) {
+            if let (Some(b), None) = (bias, exact) {
                 post.push(Post::Add(Input::Value(b)));
             }
             Some(Lowering {

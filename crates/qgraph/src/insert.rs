@@ -447,7 +447,7 @@ fn pow2_range(
     };
     let p =
         Params::from_range_pow2(range.0, range.1, grid, mode, error).map_err(|e| e.to_string())?;
-    Ok(range_for_scale(range.0, range.1, p.scale, grid, mode))
+    Ok(range_for_scale(range.0, p.scale, grid, mode))
 }
 
 /// The passes run before placement: a deployable Q/DQ graph quantizes the

@@ -39,6 +39,18 @@ fn quantized_with(scheme: &str, placement: Placement, method: Method, pow2: bool
         method,
         rounding: Rounding::Nearest,
     };
+    insert_calibrated(&mut model, scheme, placement, &calibration, pow2);
+    model
+}
+
+/// `qgraph insert` of `scheme` into `model`, calibrated by `calibration`.
+fn insert_calibrated(
+    model: &mut Model,
+    scheme: &str,
+    placement: Placement,
+    calibration: &Calibration,
+    pow2: bool,
+) {
     let mut scheme = Scheme::parse(scheme).unwrap();
     scheme.weights.pow2 = pow2;
     scheme.activations.pow2 = pow2;
@@ -49,15 +61,31 @@ fn quantized_with(scheme: &str, placement: Placement, method: Method, pow2: bool
         overrides: Vec::new(),
     };
     insert(
-        &mut model,
+        model,
         &options,
         Prepare::Deploy,
         true,
-        Some(&calibration),
+        Some(calibration),
         |_| {},
     )
     .unwrap();
-    model
+}
+
+/// tract's first output for `model` on the batch `x`.
+fn tract_output(model: &Model, x: &Tensor) -> Vec<f32> {
+    let Tensor::F32(xa) = x else { panic!("f32") };
+    let input = (
+        xa.shape().to_vec(),
+        xa.iter().copied().collect::<Vec<f32>>(),
+    );
+    let bytes = qgraph::onnx::encode_model(model).unwrap();
+    let out = common::run_tract(&bytes, &common::to_tract(&[input])).unwrap();
+    out[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
 }
 
 fn outputs(model: &Model) -> Vec<Tensor> {
@@ -111,14 +139,7 @@ fn tensorrt_target_stores_int8_weights_and_computes_the_same() {
     );
     // tract runs the frozen file and agrees.
     let x = digits().batch(0, 64, qgraph::data::Norm::None).unwrap();
-    let Tensor::F32(xa) = &x else { panic!("f32") };
-    let input = (
-        xa.shape().to_vec(),
-        xa.iter().copied().collect::<Vec<f32>>(),
-    );
-    let bytes = qgraph::onnx::encode_model(&frozen).unwrap();
-    let tract = common::run_tract(&bytes, &common::to_tract(&[input])).unwrap();
-    let tract = tract[0].to_plain_array_view::<f32>().unwrap();
+    let tract = tract_output(&frozen, &x);
     let Tensor::F32(ours) = &outputs(&frozen)[0] else {
         panic!("f32")
     };
@@ -256,15 +277,10 @@ fn integer_onnx_target_uses_standard_ops_and_runs_in_tract() {
     assert_eq!(outputs(&qdq), outputs(&frozen));
     // tract loads and runs it, and computes the same values (its integer
     // requantization rounds exact values as ONNX says).
-    let x = digits().batch(0, 64, qgraph::data::Norm::None).unwrap();
-    let Tensor::F32(xa) = &x else { panic!("f32") };
-    let input = (
-        xa.shape().to_vec(),
-        xa.iter().copied().collect::<Vec<f32>>(),
+    let tract = tract_output(
+        &frozen,
+        &digits().batch(0, 64, qgraph::data::Norm::None).unwrap(),
     );
-    let bytes = qgraph::onnx::encode_model(&frozen).unwrap();
-    let tract = common::run_tract(&bytes, &common::to_tract(&[input])).unwrap();
-    let tract = tract[0].to_plain_array_view::<f32>().unwrap();
     let Tensor::F32(ours) = &outputs(&frozen)[0] else {
         panic!("f32")
     };
@@ -302,24 +318,7 @@ fn integer_onnx_target_runs_in_tract_on_mobilenet_v2() {
         method: Method::MinMax,
         rounding: Rounding::Nearest,
     };
-    let mut scheme = Scheme::parse("int8").unwrap();
-    scheme.weights.pow2 = true;
-    scheme.activations.pow2 = true;
-    let options = InsertOptions {
-        scheme,
-        placement: Placement::Ort,
-        ends_at_8_bits: false,
-        overrides: Vec::new(),
-    };
-    insert(
-        &mut model,
-        &options,
-        Prepare::Deploy,
-        true,
-        Some(&calibration),
-        |_| {},
-    )
-    .unwrap();
+    insert_calibrated(&mut model, "int8", Placement::Ort, &calibration, true);
     let qdq = model.clone();
     let report = freeze(&mut model, Target::IntegerOnnx, Int4::Auto).unwrap();
     let g = &model.graph;
@@ -347,19 +346,7 @@ fn integer_onnx_target_runs_in_tract_on_mobilenet_v2() {
         run(&qdq),
         "power-of-two scales: the Q/DQ graph's values"
     );
-    let Tensor::F32(xa) = &x else { panic!("f32") };
-    let input = (
-        xa.shape().to_vec(),
-        xa.iter().copied().collect::<Vec<f32>>(),
-    );
-    let bytes = qgraph::onnx::encode_model(&model).unwrap();
-    let tract = common::run_tract(&bytes, &common::to_tract(&[input])).unwrap();
-    let tract: Vec<f32> = tract[0]
-        .to_plain_array_view::<f32>()
-        .unwrap()
-        .iter()
-        .copied()
-        .collect();
+    let tract = tract_output(&model, &x);
     let equal = ours.iter().zip(&tract).filter(|(a, b)| a == b).count();
     let diff = ours
         .iter()

@@ -179,12 +179,12 @@ pub fn pow2_neighbours(scale: f32) -> (f32, f32) {
 }
 
 /// A range that [`Params::from_range`] maps onto `grid` with exactly the
-/// power-of-two `scale`, covering as much of `[min, max]` as that scale
-/// allows (the asymmetric zero point placed where `min` lands). With every
+/// power-of-two `scale`: symmetric about zero, or (asymmetric) with the zero
+/// point where `min` lands, the grid's whole width above it. With every
 /// scale a power of two, a dequantized value is an integer times a power of
 /// two, so the products and sums a Q/DQ graph computes in f32 are exact
 /// (while they stay below 2^24 steps) and equal the integer graph's.
-pub fn range_for_scale(min: f32, max: f32, scale: f32, grid: Grid, mode: RangeMode) -> (f32, f32) {
+pub fn range_for_scale(min: f32, scale: f32, grid: Grid, mode: RangeMode) -> (f32, f32) {
     let (qmin, qmax) = (grid.qmin(), grid.qmax());
     match mode {
         RangeMode::Symmetric => {
@@ -197,7 +197,6 @@ pub fn range_for_scale(min: f32, max: f32, scale: f32, grid: Grid, mode: RangeMo
             (-amax, amax)
         }
         RangeMode::Asymmetric => {
-            let _ = max;
             let zero_point = (qmin as f32 - min.min(0.0) / scale)
                 .round_ties_even()
                 .clamp(qmin as f32, qmax as f32);
@@ -222,7 +221,7 @@ impl Params {
         let exact = Params::from_range(min, max, grid, mode)?;
         let (below, above) = pow2_neighbours(exact.scale);
         let params = |scale: f32| {
-            let (lo, hi) = range_for_scale(min, max, scale, grid, mode);
+            let (lo, hi) = range_for_scale(min, scale, grid, mode);
             Params::from_range(lo, hi, grid, mode)
         };
         let above = params(above)?;
@@ -238,10 +237,10 @@ impl Params {
     }
 
     /// The squared error of fake-quantizing `values` with these parameters.
-    pub fn squared_error(&self, values: &[f32], grid: Grid) -> f64 {
+    pub fn squared_error(&self, values: impl IntoIterator<Item = f32>, grid: Grid) -> f64 {
         values
-            .iter()
-            .map(|&v| (v - self.fake_quantize(v, grid)) as f64)
+            .into_iter()
+            .map(|v| (v - self.fake_quantize(v, grid)) as f64)
             .map(|e| e * e)
             .sum()
     }
@@ -301,7 +300,7 @@ mod tests {
         // finer grid unless it clips too much.
         let values: Vec<f32> = (0..200).map(|i| i as f32 / 199.0 * 1.9 - 0.95).collect();
         let p = Params::from_range_pow2(-0.95, 0.95, narrow, RangeMode::Symmetric, |p| {
-            p.squared_error(&values, narrow)
+            p.squared_error(values.iter().copied(), narrow)
         })
         .unwrap();
         // 0.95 / 127 lies between 2^-8 (range 0.496, clipping half) and 2^-7.

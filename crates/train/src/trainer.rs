@@ -436,6 +436,7 @@ impl Trainer {
         let Some(decay) = self.config.range_decay else {
             return;
         };
+        let pow2 = crate::graph::pow2_scales(&self.graph.model);
         for &(scale, lo, hi) in observed {
             let Some(q) = self.graph.quantizers.iter().find(|q| q.scale == scale) else {
                 continue;
@@ -455,7 +456,7 @@ impl Trainer {
             let Some((grid, mode)) = grid_of(q.qmin, q.qmax, z) else {
                 continue;
             };
-            let p = if crate::graph::pow2_scales(&self.graph.model) {
+            let p = if pow2 {
                 Params::from_range_pow2(range.0, range.1, grid, mode, |_| 0.0)
             } else {
                 Params::from_range(range.0, range.1, grid, mode)
@@ -631,12 +632,9 @@ fn tracked_weight_scales(
         };
         let levels = q.qmax.min(-q.qmin).max(1) as f32;
         let mut scales: Vec<f32> = s.iter().copied().collect();
-        let channels: Vec<Vec<f32>> = match q.axis {
-            Some(axis) if scales.len() > 1 => w
-                .axis_iter(qgraph_ir::ndarray::Axis(axis))
-                .map(|c| c.iter().copied().collect())
-                .collect(),
-            _ => vec![w.iter().copied().collect()],
+        let channels: Vec<_> = match q.axis {
+            Some(axis) if scales.len() > 1 => w.axis_iter(qgraph_ir::ndarray::Axis(axis)).collect(),
+            _ => vec![w.view()],
         };
         if channels.len() != scales.len() {
             continue;
@@ -651,7 +649,7 @@ fn tracked_weight_scales(
                 // The power of two next to the scale that quantizes the
                 // channel with less error, as `insert` chose it.
                 Some(grid) => Params::from_range_pow2(-a, a, grid, RangeMode::Symmetric, |p| {
-                    p.squared_error(&c, grid)
+                    p.squared_error(c.iter().copied(), grid)
                 })
                 .map_or(*s, |p| p.scale),
                 None => (a / levels).max(f32::MIN_POSITIVE),
