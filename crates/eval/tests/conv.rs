@@ -177,6 +177,15 @@ fn convolutions_match_the_definition_whatever_the_tiling() {
         case(1, (5, 9, 10), (5, 5), [4, 4], [1, 1], [1, 1], [1, 2, 2, 1]),
         case(1, (17, 3, 40), (17, 17), [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
         case(1, (6, 11, 11), (6, 6), [3, 3], [3, 3], [2, 2], [0, 1, 2, 0]),
+        // Depthwise with a different stride per axis, and a stride with a
+        // dilation that puts two taps in one phase.
+        case(1, (9, 12, 13), (9, 9), [3, 3], [2, 1], [2, 3], [2, 1, 0, 3]),
+        case(1, (7, 16, 15), (7, 7), [5, 3], [2, 3], [2, 1], [4, 1, 4, 1]),
+        // Stride 2 padded only after, as a Pad in front of TensorFlow's
+        // convolutions leaves it, on small planes (one and two outputs).
+        case(1, (40, 14, 14), (40, 40), [3, 3], [2, 2], [1, 1], [0, 0, 1, 1]),
+        case(1, (3, 2, 3), (3, 3), [3, 3], [2, 2], [1, 1], [0, 0, 1, 1]),
+        case(1, (3, 1, 1), (3, 3), [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
     ];
     for (i, case) in cases.iter().enumerate() {
         let model = qgraph_text::parse_model(&case.model()).unwrap();

@@ -185,8 +185,9 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     let k = cg * geometry.kh * geometry.kw;
     let plane = oh * ow;
     // The loops below are compiled for the best vector unit found at run
-    // time; they are plain loads, multiplies and adds, so the values are the
-    // same on every unit.
+    // time; they are loads, adds and fused multiply-adds (`mul_add`, rounded
+    // once whether the unit or the library computes it), so the values are
+    // the same on every unit.
     let simd = pulp::Arch::new();
     let mut out = cx.buffers.take(n * m * plane);
     if depthwise {
@@ -491,14 +492,14 @@ impl pulp::WithSimd for Depthwise<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
         let g = self.g;
         let (in_plane, taps) = (g.h * g.w, g.kh * g.kw);
         let out_plane = (g.oh * g.ow).max(1);
         // The padding is zeroed once: each plane overwrites only the inside.
         let padded = &mut self.scratch.padded;
         padded.clear();
-        padded.resize(self.layout.rows * self.layout.cols + LANES, 0.0);
+        padded.resize(self.layout.len + LANES, 0.0);
         for (i, dst) in self.dst.chunks_mut(out_plane).enumerate() {
             let plane = self.first_plane + i;
             let channel = plane % self.channels;
@@ -515,6 +516,7 @@ impl pulp::WithSimd for Depthwise<'_> {
                 // The common epilogues are applied to each sum as it is
                 // stored.
                 (None, Some(map)) => map.dispatch(PlaneWithMap {
+                    simd,
                     src,
                     ker,
                     g,
@@ -523,6 +525,7 @@ impl pulp::WithSimd for Depthwise<'_> {
                     scratch: self.scratch,
                 }),
                 (None, None) => depthwise_plane(
+                    simd,
                     src,
                     ker,
                     g,
@@ -535,7 +538,17 @@ impl pulp::WithSimd for Depthwise<'_> {
                 // The sums are not laid out as the output; the Add needs
                 // them stored first.
                 (Some(added), _) => {
-                    depthwise_plane(src, ker, g, layout, dst, self.scratch, Unchanged, None);
+                    depthwise_plane(
+                        simd,
+                        src,
+                        ker,
+                        g,
+                        layout,
+                        dst,
+                        self.scratch,
+                        Unchanged,
+                        None,
+                    );
                     let added = &added[plane * out_plane..][..dst.len()];
                     finish.apply(dst, Some(added));
                 }
@@ -545,7 +558,8 @@ impl pulp::WithSimd for Depthwise<'_> {
 }
 
 /// [`depthwise_plane`] with a [`ValueMap`] compiled for its form.
-struct PlaneWithMap<'a> {
+struct PlaneWithMap<'a, S> {
+    simd: S,
     src: &'a [f32],
     ker: &'a [f32],
     g: &'a Geometry,
@@ -554,12 +568,13 @@ struct PlaneWithMap<'a> {
     scratch: &'a mut Scratch,
 }
 
-impl WithValueMap for PlaneWithMap<'_> {
+impl<S: pulp::Simd> WithValueMap for PlaneWithMap<'_, S> {
     type Output = ();
 
     #[inline(always)]
     fn run<M: MapValue>(self, map: M) {
         depthwise_plane(
+            self.simd,
             self.src,
             self.ker,
             self.g,
@@ -606,45 +621,86 @@ thread_local! {
 
 /// Where a plane goes in its padded, phase-split copy; the same for every
 /// plane of one convolution, so computed once.
+///
+/// The padded plane is cut into `sh x sw` phase planes: phase (p, q) holds
+/// padded rows p, p + sh, ... and of those the columns q, q + sw, ... Tap
+/// (i, j) of output (y, x) reads padded element (y sh + i dh, x sw + j dw),
+/// which is element (y + i dh / sh, x + j dw / sw) of phase
+/// (i dh % sh, j dw % sw). Every phase plane is `cols` wide, so that element
+/// sits at `offsets[tap] + y * cols + x`: one flat run per tap covers the
+/// whole output plane, whatever the stride, and only `cols - ow` columns
+/// per row are computed and discarded.
 struct PaddedLayout {
-    rows: usize,
+    /// Values in all phase planes together.
+    len: usize,
+    /// Width of every phase plane.
     cols: usize,
-    /// Per phase: (to, from, count): `count` input columns from `from`,
-    /// every sw-th, go to `to` in the padded row.
-    copies: Vec<(usize, usize, usize)>,
-    /// Where tap (i, j) of output row 0 starts in the padded plane.
+    /// Row copies: `count` input values from `from`, every sw-th, go to
+    /// `to` onwards.
+    copies: Vec<RowCopy>,
+    /// Where tap (i, j) of output (0, 0) is.
     offsets: Vec<usize>,
+}
+
+#[derive(Clone, Copy)]
+struct RowCopy {
+    to: usize,
+    from: usize,
+    count: usize,
 }
 
 impl PaddedLayout {
     fn new(g: &Geometry) -> PaddedLayout {
-        // The padded extent the windows reach.
-        let rows = g.oh.saturating_sub(1) * g.sh + (g.kh - 1) * g.dh + 1;
-        let cols = g.ow.saturating_sub(1) * g.sw + (g.kw - 1) * g.dw + 1;
-        let phase_len = |p: usize| cols.saturating_sub(p).div_ceil(g.sw);
-        let mut phase_start = vec![0usize; g.sw];
-        for p in 1..g.sw {
-            phase_start[p] = phase_start[p - 1] + phase_len(p - 1);
-        }
-        // Padded column p + t * sw is input column p + t * sw - pw.
-        let copies = (0..g.sw)
-            .filter_map(|p| {
-                let first = g.pw.saturating_sub(p).div_ceil(g.sw);
-                let from = (p + first * g.sw).checked_sub(g.pw)?;
-                let count = phase_len(p)
+        let (oh, ow) = (g.oh.max(1), g.ow.max(1));
+        let rows = oh + ((g.kh - 1) * g.dh) / g.sh;
+        let cols = ow + ((g.kw - 1) * g.dw) / g.sw;
+        let phase_len = rows * cols;
+        let phase_start = |p: usize, q: usize| (p * g.sw + q) * phase_len;
+        // Only the phases some tap reads are filled.
+        let mut row_phases: Vec<usize> = (0..g.kh).map(|i| (i * g.dh) % g.sh).collect();
+        let mut col_phases: Vec<usize> = (0..g.kw).map(|j| (j * g.dw) % g.sw).collect();
+        row_phases.sort_unstable();
+        row_phases.dedup();
+        col_phases.sort_unstable();
+        col_phases.dedup();
+        let mut copies = Vec::new();
+        for &p in &row_phases {
+            for &q in &col_phases {
+                // Phase column t is padded column q + t sw, input column
+                // q + t sw - pw: the first t inside, and how many are.
+                let first = g.pw.saturating_sub(q).div_ceil(g.sw);
+                let Some(from) = (q + first * g.sw).checked_sub(g.pw) else {
+                    continue;
+                };
+                let count = cols
                     .saturating_sub(first)
                     .min(g.w.saturating_sub(from).div_ceil(g.sw));
-                Some((phase_start[p] + first, from, count))
+                if count == 0 {
+                    continue;
+                }
+                for t in 0..rows {
+                    let Some(r) = (p + t * g.sh).checked_sub(g.ph).filter(|&r| r < g.h) else {
+                        continue;
+                    };
+                    copies.push(RowCopy {
+                        to: phase_start(p, q) + t * cols + first,
+                        from: r * g.w + from,
+                        count,
+                    });
+                }
+            }
+        }
+        let offsets = (0..g.kh)
+            .flat_map(|i| {
+                (0..g.kw).map(move |j| {
+                    phase_start((i * g.dh) % g.sh, (j * g.dw) % g.sw)
+                        + ((i * g.dh) / g.sh) * cols
+                        + (j * g.dw) / g.sw
+                })
             })
             .collect();
-        let tap_start: Vec<usize> = (0..g.kw)
-            .map(|j| phase_start[(j * g.dw) % g.sw] + (j * g.dw) / g.sw)
-            .collect();
-        let offsets = (0..g.kh)
-            .flat_map(|i| tap_start.iter().map(move |&t| i * g.dh * cols + t))
-            .collect();
         PaddedLayout {
-            rows,
+            len: g.sh * g.sw * phase_len,
             cols,
             copies,
             offsets,
@@ -654,16 +710,16 @@ impl PaddedLayout {
 
 /// A depthwise convolution of one plane: `map` applied to each sum as it
 /// is computed, then `finish` (when given) to the sums, before they are
-/// stored. The plane is first copied inside its zero padding
-/// (`scratch.padded`, zeroed by the caller), each row split into its `sw`
-/// phases (phase p holds
-/// columns p, p + sw, ...), so that every tap of an output row reads a
-/// contiguous run without bounds tests, which the compiler vectorises; a tap
-/// over padding adds a product with zero, which leaves the sum unchanged.
-/// Each output receives its taps in kernel order.
+/// stored. The plane is first copied inside its zero padding, split into
+/// phases (see [`PaddedLayout`]; `scratch.padded`, zeroed by the caller),
+/// so that every tap reads one contiguous run without bounds tests, which
+/// the compiler vectorises; a tap over padding adds a product with zero,
+/// which leaves the sum unchanged. Each output receives its taps in kernel
+/// order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn depthwise_plane<M: MapValue>(
+fn depthwise_plane<S: pulp::Simd, M: MapValue>(
+    simd: S,
     src: &[f32],
     ker: &[f32],
     g: &Geometry,
@@ -674,65 +730,56 @@ fn depthwise_plane<M: MapValue>(
     finish: Option<&Finish>,
 ) {
     let Scratch { padded, sums } = scratch;
-    let cols = layout.cols;
-    for (pr, row) in padded.chunks_exact_mut(cols).enumerate() {
-        let Some(r) = pr.checked_sub(g.ph).filter(|&r| r < g.h) else {
-            continue;
-        };
-        let input = &src[r * g.w..][..g.w];
-        for &(to, from, count) in &layout.copies {
-            let out = &mut row[to..][..count];
-            if g.sw == 1 {
-                out.copy_from_slice(&input[from..][..count]);
-            } else if g.sw == 2 {
-                // Pairs with a constant stride, which the compiler turns
-                // into vector shuffles rather than one load per element.
-                let pairs = &input[from..];
-                let whole = count.min(pairs.len() / 2);
-                for (d, pair) in out[..whole].iter_mut().zip(pairs.chunks_exact(2)) {
+    for &RowCopy { to, from, count } in &layout.copies {
+        let out = &mut padded[to..][..count];
+        let input = &src[from..];
+        match g.sw {
+            1 => copy_run(simd, out, &input[..count]),
+            // Pairs with a constant stride, which the compiler turns into
+            // vector shuffles rather than one load per element.
+            2 => {
+                let whole = count.min(input.len() / 2);
+                for (d, pair) in out[..whole].iter_mut().zip(input.chunks_exact(2)) {
                     *d = pair[0];
                 }
                 for (t, d) in out.iter_mut().enumerate().skip(whole) {
-                    *d = pairs[2 * t];
+                    *d = input[2 * t];
                 }
-            } else {
-                for (t, d) in out.iter_mut().enumerate() {
-                    *d = input[from + t * g.sw];
+            }
+            sw => {
+                for (d, s) in out.iter_mut().zip(input.iter().step_by(sw)) {
+                    *d = *s;
                 }
             }
         }
     }
     // The sums are taken over whole vectors, into `sums`, then the valid
     // columns are copied out: no scalar tail loops, which dominate small
-    // planes. With a row step of 1 output row y, column x reads padded
-    // element `y * cols + x + offset`, so one flat loop covers the plane
-    // (the columns past `ow` of each row are discarded); with a larger step
-    // each output row is its own loop.
+    // planes.
     if g.oh == 0 || g.ow == 0 {
         return;
     }
-    let offsets = &layout.offsets;
-    if g.sh == 1 {
-        let len = ((g.oh - 1) * cols + g.ow).next_multiple_of(LANES);
-        sums.resize(len, 0.0);
-        depthwise_sums(&mut sums[..len], ker, g, &padded[..], offsets, map);
-        if let Some(finish) = finish {
-            finish.apply(&mut sums[..len], None);
-        }
-        for (y, drow) in dst.chunks_exact_mut(g.ow).enumerate() {
-            drow.copy_from_slice(&sums[y * cols..][..g.ow]);
-        }
-    } else {
-        let len = g.ow.next_multiple_of(LANES);
-        sums.resize(len, 0.0);
-        for (y, drow) in dst.chunks_exact_mut(g.ow).enumerate() {
-            let base = &padded[y * g.sh * cols..];
-            depthwise_sums(&mut sums[..len], ker, g, base, offsets, map);
-            if let Some(finish) = finish {
-                finish.apply(&mut sums[..len], None);
-            }
-            drow.copy_from_slice(&sums[..g.ow]);
-        }
+    let cols = layout.cols;
+    let len = ((g.oh - 1) * cols + g.ow).next_multiple_of(LANES);
+    sums.resize(len, 0.0);
+    depthwise_sums(&mut sums[..len], ker, g, &padded[..], &layout.offsets, map);
+    if let Some(finish) = finish {
+        finish.apply(&mut sums[..len], None);
+    }
+    for (y, drow) in dst.chunks_exact_mut(g.ow).enumerate() {
+        copy_run(simd, drow, &sums[y * cols..][..g.ow]);
+    }
+}
+
+/// `dst.copy_from_slice(src)` in whole vectors and one masked one: the
+/// rows copied here are short, and a call to `memcpy` (what the compiler
+/// makes of a plain copy loop) costs as much as the copy.
+#[inline(always)]
+fn copy_run<S: pulp::Simd>(simd: S, dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "a copy between runs of one length");
+    let lanes = std::mem::size_of::<S::f32s>() / std::mem::size_of::<f32>();
+    for (d, s) in dst.chunks_mut(lanes).zip(src.chunks(lanes)) {
+        simd.partial_store_f32s(d, simd.partial_load_f32s(s));
     }
 }
 
@@ -741,7 +788,8 @@ fn depthwise_plane<M: MapValue>(
 const LANES: usize = 16;
 
 /// `out[x] = map(sum over taps k of ker[k] * src[offsets[k] + x])`, the
-/// taps in kernel order (kernel row, then column), starting from zero.
+/// taps in kernel order (kernel row, then column), starting from zero, each
+/// a fused multiply-add: one instruction instead of a multiply and an add.
 #[inline(always)]
 fn depthwise_sums<M: MapValue>(
     out: &mut [f32],
@@ -760,7 +808,7 @@ fn depthwise_sums<M: MapValue>(
             out.fill(0.0);
             for (k, &wv) in ker[..g.kh * g.kw].iter().enumerate() {
                 for (d, s) in out.iter_mut().zip(tap(k)) {
-                    *d += wv * s;
+                    *d = wv.mul_add(*s, *d);
                 }
             }
             out.iter_mut().for_each(|x| *x = map.map(*x));
@@ -773,9 +821,9 @@ fn depthwise_sums<M: MapValue>(
 /// for each add before the next).
 const TAP_BLOCK: usize = 64;
 
-/// A whole kernel of `K` taps, each sum kept in a register: `d = 0; d +=
-/// w[0] * t[0][x]; d += w[1] * t[1][x]; ...`, in tap order; `map` is
-/// applied before the store.
+/// A whole kernel of `K` taps, each sum kept in a register: `d = 0; d =
+/// fma(w[0], t[0][x], d); d = fma(w[1], t[1][x], d); ...`, in tap order;
+/// `map` is applied before the store.
 #[inline(always)]
 fn kernel_taps<const K: usize, M: MapValue>(out: &mut [f32], w: &[f32], t: [&[f32]; K], map: M) {
     let n = out.len();
@@ -788,10 +836,10 @@ fn kernel_taps<const K: usize, M: MapValue>(out: &mut [f32], w: &[f32], t: [&[f3
             let wk = w[k];
             let tk: &[f32; TAP_BLOCK] = t[k][x0..x0 + TAP_BLOCK].try_into().expect("a block");
             for l in 0..16 {
-                a0[l] += wk * tk[l];
-                a1[l] += wk * tk[16 + l];
-                a2[l] += wk * tk[32 + l];
-                a3[l] += wk * tk[48 + l];
+                a0[l] = wk.mul_add(tk[l], a0[l]);
+                a1[l] = wk.mul_add(tk[16 + l], a1[l]);
+                a2[l] = wk.mul_add(tk[32 + l], a2[l]);
+                a3[l] = wk.mul_add(tk[48 + l], a3[l]);
             }
         }
         let o: &mut [f32; TAP_BLOCK] = (&mut out[x0..x0 + TAP_BLOCK]).try_into().expect("a block");
@@ -811,7 +859,7 @@ fn kernel_taps<const K: usize, M: MapValue>(out: &mut [f32], w: &[f32], t: [&[f3
             let wk = w[k];
             let tk: &[f32; 16] = t[k][x0..x0 + 16].try_into().expect("a vector");
             for l in 0..16 {
-                acc[l] += wk * tk[l];
+                acc[l] = wk.mul_add(tk[l], acc[l]);
             }
         }
         for (o, a) in out[x0..x0 + 16].iter_mut().zip(acc) {
@@ -821,7 +869,7 @@ fn kernel_taps<const K: usize, M: MapValue>(out: &mut [f32], w: &[f32], t: [&[f3
     for x in vectors..n {
         let mut acc = 0.0;
         for k in 0..K {
-            acc += w[k] * t[k][x];
+            acc = w[k].mul_add(t[k][x], acc);
         }
         out[x] = map.map(acc);
     }
