@@ -459,8 +459,8 @@ fn match_node(g: &Graph, n: NodeId, opset: i64, standard_only: bool) -> Option<L
 }
 
 /// A Gemm the integer rules lower: `A B (+ C)` (no transA, alpha and beta
-/// 1) with a per-tensor dequantized A and a dequantized constant B, per
-/// tensor or per output column; its output quantized after an optional
+/// both one) with a per-tensor dequantized A and a dequantized constant B,
+/// per tensor or per output column; its output quantized after an optional
 /// activation (folded as for Conv), or float.
 struct GemmGroup {
     trans_b: bool,

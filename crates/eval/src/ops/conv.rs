@@ -431,6 +431,7 @@ impl ConvShape {
 
 /// The sizes of one 2-D convolution: input plane, kernel, output plane,
 /// strides, dilations and leading pads.
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Geometry {
     h: usize,
     w: usize,
@@ -492,14 +493,18 @@ impl pulp::WithSimd for Depthwise<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, simd: S) {
+    fn with_simd<S: pulp::Simd>(self, _: S) {
         let g = self.g;
         let (in_plane, taps) = (g.h * g.w, g.kh * g.kw);
         let out_plane = (g.oh * g.ow).max(1);
-        // The padding is zeroed once: each plane overwrites only the inside.
-        let padded = &mut self.scratch.padded;
-        padded.clear();
-        padded.resize(self.layout.len + LANES, 0.0);
+        // The padding is zeroed once per worker and geometry: each plane
+        // overwrites only the inside, the same places for every plane.
+        if self.scratch.zeroed_for != Some(*g) {
+            let padded = &mut self.scratch.padded;
+            padded.clear();
+            padded.resize(self.layout.len + LANES, 0.0);
+            self.scratch.zeroed_for = Some(*g);
+        }
         for (i, dst) in self.dst.chunks_mut(out_plane).enumerate() {
             let plane = self.first_plane + i;
             let channel = plane % self.channels;
@@ -516,7 +521,6 @@ impl pulp::WithSimd for Depthwise<'_> {
                 // The common epilogues are applied to each sum as it is
                 // stored.
                 (None, Some(map)) => map.dispatch(PlaneWithMap {
-                    simd,
                     src,
                     ker,
                     g,
@@ -525,7 +529,6 @@ impl pulp::WithSimd for Depthwise<'_> {
                     scratch: self.scratch,
                 }),
                 (None, None) => depthwise_plane(
-                    simd,
                     src,
                     ker,
                     g,
@@ -538,17 +541,7 @@ impl pulp::WithSimd for Depthwise<'_> {
                 // The sums are not laid out as the output; the Add needs
                 // them stored first.
                 (Some(added), _) => {
-                    depthwise_plane(
-                        simd,
-                        src,
-                        ker,
-                        g,
-                        layout,
-                        dst,
-                        self.scratch,
-                        Unchanged,
-                        None,
-                    );
+                    depthwise_plane(src, ker, g, layout, dst, self.scratch, Unchanged, None);
                     let added = &added[plane * out_plane..][..dst.len()];
                     finish.apply(dst, Some(added));
                 }
@@ -558,8 +551,7 @@ impl pulp::WithSimd for Depthwise<'_> {
 }
 
 /// [`depthwise_plane`] with a [`ValueMap`] compiled for its form.
-struct PlaneWithMap<'a, S> {
-    simd: S,
+struct PlaneWithMap<'a> {
     src: &'a [f32],
     ker: &'a [f32],
     g: &'a Geometry,
@@ -568,13 +560,12 @@ struct PlaneWithMap<'a, S> {
     scratch: &'a mut Scratch,
 }
 
-impl<S: pulp::Simd> WithValueMap for PlaneWithMap<'_, S> {
+impl WithValueMap for PlaneWithMap<'_> {
     type Output = ();
 
     #[inline(always)]
     fn run<M: MapValue>(self, map: M) {
         depthwise_plane(
-            self.simd,
             self.src,
             self.ker,
             self.g,
@@ -611,6 +602,8 @@ impl Finish<'_> {
 struct Scratch {
     /// The padded, phase-split input plane.
     padded: Vec<f32>,
+    /// The geometry whose padding `padded` holds zeroed.
+    zeroed_for: Option<Geometry>,
     /// Sums over whole vectors, before the valid columns are copied out.
     sums: Vec<f32>,
 }
@@ -718,8 +711,7 @@ impl PaddedLayout {
 /// order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn depthwise_plane<S: pulp::Simd, M: MapValue>(
-    simd: S,
+fn depthwise_plane<M: MapValue>(
     src: &[f32],
     ker: &[f32],
     g: &Geometry,
@@ -729,12 +721,12 @@ fn depthwise_plane<S: pulp::Simd, M: MapValue>(
     map: M,
     finish: Option<&Finish>,
 ) {
-    let Scratch { padded, sums } = scratch;
+    let Scratch { padded, sums, .. } = scratch;
     for &RowCopy { to, from, count } in &layout.copies {
         let out = &mut padded[to..][..count];
         let input = &src[from..];
         match g.sw {
-            1 => copy_run(simd, out, &input[..count]),
+            1 => out.copy_from_slice(&input[..count]),
             // Pairs with a constant stride, which the compiler turns into
             // vector shuffles rather than one load per element.
             2 => {
@@ -767,19 +759,7 @@ fn depthwise_plane<S: pulp::Simd, M: MapValue>(
         finish.apply(&mut sums[..len], None);
     }
     for (y, drow) in dst.chunks_exact_mut(g.ow).enumerate() {
-        copy_run(simd, drow, &sums[y * cols..][..g.ow]);
-    }
-}
-
-/// `dst.copy_from_slice(src)` in whole vectors and one masked one: the
-/// rows copied here are short, and a call to `memcpy` (what the compiler
-/// makes of a plain copy loop) costs as much as the copy.
-#[inline(always)]
-fn copy_run<S: pulp::Simd>(simd: S, dst: &mut [f32], src: &[f32]) {
-    assert_eq!(dst.len(), src.len(), "a copy between runs of one length");
-    let lanes = std::mem::size_of::<S::f32s>() / std::mem::size_of::<f32>();
-    for (d, s) in dst.chunks_mut(lanes).zip(src.chunks(lanes)) {
-        simd.partial_store_f32s(d, simd.partial_load_f32s(s));
+        drow.copy_from_slice(&sums[y * cols..][..g.ow]);
     }
 }
 
