@@ -5,7 +5,12 @@
 //! only then makes the call. Nothing else in the workspace uses `unsafe`.
 #![allow(unsafe_code)]
 
-use qgraph_ir::ndarray::{ArrayViewMut2, ShapeBuilder};
+use qgraph_ir::ndarray::{ArrayViewMut2, Axis, ShapeBuilder};
+use rayon::prelude::*;
+
+/// Columns per task of a one-row product shared across threads (the last
+/// task takes up to twice as many).
+const ROW_PRODUCT_BLOCK: usize = 320;
 
 /// A read-only matrix over a slice: element (r, c) is at
 /// `r * row_stride + c * col_stride`.
@@ -130,6 +135,39 @@ pub fn gemm_into(
         }
         return;
     }
+    // The crate takes a one-row product (a batch of one through a fully
+    // connected layer) as a matrix-vector product on one thread; its
+    // columns are shared out here instead, in blocks cut from the shape
+    // alone. The crate's matrix-vector kernels (taken when one operand is
+    // contiguous along k, or the right one along its rows, and k > 2)
+    // compute each column alone, in the same order of k whatever the
+    // block, so the split changes no bits; every block is wider than 256
+    // columns, where the crate would switch to another kernel.
+    let matrix_vector = k > 2 && ((b.row_stride == 1 && a.col_stride == 1) || b.col_stride == 1);
+    if threads == Threads::Pool && m == 1 && matrix_vector && n >= 2 * ROW_PRODUCT_BLOCK {
+        let mut blocks = Vec::new();
+        let mut rest = dst;
+        let mut first = 0;
+        while rest.ncols() >= 2 * ROW_PRODUCT_BLOCK {
+            let (block, tail) = rest.split_at(Axis(1), ROW_PRODUCT_BLOCK);
+            blocks.push((first, block));
+            first += ROW_PRODUCT_BLOCK;
+            rest = tail;
+        }
+        blocks.push((first, rest));
+        blocks.into_par_iter().for_each(|(first, block)| {
+            let columns = block.ncols();
+            gemm_into(
+                block,
+                a,
+                b.columns(first, columns),
+                alpha,
+                accumulate,
+                Threads::One,
+            )
+        });
+        return;
+    }
     let parallelism = match threads {
         Threads::One => gemm::Parallelism::None,
         Threads::Pool => gemm::Parallelism::Rayon(0),
@@ -203,6 +241,36 @@ mod tests {
                     assert_eq!(got, three, "{m}x{k}x{n} accumulated");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn one_row_products_shared_across_threads_equal_one_thread_bit_for_bit() {
+        let (k, n) = (700, 1000);
+        // A 1000-class classifier: three blocks, the last 360 wide.
+        let a: Vec<f32> = (0..k)
+            .map(|i| ((i * 37) % 101) as f32 / 17.0 - 3.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 13) % 97) as f32 / 29.0 - 1.5)
+            .collect();
+        let am = MatRef::row_major(&a, 1, k);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for bm in [
+            MatRef::row_major(&b, k, n),
+            MatRef::row_major(&b, n, k).transposed(),
+        ] {
+            let mut one = vec![0f32; n];
+            gemm(&mut one, n, am, bm, 1.5, false, Threads::One);
+            let mut shared = vec![7f32; n];
+            pool.install(|| gemm(&mut shared, n, am, bm, 1.5, false, Threads::Pool));
+            assert_eq!(
+                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                shared.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 
