@@ -537,6 +537,16 @@ fn match_gemm(g: &Graph, n: NodeId, opset: i64) -> Option<GemmGroup> {
     })
 }
 
+/// The int32 tensor a float Gemm output's bias already is, on the grid of
+/// the sums (scale `step`, zero point 0): added to them exactly. Any other
+/// bias stays float, added after the dequantization.
+fn exact_int32_bias(g: &Graph, bias: ValueId, step: &[f32], columns: usize) -> Option<ValueId> {
+    match int32_bias(g, Some(bias), step, columns)? {
+        Input::Value(v) => Some(v),
+        _ => None,
+    }
+}
+
 /// Gemm as `com.microsoft.QGemm`.
 fn gemm_as_qgemm(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
     let GemmGroup {
@@ -553,14 +563,10 @@ fn gemm_as_qgemm(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
     } = match_gemm(g, n, opset)?;
     // A float output keeps a float bias exactly, added after; a quantized
     // one takes it as int32.
-    let exact_int32 = |b: ValueId| {
-        matches!(
-            int32_bias(g, Some(b), &step, columns),
-            Some(Input::Value(_))
-        )
-    };
     let (bias, float_bias) = match (bias, &quantized) {
-        (Some(b), None) if !exact_int32(b) => (Input::Absent, Some(b)),
+        (Some(b), None) if exact_int32_bias(g, b, &step, columns).is_none() => {
+            (Input::Absent, Some(b))
+        }
         (b, _) => (int32_bias(g, b, &step, columns)?, None),
     };
     let [ai, asc, az] = triple(&a, g);
@@ -674,10 +680,7 @@ fn gemm_as_standard_ops(g: &Graph, n: NodeId, opset: i64) -> Option<Lowering> {
             let mut post = Vec::new();
             // An int32 bias on the sums' grid is added exactly; any other
             // stays float, added after.
-            let exact = bias.and_then(|b| match int32_bias(g, Some(b), &step, m)? {
-                Input::Value(v) => Some(v),
-                _ => None,
-            });
+            let exact = bias.and_then(|b| exact_int32_bias(g, b, &step, m));
             if let Some(bias) = exact {
                 post.push(Post::Add(Input::Value(bias)));
             }

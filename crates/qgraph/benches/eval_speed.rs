@@ -158,22 +158,26 @@ fn main() {
                 v.sort_by(f64::total_cmp);
                 v[v.len() / 2]
             };
-            let fastest = |v: Vec<f64>| v.into_iter().fold(f64::INFINITY, f64::min);
             let ours = median(rows.iter().map(|r| r.0.median).collect());
-            let theirs: Vec<(Times, Times)> =
+            // The rounds where ONNX Runtime was timed too: (qgraph, ONNX Runtime).
+            let timed: Vec<(Times, Times)> =
                 rows.iter().filter_map(|&(o, t)| Some((o, t?))).collect();
-            if theirs.len() == rows.len() {
-                let ratios: Vec<f64> = theirs.iter().map(|(o, t)| o.median / t.median).collect();
+            if timed.len() == rows.len() {
+                let ratios: Vec<f64> = timed.iter().map(|(o, t)| o.median / t.median).collect();
                 let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-                let (our_best, their_best) = (
-                    fastest(theirs.iter().map(|r| r.0.fastest).collect()),
-                    fastest(theirs.iter().map(|r| r.1.fastest).collect()),
-                );
+                let our_best = timed
+                    .iter()
+                    .map(|r| r.0.fastest)
+                    .fold(f64::INFINITY, f64::min);
+                let their_best = timed
+                    .iter()
+                    .map(|r| r.1.fastest)
+                    .fold(f64::INFINITY, f64::min);
                 println!(
                     "| {name} | {batch} | {:.2} | {:.2} | {:.2} ({}) | {:.2}, {:.2}, {:.2} |",
                     ours * 1e3,
-                    median(theirs.iter().map(|r| r.1.median).collect()) * 1e3,
-                    median(ratios.clone()),
+                    median(timed.iter().map(|r| r.1.median).collect()) * 1e3,
+                    median(ratios),
                     each.join(", "),
                     our_best * 1e3,
                     their_best * 1e3,

@@ -96,6 +96,14 @@ fn outputs(model: &Model) -> Vec<Tensor> {
         .unwrap()
 }
 
+/// The graph's operator types, in node order.
+fn op_types(g: &qgraph::ir::Graph) -> Vec<String> {
+    g.node_ids()
+        .into_iter()
+        .map(|n| g.node(n).op_type.clone())
+        .collect()
+}
+
 fn dtypes(model: &Model) -> Vec<DataType> {
     let g = &model.graph;
     g.initializers()
@@ -179,11 +187,7 @@ fn integer_target_is_integer_and_within_one_step_op_by_op() {
     let report = freeze(&mut frozen, Target::Integer, Int4::Auto).unwrap();
     assert!(report.float_ops.is_empty(), "{:?}", report.float_ops);
     let g = &frozen.graph;
-    let ops: Vec<String> = g
-        .node_ids()
-        .into_iter()
-        .map(|n| g.node(n).op_type.clone())
-        .collect();
+    let ops = op_types(g);
     assert_eq!(ops.iter().filter(|o| *o == "QLinearConv").count(), 2);
     assert!(ops.contains(&"QGemm".to_string()), "{ops:?}");
     // The only float ops: the input's QuantizeLinear and the output's
@@ -247,11 +251,7 @@ fn integer_onnx_target_uses_standard_ops_and_runs_in_tract() {
     let report = freeze(&mut frozen, Target::IntegerOnnx, Int4::Auto).unwrap();
     assert!(report.float_ops.is_empty(), "{:?}", report.float_ops);
     let g = &frozen.graph;
-    let ops: Vec<String> = g
-        .node_ids()
-        .into_iter()
-        .map(|n| g.node(n).op_type.clone())
-        .collect();
+    let ops = op_types(g);
     assert!(
         g.node_ids()
             .into_iter()
