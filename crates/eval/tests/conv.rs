@@ -2,11 +2,15 @@
 //! kernel cuts its work: products split into row tiles (large planes) and
 //! channel tiles (small planes, many channels), im2col with strides,
 //! padding and dilations, groups, and the depthwise kernel (3x3, 5x5, other
-//! sizes, strides 1 and 2, channels that are not a whole vector).
+//! sizes, strides 1 and 2, channels that are not a whole vector); and the
+//! gradients of the same convolutions against their definition, the same
+//! bits on 1, 2 and 3 threads.
 
-use qgraph_eval::Evaluator;
+use qgraph_eval::grad::Mode;
+use qgraph_eval::{Evaluator, Options};
 use qgraph_ir::ndarray::ArrayD;
 use qgraph_ir::Tensor;
+use std::collections::HashMap;
 
 struct Case {
     batch: usize,
@@ -116,6 +120,60 @@ graph main {{
         }
         y
     }
+
+    /// The gradients of `sum(r * y)` with respect to the input, the weights
+    /// and the bias, by the definition in f64: each element as (sum, sum of
+    /// the terms' magnitudes, number of terms).
+    fn direct_gradients(&self, x: &[f32], wt: &[f32], r: &[f32]) -> [Vec<(f64, f64, usize)>; 3] {
+        let (oh, ow) = self.out();
+        let (cg, mg) = (self.c / self.group, self.m / self.group);
+        let [kh, kw] = self.kernel;
+        let mut dx = vec![(0f64, 0f64, 0usize); x.len()];
+        let mut dw = vec![(0f64, 0f64, 0usize); wt.len()];
+        let mut db = vec![(0f64, 0f64, 0usize); self.m];
+        let add = |acc: &mut (f64, f64, usize), term: f64| {
+            acc.0 += term;
+            acc.1 += term.abs();
+            acc.2 += 1;
+        };
+        for n in 0..self.batch {
+            for oc in 0..self.m {
+                let g = oc / mg;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let rv = r[((n * self.m + oc) * oh + oy) * ow + ox] as f64;
+                        add(&mut db[oc], rv);
+                        for ic in 0..cg {
+                            for i in 0..kh {
+                                for j in 0..kw {
+                                    let iy = (oy * self.strides[0] + i * self.dilations[0])
+                                        as isize
+                                        - self.pads[0] as isize;
+                                    let ix = (ox * self.strides[1] + j * self.dilations[1])
+                                        as isize
+                                        - self.pads[1] as isize;
+                                    if iy < 0
+                                        || ix < 0
+                                        || iy >= self.h as isize
+                                        || ix >= self.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xi = ((n * self.c + g * cg + ic) * self.h + iy as usize)
+                                        * self.w
+                                        + ix as usize;
+                                    let wi = ((oc * cg + ic) * kh + i) * kw + j;
+                                    add(&mut dx[xi], rv * wt[wi] as f64);
+                                    add(&mut dw[wi], rv * x[xi] as f64);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        [dx, dw, db]
+    }
 }
 
 fn values(count: usize, seed: f32) -> Vec<f32> {
@@ -147,10 +205,10 @@ fn case(
     }
 }
 
-#[test]
-fn convolutions_match_the_definition_whatever_the_tiling() {
+/// Shapes that exercise every way the kernels cut their work.
+fn cases() -> Vec<Case> {
     #[rustfmt::skip]
-    let cases = [
+    let cases = vec![
         // 1x1 on a large plane: several row tiles, all channels each.
         case(1, (64, 56, 56), (64, 1), [1, 1], [1, 1], [1, 1], [0; 4]),
         // 1x1 on a small plane with many channels: channel tiles.
@@ -187,7 +245,12 @@ fn convolutions_match_the_definition_whatever_the_tiling() {
         case(1, (3, 2, 3), (3, 3), [3, 3], [2, 2], [1, 1], [0, 0, 1, 1]),
         case(1, (3, 1, 1), (3, 3), [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
     ];
-    for (i, case) in cases.iter().enumerate() {
+    cases
+}
+
+#[test]
+fn convolutions_match_the_definition_whatever_the_tiling() {
+    for (i, case) in cases().iter().enumerate() {
         let model = qgraph_text::parse_model(&case.model()).unwrap();
         let ev = Evaluator::new(&model).unwrap();
         let x = values(case.batch * case.c * case.h * case.w, i as f32);
@@ -219,6 +282,71 @@ fn convolutions_match_the_definition_whatever_the_tiling() {
                 (got as f64 - want).abs() <= tolerance,
                 "case {i}: output {at} is {got}, the definition gives {want}"
             );
+        }
+    }
+}
+
+#[test]
+fn convolution_gradients_match_the_definition() {
+    for (i, case) in cases().iter().enumerate() {
+        let model = qgraph_text::parse_model(&case.model()).unwrap();
+        let g = &model.graph;
+        let (oh, ow) = case.out();
+        let x = values(case.batch * case.c * case.h * case.w, i as f32);
+        let k = case.kernel[0] * case.kernel[1] * case.c / case.group;
+        let wt = values(case.m * k, 100.0 + i as f32);
+        let b = values(case.m, 200.0 + i as f32);
+        let r = values(case.batch * case.m * oh * ow, 300.0 + i as f32);
+        let tensor = |shape: Vec<usize>, v: &[f32]| {
+            Tensor::F32(ArrayD::from_shape_vec(shape, v.to_vec()).unwrap())
+        };
+        let inputs = vec![
+            tensor(vec![case.batch, case.c, case.h, case.w], &x),
+            tensor(
+                vec![case.m, case.c / case.group, case.kernel[0], case.kernel[1]],
+                &wt,
+            ),
+            tensor(vec![case.m], &b),
+        ];
+        let wrt: Vec<_> = ["x", "wt", "b"]
+            .iter()
+            .map(|name| g.value_by_name(name).unwrap())
+            .collect();
+        let gradients = |threads: usize| {
+            let options = Options {
+                threads,
+                ..Default::default()
+            };
+            let ev = Evaluator::with_options(&model, options).unwrap();
+            let no_params = HashMap::new();
+            let tape = ev
+                .record(inputs.clone(), &no_params, Mode::Inference)
+                .unwrap();
+            let seed = tensor(vec![case.batch, case.m, oh, ow], &r);
+            tape.backward(vec![(g.outputs()[0], seed)], &wrt).unwrap()
+        };
+        let grads = gradients(2);
+        for threads in [1, 3] {
+            assert!(
+                gradients(threads) == grads,
+                "case {i}: gradients on {threads} threads differ from those on 2"
+            );
+        }
+        let want = case.direct_gradients(&x, &wt, &r);
+        for (name, (v, want)) in ["x", "wt", "b"].iter().zip(wrt.iter().zip(&want)) {
+            let Some(Tensor::F32(got)) = grads.get(v) else {
+                panic!("case {i}: no f32 gradient for {name}");
+            };
+            assert_eq!(got.len(), want.len(), "case {i}: gradient size of {name}");
+            // A sum of `terms` f32 products: within (terms + 1) 2^-23 of the
+            // exact sum, relative to the terms' magnitudes added up.
+            for (at, (&got, &(want, size, terms))) in got.iter().zip(want).enumerate() {
+                let tolerance = (terms + 1) as f64 * 2f64.powi(-23) * size;
+                assert!(
+                    (got as f64 - want).abs() <= tolerance,
+                    "case {i}: d{name}[{at}] is {got}, the definition gives {want}"
+                );
+            }
         }
     }
 }

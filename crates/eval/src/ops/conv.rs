@@ -1,11 +1,10 @@
-//! Convolution: im2col + matrix product per group, a direct kernel for
-//! depthwise convolution, and the window arithmetic shared with pooling.
+//! Convolution: im2col + matrix product per group (depthwise convolutions
+//! go to `depthwise.rs`), and the window arithmetic shared with pooling.
 
+use super::depthwise;
 use super::gemm::{gemm, gemm_into, MatRef, Threads};
-use super::pointwise::{
-    apply_maps, Epilogue, MapValue, Pointwise, Unchanged, ValueMap, WithValueMap,
-};
-use super::{array, f32_input, lane_dot, Grads};
+use super::pointwise::Epilogue;
+use super::{array, f32_input, Grads};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayViewMut2, Axis};
 use qgraph_ir::Tensor;
@@ -191,35 +190,16 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     let simd = pulp::Arch::new();
     let mut out = cx.buffers.take(n * m * plane);
     if depthwise {
-        // Each plane is independent; tasks take several small ones, so
-        // that per-task costs do not dominate the 7x7 planes, but stay
-        // many enough to share out.
-        let planes = n * m;
-        let per_task = (16384 / plane.max(1))
-            .min(planes / (8 * rayon::current_num_threads()))
-            .max(1);
-        let layout = PaddedLayout::new(&geometry);
-        out.par_chunks_mut(per_task * plane.max(1))
-            .enumerate()
-            .for_each(|(t, dst)| {
-                SCRATCH.with(|scratch| {
-                    simd.dispatch(Depthwise {
-                        first_plane: t * per_task,
-                        channels: m,
-                        src: xs,
-                        weights: ws,
-                        bias: bias.as_deref(),
-                        epilogue: cx.epilogue,
-                        added,
-                        g: &geometry,
-                        layout: &layout,
-                        dst,
-                        // Borrowed before dispatching: code in a closure (as
-                        // `with` takes) is not compiled for the vector unit.
-                        scratch: &mut scratch.borrow_mut(),
-                    })
-                })
-            });
+        depthwise::forward(
+            xs,
+            ws,
+            bias.as_deref(),
+            cx.epilogue,
+            added,
+            &geometry,
+            m,
+            &mut out,
+        );
         return Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))]);
     }
     // Bias, then the epilogue, on the values of one output channel that
@@ -432,24 +412,24 @@ impl ConvShape {
 /// The sizes of one 2-D convolution: input plane, kernel, output plane,
 /// strides, dilations and leading pads.
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct Geometry {
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
-    sh: usize,
-    sw: usize,
-    dh: usize,
-    dw: usize,
-    ph: usize,
-    pw: usize,
+pub(super) struct Geometry {
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
+    pub(super) sh: usize,
+    pub(super) sw: usize,
+    pub(super) dh: usize,
+    pub(super) dw: usize,
+    pub(super) ph: usize,
+    pub(super) pw: usize,
 }
 
 impl Geometry {
     /// The input row read by output row `y` at kernel row `i`, if inside.
-    fn input_row(&self, y: usize, i: usize) -> Option<usize> {
+    pub(super) fn input_row(&self, y: usize, i: usize) -> Option<usize> {
         (y * self.sh + i * self.dh)
             .checked_sub(self.ph)
             .filter(|&r| r < self.h)
@@ -458,7 +438,7 @@ impl Geometry {
     /// For kernel column `j`: output column `x` reads input column
     /// `x * sw + j * dw - pw`. Returns (first x, end x, input column of the
     /// first x), every read in between inside the row.
-    fn column_range(&self, j: usize) -> (usize, usize, usize) {
+    pub(super) fn column_range(&self, j: usize) -> (usize, usize, usize) {
         let offset = (j * self.dw) as isize - self.pw as isize;
         let sw = self.sw as isize;
         // The smallest x with x * sw + offset >= 0, and the first x with
@@ -468,390 +448,6 @@ impl Geometry {
         let end = (end as usize).min(self.ow);
         let first = (first as usize).min(end);
         (first, end, (first as isize * sw + offset).max(0) as usize)
-    }
-}
-
-/// Depthwise planes `first_plane..` (plane = image * channels + channel)
-/// into `dst`, each with its bias and epilogue while it is in cache; a
-/// `pulp` operation, compiled once per vector unit and chosen at run time.
-struct Depthwise<'a> {
-    first_plane: usize,
-    channels: usize,
-    src: &'a [f32],
-    weights: &'a [f32],
-    bias: Option<&'a [f32]>,
-    epilogue: &'a [Pointwise],
-    /// What a fused Add adds, the whole output's worth.
-    added: Option<&'a [f32]>,
-    g: &'a Geometry,
-    layout: &'a PaddedLayout,
-    dst: &'a mut [f32],
-    scratch: &'a mut Scratch,
-}
-
-impl pulp::WithSimd for Depthwise<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
-        let g = self.g;
-        let (in_plane, taps) = (g.h * g.w, g.kh * g.kw);
-        let out_plane = (g.oh * g.ow).max(1);
-        // The padding is zeroed once per worker and geometry: each plane
-        // overwrites only the inside, the same places for every plane.
-        if self.scratch.zeroed_for != Some(*g) {
-            let padded = &mut self.scratch.padded;
-            padded.clear();
-            padded.resize(self.layout.len + LANES, 0.0);
-            self.scratch.zeroed_for = Some(*g);
-        }
-        for (i, dst) in self.dst.chunks_mut(out_plane).enumerate() {
-            let plane = self.first_plane + i;
-            let channel = plane % self.channels;
-            let src = &self.src[plane * in_plane..][..in_plane];
-            let ker = &self.weights[channel * taps..][..taps];
-            let bias = self.bias.map(|b| b[channel]);
-            let finish = Finish {
-                bias,
-                epilogue: self.epilogue,
-                channel,
-            };
-            let layout = self.layout;
-            match (self.added, ValueMap::new(bias, self.epilogue, channel)) {
-                // The common epilogues are applied to each sum as it is
-                // stored.
-                (None, Some(map)) => map.dispatch(PlaneWithMap {
-                    src,
-                    ker,
-                    g,
-                    layout,
-                    dst,
-                    scratch: self.scratch,
-                }),
-                (None, None) => depthwise_plane(
-                    src,
-                    ker,
-                    g,
-                    layout,
-                    dst,
-                    self.scratch,
-                    Unchanged,
-                    Some(&finish),
-                ),
-                // The sums are not laid out as the output; the Add needs
-                // them stored first.
-                (Some(added), _) => {
-                    depthwise_plane(src, ker, g, layout, dst, self.scratch, Unchanged, None);
-                    let added = &added[plane * out_plane..][..dst.len()];
-                    finish.apply(dst, Some(added));
-                }
-            }
-        }
-    }
-}
-
-/// [`depthwise_plane`] with a [`ValueMap`] compiled for its form.
-struct PlaneWithMap<'a> {
-    src: &'a [f32],
-    ker: &'a [f32],
-    g: &'a Geometry,
-    layout: &'a PaddedLayout,
-    dst: &'a mut [f32],
-    scratch: &'a mut Scratch,
-}
-
-impl WithValueMap for PlaneWithMap<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<M: MapValue>(self, map: M) {
-        depthwise_plane(
-            self.src,
-            self.ker,
-            self.g,
-            self.layout,
-            self.dst,
-            self.scratch,
-            map,
-            None,
-        );
-    }
-}
-
-/// What follows a depthwise plane's sums: its bias, then the epilogue.
-struct Finish<'a> {
-    bias: Option<f32>,
-    epilogue: &'a [Pointwise],
-    channel: usize,
-}
-
-impl Finish<'_> {
-    /// A method, not a closure: closures are not compiled for the vector
-    /// unit of the function that calls them.
-    #[inline(always)]
-    fn apply(&self, sums: &mut [f32], added: Option<&[f32]>) {
-        if let Some(bv) = self.bias {
-            sums.iter_mut().for_each(|v| *v += bv);
-        }
-        apply_maps(self.epilogue, self.channel, sums, added);
-    }
-}
-
-/// A worker's buffers for depthwise planes, reused from plane to plane.
-#[derive(Default)]
-struct Scratch {
-    /// The padded, phase-split input plane.
-    padded: Vec<f32>,
-    /// The geometry whose padding `padded` holds zeroed.
-    zeroed_for: Option<Geometry>,
-    /// Sums over whole vectors, before the valid columns are copied out.
-    sums: Vec<f32>,
-}
-
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-}
-
-/// Where a plane goes in its padded, phase-split copy; the same for every
-/// plane of one convolution, so computed once.
-///
-/// The padded plane is cut into `sh x sw` phase planes: phase (p, q) holds
-/// padded rows p, p + sh, ... and of those the columns q, q + sw, ... Tap
-/// (i, j) of output (y, x) reads padded element (y sh + i dh, x sw + j dw),
-/// which is element (y + i dh / sh, x + j dw / sw) of phase
-/// (i dh % sh, j dw % sw). Every phase plane is `cols` wide, so that element
-/// sits at `offsets[tap] + y * cols + x`: one flat run per tap covers the
-/// whole output plane, whatever the stride, and only `cols - ow` columns
-/// per row are computed and discarded.
-struct PaddedLayout {
-    /// Values in all phase planes together.
-    len: usize,
-    /// Width of every phase plane.
-    cols: usize,
-    /// Row copies: `count` input values from `from`, every sw-th, go to
-    /// `to` onwards.
-    copies: Vec<RowCopy>,
-    /// Where tap (i, j) of output (0, 0) is.
-    offsets: Vec<usize>,
-}
-
-#[derive(Clone, Copy)]
-struct RowCopy {
-    to: usize,
-    from: usize,
-    count: usize,
-}
-
-impl PaddedLayout {
-    fn new(g: &Geometry) -> PaddedLayout {
-        let (oh, ow) = (g.oh.max(1), g.ow.max(1));
-        let rows = oh + ((g.kh - 1) * g.dh) / g.sh;
-        let cols = ow + ((g.kw - 1) * g.dw) / g.sw;
-        let phase_len = rows * cols;
-        let phase_start = |p: usize, q: usize| (p * g.sw + q) * phase_len;
-        // Only the phases some tap reads are filled.
-        let mut row_phases: Vec<usize> = (0..g.kh).map(|i| (i * g.dh) % g.sh).collect();
-        let mut col_phases: Vec<usize> = (0..g.kw).map(|j| (j * g.dw) % g.sw).collect();
-        row_phases.sort_unstable();
-        row_phases.dedup();
-        col_phases.sort_unstable();
-        col_phases.dedup();
-        let mut copies = Vec::new();
-        for &p in &row_phases {
-            for &q in &col_phases {
-                // Phase column t is padded column q + t sw, input column
-                // q + t sw - pw: the first t inside, and how many are.
-                let first = g.pw.saturating_sub(q).div_ceil(g.sw);
-                let Some(from) = (q + first * g.sw).checked_sub(g.pw) else {
-                    continue;
-                };
-                let count = cols
-                    .saturating_sub(first)
-                    .min(g.w.saturating_sub(from).div_ceil(g.sw));
-                if count == 0 {
-                    continue;
-                }
-                for t in 0..rows {
-                    let Some(r) = (p + t * g.sh).checked_sub(g.ph).filter(|&r| r < g.h) else {
-                        continue;
-                    };
-                    copies.push(RowCopy {
-                        to: phase_start(p, q) + t * cols + first,
-                        from: r * g.w + from,
-                        count,
-                    });
-                }
-            }
-        }
-        let offsets = (0..g.kh)
-            .flat_map(|i| {
-                (0..g.kw).map(move |j| {
-                    phase_start((i * g.dh) % g.sh, (j * g.dw) % g.sw)
-                        + ((i * g.dh) / g.sh) * cols
-                        + (j * g.dw) / g.sw
-                })
-            })
-            .collect();
-        PaddedLayout {
-            len: g.sh * g.sw * phase_len,
-            cols,
-            copies,
-            offsets,
-        }
-    }
-}
-
-/// A depthwise convolution of one plane: `map` applied to each sum as it
-/// is computed, then `finish` (when given) to the sums, before they are
-/// stored. The plane is first copied inside its zero padding, split into
-/// phases (see [`PaddedLayout`]; `scratch.padded`, zeroed by the caller),
-/// so that every tap reads one contiguous run without bounds tests, which
-/// the compiler vectorises; a tap over padding adds a product with zero,
-/// which leaves the sum unchanged. Each output receives its taps in kernel
-/// order.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn depthwise_plane<M: MapValue>(
-    src: &[f32],
-    ker: &[f32],
-    g: &Geometry,
-    layout: &PaddedLayout,
-    dst: &mut [f32],
-    scratch: &mut Scratch,
-    map: M,
-    finish: Option<&Finish>,
-) {
-    let Scratch { padded, sums, .. } = scratch;
-    for &RowCopy { to, from, count } in &layout.copies {
-        let out = &mut padded[to..][..count];
-        let input = &src[from..];
-        match g.sw {
-            1 => out.copy_from_slice(&input[..count]),
-            // Pairs with a constant stride, which the compiler turns into
-            // vector shuffles rather than one load per element.
-            2 => {
-                let whole = count.min(input.len() / 2);
-                for (d, pair) in out[..whole].iter_mut().zip(input.chunks_exact(2)) {
-                    *d = pair[0];
-                }
-                for (t, d) in out.iter_mut().enumerate().skip(whole) {
-                    *d = input[2 * t];
-                }
-            }
-            sw => {
-                for (d, s) in out.iter_mut().zip(input.iter().step_by(sw)) {
-                    *d = *s;
-                }
-            }
-        }
-    }
-    // The sums are taken over whole vectors, into `sums`, then the valid
-    // columns are copied out: no scalar tail loops, which dominate small
-    // planes.
-    if g.oh == 0 || g.ow == 0 {
-        return;
-    }
-    let cols = layout.cols;
-    let len = ((g.oh - 1) * cols + g.ow).next_multiple_of(LANES);
-    sums.resize(len, 0.0);
-    depthwise_sums(&mut sums[..len], ker, g, &padded[..], &layout.offsets, map);
-    if let Some(finish) = finish {
-        finish.apply(&mut sums[..len], None);
-    }
-    for (y, drow) in dst.chunks_exact_mut(g.ow).enumerate() {
-        drow.copy_from_slice(&sums[y * cols..][..g.ow]);
-    }
-}
-
-/// The widest vector (in f32 lanes) the sums are rounded up to; the padded
-/// copy has this much slack at its end for the discarded lanes to read.
-const LANES: usize = 16;
-
-/// `out[x] = map(sum over taps k of ker[k] * src[offsets[k] + x])`, the
-/// taps in kernel order (kernel row, then column), starting from zero, each
-/// a fused multiply-add: one instruction instead of a multiply and an add.
-#[inline(always)]
-fn depthwise_sums<M: MapValue>(
-    out: &mut [f32],
-    ker: &[f32],
-    g: &Geometry,
-    src: &[f32],
-    offsets: &[usize],
-    map: M,
-) {
-    let n = out.len();
-    let tap = |k: usize| &src[offsets[k]..][..n];
-    match (g.kh, g.kw) {
-        (3, 3) => kernel_taps::<9, M>(out, ker, std::array::from_fn(tap), map),
-        (5, 5) => kernel_taps::<25, M>(out, ker, std::array::from_fn(tap), map),
-        _ => {
-            out.fill(0.0);
-            for (k, &wv) in ker[..g.kh * g.kw].iter().enumerate() {
-                for (d, s) in out.iter_mut().zip(tap(k)) {
-                    *d = wv.mul_add(*s, *d);
-                }
-            }
-            out.iter_mut().for_each(|x| *x = map.map(*x));
-        }
-    }
-}
-
-/// Outputs per block of [`kernel_taps`]: four vectors of 16 lanes, whose
-/// sums are independent chains the processor overlaps (one chain waits
-/// for each add before the next).
-const TAP_BLOCK: usize = 64;
-
-/// A whole kernel of `K` taps, each sum kept in a register: `d = 0; d =
-/// fma(w[0], t[0][x], d); d = fma(w[1], t[1][x], d); ...`, in tap order;
-/// `map` is applied before the store.
-#[inline(always)]
-fn kernel_taps<const K: usize, M: MapValue>(out: &mut [f32], w: &[f32], t: [&[f32]; K], map: M) {
-    let n = out.len();
-    let w: &[f32; K] = w[..K].try_into().expect("K weights");
-    let whole = n - n % TAP_BLOCK;
-    for x0 in (0..whole).step_by(TAP_BLOCK) {
-        // Four accumulators of one vector each, kept in registers.
-        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
-        for k in 0..K {
-            let wk = w[k];
-            let tk: &[f32; TAP_BLOCK] = t[k][x0..x0 + TAP_BLOCK].try_into().expect("a block");
-            for l in 0..16 {
-                a0[l] = wk.mul_add(tk[l], a0[l]);
-                a1[l] = wk.mul_add(tk[16 + l], a1[l]);
-                a2[l] = wk.mul_add(tk[32 + l], a2[l]);
-                a3[l] = wk.mul_add(tk[48 + l], a3[l]);
-            }
-        }
-        let o: &mut [f32; TAP_BLOCK] = (&mut out[x0..x0 + TAP_BLOCK]).try_into().expect("a block");
-        for l in 0..16 {
-            o[l] = map.map(a0[l]);
-            o[16 + l] = map.map(a1[l]);
-            o[32 + l] = map.map(a2[l]);
-            o[48 + l] = map.map(a3[l]);
-        }
-    }
-    // The rest a vector at a time (callers round lengths up to whole
-    // vectors), then one by one.
-    let vectors = n - n % 16;
-    for x0 in (whole..vectors).step_by(16) {
-        let mut acc = [0f32; 16];
-        for k in 0..K {
-            let wk = w[k];
-            let tk: &[f32; 16] = t[k][x0..x0 + 16].try_into().expect("a vector");
-            for l in 0..16 {
-                acc[l] = wk.mul_add(tk[l], acc[l]);
-            }
-        }
-        for (o, a) in out[x0..x0 + 16].iter_mut().zip(acc) {
-            *o = map.map(a);
-        }
-    }
-    for x in vectors..n {
-        let mut acc = 0.0;
-        for k in 0..K {
-            acc = w[k].mul_add(t[k][x], acc);
-        }
-        out[x] = map.map(acc);
     }
 }
 
@@ -941,36 +537,12 @@ pub fn conv_backward(cx: &OpCtx, grads_in: &Grads) -> Result<Vec<Option<Tensor>>
     }
     if s.depthwise {
         if grads_in.wants(1) {
-            let dw: Vec<f32> = (0..s.m)
-                .into_par_iter()
-                .flat_map_iter(|ch| {
-                    let mut acc = vec![0f64; geo.kh * geo.kw];
-                    for b in 0..s.n {
-                        let src = &xs[(b * s.c + ch) * in_plane..][..in_plane];
-                        let dy = &ds[(b * s.m + ch) * plane..][..plane];
-                        for_each_tap(geo, |tap, oy, out_cols, in_start| {
-                            let row = &dy[oy * geo.ow..][out_cols];
-                            acc[tap] += strided_dot(row, &src[in_start..], geo.sw);
-                        });
-                    }
-                    acc.into_iter().map(|v| v as f32)
-                })
-                .collect();
+            let dw = depthwise::weight_gradient(xs, ds, geo, s.n, s.m);
             grads[1] = Some(Tensor::F32(array(w.shape(), dw)));
         }
         if grads_in.wants(0) {
             let mut dx = vec![0f32; xs.len()];
-            dx.par_chunks_mut(in_plane.max(1))
-                .enumerate()
-                .for_each(|(p, dst)| {
-                    let (b, ch) = (p / s.c, p % s.c);
-                    let dy = &ds[(b * s.m + ch) * plane..][..plane];
-                    let ker = &ws[ch * geo.kh * geo.kw..][..geo.kh * geo.kw];
-                    for_each_tap(geo, |tap, oy, out_cols, in_start| {
-                        let row = &dy[oy * geo.ow..][out_cols];
-                        strided_add(&mut dst[in_start..], geo.sw, row, ker[tap]);
-                    });
-                });
+            depthwise::input_gradient(ds, ws, geo, s.m, &mut dx);
             grads[0] = Some(Tensor::F32(array(x.shape(), dx)));
         }
         return Ok(grads);
@@ -1052,20 +624,6 @@ pub fn conv_backward(cx: &OpCtx, grads_in: &Grads) -> Result<Vec<Option<Tensor>>
         grads[0] = Some(Tensor::F32(array(x.shape(), dx)));
     }
     Ok(grads)
-}
-
-/// `sum(row[t] * src[t * stride])`: in vector lanes (see `lane_dot`), or,
-/// strided, in 8 lanes of its own.
-#[inline(always)]
-fn strided_dot(row: &[f32], src: &[f32], stride: usize) -> f64 {
-    if stride == 1 {
-        return lane_dot(row, &src[..row.len()], |a, b| a * b);
-    }
-    let mut lanes = [0f32; 8];
-    for (t, &a) in row.iter().enumerate() {
-        lanes[t % 8] += a * src[t * stride];
-    }
-    lanes.iter().map(|&l| l as f64).sum()
 }
 
 /// `dst[t * stride] += w * row[t]`.

@@ -4,6 +4,7 @@
 
 mod contrib;
 mod conv;
+mod depthwise;
 mod elementwise;
 mod gemm;
 mod integer;
