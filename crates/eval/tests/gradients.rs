@@ -318,6 +318,83 @@ fn batch_normalization_in_training_and_inference() {
     }
 }
 
+/// In training, a Relu or Clip that alone reads a BatchNormalization runs
+/// fused into it (the normalised values are not kept): the same bits as the
+/// two apart (an Identity between them keeps them apart), and gradients
+/// that match central differences.
+#[test]
+fn a_clamp_fused_into_training_batch_normalization_changes_no_bit() {
+    let inits = [
+        init("s", &[3], 1),
+        init("b", &[3], 2),
+        init("m", &[3], 3),
+        "  init %v = f32[3] [0.5, 1.5, 0.8]".to_string(),
+        // Bounds at least 0.006 from every normalised value, so that the
+        // central differences do not cross them.
+        "  init %lo = f32[] [-0.45]".to_string(),
+        "  init %hi = f32[] [0.55]".to_string(),
+    ]
+    .join("\n");
+    let bn = "bn: %t = BatchNormalization(%x, %s, %b, %m, %v) {epsilon = 0.001}";
+    for clamp in ["Clip(%t, %lo, %hi)", "Relu(%t)"] {
+        let fused = graph(
+            15,
+            "[4,3,2,3]",
+            "[4,3,2,3]",
+            &inits,
+            &format!("{bn}\n  act: %y = {clamp}"),
+        );
+        let apart = graph(
+            15,
+            "[4,3,2,3]",
+            "[4,3,2,3]",
+            &inits,
+            &format!(
+                "{bn}\n  keep: %u = Identity(%t)\n  act: %y = {}",
+                clamp.replace("%t", "%u")
+            ),
+        );
+        let x = tensor(&[4, 3, 2, 3], 8);
+        let r = tensor(&[4, 3, 2, 3], 9);
+        let run = |text: &str| {
+            let model: Model = qgraph_text::parse_model(text).unwrap();
+            let g = &model.graph;
+            let ev = Evaluator::new(&model).unwrap();
+            let params: HashMap<ValueId, Tensor> = ["s", "b"]
+                .iter()
+                .map(|p| {
+                    let v = g.value_by_name(p).unwrap();
+                    (v, g.initializer(v).unwrap().tensor.clone())
+                })
+                .collect();
+            let tape = ev.record(vec![x.clone()], &params, Mode::Training).unwrap();
+            let y = tape.outputs().unwrap()[0].clone();
+            let bn = g.node_by_name("bn").unwrap();
+            let stats = tape.saved(bn).unwrap().to_vec();
+            let wrt: Vec<ValueId> = ["x", "s", "b"]
+                .iter()
+                .map(|p| g.value_by_name(p).unwrap())
+                .collect();
+            let grads = tape
+                .backward(vec![(g.outputs()[0], r.clone())], &wrt)
+                .unwrap();
+            let grads: Vec<Tensor> = wrt.iter().map(|v| grads[v].clone()).collect();
+            (y, stats, grads)
+        };
+        let (y, stats, grads) = run(&fused);
+        // Some values on each side of the clamp, so both gradients occur.
+        let clamped = f32s(&y)
+            .iter()
+            .filter(|&&v| v == 0.0 || v == -0.45 || v == 0.55);
+        assert!(clamped.count() > 4, "{clamp}: too few values clamped");
+        assert!(
+            run(&apart) == (y, stats, grads),
+            "{clamp}: fusion changed a bit"
+        );
+        check(&fused, vec![x], &["s", "b"], Mode::Training);
+    }
+}
+
 #[test]
 fn activations() {
     let unary = [

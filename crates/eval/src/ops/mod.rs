@@ -12,8 +12,8 @@ mod matmul;
 mod norm;
 mod pointwise;
 
-pub(crate) use norm::batch_norm_training;
-pub(crate) use pointwise::{build as build_pointwise, is_pointwise, Pointwise};
+pub(crate) use norm::{batch_norm_backward_through, batch_norm_training};
+pub(crate) use pointwise::{build as build_pointwise, is_pointwise, Clamp, Pointwise};
 pub use quant::SCALE_GRADIENT_KEY;
 pub(crate) use shape::concatenate_tensors;
 
@@ -62,6 +62,17 @@ impl Grads<'_> {
         let Some(Some(y)) = self.outputs.get(k) else {
             return cx.err(format!("output {k} was not computed"));
         };
+        self.d_output_shaped(cx, k, y.shape())
+    }
+
+    /// As [`Grads::d_output`], for an output of shape `shape` that the
+    /// forward did not keep.
+    pub fn d_output_shaped(
+        &self,
+        cx: &OpCtx,
+        k: usize,
+        shape: &[usize],
+    ) -> Result<ArrayD<f32>, EvalError> {
         let taken = self
             .d_outputs
             .lock()
@@ -69,18 +80,17 @@ impl Grads<'_> {
             .get_mut(k)
             .and_then(Option::take);
         match taken {
-            Some(Tensor::F32(d)) if d.shape() == y.shape() => Ok(if d.is_standard_layout() {
+            Some(Tensor::F32(d)) if d.shape() == shape => Ok(if d.is_standard_layout() {
                 d
             } else {
                 d.as_standard_layout().into_owned()
             }),
             Some(d) => cx.err(format!(
-                "the gradient of output {k} is {} {:?}, the output {:?}",
+                "the gradient of output {k} is {} {:?}, the output {shape:?}",
                 d.dtype(),
                 d.shape(),
-                y.shape()
             )),
-            None => Ok(ArrayD::zeros(IxDyn(y.shape()))),
+            None => Ok(ArrayD::zeros(IxDyn(shape))),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Softmax and batch normalization's training forward; their gradients.
 
+use super::pointwise::Clamp;
 use super::{array, f32_input, lane_dot, lane_sum, Grads};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn};
@@ -132,19 +133,32 @@ impl BatchNorm {
     }
 }
 
+/// The normalization of channel `c` as `x * scale + shift`, computed the
+/// same way by the forward and backward passes, so that the backward
+/// recomputes the forward's outputs to the bit.
+#[inline(always)]
+fn affine(bn: &BatchNorm, mean: &[f32], var: &[f32], c: usize) -> (f32, f32) {
+    let [gamma, beta, _, _] = &bn.params;
+    let scale = gamma[c] / (var[c] + bn.eps).sqrt();
+    (scale, beta[c] - mean[c] * scale)
+}
+
 /// BatchNormalization in training mode: normalised with the batch's own
-/// mean and (biased) variance per channel. Returns the output and the
-/// statistics `[mean, variance]`, which the backward pass reads and from
-/// which a trainer updates the running averages.
+/// mean and (biased) variance per channel, then clamped by `clamp` when
+/// the Relu or Clip after it is fused (the tape then keeps only the clamped
+/// output). Returns the output and the statistics `[mean, variance]`, which
+/// the backward pass reads and from which a trainer updates the running
+/// averages.
 pub fn batch_norm_training(
     cx: &OpCtx,
     inputs: &[Option<&Tensor>],
+    clamp: Option<Clamp>,
 ) -> Result<(Tensor, Vec<Tensor>), EvalError> {
     let bn = BatchNorm::read(cx, inputs)?;
     let x = f32_input(cx, inputs, 0)?.as_standard_layout();
     let xs = x.as_slice().expect("standard layout");
     let count = (xs.len() / bn.channels.max(1)).max(1) as f64;
-    let stats: Vec<(f32, f32)> = (0..bn.channels)
+    let (mean, var): (Vec<f32>, Vec<f32>) = (0..bn.channels)
         .into_par_iter()
         .map(|c| {
             let sum: f64 = bn.planes(xs, c).map(|p| lane_sum(p, |v| v)).sum();
@@ -157,24 +171,21 @@ pub fn batch_norm_training(
                 / count;
             (mean as f32, var as f32)
         })
-        .collect();
-    let [gamma, beta, _, _] = &bn.params;
+        .unzip();
     // Written from x in one pass.
     let mut ys = vec![0f32; xs.len()];
     ys.par_chunks_mut(bn.inner.max(1))
         .zip(xs.par_chunks(bn.inner.max(1)))
         .enumerate()
         .for_each(|(plane, (out, src))| {
-            let c = plane % bn.channels;
-            let (mean, var) = stats[c];
-            let scale = gamma[c] / (var + bn.eps).sqrt();
-            let shift = beta[c] - mean * scale;
-            out.iter_mut()
-                .zip(src)
-                .for_each(|(o, &v)| *o = v * scale + shift);
+            let (scale, shift) = affine(&bn, &mean, &var, plane % bn.channels);
+            let values = out.iter_mut().zip(src);
+            match clamp {
+                None => values.for_each(|(o, &v)| *o = v * scale + shift),
+                Some(clamp) => values.for_each(|(o, &v)| *o = clamp.value(v * scale + shift)),
+            }
         });
     let y = array(x.shape(), ys);
-    let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
     let c = bn.channels;
     Ok((
         Tensor::F32(y),
@@ -190,12 +201,35 @@ pub fn batch_norm_training(
 /// the running statistics as constants (inference mode). Gradients flow to
 /// x, scale and bias; the statistics inputs get none.
 pub fn batch_norm_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let d = g.d_output(cx, 0)?;
+    batch_norm_gradients(cx, g, d, None)
+}
+
+/// The gradient of a training BatchNormalization whose Relu or Clip
+/// `clamp` was fused into it: `d` is the clamped output's gradient, which
+/// passes where the clamp's does at the normalised value, recomputed from
+/// x and the saved statistics. This saves the clamp's own pass over the
+/// gradient and the unclamped output's memory.
+pub fn batch_norm_backward_through(
+    cx: &OpCtx,
+    g: &Grads,
+    clamp: Clamp,
+) -> Result<Vec<Option<Tensor>>, EvalError> {
+    let shape = f32_input(cx, g.inputs, 0)?.shape().to_vec();
+    let d = g.d_output_shaped(cx, 0, &shape)?;
+    batch_norm_gradients(cx, g, d, Some(clamp))
+}
+
+fn batch_norm_gradients(
+    cx: &OpCtx,
+    g: &Grads,
+    d: ArrayD<f32>,
+    clamp: Option<Clamp>,
+) -> Result<Vec<Option<Tensor>>, EvalError> {
     let mut grads = vec![None; g.inputs.len()];
     let bn = BatchNorm::read(cx, g.inputs)?;
     let x = f32_input(cx, g.inputs, 0)?.as_standard_layout();
     let xs = x.as_slice().expect("standard layout");
-    let d = g.d_output(cx, 0)?;
-    let ds = d.as_slice().expect("standard layout");
     let [gamma, _, running_mean, running_var] = &bn.params;
     let (mean, var): (Vec<f32>, Vec<f32>) = if g.training {
         match g.saved {
@@ -207,17 +241,39 @@ pub fn batch_norm_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>,
     } else {
         (running_mean.clone(), running_var.clone())
     };
+    let inner = bn.inner.max(1);
+    let ds = d.as_slice().expect("standard layout");
     let count = (xs.len() / bn.channels.max(1)).max(1) as f32;
+    // With a fused clamp, the normalised output's gradient at (x, d) of
+    // channel c: `d` where the clamp's gradient passes at the recomputed
+    // output, else 0.
+    let through = |c: usize, clamp: Clamp| {
+        let (scale, shift) = affine(&bn, &mean, &var, c);
+        move |x: f32, d: f32| d * clamp.slope(x * scale + shift)
+    };
     // Per channel: sum(dy) and sum(dy * x_hat).
     let sums: Vec<(f32, f32)> = (0..bn.channels)
         .into_par_iter()
         .map(|c| {
             let inv = 1.0 / (var[c] + bn.eps).sqrt();
+            let mean = mean[c];
             let mut sum_d = 0f64;
             let mut sum_dx = 0f64;
-            for (xp, dp) in bn.planes(xs, c).zip(bn.planes(ds, c)) {
-                sum_d += lane_sum(dp, |v| v);
-                sum_dx += lane_dot(xp, dp, |x, d| d * (x - mean[c]) * inv);
+            // Compiled once without the clamp and once with it.
+            match clamp {
+                None => {
+                    for (xp, dp) in bn.planes(xs, c).zip(bn.planes(ds, c)) {
+                        sum_d += lane_dot(xp, dp, |_, d| d);
+                        sum_dx += lane_dot(xp, dp, |x, d| d * (x - mean) * inv);
+                    }
+                }
+                Some(clamp) => {
+                    let dy = through(c, clamp);
+                    for (xp, dp) in bn.planes(xs, c).zip(bn.planes(ds, c)) {
+                        sum_d += lane_dot(xp, dp, dy);
+                        sum_dx += lane_dot(xp, dp, |x, d| dy(x, d) * (x - mean) * inv);
+                    }
+                }
             }
             (sum_d as f32, sum_dx as f32)
         })
@@ -226,21 +282,35 @@ pub fn batch_norm_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>,
         // The output's gradient is ours: overwritten with the input's.
         let mut dx = d;
         let dxs = dx.as_slice_mut().expect("standard layout");
-        dxs.par_chunks_mut(bn.inner.max(1))
-            .zip(xs.par_chunks(bn.inner.max(1)))
+        dxs.par_chunks_mut(inner)
+            .zip(xs.par_chunks(inner))
             .enumerate()
             .for_each(|(plane, (out, xp))| {
                 let c = plane % bn.channels;
                 let inv = 1.0 / (var[c] + bn.eps).sqrt();
                 let k = gamma[c] * inv;
-                if g.training {
-                    let (sum_d, sum_dx) = sums[c];
-                    for (o, &xv) in out.iter_mut().zip(xp) {
-                        let x_hat = (xv - mean[c]) * inv;
-                        *o = k * (*o - sum_d / count - x_hat * sum_dx / count);
-                    }
-                } else {
+                if !g.training {
                     out.iter_mut().for_each(|o| *o *= k);
+                    return;
+                }
+                let (sum_d, sum_dx) = sums[c];
+                let mean = mean[c];
+                let dx = |dy: f32, xv: f32| {
+                    let x_hat = (xv - mean) * inv;
+                    k * (dy - sum_d / count - x_hat * sum_dx / count)
+                };
+                match clamp {
+                    None => {
+                        for (o, &xv) in out.iter_mut().zip(xp) {
+                            *o = dx(*o, xv);
+                        }
+                    }
+                    Some(clamp) => {
+                        let dy = through(c, clamp);
+                        for (o, &xv) in out.iter_mut().zip(xp) {
+                            *o = dx(dy(xv, *o), xv);
+                        }
+                    }
                 }
             });
         grads[0] = Some(Tensor::F32(dx));

@@ -91,6 +91,64 @@ pub fn clamp(x: f32, lo: f32, hi: f32) -> f32 {
     }
 }
 
+/// Relu or Clip as a kernel applies it fused into its own output (the
+/// training batch normalization, see `norm.rs`): the clamp, and where its
+/// gradient passes, as [`backward`] decides it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Clamp {
+    lo: f32,
+    hi: f32,
+    /// Relu's gradient stops at 0 itself; Clip's passes at its bounds.
+    open_below: bool,
+}
+
+impl Clamp {
+    pub fn relu() -> Clamp {
+        Clamp {
+            lo: 0.0,
+            hi: f32::INFINITY,
+            open_below: true,
+        }
+    }
+
+    pub fn clip(lo: f32, hi: f32) -> Clamp {
+        Clamp {
+            lo,
+            hi,
+            open_below: false,
+        }
+    }
+
+    /// The clamp of a Relu or Clip map; `None` for any other.
+    pub fn of(map: &Pointwise) -> Option<Clamp> {
+        match *map {
+            Pointwise::Relu => Some(Clamp::relu()),
+            Pointwise::Clip { lo, hi } => Some(Clamp::clip(lo, hi)),
+            _ => None,
+        }
+    }
+
+    #[inline(always)]
+    pub fn value(self, x: f32) -> f32 {
+        clamp(x, self.lo, self.hi)
+    }
+
+    /// 1 where the gradient passes at input `x`, else 0 (NaN: 0).
+    #[inline(always)]
+    pub fn slope(self, x: f32) -> f32 {
+        let above = if self.open_below {
+            x > self.lo
+        } else {
+            x >= self.lo
+        };
+        if above && x <= self.hi {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Applies `maps` in order to `data`, all of channel `channel`; `added` is
 /// the slice of the tensor an [`Pointwise::AddInput`] adds, aligned with
 /// `data`. `x + y` is the Add kernel's own arithmetic (and commutes
@@ -409,9 +467,10 @@ pub fn backward(cx: &OpCtx, g: &super::Grads) -> Result<Vec<Option<Tensor>>, Eva
             .for_each(|(d, x)| d.iter_mut().zip(x).for_each(|(d, &v)| *d *= derivative(v)));
     }
     match map {
-        Pointwise::Relu => scale_by(ds, xs, |v| if v > 0.0 { 1.0 } else { 0.0 }),
+        Pointwise::Relu => scale_by(ds, xs, |v| Clamp::relu().slope(v)),
         Pointwise::Clip { lo, hi } => {
-            scale_by(ds, xs, |v| if v >= lo && v <= hi { 1.0 } else { 0.0 })
+            let clamp = Clamp::clip(lo, hi);
+            scale_by(ds, xs, |v| clamp.slope(v))
         }
         Pointwise::LeakyRelu { alpha } => scale_by(ds, xs, |v| if v >= 0.0 { 1.0 } else { alpha }),
         Pointwise::Sigmoid => scale_by(ds, xs, |v| {
