@@ -25,7 +25,8 @@ pub struct Tape<'e, 'm, 'p> {
     evaluator: &'e Evaluator<'m>,
     params: &'p HashMap<ValueId, Tensor>,
     values: HashMap<ValueId, Tensor>,
-    /// What training-mode kernels kept for the backward pass, per node.
+    /// What kernels kept for the backward pass, per node (see
+    /// [`Grads::saved`](ops::Grads)).
     saved: HashMap<NodeId, Vec<Tensor>>,
     mode: Mode,
     /// In training: each Relu or Clip that is the only reader of a
@@ -131,16 +132,21 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
         let (results, saved) = {
             let args = self.lookup_all(node.inputs())?;
             let cx = self.context(n);
-            if self.mode == Mode::Training
-                && node.op_type == "BatchNormalization"
-                && node.domain.is_empty()
-            {
-                let (y, stats) = ops::batch_norm_training(&cx, &args, None)?;
-                (vec![y], Some(stats))
-            } else {
-                let kernel =
-                    ops::kernel(&node.domain, &node.op_type).expect("checked in Evaluator::new");
-                (kernel(&cx, &args)?, None)
+            let default_domain = node.domain.is_empty();
+            match (self.mode, node.op_type.as_str()) {
+                (Mode::Training, "BatchNormalization") if default_domain => {
+                    let (y, stats) = ops::batch_norm_training(&cx, &args, None)?;
+                    (vec![y], Some(stats))
+                }
+                (_, "MaxPool") if default_domain => {
+                    let (ys, firsts) = ops::max_pool_recording(&cx, &args)?;
+                    (ys, Some(firsts))
+                }
+                _ => {
+                    let kernel = ops::kernel(&node.domain, &node.op_type)
+                        .expect("checked in Evaluator::new");
+                    (kernel(&cx, &args)?, None)
+                }
             }
         };
         self.time(&node.op_type, "forward", started);
@@ -203,8 +209,9 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
         g.outputs().iter().map(|&v| self.value(v)).collect()
     }
 
-    /// What a training-mode kernel kept for `node`: for BatchNormalization,
-    /// the batch mean and (biased) variance per channel.
+    /// What a kernel kept for `node`: for BatchNormalization in training,
+    /// the batch mean and (biased) variance per channel; for MaxPool, where
+    /// each window's first maximum is.
     pub fn saved(&self, node: NodeId) -> Option<&[Tensor]> {
         self.saved.get(&node).map(Vec::as_slice)
     }

@@ -519,6 +519,99 @@ fn pooling_and_means() {
     }
 }
 
+/// MaxPool's tape records each window's first maximum: with ties, NaN,
+/// signed zeros and infinities its outputs are the evaluator's to the bit,
+/// and each window's gradient goes to its first maximum by a strict
+/// comparison in tap order (none for a window wholly in the padding).
+#[test]
+fn max_pool_sends_each_gradient_to_its_first_maximum() {
+    let plane: [f32; 20] = [
+        1.0,
+        1.0,
+        f32::NAN,
+        2.0,
+        -0.0, //
+        0.0,
+        1.0,
+        2.0,
+        f32::NAN,
+        0.0, //
+        f32::NEG_INFINITY,
+        f32::NEG_INFINITY,
+        3.0,
+        3.0,
+        0.0, //
+        f32::NEG_INFINITY,
+        f32::NEG_INFINITY,
+        -1.0,
+        3.0,
+        -0.0,
+    ];
+    let x = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[1, 1, 4, 5]), plane.to_vec()).unwrap());
+    let cases = [
+        // Windows inside: (kernel, strides, pads, output shape).
+        ([2, 2], [2, 2], [0, 0, 0, 0], [2, 2]),
+        ([2, 3], [1, 1], [0, 0, 0, 0], [3, 3]),
+        // Padded, one window wholly in the padding below.
+        ([2, 2], [2, 2], [1, 1, 3, 1], [4, 3]),
+    ];
+    for (kernel, strides, pads, [oh, ow]) in cases {
+        let text = graph(
+            13,
+            "[1,1,4,5]",
+            &format!("[1,1,{oh},{ow}]"),
+            "",
+            &format!(
+                "n: %y = MaxPool(%x) {{kernel_shape = {kernel:?}, strides = {strides:?}, pads = {pads:?}}}"
+            ),
+        );
+        let model: Model = qgraph_text::parse_model(&text).unwrap();
+        let g = &model.graph;
+        let ev = Evaluator::new(&model).unwrap();
+        let run = ev.run(vec![x.clone()]).unwrap();
+        let no_params = HashMap::new();
+        let tape = ev
+            .record(vec![x.clone()], &no_params, Mode::Training)
+            .unwrap();
+        let recorded = f32s(tape.outputs().unwrap()[0]);
+        let bits = |a: &ArrayD<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(recorded),
+            bits(f32s(&run[0])),
+            "{kernel:?} {strides:?} {pads:?}"
+        );
+        let seeds: Vec<f32> = (0..oh * ow).map(|k| 1.0 + k as f32).collect();
+        let seed =
+            Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[1, 1, oh, ow]), seeds.clone()).unwrap());
+        let xv = g.value_by_name("x").unwrap();
+        let grads = tape.backward(vec![(g.outputs()[0], seed)], &[xv]).unwrap();
+        let mut want = [0f32; 20];
+        for y in 0..oh {
+            for xo in 0..ow {
+                let mut first: Option<usize> = None;
+                for i in 0..kernel[0] {
+                    for j in 0..kernel[1] {
+                        let r = (y * strides[0] + i) as isize - pads[0] as isize;
+                        let c = (xo * strides[1] + j) as isize - pads[1] as isize;
+                        if !(0..4).contains(&r) || !(0..5).contains(&c) {
+                            continue;
+                        }
+                        let t = (r * 5 + c) as usize;
+                        if first.is_none_or(|b| plane[t] > plane[b]) {
+                            first = Some(t);
+                        }
+                    }
+                }
+                if let Some(t) = first {
+                    want[t] += seeds[y * ow + xo];
+                }
+            }
+        }
+        let got: Vec<f32> = f32s(&grads[&xv]).iter().copied().collect();
+        assert_eq!(got, want.to_vec(), "{kernel:?} {strides:?} {pads:?}");
+    }
+}
+
 #[test]
 fn data_movement() {
     let cases = [

@@ -14,6 +14,7 @@ mod pointwise;
 
 pub(crate) use norm::{batch_norm_backward_through, batch_norm_training};
 pub(crate) use pointwise::{build as build_pointwise, is_pointwise, Clamp, Pointwise};
+pub(crate) use pool::max_pool_recording;
 pub use quant::SCALE_GRADIENT_KEY;
 pub(crate) use shape::concatenate_tensors;
 
@@ -44,8 +45,9 @@ pub struct Grads<'a> {
     pub wanted: &'a [bool],
     /// Whether the forward pass ran in training mode (batch statistics).
     pub training: bool,
-    /// What the training forward kept for the backward (BatchNormalization:
-    /// the batch mean and variance).
+    /// What the tape's forward kept for the backward (BatchNormalization in
+    /// training: the batch mean and variance; MaxPool: where each window's
+    /// first maximum is).
     pub saved: &'a [Tensor],
 }
 

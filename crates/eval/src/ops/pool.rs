@@ -216,66 +216,117 @@ fn pool(cx: &OpCtx, inputs: &[Option<&Tensor>], max: bool) -> Result<Vec<Tensor>
     Ok(vec![Tensor::F32(array(&[p.n, p.c, oh, ow], out))])
 }
 
-/// MaxPool and AveragePool gradients: a window's gradient goes to its
-/// first maximum (as the forward's fold finds it), or is shared by its
-/// taps. Planes are independent, so they run in parallel.
-fn pool_backward(cx: &OpCtx, g: &Grads, max: bool) -> Result<Vec<Option<Tensor>>, EvalError> {
+/// MaxPool for the tape: its output, and for each output the position in
+/// its input plane of its window's first maximum (-1 for a window wholly
+/// in the padding), where the backward sends its gradient. When every
+/// window lies inside the input, one pass finds both: each window's taps in
+/// the forward's order, folded with `f32::max` from -inf as [`pool`] folds
+/// them (the same bits), while a strict comparison keeps the first maximum.
+pub fn max_pool_recording(
+    cx: &OpCtx,
+    inputs: &[Option<&Tensor>],
+) -> Result<(Vec<Tensor>, Vec<Tensor>), EvalError> {
+    // Integer pools have no gradient.
+    let Some(Tensor::F32(x)) = inputs.first().copied().flatten() else {
+        return Ok((max_pool(cx, inputs)?, Vec::new()));
+    };
+    check_max_pool(cx)?;
+    let p = Pooling::read(cx, x.shape())?;
+    let x = x.as_standard_layout();
+    let xs = x.as_slice().expect("standard layout");
+    let (oh, ow) = (p.win.out[0], p.win.out[1]);
+    let (in_plane, out_plane) = (p.h * p.w, (oh * ow).max(1));
+    if in_plane > i32::MAX as usize {
+        return cx.err(format!("input planes of {in_plane} values are too large"));
+    }
+    let shape = [p.n, p.c, oh, ow];
+    let mut firsts = vec![-1i32; p.n * p.c * oh * ow];
+    if !p.windows_inside() {
+        firsts
+            .par_chunks_mut(out_plane)
+            .enumerate()
+            .for_each(|(plane_i, dst)| {
+                let src = &xs[plane_i * in_plane..][..in_plane];
+                for (o, first) in dst.iter_mut().enumerate() {
+                    let mut at: Option<usize> = None;
+                    p.window(o / ow, o % ow, |t| {
+                        if at.is_none_or(|b| src[t] > src[b]) {
+                            at = Some(t);
+                        }
+                    });
+                    *first = at.map_or(-1, |t| t as i32);
+                }
+            });
+        let outputs = pool(cx, inputs, true)?;
+        return Ok((outputs, vec![Tensor::I32(array(&shape, firsts))]));
+    }
+    // Tap (i, j) from the window's tap (0, 0), in the forward's order.
+    let (kh, kw, sw) = (p.win.kernel[0], p.win.kernel[1], p.win.strides[1]);
+    let offsets: Vec<usize> = (0..kh)
+        .flat_map(|i| (0..kw).map(move |j| (i, j)))
+        .map(|(i, j)| p.tap_start(0, i, j) - p.tap_start(0, 0, 0))
+        .collect();
+    let mut values = vec![0f32; firsts.len()];
+    values
+        .par_chunks_mut(out_plane)
+        .zip(firsts.par_chunks_mut(out_plane))
+        .enumerate()
+        .for_each(|(plane_i, (values, firsts))| {
+            let src = &xs[plane_i * in_plane..][..in_plane];
+            let rows = values.chunks_exact_mut(ow.max(1));
+            for (y, (values, firsts)) in rows.zip(firsts.chunks_exact_mut(ow.max(1))).enumerate() {
+                let start = p.tap_start(y, 0, 0);
+                for (x, (value, first)) in values.iter_mut().zip(firsts).enumerate() {
+                    let base = start + x * sw;
+                    let mut max = f32::NEG_INFINITY;
+                    let (mut at, mut best) = (base, src[base]);
+                    for &offset in &offsets {
+                        let v = src[base + offset];
+                        max = max.max(v);
+                        if v > best {
+                            (at, best) = (base + offset, v);
+                        }
+                    }
+                    *value = max;
+                    *first = at as i32;
+                }
+            }
+        });
+    Ok((
+        vec![Tensor::F32(array(&shape, values))],
+        vec![Tensor::I32(array(&shape, firsts))],
+    ))
+}
+
+/// MaxPool's gradient: each window's goes to its first maximum, where the
+/// tape recorded it (see [`max_pool_recording`]). Planes are independent,
+/// so they run in parallel.
+pub fn max_pool_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
     let mut grads = vec![None; g.inputs.len()];
     if !g.wants(0) {
         return Ok(grads);
     }
     let x = f32_input(cx, g.inputs, 0)?;
-    let p = Pooling::read(cx, x.shape())?;
-    let x = x.as_standard_layout();
-    let xs = x.as_slice().expect("standard layout");
+    let [Tensor::I32(firsts)] = g.saved else {
+        return cx.err("the forward pass did not record where the maxima are");
+    };
     let d = g.d_output(cx, 0)?;
     let ds = d.as_slice().expect("standard layout");
-    let (in_plane, out_plane, ow) = (p.h * p.w, p.out_plane(), p.win.out[1]);
-    let mut dx = vec![0f32; xs.len()];
-    let inside = max && p.windows_inside();
-    let (kh, kw, sw) = (p.win.kernel[0], p.win.kernel[1], p.win.strides[1]);
+    if firsts.shape() != d.shape() || x.ndim() < 2 {
+        return cx.err("the recorded maxima do not match the output");
+    }
+    let firsts = firsts.as_standard_layout();
+    let firsts = firsts.as_slice().expect("standard layout");
+    let in_plane: usize = x.shape()[2..].iter().product();
+    let out_plane: usize = d.shape()[2..].iter().product();
+    let mut dx = vec![0f32; x.len()];
     dx.par_chunks_mut(in_plane.max(1))
-        .enumerate()
-        .for_each(|(plane_i, dst)| {
-            let src = &xs[plane_i * in_plane..][..in_plane];
-            let dy = &ds[plane_i * out_plane..][..out_plane];
-            if inside {
-                // The first maximum of each window, taps in the forward's
-                // order, without the general window's bounds arithmetic.
-                for (o, &dv) in dy.iter().enumerate() {
-                    let (y, xo) = (o / ow, o % ow);
-                    let mut best = p.tap_start(y, 0, 0) + xo * sw;
-                    for i in 0..kh {
-                        for j in 0..kw {
-                            let t = p.tap_start(y, i, j) + xo * sw;
-                            if src[t] > src[best] {
-                                best = t;
-                            }
-                        }
-                    }
-                    dst[best] += dv;
-                }
-                return;
-            }
-            for (o, &dv) in dy.iter().enumerate() {
-                let (y, xo) = (o / ow, o % ow);
-                if max {
-                    let mut best: Option<usize> = None;
-                    p.window(y, xo, |t| {
-                        if best.is_none_or(|b| src[t] > src[b]) {
-                            best = Some(t);
-                        }
-                    });
-                    if let Some(b) = best {
-                        dst[b] += dv;
-                    }
-                } else {
-                    let (count, padded) = p.window(y, xo, |_| {});
-                    let divisor = p.divisor(count, padded);
-                    if divisor > 0 {
-                        let share = dv / divisor as f32;
-                        p.window(y, xo, |t| dst[t] += share);
-                    }
+        .zip(ds.par_chunks(out_plane.max(1)))
+        .zip(firsts.par_chunks(out_plane.max(1)))
+        .for_each(|((dst, dy), at)| {
+            for (&dv, &t) in dy.iter().zip(at) {
+                if let Some(d) = usize::try_from(t).ok().and_then(|t| dst.get_mut(t)) {
+                    *d += dv;
                 }
             }
         });
@@ -283,21 +334,49 @@ fn pool_backward(cx: &OpCtx, g: &Grads, max: bool) -> Result<Vec<Option<Tensor>>
     Ok(grads)
 }
 
-pub fn max_pool_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
-    pool_backward(cx, g, true)
-}
-
+/// AveragePool's gradient: each window's shared by its taps. Planes are
+/// independent, so they run in parallel.
 pub fn average_pool_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
-    pool_backward(cx, g, false)
+    let mut grads = vec![None; g.inputs.len()];
+    if !g.wants(0) {
+        return Ok(grads);
+    }
+    let x = f32_input(cx, g.inputs, 0)?;
+    let p = Pooling::read(cx, x.shape())?;
+    let d = g.d_output(cx, 0)?;
+    let ds = d.as_slice().expect("standard layout");
+    let (in_plane, out_plane, ow) = (p.h * p.w, p.out_plane(), p.win.out[1]);
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(in_plane.max(1))
+        .zip(ds.par_chunks(out_plane.max(1)))
+        .for_each(|(dst, dy)| {
+            for (o, &dv) in dy.iter().enumerate() {
+                let (y, xo) = (o / ow.max(1), o % ow.max(1));
+                let (count, padded) = p.window(y, xo, |_| {});
+                let divisor = p.divisor(count, padded);
+                if divisor > 0 {
+                    let share = dv / divisor as f32;
+                    p.window(y, xo, |t| dst[t] += share);
+                }
+            }
+        });
+    grads[0] = Some(Tensor::F32(array(x.shape(), dx)));
+    Ok(grads)
 }
 
-pub fn max_pool(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+/// What MaxPool does not implement.
+fn check_max_pool(cx: &OpCtx) -> Result<(), EvalError> {
     if cx.graph.node(cx.node).outputs().iter().flatten().count() > 1 {
         return cx.err("the Indices output of MaxPool is not implemented");
     }
     if cx.int_attr("storage_order", 0)? != 0 {
         return cx.err("storage_order 1 is not implemented");
     }
+    Ok(())
+}
+
+pub fn max_pool(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    check_max_pool(cx)?;
     // 8-bit integers (MaxPool takes them from opset 12): every one is exact
     // in f32, and a maximum picks one of them.
     let narrow = |t: &[Tensor]| -> Vec<f32> {
