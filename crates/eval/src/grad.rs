@@ -29,12 +29,11 @@ pub struct Tape<'e, 'm, 'p> {
     /// [`Grads::saved`](ops::Grads)).
     saved: HashMap<NodeId, Vec<Tensor>>,
     mode: Mode,
-    /// In training: each Relu or Clip that is the only reader of a
-    /// BatchNormalization's output, with that node. The two run as one
-    /// kernel, which keeps only the clamped output; see [`fused_clamps`].
-    bn_of_clamp: HashMap<NodeId, NodeId>,
-    /// The BatchNormalization nodes above, with the clamp each applied.
-    clamp_of_bn: HashMap<NodeId, Option<ops::Clamp>>,
+    /// Each Relu or Clip that runs fused into the node before it, whose
+    /// output it alone reads and which is not kept: see [`fused_clamps`].
+    producer_of_clamp: HashMap<NodeId, NodeId>,
+    /// The producers above, with the clamp each applied once run.
+    clamp_of_producer: HashMap<NodeId, Option<ops::Clamp>>,
     /// Seconds per operator type and direction, with call counts.
     times: std::sync::Mutex<HashMap<String, (usize, f64)>>,
 }
@@ -48,18 +47,15 @@ impl<'m> Evaluator<'m> {
         params: &'p HashMap<ValueId, Tensor>,
         mode: Mode,
     ) -> Result<Tape<'e, 'm, 'p>, EvalError> {
-        let bn_of_clamp = match mode {
-            Mode::Training => fused_clamps(self),
-            Mode::Inference => HashMap::new(),
-        };
+        let producer_of_clamp = fused_clamps(self, mode);
         let mut tape = Tape {
             evaluator: self,
             params,
             values: self.bind_inputs(inputs)?.into_iter().collect(),
             saved: HashMap::new(),
             mode,
-            clamp_of_bn: bn_of_clamp.values().map(|&bn| (bn, None)).collect(),
-            bn_of_clamp,
+            clamp_of_producer: producer_of_clamp.values().map(|&p| (p, None)).collect(),
+            producer_of_clamp,
             times: Default::default(),
         };
         self.in_pool(|| {
@@ -119,12 +115,12 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
     }
 
     fn run(&mut self, n: NodeId) -> Result<(), EvalError> {
-        if self.clamp_of_bn.contains_key(&n) {
+        if self.clamp_of_producer.contains_key(&n) {
             // Runs with its clamp.
             return Ok(());
         }
-        if let Some(&bn) = self.bn_of_clamp.get(&n) {
-            return self.run_fused(bn, n);
+        if let Some(&producer) = self.producer_of_clamp.get(&n) {
+            return self.run_fused(producer, n);
         }
         let g = self.evaluator.graph;
         let node = g.node(n);
@@ -161,9 +157,10 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
         Ok(())
     }
 
-    /// A training BatchNormalization and the Relu or Clip after it, as one
-    /// kernel: the clamp applied as each normalised value is written.
-    fn run_fused(&mut self, bn: NodeId, clamp_node: NodeId) -> Result<(), EvalError> {
+    /// A node and the Relu or Clip after it as one kernel, the clamp applied
+    /// as each value is written: a training BatchNormalization, or a Conv
+    /// (then a Relu, its epilogue).
+    fn run_fused(&mut self, producer: NodeId, clamp_node: NodeId) -> Result<(), EvalError> {
         let g = self.evaluator.graph;
         let node = g.node(clamp_node);
         let started = std::time::Instant::now();
@@ -186,18 +183,27 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
                     message: format!("{map:?} is not a clamp"),
                 });
             };
-            let args = self.lookup_all(g.node(bn).inputs())?;
-            let (y, stats) = ops::batch_norm_training(&self.context(bn), &args, Some(clamp))?;
-            (y, stats, clamp)
+            let args = self.lookup_all(g.node(producer).inputs())?;
+            let mut cx = self.context(producer);
+            if g.node(producer).op_type == "Conv" {
+                cx.epilogue = std::slice::from_ref(&map);
+                let y = ops::kernel("", "Conv").expect("a kernel")(&cx, &args)?;
+                (y.into_iter().next(), None, clamp)
+            } else {
+                let (y, stats) = ops::batch_norm_training(&cx, &args, Some(clamp))?;
+                (Some(y), Some(stats), clamp)
+            }
         };
         self.time(
-            &format!("BatchNormalization+{}", node.op_type),
+            &format!("{}+{}", g.node(producer).op_type, node.op_type),
             "forward",
             started,
         );
-        self.saved.insert(bn, stats);
-        self.clamp_of_bn.insert(bn, Some(clamp));
-        if let Some(Some(v)) = node.outputs().first() {
+        if let Some(stats) = stats {
+            self.saved.insert(producer, stats);
+        }
+        self.clamp_of_producer.insert(producer, Some(clamp));
+        if let (Some(Some(v)), Some(y)) = (node.outputs().first(), y) {
             self.values.insert(*v, y);
         }
         Ok(())
@@ -257,11 +263,12 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
                 if !wanted.contains(&true) {
                     continue;
                 }
-                if self.bn_of_clamp.contains_key(&n) {
-                    // The clamp ran inside its BatchNormalization, whose
-                    // backward applies the clamp's gradient: the output's
-                    // gradient goes on unchanged.
-                    let (Some(Some(out)), Some(Some(normalised))) =
+                if let Some(&producer) = self.producer_of_clamp.get(&n) {
+                    // The clamp ran inside its producer. A BatchNormalization's
+                    // backward applies the clamp's gradient; a Conv's Relu's
+                    // is applied here, from the Relu's output (positive
+                    // exactly where its input is).
+                    let (Some(Some(out)), Some(Some(before))) =
                         (outs.first(), node.inputs().first())
                     else {
                         continue;
@@ -271,15 +278,33 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
                     } else {
                         grads.remove(out)
                     };
+                    let started = std::time::Instant::now();
+                    let d = match (d, g.node(producer).op_type.as_str()) {
+                        (Some(Tensor::F32(mut d)), "Conv") => {
+                            let y = match self.values.get(out) {
+                                Some(Tensor::F32(y)) => y,
+                                _ => continue,
+                            };
+                            ops::relu_gradient_from_output(y, &mut d).map_err(|m| {
+                                EvalError::Op {
+                                    node: g.describe_node(n),
+                                    message: m.to_string(),
+                                }
+                            })?;
+                            Some(Tensor::F32(d))
+                        }
+                        (d, _) => d,
+                    };
+                    self.time(&node.op_type, "backward", started);
                     if let Some(d) = d {
-                        accumulate(&mut grads, *normalised, d).map_err(|m| EvalError::Op {
+                        accumulate(&mut grads, *before, d).map_err(|m| EvalError::Op {
                             node: g.describe_node(n),
                             message: m.to_string(),
                         })?;
                     }
                     continue;
                 }
-                let clamp = self.clamp_of_bn.get(&n).copied();
+                let clamp = self.clamp_of_producer.get(&n).copied();
                 let Some(kernel) = ops::backward_kernel(&node.domain, &node.op_type) else {
                     return Err(EvalError::Unsupported {
                         node: g.describe_node(n),
@@ -289,8 +314,7 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
                 let started = std::time::Instant::now();
                 let results = {
                     let inputs = self.lookup_all(node.inputs())?;
-                    // A BatchNormalization fused with its clamp kept no
-                    // output of its own.
+                    // A node fused with its clamp kept no output of its own.
                     let outputs = match clamp {
                         Some(_) => vec![None; outs.len()],
                         None => self.lookup_all(outs)?,
@@ -318,9 +342,10 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
                         saved: self.saved(n).unwrap_or(&[]),
                     };
                     match clamp {
-                        Some(Some(clamp)) => {
+                        Some(Some(clamp)) if node.op_type == "BatchNormalization" => {
                             ops::batch_norm_backward_through(&cx, &grads_in, clamp)?
                         }
+                        Some(Some(_)) => kernel(&cx, &grads_in)?,
                         Some(None) => {
                             return Err(EvalError::Op {
                                 node: g.describe_node(n),
@@ -352,19 +377,26 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
     }
 }
 
-/// Each Relu or Clip (default domain) that is the only reader of a
-/// BatchNormalization's output, with that node, when the BatchNormalization's
-/// other outputs are unused: in training the two run as one kernel. Both
-/// give the bits they give apart; the normalised values before the clamp
-/// are not kept (MobileNetV2 at batch 32: 3.5 GB at the peak became 2.5),
-/// and neither the clamp's pass over them nor its gradient's is made.
-fn fused_clamps(ev: &Evaluator) -> HashMap<NodeId, NodeId> {
+/// Each Relu or Clip (default domain) that runs fused into the node before
+/// it, with that node: the clamp is the only reader of the node's output,
+/// and that node is a BatchNormalization in training (whose other outputs
+/// are unused), or a Conv when the clamp is a Relu. Both give the bits
+/// they give apart; the values before the clamp are not kept (MobileNetV2
+/// at batch 32: 3.5 GB at the peak became 2.5), and neither the clamp's
+/// pass over them nor its gradient's is made (a Relu's gradient is taken
+/// from its output instead).
+fn fused_clamps(ev: &Evaluator, mode: Mode) -> HashMap<NodeId, NodeId> {
     let g = ev.graph;
     let uses = |v: &ValueId| ev.uses.get(v).copied().unwrap_or(0);
     let mut pairs = HashMap::new();
     for &n in &ev.order {
         let node = g.node(n);
-        if node.op_type != "BatchNormalization" || !node.domain.is_empty() {
+        let producer = match node.op_type.as_str() {
+            "BatchNormalization" => mode == Mode::Training,
+            "Conv" => true,
+            _ => false,
+        };
+        if !producer || !node.domain.is_empty() {
             continue;
         }
         let Some((Some(y), rest)) = node.outputs().split_first() else {
@@ -377,7 +409,12 @@ fn fused_clamps(ev: &Evaluator) -> HashMap<NodeId, NodeId> {
             continue;
         };
         let clamp = g.node(reader);
-        if clamp.domain.is_empty() && matches!(clamp.op_type.as_str(), "Relu" | "Clip") {
+        let fits = match clamp.op_type.as_str() {
+            "Relu" => true,
+            "Clip" => node.op_type == "BatchNormalization",
+            _ => false,
+        };
+        if clamp.domain.is_empty() && fits {
             pairs.insert(reader, n);
         }
     }

@@ -395,6 +395,61 @@ fn a_clamp_fused_into_training_batch_normalization_changes_no_bit() {
     }
 }
 
+/// A Relu that alone reads a Conv's output runs as its epilogue in the
+/// tape (the Conv's output is not kept, the Relu's gradient comes from its
+/// output): the same bits as the two apart, in both modes.
+#[test]
+fn a_relu_fused_into_its_convolution_changes_no_bit() {
+    let inits = [init("w", &[4, 3, 3, 3], 11), init("b", &[4], 12)].join("\n");
+    let conv = "conv: %t = Conv(%x, %w, %b) {pads = [1, 1, 1, 1]}";
+    let fused = graph(
+        13,
+        "[2,3,5,5]",
+        "[2,4,5,5]",
+        &inits,
+        &format!("{conv}\n  act: %y = Relu(%t)"),
+    );
+    let apart = graph(
+        13,
+        "[2,3,5,5]",
+        "[2,4,5,5]",
+        &inits,
+        &format!("{conv}\n  keep: %u = Identity(%t)\n  act: %y = Relu(%u)"),
+    );
+    let x = tensor(&[2, 3, 5, 5], 5);
+    let r = tensor(&[2, 4, 5, 5], 6);
+    for mode in [Mode::Training, Mode::Inference] {
+        let run = |text: &str| {
+            let model: Model = qgraph_text::parse_model(text).unwrap();
+            let g = &model.graph;
+            let ev = Evaluator::new(&model).unwrap();
+            let params: HashMap<ValueId, Tensor> = ["w", "b"]
+                .iter()
+                .map(|p| {
+                    let v = g.value_by_name(p).unwrap();
+                    (v, g.initializer(v).unwrap().tensor.clone())
+                })
+                .collect();
+            let tape = ev.record(vec![x.clone()], &params, mode).unwrap();
+            let y = tape.outputs().unwrap()[0].clone();
+            let wrt: Vec<ValueId> = ["x", "w", "b"]
+                .iter()
+                .map(|p| g.value_by_name(p).unwrap())
+                .collect();
+            let grads = tape
+                .backward(vec![(g.outputs()[0], r.clone())], &wrt)
+                .unwrap();
+            let grads: Vec<Tensor> = wrt.iter().map(|v| grads[v].clone()).collect();
+            (y, grads)
+        };
+        let (y, grads) = run(&fused);
+        let zeros = f32s(&y).iter().filter(|&&v| v == 0.0).count();
+        assert!(zeros > 10 && zeros < y.len() - 10, "both sides of the kink");
+        assert!(run(&apart) == (y, grads), "{mode:?}: fusion changed a bit");
+        check(&fused, vec![x.clone()], &["w", "b"], mode);
+    }
+}
+
 #[test]
 fn activations() {
     let unary = [

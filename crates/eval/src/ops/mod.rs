@@ -13,7 +13,9 @@ mod norm;
 mod pointwise;
 
 pub(crate) use norm::{batch_norm_backward_through, batch_norm_training};
-pub(crate) use pointwise::{build as build_pointwise, is_pointwise, Clamp, Pointwise};
+pub(crate) use pointwise::{
+    build as build_pointwise, is_pointwise, relu_gradient_from_output, Clamp, Pointwise,
+};
 pub(crate) use pool::max_pool_recording;
 pub use quant::SCALE_GRADIENT_KEY;
 pub(crate) use shape::concatenate_tensors;
@@ -60,39 +62,31 @@ impl Grads<'_> {
 
     /// Takes the gradient of output `k`, in standard layout (zeros when
     /// none flows). Taken once: the kernel owns it and may overwrite it.
+    /// An output the forward did not keep (fused with the clamp after it)
+    /// has no shape to check the gradient against, or to make zeros of.
     pub fn d_output(&self, cx: &OpCtx, k: usize) -> Result<ArrayD<f32>, EvalError> {
-        let Some(Some(y)) = self.outputs.get(k) else {
-            return cx.err(format!("output {k} was not computed"));
-        };
-        self.d_output_shaped(cx, k, y.shape())
-    }
-
-    /// As [`Grads::d_output`], for an output of shape `shape` that the
-    /// forward did not keep.
-    pub fn d_output_shaped(
-        &self,
-        cx: &OpCtx,
-        k: usize,
-        shape: &[usize],
-    ) -> Result<ArrayD<f32>, EvalError> {
+        let shape = self.outputs.get(k).copied().flatten().map(|y| y.shape());
         let taken = self
             .d_outputs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(k)
             .and_then(Option::take);
-        match taken {
-            Some(Tensor::F32(d)) if d.shape() == shape => Ok(if d.is_standard_layout() {
-                d
-            } else {
-                d.as_standard_layout().into_owned()
-            }),
-            Some(d) => cx.err(format!(
+        match (taken, shape) {
+            (Some(Tensor::F32(d)), _) if shape.is_none_or(|s| s == d.shape()) => {
+                Ok(if d.is_standard_layout() {
+                    d
+                } else {
+                    d.as_standard_layout().into_owned()
+                })
+            }
+            (Some(d), _) => cx.err(format!(
                 "the gradient of output {k} is {} {:?}, the output {shape:?}",
                 d.dtype(),
                 d.shape(),
             )),
-            None => Ok(ArrayD::zeros(IxDyn(shape))),
+            (None, Some(shape)) => Ok(ArrayD::zeros(IxDyn(shape))),
+            (None, None) => cx.err(format!("output {k} was not kept and has no gradient")),
         }
     }
 }

@@ -8,6 +8,7 @@
 
 use super::{array, f32_input};
 use crate::{EvalError, OpCtx};
+use qgraph_ir::ndarray::ArrayD;
 use qgraph_ir::Tensor;
 use rayon::prelude::*;
 
@@ -444,6 +445,28 @@ pub fn kernel(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
         }),
     }
     Ok(vec![Tensor::F32(array(x.shape(), data))])
+}
+
+/// A Relu's gradient from its output `y` rather than its input (they are
+/// positive at the same places, NaN included): `d` times 1 where `y > 0`,
+/// else times 0, as [`backward`] multiplies.
+pub fn relu_gradient_from_output(y: &ArrayD<f32>, d: &mut ArrayD<f32>) -> Result<(), &'static str> {
+    if y.shape() != d.shape() {
+        return Err("the gradient does not have the output's shape");
+    }
+    let y = y.as_standard_layout();
+    let ys = y.as_slice().expect("standard layout");
+    let ds = d
+        .as_slice_mut()
+        .ok_or("the gradient is not in standard layout")?;
+    ds.par_chunks_mut(1 << 14)
+        .zip(ys.par_chunks(1 << 14))
+        .for_each(|(d, y)| {
+            d.iter_mut()
+                .zip(y)
+                .for_each(|(d, &v)| *d *= Clamp::relu().slope(v))
+        });
+    Ok(())
 }
 
 /// The gradient of the activations above (BatchNormalization has its own,
