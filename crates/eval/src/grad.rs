@@ -165,7 +165,7 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
         let node = g.node(clamp_node);
         let started = std::time::Instant::now();
         let (y, stats, clamp) = {
-            // The clamp's bounds; its data input (the normalised values) is
+            // The clamp's bounds; its data input (the producer's output) is
             // not kept, and not read.
             let bounds: Vec<Option<&Tensor>> = node
                 .inputs()
@@ -183,11 +183,14 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
                     message: format!("{map:?} is not a clamp"),
                 });
             };
-            let args = self.lookup_all(g.node(producer).inputs())?;
+            let first = g.node(producer);
+            let args = self.lookup_all(first.inputs())?;
             let mut cx = self.context(producer);
-            if g.node(producer).op_type == "Conv" {
+            if first.op_type == "Conv" {
                 cx.epilogue = std::slice::from_ref(&map);
-                let y = ops::kernel("", "Conv").expect("a kernel")(&cx, &args)?;
+                let kernel =
+                    ops::kernel(&first.domain, &first.op_type).expect("checked in Evaluator::new");
+                let y = kernel(&cx, &args)?;
                 (y.into_iter().next(), None, clamp)
             } else {
                 let (y, stats) = ops::batch_norm_training(&cx, &args, Some(clamp))?;
@@ -281,16 +284,14 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
                     let started = std::time::Instant::now();
                     let d = match (d, g.node(producer).op_type.as_str()) {
                         (Some(Tensor::F32(mut d)), "Conv") => {
-                            let y = match self.values.get(out) {
-                                Some(Tensor::F32(y)) => y,
-                                _ => continue,
+                            let failed = |m: &str| EvalError::Op {
+                                node: g.describe_node(n),
+                                message: m.to_string(),
                             };
-                            ops::relu_gradient_from_output(y, &mut d).map_err(|m| {
-                                EvalError::Op {
-                                    node: g.describe_node(n),
-                                    message: m.to_string(),
-                                }
-                            })?;
+                            let Some(Tensor::F32(y)) = self.values.get(out) else {
+                                return Err(failed("its output was not kept as f32"));
+                            };
+                            ops::relu_gradient_from_output(y, &mut d).map_err(failed)?;
                             Some(Tensor::F32(d))
                         }
                         (d, _) => d,
