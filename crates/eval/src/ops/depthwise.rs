@@ -22,13 +22,7 @@ pub(super) fn forward(
 ) {
     let simd = pulp::Arch::new();
     let plane = g.oh * g.ow;
-    // Each plane is independent; tasks take several small ones, so that
-    // per-task costs do not dominate the 7x7 planes, but stay many enough to
-    // share out.
-    let planes = out.len() / plane.max(1);
-    let per_task = (16384 / plane.max(1))
-        .min(planes / (8 * rayon::current_num_threads()))
-        .max(1);
+    let per_task = planes_per_task(out.len(), plane);
     let layout = PaddedLayout::new(g);
     out.par_chunks_mut(per_task * plane.max(1))
         .enumerate()
@@ -51,6 +45,16 @@ pub(super) fn forward(
                 })
             })
         });
+}
+
+/// Planes of `plane` values each task takes out of `len` values: each plane
+/// is independent; tasks take several small ones, so that per-task costs
+/// do not dominate the 7x7 planes, but stay many enough to share out.
+fn planes_per_task(len: usize, plane: usize) -> usize {
+    let planes = len / plane.max(1);
+    (16384 / plane.max(1))
+        .min(planes / (8 * rayon::current_num_threads()))
+        .max(1)
 }
 
 /// Depthwise planes `first_plane..` (plane = image * channels + channel)
@@ -626,10 +630,7 @@ pub(super) fn input_gradient(
     let simd = pulp::Arch::new();
     let layout = PaddedLayout::new(g);
     let in_plane = (g.h * g.w).max(1);
-    let planes = dx.len() / in_plane;
-    let per_task = (16384 / in_plane)
-        .min(planes / (8 * rayon::current_num_threads()))
-        .max(1);
+    let per_task = planes_per_task(dx.len(), in_plane);
     dx.par_chunks_mut(per_task * in_plane)
         .enumerate()
         .for_each(|(t, dst)| {
