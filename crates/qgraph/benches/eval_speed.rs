@@ -118,7 +118,8 @@ fn main() {
                     fastest: times[0],
                 }
             };
-            // QGRAPH_PROFILE=N: the mean over N runs (1 for any other value);
+            // QGRAPH_PROFILE=N: each row's fastest of N runs (1 for any
+            // other value), steadier than the mean on a shared machine;
             // QGRAPH_PROFILE_NODES=1: a row per node rather than per kind.
             if let Ok(runs) = std::env::var("QGRAPH_PROFILE") {
                 let runs: usize = runs.parse().unwrap_or(1).max(1);
@@ -132,7 +133,7 @@ fn main() {
                     };
                     for (op, n, t) in rows.expect("profile") {
                         match total.iter_mut().find(|r| r.0 == op) {
-                            Some(r) => r.2 += t,
+                            Some(r) => r.2 = r.2.min(t),
                             None => total.push((op, n, t)),
                         }
                     }
@@ -141,7 +142,7 @@ fn main() {
                 for (op, n, t) in total {
                     eprintln!(
                         "  {name} batch {batch}: {op:<20} x{n:<3} {:>8.3} ms",
-                        t * 1e3 / runs as f64
+                        t * 1e3
                     );
                 }
             }

@@ -249,7 +249,8 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
         |columns, (image_group, first_channel, y0, mut dst)| {
             let (b, g) = (image_group / group, image_group % group);
             let (channels, width) = dst.dim();
-            let src = &xs[(b * c + g * cg) * h * wd..][..cg * h * wd];
+            // The group's planes and what follows them (see `im2col_rows`).
+            let src = &xs[(b * c + g * cg) * h * wd..];
             let weights = &ws[(g * mg + first_channel) * k..][..channels * k];
             let wg = MatRef::row_major(weights, channels, k);
             let first = y0 * ow;
@@ -451,9 +452,55 @@ impl Geometry {
     }
 }
 
+/// `dst[to + t] = src[from + 2 t]` for `t < count`, eight values at a
+/// time from two vector loads and three shuffles: the compiler keeps a
+/// strided copy scalar, and that copy took half of a stride-2 depthwise
+/// layer. The last block writes up to seven values past `count`, which are
+/// then zeroed, so callers copy in increasing order of `to` into places
+/// whose unwritten values are zero: what a block spills over is either
+/// such a zero or a later copy's. Returns false, having written nothing,
+/// when `src` or `dst` is too short for whole blocks.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn copy_even_columns(
+    v3: pulp::x86::V3,
+    src: &[f32],
+    from: usize,
+    dst: &mut [f32],
+    to: usize,
+    count: usize,
+) -> bool {
+    use std::arch::x86_64::{__m256, __m256i};
+    let blocks = count.div_ceil(8);
+    let (Some(input), Some(out)) = (
+        src.get(from..from + 16 * blocks),
+        dst.get_mut(to..to + 8 * blocks),
+    ) else {
+        return false;
+    };
+    // Even lanes to the low half, odd lanes to the high half.
+    let split: __m256i = pulp::cast([0i32, 2, 4, 6, 1, 3, 5, 7]);
+    for (d, s) in out.chunks_exact_mut(8).zip(input.chunks_exact(16)) {
+        let low: [f32; 8] = s[..8].try_into().expect("8 values");
+        let high: [f32; 8] = s[8..].try_into().expect("8 values");
+        let low = v3
+            .avx2
+            ._mm256_permutevar8x32_ps(pulp::cast::<_, __m256>(low), split);
+        let high = v3
+            .avx2
+            ._mm256_permutevar8x32_ps(pulp::cast::<_, __m256>(high), split);
+        let even: [f32; 8] = pulp::cast(v3.avx._mm256_permute2f128_ps::<0x20>(low, high));
+        d.copy_from_slice(&even);
+    }
+    out[count..].fill(0.0);
+    true
+}
+
 /// im2col for the output rows `ys`: one row per (channel, ky, kx), one
 /// column per output pixel of those rows, zeros where the window reads
-/// padding. Written into `cols`, reused between calls.
+/// padding. Written into `cols`, reused between calls. `src` holds the
+/// channels' planes and may go on past them (a stride-2 copy reads whole
+/// vectors).
 fn im2col_rows(
     src: &[f32],
     channels: usize,
@@ -461,41 +508,77 @@ fn im2col_rows(
     ys: std::ops::Range<usize>,
     cols: &mut Vec<f32>,
 ) {
-    let width = ys.len() * g.ow;
-    cols.clear();
-    cols.resize(channels * g.kh * g.kw * width, 0.0);
-    if width == 0 {
-        return;
-    }
-    let spans: Vec<_> = (0..g.kw).map(|j| g.column_range(j)).collect();
-    for (ci, block) in cols.chunks_mut(g.kh * g.kw * width).enumerate() {
-        let input = &src[ci * g.h * g.w..][..g.h * g.w];
-        for i in 0..g.kh {
-            for (j, &(first, end, from)) in spans.iter().enumerate() {
-                if first == end {
-                    continue;
-                }
-                let row = &mut block[(i * g.kw + j) * width..][..width];
-                for (y, drow) in ys.clone().zip(row.chunks_exact_mut(g.ow)) {
-                    let Some(r) = g.input_row(y, i) else { continue };
-                    let out = &mut drow[first..end];
-                    let input = &input[r * g.w + from..];
-                    match g.sw {
-                        1 => out.copy_from_slice(&input[..out.len()]),
-                        // A constant stride, which the compiler turns into
-                        // vector shuffles rather than one load per element.
-                        2 => {
-                            let whole = out.len().min(input.len() / 2);
-                            for (d, pair) in out.iter_mut().zip(input.chunks_exact(2)) {
-                                *d = pair[0];
+    pulp::Arch::new().dispatch(Im2colRows {
+        src,
+        channels,
+        g,
+        ys,
+        cols,
+    });
+}
+
+/// [`im2col_rows`], compiled for the vector unit found at run time.
+struct Im2colRows<'a> {
+    src: &'a [f32],
+    channels: usize,
+    g: &'a Geometry,
+    ys: std::ops::Range<usize>,
+    cols: &'a mut Vec<f32>,
+}
+
+impl pulp::WithSimd for Im2colRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Im2colRows {
+            src,
+            channels,
+            g,
+            ys,
+            cols,
+        } = self;
+        #[cfg(target_arch = "x86_64")]
+        let v3 = pulp::x86::V3::try_new();
+        let width = ys.len() * g.ow;
+        cols.clear();
+        cols.resize(channels * g.kh * g.kw * width, 0.0);
+        if width == 0 {
+            return;
+        }
+        let spans: Vec<_> = (0..g.kw).map(|j| g.column_range(j)).collect();
+        let in_plane = g.h * g.w;
+        // Rows are written in increasing order, into zeros.
+        for ci in 0..channels {
+            let block = ci * g.kh * g.kw * width;
+            let input = &src[ci * in_plane..];
+            for i in 0..g.kh {
+                for (j, &(first, end, from)) in spans.iter().enumerate() {
+                    if first == end {
+                        continue;
+                    }
+                    let row = block + (i * g.kw + j) * width;
+                    for (y, at) in ys.clone().zip((row..).step_by(g.ow)) {
+                        let Some(r) = g.input_row(y, i) else { continue };
+                        let (to, count, from) = (at + first, end - first, r * g.w + from);
+                        match g.sw {
+                            1 => cols[to..][..count].copy_from_slice(&input[from..][..count]),
+                            2 => {
+                                #[cfg(target_arch = "x86_64")]
+                                if let Some(v3) = v3 {
+                                    if copy_even_columns(v3, input, from, cols, to, count) {
+                                        continue;
+                                    }
+                                }
+                                for (t, d) in cols[to..][..count].iter_mut().enumerate() {
+                                    *d = input[from + 2 * t];
+                                }
                             }
-                            for (t, d) in out.iter_mut().enumerate().skip(whole) {
-                                *d = input[2 * t];
-                            }
-                        }
-                        sw => {
-                            for (d, s) in out.iter_mut().zip(input.iter().step_by(sw)) {
-                                *d = *s;
+                            sw => {
+                                let out = &mut cols[to..][..count];
+                                for (d, s) in out.iter_mut().zip(input[from..].iter().step_by(sw)) {
+                                    *d = *s;
+                                }
                             }
                         }
                     }
@@ -561,7 +644,7 @@ pub fn conv_backward(cx: &OpCtx, grads_in: &Grads) -> Result<Vec<Option<Tensor>>
                 let mut acc = vec![0f32; mg * k];
                 let mut columns = Vec::new();
                 for b in part * chunk..((part + 1) * chunk).min(s.n) {
-                    let src = &xs[(b * s.c + gi * cg) * in_plane..][..cg * in_plane];
+                    let src = &xs[(b * s.c + gi * cg) * in_plane..];
                     let dy = MatRef::row_major(&ds[(b * s.m + gi * mg) * plane..], mg, plane);
                     let cols = if s.pointwise {
                         MatRef::row_major(src, cg, plane)

@@ -2,6 +2,8 @@
 //! direct loops over a padded, phase-split copy of each plane, for the
 //! forward pass and for both gradients.
 
+#[cfg(target_arch = "x86_64")]
+use super::conv::copy_even_columns;
 use super::conv::Geometry;
 use super::pointwise::{apply_maps, MapValue, Pointwise, Unchanged, ValueMap, WithValueMap};
 use rayon::prelude::*;
@@ -87,7 +89,8 @@ impl pulp::WithSimd for Depthwise<'_> {
         for (i, dst) in self.dst.chunks_mut(out_plane).enumerate() {
             let plane = self.first_plane + i;
             let channel = plane % self.channels;
-            let src = &self.src[plane * in_plane..][..in_plane];
+            // The plane and what follows it (see `fill_padded`).
+            let src = &self.src[plane * in_plane..];
             let ker = &self.weights[channel * taps..][..taps];
             let bias = self.bias.map(|b| b[channel]);
             let finish = Finish {
@@ -303,6 +306,8 @@ impl PaddedLayout {
                 }
             }
         }
+        // `copy_even_columns` relies on this order.
+        debug_assert!(copies.windows(2).all(|c| c[0].to + c[0].count <= c[1].to));
         let offsets: Vec<usize> = (0..g.kh)
             .flat_map(|i| {
                 (0..g.kw).map(move |j| {
@@ -476,27 +481,31 @@ fn kernel_taps<const K: usize, M: MapValue>(out: &mut [f32], w: &[f32], t: [&[f3
 }
 
 /// Copies an input plane inside its padding, split into phases (see
-/// [`PaddedLayout`]).
+/// [`PaddedLayout`]). `src` starts at the plane and may go on past it: a
+/// stride-2 copy reads whole vectors, up to 15 values past a row.
 #[inline(always)]
 fn fill_padded(src: &[f32], g: &Geometry, layout: &PaddedLayout, padded: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    let v3 = pulp::x86::V3::try_new();
     for &RowCopy { to, from, count } in &layout.copies {
-        let out = &mut padded[to..][..count];
-        let input = &src[from..];
         match g.sw {
-            1 => out.copy_from_slice(&input[..count]),
-            // Pairs with a constant stride, which the compiler turns into
-            // vector shuffles rather than one load per element.
+            1 => padded[to..][..count].copy_from_slice(&src[from..][..count]),
             2 => {
-                let whole = count.min(input.len() / 2);
-                for (d, pair) in out[..whole].iter_mut().zip(input.chunks_exact(2)) {
-                    *d = pair[0];
+                #[cfg(target_arch = "x86_64")]
+                if let Some(v3) = v3 {
+                    // Copies go in increasing order of `to` (see
+                    // `PaddedLayout::new`), as `copy_even_columns` needs.
+                    if copy_even_columns(v3, src, from, padded, to, count) {
+                        continue;
+                    }
                 }
-                for (t, d) in out.iter_mut().enumerate().skip(whole) {
-                    *d = input[2 * t];
+                for (t, d) in padded[to..][..count].iter_mut().enumerate() {
+                    *d = src[from + 2 * t];
                 }
             }
             sw => {
-                for (d, s) in out.iter_mut().zip(input.iter().step_by(sw)) {
+                let out = &mut padded[to..][..count];
+                for (d, s) in out.iter_mut().zip(src[from..].iter().step_by(sw)) {
                     *d = *s;
                 }
             }
@@ -579,7 +588,7 @@ impl pulp::WithSimd for WeightGradient<'_> {
         for image in 0..self.images {
             let plane = image * self.channels + self.channel;
             let Scratch { padded, wide, .. } = &mut *self.scratch;
-            fill_padded(&self.xs[plane * in_plane..][..in_plane], g, layout, padded);
+            fill_padded(&self.xs[plane * in_plane..], g, layout, padded);
             fill_wide(&self.ds[plane * out_plane..][..out_plane], g, layout, wide);
             let dy = &wide[layout.front..][..n];
             for (sum, &offset) in sums.iter_mut().zip(&layout.offsets) {
