@@ -87,6 +87,12 @@ pub struct Evaluator<'m> {
     uses: HashMap<ValueId, usize>,
     /// Whether unobserved runs may take a batch as groups of samples.
     sample_groups: bool,
+    /// The values of the steps that read only initializers and each other
+    /// (constant folding): computed once here, as ONNX Runtime does when it
+    /// prepares a session, instead of on every run.
+    folded: HashMap<ValueId, Tensor>,
+    /// Per step of `plan`, whether its values are in `folded`.
+    step_folded: Vec<bool>,
 }
 
 /// One kernel call: a node, possibly reading another value as its first
@@ -278,7 +284,8 @@ impl<'m> Evaluator<'m> {
                 model.opset_version("").unwrap_or(1),
                 &shapes::infer(model),
             );
-        Ok(Evaluator {
+        let step_folded = vec![false; plan.len()];
+        let mut ev = Evaluator {
             sample_groups,
             threads,
             buffers: pool::BufferPool::default(),
@@ -287,7 +294,69 @@ impl<'m> Evaluator<'m> {
             order,
             opset: model.opset_version("").unwrap_or(1),
             uses,
-        })
+            folded: HashMap::new(),
+            step_folded,
+        };
+        let (folded, step_folded) = ev.in_pool(|| ev.fold_constants());
+        ev.folded = folded;
+        ev.step_folded = step_folded;
+        Ok(ev)
+    }
+
+    /// Runs, in plan order, every step whose nodes read only initializers
+    /// (which a run cannot replace: only inputs without one are bound) and
+    /// values such steps compute, keeping all their values. The same
+    /// kernels compute them as a run would, so a run's values are unchanged.
+    /// A step that fails is left to each run, which reports the error then.
+    fn fold_constants(&self) -> (HashMap<ValueId, Tensor>, Vec<bool>) {
+        let g = self.graph;
+        let mut env: HashMap<ValueId, Tensor> = HashMap::new();
+        let mut step_folded = vec![false; self.plan.len()];
+        let is_constant = |v: ValueId, env: &HashMap<ValueId, Tensor>| {
+            env.contains_key(&v)
+                || g.value(v)
+                    .initializer()
+                    .is_some_and(|init| !init.tensor.is_elided())
+        };
+        for (i, step) in self.plan.iter().enumerate() {
+            let nodes: Vec<NodeId> = step.nodes().collect();
+            // Inputs made inside the step count as constant too.
+            let made: Vec<ValueId> = nodes
+                .iter()
+                .flat_map(|&n| g.node(n).outputs().iter().flatten().copied())
+                .collect();
+            let constant = nodes.iter().all(|&n| {
+                g.node(n)
+                    .inputs()
+                    .iter()
+                    .flatten()
+                    .all(|&v| made.contains(&v) || is_constant(v, &env))
+            });
+            if !constant {
+                continue;
+            }
+            // Each node on its own, every value kept: `left` never reaches
+            // zero.
+            let mut left: HashMap<ValueId, usize> = HashMap::new();
+            for &n in &nodes {
+                let node = g.node(n);
+                for v in node.inputs().iter().chain(node.outputs()).flatten() {
+                    left.insert(*v, usize::MAX);
+                }
+            }
+            let failed = nodes.iter().any(|&n| {
+                self.exec(&Call::single(n), &mut env, &mut left, &[], &mut |_, _| {})
+                    .is_err()
+            });
+            if failed {
+                for v in &made {
+                    env.remove(v);
+                }
+            } else {
+                step_folded[i] = true;
+            }
+        }
+        (env, step_folded)
     }
 
     /// Deterministic synthetic data for the inputs that need it: batch
@@ -464,7 +533,12 @@ impl<'m> Evaluator<'m> {
             }
             env.insert(v, t);
         }
-        for step in &self.plan {
+        for v in watch {
+            if let Some(t) = self.folded.get(v) {
+                observe(*v, t);
+            }
+        }
+        for (step, _) in self.plan.iter().zip(&self.step_folded).filter(|s| !s.1) {
             if !step.is_fused() || step.hidden.iter().any(|v| watch.contains(v)) {
                 // Each node on its own (a watched value must exist).
                 for n in step.nodes() {
@@ -627,7 +701,7 @@ impl<'m> Evaluator<'m> {
         v: ValueId,
     ) -> Result<&'e Tensor, EvalError> {
         let g = self.graph;
-        if let Some(t) = env.get(&v) {
+        if let Some(t) = env.get(&v).or_else(|| self.folded.get(&v)) {
             return Ok(t);
         }
         if let Some(init) = g.value(v).initializer() {
