@@ -455,11 +455,11 @@ impl Geometry {
 /// `dst[to + t] = src[from + 2 t]` for `t < count`, eight values at a
 /// time from two vector loads and three shuffles: the compiler keeps a
 /// strided copy scalar, and that copy took half of a stride-2 depthwise
-/// layer. The last block writes up to seven values past `count`, which are
-/// then zeroed, so callers copy in increasing order of `to` into places
-/// whose unwritten values are zero: what a block spills over is either
-/// such a zero or a later copy's. Returns false, having written nothing,
-/// when `src` or `dst` is too short for whole blocks.
+/// layer. The last block writes up to seven zeros past `count`, so callers
+/// copy in increasing order of `to` into places whose unwritten values are
+/// zero: what a block spills over is either such a zero or a later copy's.
+/// Returns false, having written nothing, when `src` or `dst` is too short
+/// for whole blocks.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) fn copy_even_columns(
@@ -471,6 +471,9 @@ pub(super) fn copy_even_columns(
     count: usize,
 ) -> bool {
     use std::arch::x86_64::{__m256, __m256i};
+    if count == 0 {
+        return true;
+    }
     let blocks = count.div_ceil(8);
     let (Some(input), Some(out)) = (
         src.get(from..from + 16 * blocks),
@@ -480,7 +483,13 @@ pub(super) fn copy_even_columns(
     };
     // Even lanes to the low half, odd lanes to the high half.
     let split: __m256i = pulp::cast([0i32, 2, 4, 6, 1, 3, 5, 7]);
-    for (d, s) in out.chunks_exact_mut(8).zip(input.chunks_exact(16)) {
+    // Values of the last block that belong to the copy.
+    let last = count - 8 * (blocks - 1);
+    for (b, (d, s)) in out
+        .chunks_exact_mut(8)
+        .zip(input.chunks_exact(16))
+        .enumerate()
+    {
         let low: [f32; 8] = s[..8].try_into().expect("8 values");
         let high: [f32; 8] = s[8..].try_into().expect("8 values");
         let low = v3
@@ -489,10 +498,16 @@ pub(super) fn copy_even_columns(
         let high = v3
             .avx2
             ._mm256_permutevar8x32_ps(pulp::cast::<_, __m256>(high), split);
-        let even: [f32; 8] = pulp::cast(v3.avx._mm256_permute2f128_ps::<0x20>(low, high));
+        let mut even: [f32; 8] = pulp::cast(v3.avx._mm256_permute2f128_ps::<0x20>(low, high));
+        if b + 1 == blocks {
+            // Zeros past the copy, selected in registers: a fill of the
+            // few values there was a library call per row.
+            for (l, e) in even.iter_mut().enumerate() {
+                *e = if l < last { *e } else { 0.0 };
+            }
+        }
         d.copy_from_slice(&even);
     }
-    out[count..].fill(0.0);
     true
 }
 
