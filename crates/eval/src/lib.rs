@@ -284,7 +284,6 @@ impl<'m> Evaluator<'m> {
                 model.opset_version("").unwrap_or(1),
                 &shapes::infer(model),
             );
-        let step_folded = vec![false; plan.len()];
         let mut ev = Evaluator {
             sample_groups,
             threads,
@@ -295,7 +294,7 @@ impl<'m> Evaluator<'m> {
             opset: model.opset_version("").unwrap_or(1),
             uses,
             folded: HashMap::new(),
-            step_folded,
+            step_folded: Vec::new(),
         };
         let (folded, step_folded) = ev.in_pool(|| ev.fold_constants());
         ev.folded = folded;
@@ -701,7 +700,7 @@ impl<'m> Evaluator<'m> {
         v: ValueId,
     ) -> Result<&'e Tensor, EvalError> {
         let g = self.graph;
-        if let Some(t) = env.get(&v).or_else(|| self.folded.get(&v)) {
+        if let Some(t) = env.get(&v) {
             return Ok(t);
         }
         if let Some(init) = g.value(v).initializer() {
@@ -712,6 +711,9 @@ impl<'m> Evaluator<'m> {
                 )));
             }
             return Ok(&init.tensor);
+        }
+        if let Some(t) = self.folded.get(&v) {
+            return Ok(t);
         }
         match g.definition(v) {
             ValueDef::Captured => Err(EvalError::Input(format!(

@@ -9,7 +9,7 @@
 use qgraph_eval::grad::Mode;
 use qgraph_eval::Evaluator;
 use qgraph_ir::ndarray::{ArrayD, IxDyn};
-use qgraph_ir::{Model, Tensor, ValueId};
+use qgraph_ir::{Graph, Model, Tensor, ValueId};
 use std::collections::HashMap;
 
 /// Deterministic values in [-1, 1).
@@ -61,22 +61,32 @@ fn loss(ev: &Evaluator, at: &Point, weights: &[Vec<f32>], mode: Mode) -> f64 {
         .sum()
 }
 
+/// The values named `names`.
+fn named(g: &Graph, names: &[&str]) -> Vec<ValueId> {
+    names
+        .iter()
+        .map(|p| g.value_by_name(p).unwrap_or_else(|| panic!("no value {p}")))
+        .collect()
+}
+
+/// The named initializers as the tape's parameters, at their values.
+fn at_initializers(g: &Graph, names: &[&str]) -> HashMap<ValueId, Tensor> {
+    named(g, names)
+        .into_iter()
+        .map(|v| (v, g.initializer(v).unwrap().tensor.clone()))
+        .collect()
+}
+
 /// Checks the gradients of every graph input and of the named
 /// initializers of `text`, in `mode`; `inputs` are the graph's inputs.
 fn check(text: &str, inputs: Vec<Tensor>, params: &[&str], mode: Mode) {
     let model: Model = qgraph_text::parse_model(text).unwrap();
     let g = &model.graph;
     let ev = Evaluator::new(&model).unwrap();
-    let param_ids: Vec<ValueId> = params
-        .iter()
-        .map(|p| g.value_by_name(p).unwrap_or_else(|| panic!("no value {p}")))
-        .collect();
+    let param_ids = named(g, params);
     let mut at = Point {
         inputs,
-        params: param_ids
-            .iter()
-            .map(|&v| (v, g.initializer(v).unwrap().tensor.clone()))
-            .collect(),
+        params: at_initializers(g, params),
     };
     let outputs: Vec<Tensor> = ev
         .record(at.inputs.clone(), &at.params, mode)
@@ -360,21 +370,12 @@ fn a_clamp_fused_into_training_batch_normalization_changes_no_bit() {
             let model: Model = qgraph_text::parse_model(text).unwrap();
             let g = &model.graph;
             let ev = Evaluator::new(&model).unwrap();
-            let params: HashMap<ValueId, Tensor> = ["s", "b"]
-                .iter()
-                .map(|p| {
-                    let v = g.value_by_name(p).unwrap();
-                    (v, g.initializer(v).unwrap().tensor.clone())
-                })
-                .collect();
+            let params = at_initializers(g, &["s", "b"]);
             let tape = ev.record(vec![x.clone()], &params, Mode::Training).unwrap();
             let y = tape.outputs().unwrap()[0].clone();
             let bn = g.node_by_name("bn").unwrap();
             let stats = tape.saved(bn).unwrap().to_vec();
-            let wrt: Vec<ValueId> = ["x", "s", "b"]
-                .iter()
-                .map(|p| g.value_by_name(p).unwrap())
-                .collect();
+            let wrt = named(g, &["x", "s", "b"]);
             let grads = tape
                 .backward(vec![(g.outputs()[0], r.clone())], &wrt)
                 .unwrap();
@@ -423,19 +424,10 @@ fn a_relu_fused_into_its_convolution_changes_no_bit() {
             let model: Model = qgraph_text::parse_model(text).unwrap();
             let g = &model.graph;
             let ev = Evaluator::new(&model).unwrap();
-            let params: HashMap<ValueId, Tensor> = ["w", "b"]
-                .iter()
-                .map(|p| {
-                    let v = g.value_by_name(p).unwrap();
-                    (v, g.initializer(v).unwrap().tensor.clone())
-                })
-                .collect();
+            let params = at_initializers(g, &["w", "b"]);
             let tape = ev.record(vec![x.clone()], &params, mode).unwrap();
             let y = tape.outputs().unwrap()[0].clone();
-            let wrt: Vec<ValueId> = ["x", "w", "b"]
-                .iter()
-                .map(|p| g.value_by_name(p).unwrap())
-                .collect();
+            let wrt = named(g, &["x", "w", "b"]);
             let grads = tape
                 .backward(vec![(g.outputs()[0], r.clone())], &wrt)
                 .unwrap();

@@ -452,6 +452,58 @@ impl Geometry {
     }
 }
 
+/// The vector unit [`copy_strided`] shuffles with, looked up once per
+/// caller rather than per row.
+#[cfg(target_arch = "x86_64")]
+pub(super) type Shuffles = Option<pulp::x86::V3>;
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) type Shuffles = Option<()>;
+
+pub(super) fn shuffles() -> Shuffles {
+    #[cfg(target_arch = "x86_64")]
+    return pulp::x86::V3::try_new();
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// `dst[to + t] = src[from + t * stride]` for `t < count`: one row of an
+/// im2col block or of a padded, phase-split plane. Stride 2 goes through
+/// [`copy_even_columns`] where the unit allows, so callers copy rows in
+/// increasing order of `to` into zeros (see there).
+#[inline(always)]
+pub(super) fn copy_strided(
+    shuffles: Shuffles,
+    src: &[f32],
+    from: usize,
+    stride: usize,
+    dst: &mut [f32],
+    to: usize,
+    count: usize,
+) {
+    let out = &mut dst[to..][..count];
+    match stride {
+        1 => out.copy_from_slice(&src[from..][..count]),
+        2 => {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(v3) = shuffles {
+                if copy_even_columns(v3, src, from, dst, to, count) {
+                    return;
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = shuffles;
+            for (t, d) in dst[to..][..count].iter_mut().enumerate() {
+                *d = src[from + 2 * t];
+            }
+        }
+        _ => {
+            for (d, s) in out.iter_mut().zip(src[from..].iter().step_by(stride)) {
+                *d = *s;
+            }
+        }
+    }
+}
+
 /// `dst[to + t] = src[from + 2 t]` for `t < count`, eight values at a
 /// time from two vector loads and three shuffles: the compiler keeps a
 /// strided copy scalar, and that copy took half of a stride-2 depthwise
@@ -462,7 +514,7 @@ impl Geometry {
 /// for whole blocks.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) fn copy_even_columns(
+fn copy_even_columns(
     v3: pulp::x86::V3,
     src: &[f32],
     from: usize,
@@ -553,8 +605,7 @@ impl pulp::WithSimd for Im2colRows<'_> {
             ys,
             cols,
         } = self;
-        #[cfg(target_arch = "x86_64")]
-        let v3 = pulp::x86::V3::try_new();
+        let shuffles = shuffles();
         let width = ys.len() * g.ow;
         cols.clear();
         cols.resize(channels * g.kh * g.kw * width, 0.0);
@@ -575,27 +626,15 @@ impl pulp::WithSimd for Im2colRows<'_> {
                     let row = block + (i * g.kw + j) * width;
                     for (y, at) in ys.clone().zip((row..).step_by(g.ow)) {
                         let Some(r) = g.input_row(y, i) else { continue };
-                        let (to, count, from) = (at + first, end - first, r * g.w + from);
-                        match g.sw {
-                            1 => cols[to..][..count].copy_from_slice(&input[from..][..count]),
-                            2 => {
-                                #[cfg(target_arch = "x86_64")]
-                                if let Some(v3) = v3 {
-                                    if copy_even_columns(v3, input, from, cols, to, count) {
-                                        continue;
-                                    }
-                                }
-                                for (t, d) in cols[to..][..count].iter_mut().enumerate() {
-                                    *d = input[from + 2 * t];
-                                }
-                            }
-                            sw => {
-                                let out = &mut cols[to..][..count];
-                                for (d, s) in out.iter_mut().zip(input[from..].iter().step_by(sw)) {
-                                    *d = *s;
-                                }
-                            }
-                        }
+                        copy_strided(
+                            shuffles,
+                            input,
+                            r * g.w + from,
+                            g.sw,
+                            cols,
+                            at + first,
+                            end - first,
+                        );
                     }
                 }
             }

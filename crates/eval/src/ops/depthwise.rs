@@ -2,9 +2,7 @@
 //! direct loops over a padded, phase-split copy of each plane, for the
 //! forward pass and for both gradients.
 
-#[cfg(target_arch = "x86_64")]
-use super::conv::copy_even_columns;
-use super::conv::Geometry;
+use super::conv::{copy_strided, shuffles, Geometry};
 use super::pointwise::{apply_maps, MapValue, Pointwise, Unchanged, ValueMap, WithValueMap};
 use rayon::prelude::*;
 
@@ -306,7 +304,7 @@ impl PaddedLayout {
                 }
             }
         }
-        // `copy_even_columns` relies on this order.
+        // `copy_strided` relies on this order.
         debug_assert!(copies.windows(2).all(|c| c[0].to + c[0].count <= c[1].to));
         let offsets: Vec<usize> = (0..g.kh)
             .flat_map(|i| {
@@ -485,31 +483,10 @@ fn kernel_taps<const K: usize, M: MapValue>(out: &mut [f32], w: &[f32], t: [&[f3
 /// stride-2 copy reads whole vectors, up to 15 values past a row.
 #[inline(always)]
 fn fill_padded(src: &[f32], g: &Geometry, layout: &PaddedLayout, padded: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    let v3 = pulp::x86::V3::try_new();
+    let shuffles = shuffles();
+    // The copies go in increasing order of `to` (see `PaddedLayout::new`).
     for &RowCopy { to, from, count } in &layout.copies {
-        match g.sw {
-            1 => padded[to..][..count].copy_from_slice(&src[from..][..count]),
-            2 => {
-                #[cfg(target_arch = "x86_64")]
-                if let Some(v3) = v3 {
-                    // Copies go in increasing order of `to` (see
-                    // `PaddedLayout::new`), as `copy_even_columns` needs.
-                    if copy_even_columns(v3, src, from, padded, to, count) {
-                        continue;
-                    }
-                }
-                for (t, d) in padded[to..][..count].iter_mut().enumerate() {
-                    *d = src[from + 2 * t];
-                }
-            }
-            sw => {
-                let out = &mut padded[to..][..count];
-                for (d, s) in out.iter_mut().zip(src[from..].iter().step_by(sw)) {
-                    *d = *s;
-                }
-            }
-        }
+        copy_strided(shuffles, src, from, g.sw, padded, to, count);
     }
 }
 
