@@ -537,7 +537,13 @@ impl<'m> Evaluator<'m> {
                 observe(*v, t);
             }
         }
-        for (step, _) in self.plan.iter().zip(&self.step_folded).filter(|s| !s.1) {
+        let unfolded = self
+            .plan
+            .iter()
+            .zip(&self.step_folded)
+            .filter(|(_, &folded)| !folded)
+            .map(|(step, _)| step);
+        for step in unfolded {
             if !step.is_fused() || step.hidden.iter().any(|v| watch.contains(v)) {
                 // Each node on its own (a watched value must exist).
                 for n in step.nodes() {

@@ -480,9 +480,8 @@ pub(super) fn copy_strided(
     to: usize,
     count: usize,
 ) {
-    let out = &mut dst[to..][..count];
     match stride {
-        1 => out.copy_from_slice(&src[from..][..count]),
+        1 => dst[to..][..count].copy_from_slice(&src[from..][..count]),
         2 => {
             #[cfg(target_arch = "x86_64")]
             if let Some(v3) = shuffles {
@@ -497,6 +496,7 @@ pub(super) fn copy_strided(
             }
         }
         _ => {
+            let out = &mut dst[to..][..count];
             for (d, s) in out.iter_mut().zip(src[from..].iter().step_by(stride)) {
                 *d = *s;
             }
