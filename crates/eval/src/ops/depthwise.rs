@@ -1,6 +1,7 @@
 //! Depthwise convolution (one input and one output channel per group):
 //! direct loops over a padded, phase-split copy of each plane, for the
-//! forward pass and for both gradients.
+//! forward pass and for both gradients; narrow planes go forward through
+//! [`super::depthwise_blocked`].
 
 use super::conv::{copy_strided, shuffles, Geometry};
 use super::pointwise::{apply_maps, MapValue, Pointwise, Unchanged, ValueMap, WithValueMap};
@@ -11,6 +12,25 @@ use rayon::prelude::*;
 /// cache.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
+    src: &[f32],
+    weights: &[f32],
+    bias: Option<&[f32]>,
+    epilogue: &[Pointwise],
+    added: Option<&[f32]>,
+    g: &Geometry,
+    channels: usize,
+    out: &mut [f32],
+) {
+    if super::depthwise_blocked::suits(g) {
+        super::depthwise_blocked::forward(src, weights, bias, epilogue, added, g, channels, out);
+    } else {
+        flat(src, weights, bias, epilogue, added, g, channels, out);
+    }
+}
+
+/// [`forward`] over the padded, phase-split copy of each plane.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn flat(
     src: &[f32],
     weights: &[f32],
     bias: Option<&[f32]>,

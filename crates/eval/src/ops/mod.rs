@@ -5,6 +5,7 @@
 mod contrib;
 mod conv;
 mod depthwise;
+mod depthwise_blocked;
 mod elementwise;
 mod gemm;
 mod integer;
