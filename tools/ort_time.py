@@ -4,6 +4,12 @@ after warm-up, with THREADS intra-op threads, on seeded random input of batch
 BATCH (unknown non-batch dims become 64). Prints one JSON line.
 
 usage: ort_time.py MODEL.onnx BATCH THREADS REPEATS
+       ort_time.py MODEL.onnx BATCH THREADS serve
+
+With `serve`, it prints "ready" after warm-up, then reads a count N per line
+from stdin and answers each with a JSON list of N runs' seconds, until stdin
+closes: a benchmark can then alternate short blocks of runs with its own, so
+that both see the same spells of a shared machine.
 """
 import json
 import sys
@@ -15,7 +21,8 @@ import onnxruntime as ort
 
 
 def main():
-    path, batch, threads, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    path, batch, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    serve = sys.argv[4] == "serve"
     model = onnx.load(path, load_external_data=False)
     inits = {t.name for t in model.graph.initializer}
     opts = ort.SessionOptions()
@@ -32,12 +39,21 @@ def main():
         feeds[vi.name] = rng.standard_normal(dims).astype(np.float32)
     for _ in range(3):
         sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    times.sort()
+
+    def timed(count):
+        times = []
+        for _ in range(count):
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            times.append(time.perf_counter() - t)
+        return times
+
+    if serve:
+        print("ready", flush=True)
+        for line in sys.stdin:
+            print(json.dumps(timed(int(line))), flush=True)
+        return
+    times = sorted(timed(int(sys.argv[4])))
     print(json.dumps({"model": path, "batch": batch, "threads": threads,
                       "min_s": times[0], "median_s": times[len(times) // 2]}))
 

@@ -1,40 +1,85 @@
 //! The evaluator against ONNX Runtime, measured in one run: latency at
-//! batch 1 and time per batch of 32, 2 threads each, medians of repeated
-//! runs, in rounds that alternate between the two, and each side's fastest
-//! run over all rounds. ONNX Runtime is timed
-//! by tools/ort_time.py (needs `pip install onnxruntime onnx numpy`).
+//! batch 1 and time per batch of 32, 2 threads each, in short blocks of runs
+//! that alternate between the two (3 runs at batch 1, 1 at batch 32), so
+//! that a slow spell of a shared machine falls on both sides of a block; the
+//! ratio is the median over blocks of each block's fastest runs' ratio.
+//! ONNX Runtime runs in one child process per model and batch,
+//! tools/ort_time.py in its `serve` mode (needs `pip install onnxruntime
+//! onnx numpy`).
 //!
-//!   cargo bench -p qgraph --bench eval_speed [-- REPEATS]
+//!   cargo bench -p qgraph --bench eval_speed [-- BLOCKS]
 //!   QGRAPH_BENCH_MODELS=a.onnx,b.onnx QGRAPH_BENCH_BATCHES=1 cargo bench -p qgraph --bench eval_speed
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
-/// A runtime's times for one model and batch: the median and the fastest
-/// of the repeated runs, in seconds.
-#[derive(Clone, Copy)]
-struct Times {
-    median: f64,
-    fastest: f64,
+/// ONNX Runtime in a child process that times blocks of runs on request.
+struct OrtServer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
 }
 
-fn ort_times(root: &Path, model: &Path, batch: usize, repeats: usize) -> Option<Times> {
-    let out = Command::new("python3")
-        .arg(root.join("tools/ort_time.py"))
-        .arg(model)
-        .args([batch.to_string(), "2".into(), repeats.to_string()])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| -> Option<f64> {
-        let v = text.split(&format!("\"{name}\": ")).nth(1)?;
-        v.split([',', '}']).next()?.trim().parse().ok()
-    };
-    Some(Times {
-        median: field("median_s")?,
-        fastest: field("min_s")?,
-    })
+impl OrtServer {
+    /// None when Python, ONNX Runtime or the model cannot be loaded.
+    fn start(root: &Path, model: &Path, batch: usize) -> Option<OrtServer> {
+        let mut child = Command::new("python3")
+            .arg(root.join("tools/ort_time.py"))
+            .arg(model)
+            .args([batch.to_string(), "2".into(), "serve".into()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .ok()?;
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take()?);
+        let mut line = String::new();
+        stdout.read_line(&mut line).ok()?;
+        let server = OrtServer {
+            child,
+            stdin,
+            stdout,
+        };
+        (line.trim() == "ready").then_some(server)
+    }
+
+    /// The seconds of `count` runs, one after another.
+    fn runs(&mut self, count: usize) -> Option<Vec<f64>> {
+        let stdin = self.stdin.as_mut()?;
+        writeln!(stdin, "{count}").ok()?;
+        stdin.flush().ok()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).ok()?;
+        let times: Vec<f64> = line
+            .trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .split(',')
+            .map(|t| t.trim().parse().ok())
+            .collect::<Option<_>>()?;
+        (times.len() == count).then_some(times)
+    }
+}
+
+impl Drop for OrtServer {
+    fn drop(&mut self) {
+        // Closing its input ends the server's loop.
+        self.stdin.take();
+        let _ = self.child.wait();
+    }
+}
+
+fn fastest(times: &[f64]) -> f64 {
+    times.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+/// The value at quantile `q` (0 to 1) of `values`, nearest rank.
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
 fn main() {
@@ -42,7 +87,21 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let repeats: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(11);
+    // Blocks per model and batch (QGRAPH_BENCH_BLOCKS, or the argument).
+    let blocks: usize = args
+        .first()
+        .cloned()
+        .or_else(|| std::env::var("QGRAPH_BENCH_BLOCKS").ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(25)
+        .max(1);
+    // QGRAPH_BENCH_PAUSE_MS: the pause before each block (50 ms).
+    let pause = std::time::Duration::from_millis(
+        std::env::var("QGRAPH_BENCH_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50),
+    );
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     // QGRAPH_BENCH_MODELS (paths, comma separated) replaces the two shared
     // models, for timing single layers.
@@ -61,17 +120,11 @@ fn main() {
             .collect(),
         Err(_) => vec![1, 32],
     };
-    // QGRAPH_BENCH_ROUNDS: alternating rounds of the two runtimes (3).
-    let rounds: usize = std::env::var("QGRAPH_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3)
-        .max(1);
-    // Medians show the typical run; on a shared machine whose neighbours
-    // come and go, each side's fastest run over all rounds shows what the
-    // code does when nothing else is running, the steadier comparison.
+    // Medians show the typical run; each side's fastest run shows what the
+    // code does when nothing else is running; the blocks' ratios compare the
+    // two under the same load.
     println!(
-        "| model | batch | qgraph ms | ONNX Runtime ms | qgraph / ORT (median; each round) | fastest runs: qgraph ms, ORT ms, ratio |"
+        "| model | batch | qgraph ms | ONNX Runtime ms | qgraph / ORT (median of blocks; quartiles) | fastest runs: qgraph ms, ORT ms, ratio |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
     for path in models {
@@ -97,12 +150,12 @@ fn main() {
         .expect("prepare");
         for &batch in &batches {
             let x = ev.example_inputs(batch).expect("inputs");
-            let reps = if batch == 1 { repeats * 3 } else { repeats };
+            let block = if batch == 1 { 3 } else { 1 };
             for _ in 0..2 {
                 ev.run(x.clone()).expect("run");
             }
-            let ours_once = || {
-                let mut times: Vec<f64> = (0..reps)
+            let ours_block = || -> Vec<f64> {
+                (0..block)
                     .map(|_| {
                         // The input is copied outside the timing, as ONNX
                         // Runtime reads its input in place.
@@ -111,12 +164,7 @@ fn main() {
                         ev.run(input).expect("run");
                         t.elapsed().as_secs_f64()
                     })
-                    .collect();
-                times.sort_by(f64::total_cmp);
-                Times {
-                    median: times[times.len() / 2],
-                    fastest: times[0],
-                }
+                    .collect()
             };
             // QGRAPH_PROFILE=N: each row's fastest of N runs (1 for any
             // other value), steadier than the mean on a shared machine;
@@ -146,48 +194,39 @@ fn main() {
                     );
                 }
             }
-            // Rounds alternate between the two, so that a slow spell of a
-            // shared machine weighs on both; the ratio is the median of the
-            // rounds' ratios.
-            let mut rows = Vec::new();
-            for _ in 0..rounds {
-                let ours = ours_once();
-                let theirs = ort_times(&root, &path, batch, reps);
-                rows.push((ours, theirs));
+            let mut ort = OrtServer::start(&root, &path, batch);
+            let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..blocks {
+                // Each side's block starts after a pause: ONNX Runtime's
+                // workers spin for a while after its runs, and would take
+                // the cores from the first of ours.
+                std::thread::sleep(pause);
+                let our_block = ours_block();
+                std::thread::sleep(pause);
+                if let Some(their_block) = ort.as_mut().and_then(|o| o.runs(block)) {
+                    ratios.push(fastest(&our_block) / fastest(&their_block));
+                    theirs.extend(their_block);
+                } else {
+                    ort = None;
+                }
+                ours.extend(our_block);
             }
-            let median = |mut v: Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
-            let ours = median(rows.iter().map(|r| r.0.median).collect());
-            // The rounds where ONNX Runtime was timed too: (qgraph, ONNX Runtime).
-            let timed: Vec<(Times, Times)> =
-                rows.iter().filter_map(|&(o, t)| Some((o, t?))).collect();
-            if timed.len() == rows.len() {
-                let ratios: Vec<f64> = timed.iter().map(|(o, t)| o.median / t.median).collect();
-                let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-                let our_best = timed
-                    .iter()
-                    .map(|r| r.0.fastest)
-                    .fold(f64::INFINITY, f64::min);
-                let their_best = timed
-                    .iter()
-                    .map(|r| r.1.fastest)
-                    .fold(f64::INFINITY, f64::min);
+            if ratios.len() == blocks {
                 println!(
-                    "| {name} | {batch} | {:.2} | {:.2} | {:.2} ({}) | {:.2}, {:.2}, {:.2} |",
-                    ours * 1e3,
-                    median(timed.iter().map(|r| r.1.median).collect()) * 1e3,
-                    median(ratios),
-                    each.join(", "),
-                    our_best * 1e3,
-                    their_best * 1e3,
-                    our_best / their_best
+                    "| {name} | {batch} | {:.2} | {:.2} | {:.2} ({:.2} to {:.2}) | {:.2}, {:.2}, {:.2} |",
+                    quantile(&ours, 0.5) * 1e3,
+                    quantile(&theirs, 0.5) * 1e3,
+                    quantile(&ratios, 0.5),
+                    quantile(&ratios, 0.25),
+                    quantile(&ratios, 0.75),
+                    fastest(&ours) * 1e3,
+                    fastest(&theirs) * 1e3,
+                    fastest(&ours) / fastest(&theirs)
                 );
             } else {
                 println!(
                     "| {name} | {batch} | {:.2} | (ONNX Runtime unavailable) | | |",
-                    ours * 1e3
+                    quantile(&ours, 0.5) * 1e3
                 );
             }
         }
