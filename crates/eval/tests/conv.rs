@@ -213,6 +213,11 @@ fn cases() -> Vec<Case> {
         case(1, (64, 56, 56), (64, 1), [1, 1], [1, 1], [1, 1], [0; 4]),
         // 1x1 on a small plane with many channels: channel tiles.
         case(2, (160, 7, 7), (960, 1), [1, 1], [1, 1], [1, 1], [0; 4]),
+        // 1x1 whose last column panel has 1 or 4 columns (the narrow
+        // product's dot products), an odd channel count and a depth that is
+        // not a whole vector.
+        case(1, (13, 7, 7), (7, 1), [1, 1], [1, 1], [1, 1], [0; 4]),
+        case(2, (21, 14, 14), (9, 1), [1, 1], [1, 1], [1, 1], [0; 4]),
         // Few input channels: channel tiles of a whole-plane row tile.
         case(1, (16, 30, 30), (96, 1), [1, 1], [1, 1], [1, 1], [0; 4]),
         // A network's first convolution: im2col, stride 2, padding.

@@ -55,6 +55,15 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Element (r, c).
+    pub fn at(&self, r: usize, c: usize) -> f32 {
+        assert!(
+            r < self.rows && c < self.cols,
+            "an element outside the matrix"
+        );
+        self.data[r * self.row_stride + c * self.col_stride]
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
