@@ -69,6 +69,15 @@ pub(super) fn forward(
         }
     }
     let padded = Padded::new(g);
+    // Per output row, the kernel rows inside the input (one run: the input
+    // row grows with the kernel row); the padding rows would add zeros.
+    let inside_rows: Vec<std::ops::Range<usize>> = (0..g.oh)
+        .map(|oy| {
+            let inside = |i: &usize| g.input_row(oy, *i).is_some();
+            let first = (0..g.kh).find(inside).unwrap_or(g.kh);
+            first..first + (first..g.kh).take_while(inside).count()
+        })
+        .collect();
     // Tasks are (image, block of channels): a block's planes are contiguous.
     let block = VECTORS * LANES;
     let mut tasks = Vec::new();
@@ -94,6 +103,7 @@ pub(super) fn forward(
                 added,
                 g,
                 padded: &padded,
+                inside_rows: &inside_rows,
                 dst,
                 // Borrowed before dispatching: code in a closure is not
                 // compiled for the vector unit.
@@ -159,6 +169,8 @@ struct Block<'a> {
     added: Option<&'a [f32]>,
     g: &'a Geometry,
     padded: &'a Padded,
+    /// Per output row, the kernel rows inside the input.
+    inside_rows: &'a [std::ops::Range<usize>],
     dst: &'a mut [f32],
     scratch: &'a mut Scratch,
 }
@@ -193,7 +205,14 @@ impl pulp::WithSimd for Block<'_> {
             }
             let channel = first_channel + v * LANES;
             let weights = &self.weights[(channel / LANES) * taps * LANES..][..taps * LANES];
-            vector_sums(&scratch.input, weights, g, &padded, &mut scratch.sums);
+            vector_sums(
+                &scratch.input,
+                weights,
+                g,
+                &padded,
+                self.inside_rows,
+                &mut scratch.sums,
+            );
             transpose(&scratch.sums, out_plane, count, LANES, dst, out_plane);
             for (i, plane_out) in dst.chunks_exact_mut(out_plane).enumerate() {
                 Epilogue {
@@ -215,13 +234,17 @@ impl pulp::WithSimd for Block<'_> {
 /// (pixel by pixel, a vector each), a tile of up to [`ROW_TILE`] pixels of
 /// a row at a time.
 #[inline(always)]
-fn vector_sums(input: &[f32], weights: &[f32], g: &Geometry, padded: &Padded, sums: &mut [f32]) {
+fn vector_sums(
+    input: &[f32],
+    weights: &[f32],
+    g: &Geometry,
+    padded: &Padded,
+    inside: &[std::ops::Range<usize>],
+    sums: &mut [f32],
+) {
     let v3 = super::conv::shuffles();
     for oy in 0..g.oh {
-        // The kernel rows inside the input; the padding rows add zeros.
-        let rows: Vec<usize> = (0..g.kh)
-            .filter(|&i| g.input_row(oy, i).is_some())
-            .collect();
+        let rows = inside[oy].clone();
         let mut x0 = 0;
         while x0 < g.ow {
             let tile = (g.ow - x0).min(ROW_TILE);
@@ -233,7 +256,7 @@ fn vector_sums(input: &[f32], weights: &[f32], g: &Geometry, padded: &Padded, su
                 padded,
                 oy,
                 x0,
-                rows: &rows,
+                rows: rows.clone(),
                 v3,
             };
             match tile {
@@ -260,7 +283,7 @@ struct Tile<'a> {
     oy: usize,
     x0: usize,
     /// The kernel rows inside the input.
-    rows: &'a [usize],
+    rows: std::ops::Range<usize>,
     v3: super::conv::Shuffles,
 }
 
@@ -288,7 +311,7 @@ impl Tile<'_> {
         // so that indexing into it needs no checks.
         let span = ((P - 1) * sw + 1) * LANES;
         let mut acc = [[0f32; LANES]; P];
-        for &i in self.rows {
+        for i in self.rows.clone() {
             let row = &self.input[(self.oy * g.sh + i * g.dh) * self.padded.cols * LANES..]
                 [..self.padded.cols * LANES];
             let kernel_row = &self.weights[i * g.kw * LANES..][..g.kw * LANES];
@@ -323,7 +346,7 @@ impl Tile<'_> {
             cast(values)
         };
         let mut acc = [v3.splat_f32x8(0.0); P];
-        for &i in self.rows {
+        for i in self.rows.clone() {
             let row = &self.input[(self.oy * g.sh + i * g.dh) * self.padded.cols * LANES..]
                 [..self.padded.cols * LANES];
             let kernel_row = &self.weights[i * g.kw * LANES..][..g.kw * LANES];
