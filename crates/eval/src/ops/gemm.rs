@@ -8,8 +8,7 @@
 use qgraph_ir::ndarray::{ArrayViewMut2, Axis, ShapeBuilder};
 use rayon::prelude::*;
 
-/// Columns per task of a one-row product shared across threads (the last
-/// task takes up to twice as many).
+/// Columns at least per task of a one-row product shared across threads.
 const ROW_PRODUCT_BLOCK: usize = 320;
 
 /// A read-only matrix over a slice: element (r, c) is at
@@ -146,21 +145,26 @@ pub fn gemm_into(
     }
     // The crate takes a one-row product (a batch of one through a fully
     // connected layer) as a matrix-vector product on one thread; its
-    // columns are shared out here instead, in blocks cut from the shape
-    // alone. The crate's matrix-vector kernels (taken when one operand is
-    // contiguous along k, or the right one along its rows, and k > 2)
-    // compute each column alone, in the same order of k whatever the
-    // block, so the split changes no bits; every block is wider than 256
-    // columns, where the crate would switch to another kernel.
+    // columns are shared out here instead, one block per thread. The
+    // crate's matrix-vector kernels (taken when one operand is contiguous
+    // along k, or the right one along its rows, and k > 2) compute each
+    // column alone, in the same order of k whatever the block, so the
+    // split changes no bits; every block is wider than 256 columns, where
+    // the crate would switch to another kernel.
     let matrix_vector = k > 2 && ((b.row_stride == 1 && a.col_stride == 1) || b.col_stride == 1);
     if threads == Threads::Pool && m == 1 && matrix_vector && n >= 2 * ROW_PRODUCT_BLOCK {
+        // At least ROW_PRODUCT_BLOCK columns each, the last taking the
+        // rest: fixed blocks of 320 had left 1000 columns as three tasks for
+        // two threads, one of them taking two.
+        let parts = rayon::current_num_threads().clamp(1, n / ROW_PRODUCT_BLOCK);
+        let width = n / parts;
         let mut blocks = Vec::new();
         let mut rest = dst;
         let mut first = 0;
-        while rest.ncols() >= 2 * ROW_PRODUCT_BLOCK {
-            let (block, tail) = rest.split_at(Axis(1), ROW_PRODUCT_BLOCK);
+        while blocks.len() + 1 < parts {
+            let (block, tail) = rest.split_at(Axis(1), width);
             blocks.push((first, block));
-            first += ROW_PRODUCT_BLOCK;
+            first += width;
             rest = tail;
         }
         blocks.push((first, rest));
