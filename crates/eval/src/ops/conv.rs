@@ -432,7 +432,10 @@ impl Tile {
     /// and no more than fit in about 1 MiB of cache with their input
     /// columns; all output channels, so that the right operand is packed
     /// once for all of them, unless that leaves fewer than `MIN_TILES` tiles
-    /// per image: then channel blocks of whole vectors (16) make more.
+    /// per image: then channel blocks of whole microkernel panels make more
+    /// (6 channels: the crate takes the product transposed, the channels as
+    /// its 6-wide panels; blocks of 16 had cut 160 channels as 48, 48, 48
+    /// and 16, for two threads 96 against 64).
     /// Every size is at least 1.
     fn new(channels: usize, k: usize, oh: usize, ow: usize) -> Tile {
         const TASK_MACS: usize = 1 << 21;
@@ -449,7 +452,7 @@ impl Tile {
         let channels = if row_tiles < MIN_TILES {
             channels
                 .div_ceil(MIN_TILES.div_ceil(row_tiles))
-                .next_multiple_of(16)
+                .next_multiple_of(6)
                 .min(channels)
         } else {
             channels
