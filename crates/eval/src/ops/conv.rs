@@ -1058,3 +1058,39 @@ pub fn conv_transpose(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tens
         });
     Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The written-out AVX dot products and the portable ones give the
+    /// same lanes, bit for bit (values with whole mantissas, so that an
+    /// unfused multiply-add or another order would show).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn narrow_dot_products_do_not_depend_on_the_vector_unit() {
+        let Some(v3) = pulp::x86::V3::try_new() else {
+            eprintln!("SKIPPED: no AVX2 here");
+            return;
+        };
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut values = |count: usize| -> Vec<f32> {
+            (0..count)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        for k in [8, 64, 1152] {
+            let (r0, r1, x) = (values(k), values(k), values(k));
+            let avx = dot_lanes_avx(v3, [&r0, &r1], &x);
+            let portable = dot_lanes([&r0, &r1], &x);
+            for (a, p) in avx.iter().flatten().zip(portable.iter().flatten()) {
+                assert_eq!(a.to_bits(), p.to_bits(), "k = {k}");
+            }
+        }
+    }
+}

@@ -29,6 +29,7 @@ const VECTORS: usize = 4;
 
 /// Output pixels of one row whose sums are kept in registers at once.
 const ROW_TILE: usize = 8;
+
 /// Whether this kernel is the one for convolutions of geometry `g`: output
 /// rows of at most 8 pixels, or strided ones under 16. Elsewhere the flat
 /// kernel's runs waste little (a 14x14 plane with a 3x3 kernel computes
@@ -137,8 +138,9 @@ impl Padded {
 /// A worker's buffers, reused from block to block.
 #[derive(Default)]
 struct Scratch {
-    /// One padded plane of vectors per vector of the block; the padding is
-    /// zeroed once per geometry, as each block writes only the inside.
+    /// The padded plane of one vector of channels, reused for each; the
+    /// padding is zeroed once per geometry, as each vector writes only the
+    /// inside.
     input: Vec<f32>,
     /// The geometry whose padding `input` holds.
     zeroed_for: Option<Geometry>,
@@ -199,7 +201,12 @@ impl pulp::WithSimd for Block<'_> {
             // never read.
             let src = &self.src[plane * in_plane..][..count * in_plane];
             transpose(src, count, in_plane, in_plane, &mut scratch.unpadded, LANES);
-            for (r, row) in scratch.unpadded.chunks_exact(g.w * LANES).enumerate() {
+            // (An empty input row leaves only padding, zeros already.)
+            for (r, row) in scratch
+                .unpadded
+                .chunks_exact(g.w.max(1) * LANES)
+                .enumerate()
+            {
                 let at = ((r + g.ph) * padded.cols + g.pw) * LANES;
                 scratch.input[at..][..row.len()].copy_from_slice(row);
             }
@@ -284,6 +291,7 @@ struct Tile<'a> {
     x0: usize,
     /// The kernel rows inside the input.
     rows: std::ops::Range<usize>,
+    /// The AVX2 unit, where there is one (see [`Tile::sums_avx`]).
     v3: super::conv::Shuffles,
 }
 
@@ -440,9 +448,18 @@ fn transpose_8x8(v3: pulp::x86::V3, src: &[f32], ld_src: usize, dst: &mut [f32],
 mod tests {
     use super::*;
 
+    /// Values in [-1, 1) with whole 24-bit mantissas (from a linear
+    /// congruential generator), so that products round and a different
+    /// order or a multiply-add not fused shows in the bits.
     fn values(count: usize, seed: f32) -> Vec<f32> {
+        let mut state = u64::from(seed.to_bits()) ^ 0x9E37_79B9_7F4A_7C15;
         (0..count)
-            .map(|i| ((i as f32 * 0.618 + seed).sin() * 43758.547).rem_euclid(1.0) * 2.0 - 1.0)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
             .collect()
     }
 
@@ -567,6 +584,54 @@ mod tests {
                 assert!(dst[c * ld_dst + rows..][..ld_dst - rows]
                     .iter()
                     .all(|&v| v == -1.0));
+            }
+        }
+    }
+
+    /// The written-out AVX sums and the portable ones give the same bits,
+    /// for every tile width and strides 1, 2 and 3.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_unit_changes_no_sum() {
+        let Some(v3) = pulp::x86::V3::try_new() else {
+            eprintln!("SKIPPED: no AVX2 here");
+            return;
+        };
+        for stride in [1, 2, 3] {
+            let g = geometry(9, 30, [3, 5], [1, stride], [1, 1], [1, 2]);
+            let padded = Padded::new(&g);
+            let input = values(padded.len(), stride as f32);
+            let weights = values(g.kh * g.kw * LANES, 7.0);
+            for p in 1..=ROW_TILE {
+                let tile = |v3| Tile {
+                    input: &input,
+                    weights: &weights,
+                    g: &g,
+                    padded: &padded,
+                    oy: 3,
+                    x0: 1,
+                    rows: 0..g.kh,
+                    v3,
+                };
+                let (mut avx, mut portable) = (vec![0.0; p * LANES], vec![0.0; p * LANES]);
+                let run = |tile: Tile, out: &mut [f32]| match p {
+                    8 => tile.sums::<8>(out),
+                    7 => tile.sums::<7>(out),
+                    6 => tile.sums::<6>(out),
+                    5 => tile.sums::<5>(out),
+                    4 => tile.sums::<4>(out),
+                    3 => tile.sums::<3>(out),
+                    2 => tile.sums::<2>(out),
+                    _ => tile.sums::<1>(out),
+                };
+                run(tile(Some(v3)), &mut avx);
+                run(tile(None), &mut portable);
+                assert!(
+                    avx.iter()
+                        .zip(&portable)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "stride {stride}, {p} pixels"
+                );
             }
         }
     }
