@@ -353,7 +353,7 @@ impl pulp::WithSimd for NarrowProduct<'_> {
         let k8 = k - k % 8;
         #[cfg(target_arch = "x86_64")]
         let v3 = pulp::x86::V3::try_new();
-        for (pair, mut rows) in dst.axis_chunks_iter_mut(Axis(0), 2).into_iter().enumerate() {
+        for (pair, mut rows) in dst.axis_chunks_iter_mut(Axis(0), 2).enumerate() {
             let count = rows.nrows();
             let a_rows: [&[f32]; 2] =
                 std::array::from_fn(|i| &a[(2 * pair + i.min(count - 1)) * k..][..k]);

@@ -495,6 +495,18 @@ mod tests {
     /// The same values as the flat kernel, bit for bit, with each kind of
     /// epilogue: none, the one-pass map (batch normalization and a clamp),
     /// and one that is not (an Add and a map after it).
+    /// The signature of both forward kernels.
+    type Forward = fn(
+        &[f32],
+        &[f32],
+        Option<&[f32]>,
+        &[Pointwise],
+        Option<&[f32]>,
+        &Geometry,
+        usize,
+        &mut [f32],
+    );
+
     #[test]
     fn gives_the_flat_kernels_bits() {
         let cases = [
@@ -526,16 +538,7 @@ mod tests {
                     (&[Pointwise::AddInput, Pointwise::HardSwish], Some(&added)),
                 ];
                 for (epilogue, added) in epilogues {
-                    let run = |kernel: fn(
-                        &[f32],
-                        &[f32],
-                        Option<&[f32]>,
-                        &[Pointwise],
-                        Option<&[f32]>,
-                        &Geometry,
-                        usize,
-                        &mut [f32],
-                    )| {
+                    let run = |kernel: Forward| {
                         let mut out = vec![f32::NAN; planes * g.oh * g.ow];
                         kernel(
                             &src,
