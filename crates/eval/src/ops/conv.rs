@@ -191,13 +191,15 @@ pub fn conv(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     let mut out = cx.buffers.take(n * m * plane);
     if depthwise {
         depthwise::forward(
-            xs,
-            ws,
-            bias.as_deref(),
-            cx.epilogue,
-            added,
-            &geometry,
-            m,
+            depthwise::Forward {
+                src: xs,
+                weights: ws,
+                bias: bias.as_deref(),
+                epilogue: cx.epilogue,
+                added,
+                g: &geometry,
+                channels: m,
+            },
             &mut out,
         );
         return Ok(vec![Tensor::F32(array(&[n, m, oh, ow], out))]);
@@ -1073,16 +1075,10 @@ mod tests {
             eprintln!("SKIPPED: no AVX2 here");
             return;
         };
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut values = |count: usize| -> Vec<f32> {
-            (0..count)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6_364_136_223_846_793_005)
-                        .wrapping_add(1_442_695_040_888_963_407);
-                    (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                })
-                .collect()
+        let mut seed = 0;
+        let mut values = |count: usize| {
+            seed += 1;
+            super::super::test_values(count, seed)
         };
         for k in [8, 64, 1152] {
             let (r0, r1, x) = (values(k), values(k), values(k));

@@ -7,39 +7,33 @@ use super::conv::{copy_strided, shuffles, Geometry};
 use super::pointwise::{apply_maps, MapValue, Pointwise, Unchanged, ValueMap, WithValueMap};
 use rayon::prelude::*;
 
-/// The forward pass of every plane of `src` (images x `channels`) into
-/// `out`, with bias, epilogue and a fused Add applied while each plane is in
-/// cache.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn forward(
-    src: &[f32],
-    weights: &[f32],
-    bias: Option<&[f32]>,
-    epilogue: &[Pointwise],
-    added: Option<&[f32]>,
-    g: &Geometry,
-    channels: usize,
-    out: &mut [f32],
-) {
-    if super::depthwise_blocked::suits(g) {
-        super::depthwise_blocked::forward(src, weights, bias, epilogue, added, g, channels, out);
+/// What a depthwise forward pass reads: the input planes (images x
+/// `channels`), each channel's kernel and bias, the epilogue, and what a
+/// fused Add adds (the whole output's worth).
+#[derive(Clone, Copy)]
+pub(super) struct Forward<'a> {
+    pub(super) src: &'a [f32],
+    pub(super) weights: &'a [f32],
+    pub(super) bias: Option<&'a [f32]>,
+    pub(super) epilogue: &'a [Pointwise],
+    pub(super) added: Option<&'a [f32]>,
+    pub(super) g: &'a Geometry,
+    pub(super) channels: usize,
+}
+
+/// The forward pass of every plane into `out`, with bias, epilogue and a
+/// fused Add applied while each plane is in cache.
+pub(super) fn forward(inputs: Forward, out: &mut [f32]) {
+    if super::depthwise_blocked::suits(inputs.g) {
+        super::depthwise_blocked::forward(inputs, out);
     } else {
-        flat(src, weights, bias, epilogue, added, g, channels, out);
+        flat(inputs, out);
     }
 }
 
 /// [`forward`] over the padded, phase-split copy of each plane.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn flat(
-    src: &[f32],
-    weights: &[f32],
-    bias: Option<&[f32]>,
-    epilogue: &[Pointwise],
-    added: Option<&[f32]>,
-    g: &Geometry,
-    channels: usize,
-    out: &mut [f32],
-) {
+pub(super) fn flat(inputs: Forward, out: &mut [f32]) {
+    let g = inputs.g;
     let simd = pulp::Arch::new();
     let plane = g.oh * g.ow;
     let per_task = planes_per_task(out.len(), plane);
@@ -50,13 +44,7 @@ pub(super) fn flat(
             SCRATCH.with(|scratch| {
                 simd.dispatch(Depthwise {
                     first_plane: t * per_task,
-                    channels,
-                    src,
-                    weights,
-                    bias,
-                    epilogue,
-                    added,
-                    g,
+                    inputs,
                     layout: &layout,
                     dst,
                     // Borrowed before dispatching: code in a closure (as
@@ -82,14 +70,7 @@ fn planes_per_task(len: usize, plane: usize) -> usize {
 /// `pulp` operation, compiled once per vector unit and chosen at run time.
 struct Depthwise<'a> {
     first_plane: usize,
-    channels: usize,
-    src: &'a [f32],
-    weights: &'a [f32],
-    bias: Option<&'a [f32]>,
-    epilogue: &'a [Pointwise],
-    /// What a fused Add adds, the whole output's worth.
-    added: Option<&'a [f32]>,
-    g: &'a Geometry,
+    inputs: Forward<'a>,
     layout: &'a PaddedLayout,
     dst: &'a mut [f32],
     scratch: &'a mut Scratch,
@@ -100,24 +81,32 @@ impl pulp::WithSimd for Depthwise<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        let g = self.g;
+        let Forward {
+            src: planes,
+            weights,
+            bias: biases,
+            epilogue,
+            added,
+            g,
+            channels,
+        } = self.inputs;
         let (in_plane, taps) = (g.h * g.w, g.kh * g.kw);
         let out_plane = (g.oh * g.ow).max(1);
         self.scratch.prepare(g, self.layout);
         for (i, dst) in self.dst.chunks_mut(out_plane).enumerate() {
             let plane = self.first_plane + i;
-            let channel = plane % self.channels;
+            let channel = plane % channels;
             // The plane and what follows it (see `fill_padded`).
-            let src = &self.src[plane * in_plane..];
-            let ker = &self.weights[channel * taps..][..taps];
-            let bias = self.bias.map(|b| b[channel]);
+            let src = &planes[plane * in_plane..];
+            let ker = &weights[channel * taps..][..taps];
+            let bias = biases.map(|b| b[channel]);
             let finish = Finish {
                 bias,
-                epilogue: self.epilogue,
+                epilogue,
                 channel,
             };
             let layout = self.layout;
-            match (self.added, ValueMap::new(bias, self.epilogue, channel)) {
+            match (added, ValueMap::new(bias, epilogue, channel)) {
                 // The common epilogues are applied to each sum as it is
                 // stored.
                 (None, Some(map)) => map.dispatch(PlaneWithMap {

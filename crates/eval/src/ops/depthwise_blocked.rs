@@ -17,7 +17,8 @@
 //! differ, where the flat kernel adds them and this one skips a row).
 
 use super::conv::Geometry;
-use super::pointwise::{Epilogue, Pointwise};
+use super::depthwise::Forward;
+use super::pointwise::Epilogue;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -42,20 +43,15 @@ pub(super) fn suits(g: &Geometry) -> bool {
     narrow && g.oh > 0 && g.ow > 0
 }
 
-/// The forward pass of every plane of `src` (images x `channels`) into
-/// `out`, with bias, epilogue and a fused Add applied to each plane as soon
-/// as it is transposed back.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn forward(
-    src: &[f32],
-    weights: &[f32],
-    bias: Option<&[f32]>,
-    epilogue: &[Pointwise],
-    added: Option<&[f32]>,
-    g: &Geometry,
-    channels: usize,
-    out: &mut [f32],
-) {
+/// The forward pass of every plane into `out`, with bias, epilogue and a
+/// fused Add applied to each plane as soon as it is transposed back.
+pub(super) fn forward(inputs: Forward, out: &mut [f32]) {
+    let Forward {
+        weights,
+        g,
+        channels,
+        ..
+    } = inputs;
     let out_plane = g.oh * g.ow;
     if out.is_empty() || channels == 0 {
         return;
@@ -96,13 +92,8 @@ pub(super) fn forward(
         SCRATCH.with(|scratch| {
             simd.dispatch(Block {
                 first_plane,
-                channels,
-                src,
-                weights: &packed,
-                bias,
-                epilogue,
-                added,
-                g,
+                inputs,
+                packed: &packed,
                 padded: &padded,
                 inside_rows: &inside_rows,
                 dst,
@@ -116,7 +107,7 @@ pub(super) fn forward(
 
 /// The padded plane of vectors: input pixel (r, c) at (r + ph, c + pw) of
 /// `rows x cols` pixels, which cover every pixel a tap of an output reads.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 struct Padded {
     rows: usize,
     cols: usize,
@@ -161,15 +152,9 @@ thread_local! {
 struct Block<'a> {
     /// Plane index (image * channels + channel) of the block's first plane.
     first_plane: usize,
-    channels: usize,
-    src: &'a [f32],
-    /// All packed weights.
-    weights: &'a [f32],
-    bias: Option<&'a [f32]>,
-    epilogue: &'a [Pointwise],
-    /// What a fused Add adds, the whole output's worth.
-    added: Option<&'a [f32]>,
-    g: &'a Geometry,
+    inputs: Forward<'a>,
+    /// All the weights, packed (see [`forward`]).
+    packed: &'a [f32],
     padded: &'a Padded,
     /// Per output row, the kernel rows inside the input.
     inside_rows: &'a [std::ops::Range<usize>],
@@ -182,7 +167,15 @@ impl pulp::WithSimd for Block<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
-        let g = self.g;
+        let Forward {
+            src: planes,
+            bias,
+            epilogue,
+            added,
+            g,
+            channels,
+            ..
+        } = self.inputs;
         let (in_plane, out_plane, taps) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
         let padded = *self.padded;
         let scratch = self.scratch;
@@ -193,13 +186,13 @@ impl pulp::WithSimd for Block<'_> {
         }
         scratch.unpadded.resize(in_plane * LANES, 0.0);
         scratch.sums.resize(out_plane * LANES, 0.0);
-        let first_channel = self.first_plane % self.channels;
+        let first_channel = self.first_plane % channels;
         for (v, dst) in self.dst.chunks_mut(LANES * out_plane).enumerate() {
             let count = dst.len() / out_plane;
             let plane = self.first_plane + v * LANES;
             // Lanes past `count` keep whatever they held: their sums are
             // never read.
-            let src = &self.src[plane * in_plane..][..count * in_plane];
+            let src = &planes[plane * in_plane..][..count * in_plane];
             transpose(src, count, in_plane, in_plane, &mut scratch.unpadded, LANES);
             // (An empty input row leaves only padding, zeros already.)
             for (r, row) in scratch
@@ -211,7 +204,7 @@ impl pulp::WithSimd for Block<'_> {
                 scratch.input[at..][..row.len()].copy_from_slice(row);
             }
             let channel = first_channel + v * LANES;
-            let weights = &self.weights[(channel / LANES) * taps * LANES..][..taps * LANES];
+            let weights = &self.packed[(channel / LANES) * taps * LANES..][..taps * LANES];
             vector_sums(
                 &scratch.input,
                 weights,
@@ -223,12 +216,10 @@ impl pulp::WithSimd for Block<'_> {
             transpose(&scratch.sums, out_plane, count, LANES, dst, out_plane);
             for (i, plane_out) in dst.chunks_exact_mut(out_plane).enumerate() {
                 Epilogue {
-                    bias: self.bias.map(|b| b[channel + i]),
-                    maps: self.epilogue,
+                    bias: bias.map(|b| b[channel + i]),
+                    maps: epilogue,
                     channel: channel + i,
-                    added: self
-                        .added
-                        .map(|a| &a[(plane + i) * out_plane..][..out_plane]),
+                    added: added.map(|a| &a[(plane + i) * out_plane..][..out_plane]),
                     data: plane_out,
                 }
                 .with_simd(simd);
@@ -446,21 +437,11 @@ fn transpose_8x8(v3: pulp::x86::V3, src: &[f32], ld_src: usize, dst: &mut [f32],
 
 #[cfg(test)]
 mod tests {
+    use super::super::pointwise::Pointwise;
     use super::*;
 
-    /// Values in [-1, 1) with whole 24-bit mantissas (from a linear
-    /// congruential generator), so that products round and a different
-    /// order or a multiply-add not fused shows in the bits.
     fn values(count: usize, seed: f32) -> Vec<f32> {
-        let mut state = u64::from(seed.to_bits()) ^ 0x9E37_79B9_7F4A_7C15;
-        (0..count)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
+        super::super::test_values(count, u64::from(seed.to_bits()))
     }
 
     /// (h, w, kernel, stride, dilation, pads (top, left)); the output
@@ -495,18 +476,6 @@ mod tests {
     /// The same values as the flat kernel, bit for bit, with each kind of
     /// epilogue: none, the one-pass map (batch normalization and a clamp),
     /// and one that is not (an Add and a map after it).
-    /// The signature of both forward kernels.
-    type Forward = fn(
-        &[f32],
-        &[f32],
-        Option<&[f32]>,
-        &[Pointwise],
-        Option<&[f32]>,
-        &Geometry,
-        usize,
-        &mut [f32],
-    );
-
     #[test]
     fn gives_the_flat_kernels_bits() {
         let cases = [
@@ -538,18 +507,18 @@ mod tests {
                     (&[Pointwise::AddInput, Pointwise::HardSwish], Some(&added)),
                 ];
                 for (epilogue, added) in epilogues {
-                    let run = |kernel: Forward| {
+                    let inputs = Forward {
+                        src: &src,
+                        weights: &weights,
+                        bias: Some(&bias),
+                        epilogue,
+                        added,
+                        g,
+                        channels,
+                    };
+                    let run = |kernel: fn(Forward, &mut [f32])| {
                         let mut out = vec![f32::NAN; planes * g.oh * g.ow];
-                        kernel(
-                            &src,
-                            &weights,
-                            Some(&bias),
-                            epilogue,
-                            added,
-                            g,
-                            channels,
-                            &mut out,
-                        );
+                        kernel(inputs, &mut out);
                         out
                     };
                     let blocked = run(forward);

@@ -388,3 +388,19 @@ pub(crate) fn lane_dot(xs: &[f32], ds: &[f32], f: impl Fn(f32, f32) -> f32) -> f
         .sum();
     lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
 }
+
+/// Test values in [-1, 1) with whole 24-bit mantissas (a linear
+/// congruential generator from `seed`), so that products round and a
+/// different order, or a multiply-add not fused, shows in the bits.
+#[cfg(test)]
+pub(crate) fn test_values(count: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    (0..count)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
