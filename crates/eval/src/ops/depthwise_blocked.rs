@@ -257,16 +257,7 @@ fn vector_sums(
                 rows: rows.clone(),
                 v3,
             };
-            match tile {
-                8 => at.sums::<8>(out),
-                7 => at.sums::<7>(out),
-                6 => at.sums::<6>(out),
-                5 => at.sums::<5>(out),
-                4 => at.sums::<4>(out),
-                3 => at.sums::<3>(out),
-                2 => at.sums::<2>(out),
-                _ => at.sums::<1>(out),
-            }
+            at.row_sums(tile, out);
             x0 += tile;
         }
     }
@@ -287,6 +278,22 @@ struct Tile<'a> {
 }
 
 impl Tile<'_> {
+    /// The sums of `pixels` pixels (1 to [`ROW_TILE`]), compiled for each
+    /// count.
+    #[inline(always)]
+    fn row_sums(&self, pixels: usize, out: &mut [f32]) {
+        match pixels {
+            8 => self.sums::<8>(out),
+            7 => self.sums::<7>(out),
+            6 => self.sums::<6>(out),
+            5 => self.sums::<5>(out),
+            4 => self.sums::<4>(out),
+            3 => self.sums::<3>(out),
+            2 => self.sums::<2>(out),
+            _ => self.sums::<1>(out),
+        }
+    }
+
     /// `P` pixels' sums, each a vector kept in a register, for stride 1 or
     /// 2 compiled with the stride known (`SW`), any other as 0.
     #[inline(always)]
@@ -586,18 +593,8 @@ mod tests {
                     v3,
                 };
                 let (mut avx, mut portable) = (vec![0.0; p * LANES], vec![0.0; p * LANES]);
-                let run = |tile: Tile, out: &mut [f32]| match p {
-                    8 => tile.sums::<8>(out),
-                    7 => tile.sums::<7>(out),
-                    6 => tile.sums::<6>(out),
-                    5 => tile.sums::<5>(out),
-                    4 => tile.sums::<4>(out),
-                    3 => tile.sums::<3>(out),
-                    2 => tile.sums::<2>(out),
-                    _ => tile.sums::<1>(out),
-                };
-                run(tile(Some(v3)), &mut avx);
-                run(tile(None), &mut portable);
+                tile(Some(v3)).row_sums(p, &mut avx);
+                tile(None).row_sums(p, &mut portable);
                 assert!(
                     avx.iter()
                         .zip(&portable)
