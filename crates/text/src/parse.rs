@@ -3,16 +3,15 @@
 //! A graph block is read into a list of statements first and built second,
 //! so values may be used before the statement that defines them.
 
-use crate::syntax::{lex, Pos, SyntaxError, Tok};
+use crate::syntax::{
+    lex_until_error, string_bytes, too_deep, value_name, Pos, SyntaxError, Tok, Token, MAX_DEPTH,
+};
 use qgraph_ir::{
     AttrKind, AttrValue, Attribute, DataType, Dim, ElidedTensor, Function, Graph, Initializer,
     Metadata, Model, NewNode, OpsetImport, Tensor, TensorAnnotation, TensorType, ValueId,
     ValueType,
 };
 use std::collections::HashMap;
-
-/// Deepest nesting of subgraphs, types and lists the parser accepts (protects the stack).
-const MAX_DEPTH: usize = 64;
 
 /// Why a text could not be parsed: a position when the text is malformed,
 /// none when the model it describes breaks an IR invariant.
@@ -26,19 +25,33 @@ pub enum TextError {
 
 /// Parses a model and verifies it.
 pub fn parse_model(src: &str) -> Result<Model, TextError> {
-    let toks = lex(src)?;
+    let lexed = lex_until_error(src);
     let mut p = Parser {
-        toks,
+        toks: lexed.toks,
         at: 0,
         depth: 0,
     };
+    if let Some(e) = lexed.error {
+        // A lexical error is reported before any the parser would find,
+        // except that brackets nested too deep defer to the parser's own
+        // nesting check when it fails first, at the construct (a subgraph,
+        // type or list) that goes one level too deep.
+        if e.too_deep {
+            if let Err(pe) = p.model() {
+                if pe.message == too_deep() {
+                    return Err(pe.into());
+                }
+            }
+        }
+        return Err(e.error.into());
+    }
     let model = p.model()?;
     qgraph_ir::verify_model(&model).map_err(|e| TextError::Invalid(e.message))?;
     Ok(model)
 }
 
-struct Parser {
-    toks: Vec<(Tok, Pos)>,
+struct Parser<'a> {
+    toks: Vec<Token<'a>>,
     at: usize,
     depth: usize,
 }
@@ -117,28 +130,28 @@ fn utf8(pos: Pos, bytes: Vec<u8>) -> PResult<String> {
     String::from_utf8(bytes).or_else(|_| err(pos, "expected valid UTF-8 here"))
 }
 
-impl Parser {
+impl<'a> Parser<'a> {
     fn pos(&self) -> Pos {
         self.toks
             .get(self.at)
             .or(self.toks.last())
-            .map(|t| t.1)
+            .map(Token::pos)
             .unwrap_or(Pos { line: 1, col: 1 })
     }
 
-    fn peek(&self) -> Option<&Tok> {
-        self.toks.get(self.at).map(|t| &t.0)
+    fn peek(&self) -> Option<&Tok<'a>> {
+        self.toks.get(self.at).map(|t| &t.tok)
     }
 
-    fn peek2(&self) -> Option<&Tok> {
-        self.toks.get(self.at + 1).map(|t| &t.0)
+    fn peek2(&self) -> Option<&Tok<'a>> {
+        self.toks.get(self.at + 1).map(|t| &t.tok)
     }
 
-    fn next(&mut self) -> PResult<(Tok, Pos)> {
+    fn next(&mut self) -> PResult<(Tok<'a>, Pos)> {
         match self.toks.get(self.at) {
             Some(t) => {
                 self.at += 1;
-                Ok(t.clone())
+                Ok((t.tok, t.pos()))
             }
             None => err(self.pos(), "unexpected end of text"),
         }
@@ -156,7 +169,7 @@ impl Parser {
     }
 
     fn is_word(&self, w: &str) -> bool {
-        matches!(self.peek(), Some(Tok::Word(x)) if x == w)
+        matches!(self.peek(), Some(Tok::Word(x)) if *x == w)
     }
 
     fn expect_punct(&mut self, c: char, what: &str) -> PResult<()> {
@@ -194,7 +207,7 @@ impl Parser {
 
     fn string(&mut self, what: &str) -> PResult<Vec<u8>> {
         match self.next()? {
-            (Tok::Str(s), _) => Ok(s),
+            (Tok::Str(s), _) => Ok(string_bytes(s).into_owned()),
             (t, pos) => err(
                 pos,
                 format!("expected a quoted string ({what}), found {}", t.describe()),
@@ -211,8 +224,8 @@ impl Parser {
     /// A bare word or a quoted string.
     fn name(&mut self, what: &str) -> PResult<String> {
         match self.next()? {
-            (Tok::Word(w), _) => Ok(w),
-            (Tok::Str(s), pos) => utf8(pos, s),
+            (Tok::Word(w), _) => Ok(w.to_string()),
+            (Tok::Str(s), pos) => utf8(pos, string_bytes(s).into_owned()),
             (t, pos) => err(pos, format!("expected {what}, found {}", t.describe())),
         }
     }
@@ -231,7 +244,7 @@ impl Parser {
 
     fn value_name(&mut self) -> PResult<(Pos, String)> {
         match self.next()? {
-            (Tok::Value(v), pos) => Ok((pos, v)),
+            (Tok::Value(v), pos) => Ok((pos, value_name(v).into_owned())),
             (t, pos) => err(
                 pos,
                 format!("expected a value such as %x, found {}", t.describe()),
@@ -270,7 +283,7 @@ impl Parser {
         loop {
             let pos = self.pos();
             match self.peek() {
-                Some(Tok::Word(w)) => match w.as_str() {
+                Some(Tok::Word(w)) => match *w {
                     "ir_version" => {
                         self.at += 1;
                         ir_version = Some(self.int("IR version")?);
@@ -407,14 +420,14 @@ impl Parser {
                 (Tok::Word(w), Some(next))
                     if *next != Tok::Punct(':') && *next != Tok::Punct('(') =>
                 {
-                    Some(w.clone())
+                    Some(*w)
                 }
                 _ => None,
             };
-            match keyword.as_deref() {
+            match keyword {
                 Some("doc") | Some("meta") => {
                     self.at += 1;
-                    let is_doc = keyword.as_deref() == Some("doc");
+                    let is_doc = keyword == Some("doc");
                     let (doc, entry) = if is_doc {
                         (Some(self.text("doc string")?), None)
                     } else {
@@ -691,7 +704,7 @@ impl Parser {
 
     fn op(&mut self) -> PResult<(String, String)> {
         match self.next()? {
-            (Tok::Word(w), _) if w == "op" && self.is_punct('(') => {
+            (Tok::Word("op"), _) if self.is_punct('(') => {
                 self.at += 1;
                 let d = self.text("operator domain")?;
                 self.expect_punct(',', "between domain and operator")?;
@@ -701,7 +714,7 @@ impl Parser {
             }
             (Tok::Word(w), _) => Ok(match w.rsplit_once('.') {
                 Some((d, o)) => (d.to_string(), o.to_string()),
-                None => (String::new(), w),
+                None => (String::new(), w.to_string()),
             }),
             (t, pos) => err(
                 pos,
@@ -714,7 +727,7 @@ impl Parser {
 
     fn dtype(&mut self) -> PResult<DataType> {
         match self.next()? {
-            (Tok::Word(w), pos) => DataType::from_name(&w)
+            (Tok::Word(w), pos) => DataType::from_name(w)
                 .map_or_else(|| err(pos, format!("'{w}' is not a data type")), Ok),
             (t, pos) => err(
                 pos,
@@ -725,13 +738,10 @@ impl Parser {
 
     /// Enters one level of nesting (subgraph, type, list), bounded so deep
     /// input cannot exhaust the stack.
-    fn nested<T>(&mut self, f: impl FnOnce(&mut Parser) -> PResult<T>) -> PResult<T> {
+    fn nested<T>(&mut self, f: impl FnOnce(&mut Parser<'a>) -> PResult<T>) -> PResult<T> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
-            return err(
-                self.pos(),
-                format!("nesting deeper than {MAX_DEPTH} levels"),
-            );
+            return err(self.pos(), too_deep());
         }
         let r = f(self);
         self.depth -= 1;
@@ -745,7 +755,7 @@ impl Parser {
     fn value_type_inner(&mut self) -> PResult<ValueType> {
         let pos = self.pos();
         let word = match self.peek() {
-            Some(Tok::Word(w)) => w.clone(),
+            Some(Tok::Word(w)) => *w,
             _ => {
                 return err(
                     pos,
@@ -753,14 +763,14 @@ impl Parser {
                 )
             }
         };
-        let wrapped = |p: &mut Parser| -> PResult<ValueType> {
+        let wrapped = |p: &mut Parser<'a>| -> PResult<ValueType> {
             p.at += 1;
             p.expect_punct('(', "after the type constructor")?;
             let t = p.value_type()?;
             p.expect_punct(')', "to close the type")?;
             Ok(t)
         };
-        Ok(match word.as_str() {
+        Ok(match word {
             "seq" => ValueType::Sequence(Box::new(wrapped(self)?)),
             "optional" => ValueType::Optional(Box::new(wrapped(self)?)),
             "sparse" => match wrapped(self)? {
@@ -807,8 +817,8 @@ impl Parser {
                         text.parse()
                             .or_else(|_| err(pos, format!("{text} does not fit in 64 bits")))?,
                     ),
-                    (Tok::Word(w), _) => Dim::Symbol(w),
-                    (Tok::Str(s), pos) => Dim::Symbol(utf8(pos, s)?),
+                    (Tok::Word(w), _) => Dim::Symbol(w.to_string()),
+                    (Tok::Str(s), pos) => Dim::Symbol(utf8(pos, string_bytes(s).into_owned())?),
                     (Tok::Punct('?'), _) => Dim::Unknown,
                     (t, pos) => {
                         return err(pos, format!("expected a dimension, found {}", t.describe()))
@@ -859,10 +869,10 @@ impl Parser {
                 return Ok(Tensor::Elided(ElidedTensor {
                     dtype,
                     shape,
-                    digest: d,
+                    digest: d.to_string(),
                 }));
             }
-            Some(Tok::Word(w)) if w == "raw" => {
+            Some(Tok::Word("raw")) => {
                 self.at += 1;
                 let hpos = self.pos();
                 let hex = self.text("hexadecimal bytes")?;
@@ -880,42 +890,52 @@ impl Parser {
             _ => {}
         }
         self.expect_punct('[', "to open the tensor's values")?;
-        let mut items: Vec<(Tok, Pos)> = Vec::new();
+        // The values are read where they lie, every other token from
+        // `first` (the commas between them), not copied out.
+        let first = self.at;
+        let mut n = 0;
         if !self.eat_punct(']') {
             loop {
-                items.push(self.next()?);
+                self.next()?;
+                n += 1;
                 if self.eat_punct(']') {
                     break;
                 }
                 self.expect_punct(',', "between tensor values")?;
             }
         }
-        if items.len() != count {
+        if n != count {
             return err(
                 pos,
                 format!(
-                    "{dtype}{} needs {count} values, found {}",
+                    "{dtype}{} needs {count} values, found {n}",
                     qgraph_ir::ShapeFmt(&shape),
-                    items.len()
                 ),
             );
         }
-        let float_of = |(t, p): &(Tok, Pos)| -> PResult<f64> {
+        let items = || {
+            self.toks[first..]
+                .iter()
+                .step_by(2)
+                .take(count)
+                .map(|t| (&t.tok, t.pos()))
+        };
+        let float_of = |(t, p): (&Tok, Pos)| -> PResult<f64> {
             match t {
                 Tok::Num { text, .. } => {
-                    parse_f64(text).map_or_else(|| err(*p, format!("'{text}' is not a number")), Ok)
+                    parse_f64(text).map_or_else(|| err(p, format!("'{text}' is not a number")), Ok)
                 }
-                t => err(*p, format!("expected a number, found {}", t.describe())),
+                t => err(p, format!("expected a number, found {}", t.describe())),
             }
         };
         match dtype {
             DataType::F32 => {
                 let mut v = Vec::with_capacity(count);
-                for (t, p) in &items {
+                for (t, p) in items() {
                     v.push(match t {
                         Tok::Num { text, .. } => parse_f32(text)
-                            .map_or_else(|| err(*p, format!("'{text}' is not a number")), Ok)?,
-                        t => return err(*p, format!("expected a number, found {}", t.describe())),
+                            .map_or_else(|| err(p, format!("'{text}' is not a number")), Ok)?,
+                        t => return err(p, format!("expected a number, found {}", t.describe())),
                     });
                 }
                 Tensor::f32(&shape, v).map_err(tensor_err)
@@ -923,15 +943,15 @@ impl Parser {
             DataType::F64 | DataType::F16 | DataType::BF16 => {
                 // f16/bf16 go through f32: the printed text is the shortest
                 // f32 that round-trips, which converts back exactly.
-                let v = items.iter().map(float_of).collect::<PResult<Vec<f64>>>()?;
+                let v = items().map(float_of).collect::<PResult<Vec<f64>>>()?;
                 let v = if dtype == DataType::F64 {
                     v
                 } else {
                     let mut out = Vec::with_capacity(count);
-                    for (t, p) in &items {
+                    for (t, p) in items() {
                         out.push(match t {
                             Tok::Num { text, .. } => parse_f32(text)
-                                .map_or_else(|| err(*p, format!("'{text}' is not a number")), Ok)?
+                                .map_or_else(|| err(p, format!("'{text}' is not a number")), Ok)?
                                 as f64,
                             _ => 0.0,
                         });
@@ -942,9 +962,9 @@ impl Parser {
             }
             DataType::String => {
                 let mut v = Vec::with_capacity(count);
-                for (t, p) in items {
+                for (t, p) in items() {
                     match t {
-                        Tok::Str(s) => v.push(s),
+                        Tok::Str(s) => v.push(string_bytes(s).into_owned()),
                         t => {
                             return err(
                                 p,
@@ -957,10 +977,10 @@ impl Parser {
             }
             DataType::Bool => {
                 let mut v = Vec::with_capacity(count);
-                for (t, p) in items {
+                for (t, p) in items() {
                     match t {
-                        Tok::Word(w) if w == "true" => v.push(1),
-                        Tok::Word(w) if w == "false" => v.push(0),
+                        Tok::Word("true") => v.push(1),
+                        Tok::Word("false") => v.push(0),
                         t => {
                             return err(
                                 p,
@@ -973,7 +993,7 @@ impl Parser {
             }
             d if d.int_range().is_some() => {
                 let mut v = Vec::with_capacity(count);
-                for (t, p) in items {
+                for (t, p) in items() {
                     match t {
                         Tok::Num { text, float: false } => v.push(
                             text.parse::<i128>()
@@ -1006,7 +1026,7 @@ impl Parser {
             Some(Tok::Num { text, float }) => {
                 self.at += 1;
                 if float {
-                    parse_f32(&text).map_or_else(
+                    parse_f32(text).map_or_else(
                         || err(pos, format!("'{text}' is not a number")),
                         |f| Ok(AttrValue::Float(f)),
                     )
@@ -1018,10 +1038,10 @@ impl Parser {
             }
             Some(Tok::Str(s)) => {
                 self.at += 1;
-                Ok(AttrValue::String(s))
+                Ok(AttrValue::String(string_bytes(s).into_owned()))
             }
             Some(Tok::Punct('[')) => self.attr_list(),
-            Some(Tok::Word(w)) => match w.as_str() {
+            Some(Tok::Word(w)) => match w {
                 "graph" => {
                     self.at += 1;
                     Ok(AttrValue::Graph(Box::new(self.graph_block()?)))
@@ -1051,7 +1071,7 @@ impl Parser {
                     self.at += 1;
                     self.expect_punct('[', "for an empty list")?;
                     self.expect_punct(']', "an empty list is written []")?;
-                    Ok(match w.as_str() {
+                    Ok(match w {
                         "floats" => AttrValue::Floats(vec![]),
                         "ints" => AttrValue::Ints(vec![]),
                         "strings" => AttrValue::Strings(vec![]),
@@ -1060,7 +1080,7 @@ impl Parser {
                         _ => AttrValue::Types(vec![]),
                     })
                 }
-                _ if DataType::from_name(&w).is_some() => {
+                _ if DataType::from_name(w).is_some() => {
                     Ok(AttrValue::Tensor(self.tensor_literal()?))
                 }
                 _ => err(pos, format!("expected an attribute value, found '{w}'")),
@@ -1312,5 +1332,138 @@ fn parse_f64(text: &str) -> Option<f64> {
         "-inf" => Some(f64::NEG_INFINITY),
         "nan" => Some(f64::NAN),
         t => t.parse().ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "ir_version 8\nopset \"\" 13\n";
+
+    fn error(src: &str) -> String {
+        parse_model(src).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn brackets_nested_too_deep_are_refused_as_they_are_read() {
+        for open in ["[", "(", "{"] {
+            let src = format!("{HEADER}{}", open.repeat(1_000_000));
+            let t = std::time::Instant::now();
+            assert_eq!(
+                error(&src),
+                "line 3, column 401: brackets nested deeper than 400 levels",
+                "{open}"
+            );
+            assert!(t.elapsed().as_secs_f64() < 1.0, "{open}: {:?}", t.elapsed());
+        }
+        // Closing brackets free their level: deep in total, shallow at once.
+        let src = format!("{HEADER}{}", "[[]]".repeat(100));
+        assert!(!error(&src).contains("nesting"));
+        let src = format!("{HEADER}{}{}", "]".repeat(100), "[".repeat(64));
+        assert!(!error(&src).contains("nesting"), "{}", error(&src));
+    }
+
+    #[test]
+    fn the_parser_reports_its_own_nesting_error_where_it_comes_first() {
+        // The parser counts types, not brackets: the 100th seq( is one level
+        // too deep for it, the bracket after it for the lexer.
+        let src = format!(
+            "{HEADER}graph g {{\n  input %x: {}f32\n}}\n",
+            "seq(".repeat(1000)
+        );
+        assert_eq!(
+            error(&src),
+            format!(
+                "line 4, column {}: nesting deeper than 100 levels",
+                13 + 4 * 99
+            )
+        );
+        // A list in an attribute: the parser's list limit comes first.
+        let src = format!(
+            "{HEADER}graph g {{\n  input %x: f32[2]\n  output %y: f32[2]\n  %y = Relu(%x) {{a = {}",
+            "[".repeat(1000)
+        );
+        assert_eq!(
+            error(&src),
+            "line 6, column 121: nesting deeper than 100 levels"
+        );
+        // Other errors before the brackets are still found after them.
+        let src = format!("{HEADER}graph g {{ \"open {}", "[".repeat(100));
+        assert_eq!(error(&src), "line 3, column 11: unterminated string");
+    }
+
+    /// `If` nested `levels` deep, a Constant at the bottom and in every
+    /// else branch: two brackets a level, and three more for the tensor.
+    fn nested_ifs(levels: usize) -> String {
+        fn branch(level: usize, levels: usize) -> String {
+            if level == levels {
+                return format!(
+                    "graph g{level} {{\n output %v{level}: f32[1]\n k{level}: %v{level} = Constant() {{value = f32[1] [1.0]}}\n}}"
+                );
+            }
+            format!(
+                "graph g{level} {{\n outer %c\n output %v{level}: f32[1]\n n{level}: %v{level} = If(%c) {{then_branch = {}, else_branch = graph e{level} {{\n output %w{level}: f32[1]\n c{level}: %w{level} = Constant() {{value = f32[1] [2.0]}}\n}}}}\n}}",
+                branch(level + 1, levels)
+            )
+        }
+        format!(
+            "{HEADER}graph main {{\n input %c: bool[]\n output %y: f32[1]\n top: %y = Identity(%v0)\n n: %v0 = If(%c) {{then_branch = {}, else_branch = graph e {{\n output %w: f32[1]\n c: %w = Constant() {{value = f32[1] [3.0]}}\n}}}}\n}}\n",
+            branch(1, levels)
+        )
+    }
+
+    #[test]
+    fn what_the_parser_accepts_is_never_refused_for_its_brackets() {
+        // 32 levels of subgraphs (as deep as ONNX files can be read) take
+        // more than 64 brackets: the lexer's limit must not be the parser's.
+        let model = parse_model(&nested_ifs(32)).unwrap();
+        let text = crate::print_model(&model, &Default::default());
+        assert_eq!(
+            crate::print_model(&parse_model(&text).unwrap(), &Default::default()),
+            text
+        );
+    }
+
+    #[test]
+    fn nesting_within_the_limit_parses() {
+        // 20 nested sequence types and a 3-deep list of graphs.
+        let ty = format!("{}f32[N]{}", "seq(".repeat(20), ")".repeat(20));
+        let src = format!(
+            "{HEADER}graph g {{\n  input %x: {ty}\n  output %y: {ty}\n  %y = Identity(%x)\n}}\n"
+        );
+        let m = parse_model(&src).unwrap();
+        let printed = crate::print_model(&m, &crate::PrintOptions::default());
+        let again = parse_model(&printed).unwrap();
+        assert_eq!(
+            crate::print_model(&again, &crate::PrintOptions::default()),
+            printed
+        );
+    }
+
+    #[test]
+    fn strings_and_names_decode_as_before() {
+        let src = format!(
+            "{HEADER}doc \"a\\\"b\\\\c\\x41\\né\"\ngraph g {{\n  input %\"x y\\x21\": f32[1]\n  output %\"x y\\x21\"\n}}\n"
+        );
+        let m = parse_model(&src).unwrap();
+        assert_eq!(m.doc, "a\"b\\cA\né");
+        assert_eq!(m.graph.value(m.graph.inputs()[0]).name(), "x y!");
+        assert_eq!(
+            error(&format!("{HEADER}doc \"\\q\"")),
+            "line 3, column 5: unknown escape \\q"
+        );
+        assert_eq!(
+            error(&format!("{HEADER}doc \"\\x4é\"")),
+            "line 3, column 5: bad escape \\x4é: expected two hexadecimal digits"
+        );
+        assert_eq!(
+            error(&format!("{HEADER}doc \"é\"\n  %\"\\xff\"")),
+            "line 4, column 3: a value name must be valid UTF-8"
+        );
+        assert_eq!(
+            error(&format!("{HEADER}  é")),
+            "line 3, column 3: unexpected character 'é'"
+        );
     }
 }
