@@ -44,24 +44,130 @@ fn decode_with_dir(bytes: Bytes, dir: Option<&Path>) -> Result<Loaded, OnnxError
     if bytes.is_empty() {
         return invalid("the file is empty");
     }
-    let proto = proto::ModelProto::decode(bytes).map_err(|e| {
-        OnnxError::Decode(format!(
-            "protobuf decoding failed ({e}); the file is truncated, corrupt, or not an ONNX model"
-        ))
-    })?;
+    let proto = proto::ModelProto::decode(bytes).map_err(|e| decode_error(&e))?;
     let mut reader = Reader {
         dir,
         warnings: Vec::new(),
         used_external_data: false,
         files: HashMap::new(),
     };
-    let model = reader.model(proto)?;
-    qgraph_ir::verify_model(&model).map_err(|e| OnnxError::Invalid(e.message))?;
+    let model = reader.model(proto).map_err(one_line)?;
+    qgraph_ir::verify_model(&model).map_err(|e| one_line(OnnxError::Invalid(e.message)))?;
     Ok(Loaded {
         model,
         warnings: reader.warnings,
         used_external_data: reader.used_external_data,
     })
+}
+
+/// Error messages longer than this (the nodes and attributes around an error
+/// many subgraphs deep, huge names) keep their first [`MESSAGE_HEAD`] and
+/// last [`MESSAGE_TAIL`] characters, the outermost context and the cause.
+const MESSAGE_LIMIT: usize = 256;
+const MESSAGE_HEAD: usize = 140;
+const MESSAGE_TAIL: usize = 90;
+
+/// A protobuf decoding error in one line. prost names every enclosing field
+/// from the innermost out, which for a deeply nested file runs to
+/// kilobytes; past three, only the innermost and the outermost are named.
+fn decode_error(e: &prost::DecodeError) -> OnnxError {
+    // prost exposes the cause and the fields only through its message:
+    // "failed to decode Protobuf message: Message.field: ...: cause".
+    let text = e.to_string();
+    let rest = text
+        .strip_prefix("failed to decode Protobuf message: ")
+        .unwrap_or(&text);
+    let mut fields = Vec::new();
+    let mut cause = rest;
+    while let Some((field, tail)) = cause.split_once(": ") {
+        if !is_field_path(field) {
+            break;
+        }
+        fields.push(field);
+        cause = tail;
+    }
+    if cause == "recursion limit reached" {
+        let subgraphs = fields
+            .iter()
+            .filter(|f| matches!(**f, "AttributeProto.g" | "AttributeProto.graphs"))
+            .count();
+        // Decoding stops at the first level too deep: the file may nest
+        // deeper still.
+        return OnnxError::Unsupported(if subgraphs > 0 {
+            format!(
+                "subgraphs nested more than {} levels deep, deeper than protobuf decoding \
+                 allows (prost's recursion limit of 100 nested messages)",
+                subgraphs - 1
+            )
+        } else {
+            "messages nested deeper than protobuf decoding allows (prost's recursion limit \
+             of 100 nested messages)"
+                .to_string()
+        });
+    }
+    let mut path = if fields.len() <= 3 {
+        fields.join(": ")
+    } else {
+        format!(
+            "{}: ({} more): {}",
+            fields[0],
+            fields.len() - 2,
+            fields[fields.len() - 1]
+        )
+    };
+    if !path.is_empty() {
+        path.push_str(": ");
+    }
+    one_line(OnnxError::Decode(format!(
+        "protobuf decoding failed (failed to decode Protobuf message: {path}{cause}); \
+         the file is truncated, corrupt, or not an ONNX model"
+    )))
+}
+
+/// `Message.field`, as prost names a field in its errors (a field named
+/// by a keyword is written `r#type`).
+fn is_field_path(s: &str) -> bool {
+    let ident = |p: &str| {
+        let p = p.strip_prefix("r#").unwrap_or(p);
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    s.split_once('.').is_some_and(|(m, f)| ident(m) && ident(f))
+}
+
+/// An error's message on one line (control characters escaped) of at most
+/// about [`MESSAGE_LIMIT`] characters (the middle cut out).
+fn one_line(e: OnnxError) -> OnnxError {
+    let fix = |m: String| -> String {
+        let mut m = if m.chars().any(char::is_control) {
+            let mut out = String::with_capacity(m.len());
+            for c in m.chars() {
+                if c.is_control() {
+                    out.extend(c.escape_default());
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        } else {
+            m
+        };
+        let n = m.chars().count();
+        if n > MESSAGE_LIMIT {
+            let head: String = m.chars().take(MESSAGE_HEAD).collect();
+            let tail: String = m.chars().skip(n - MESSAGE_TAIL).collect();
+            m = format!(
+                "{head} [... {} characters ...] {tail}",
+                n - MESSAGE_HEAD - MESSAGE_TAIL
+            );
+        }
+        m
+    };
+    match e {
+        OnnxError::Decode(m) => OnnxError::Decode(fix(m)),
+        OnnxError::Invalid(m) => OnnxError::Invalid(fix(m)),
+        OnnxError::Unsupported(m) => OnnxError::Unsupported(fix(m)),
+        e @ OnnxError::Io { .. } => e,
+    }
 }
 
 struct Reader<'a> {

@@ -10,6 +10,7 @@ use prost::Message;
 use qgraph_ir::{AttrValue, Attribute, Graph, Metadata, Model, Tensor, TensorType, ValueType};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 /// Protobuf refuses messages of 2 GiB or more; leave room for the graph.
 const PROTOBUF_LIMIT: u64 = (1 << 31) - (64 << 20);
@@ -98,15 +99,32 @@ pub fn write_model(
     Ok(report)
 }
 
+/// Temporary files are named `.qgraph-` + [`TMP_RANDOM`] ASCII letters and
+/// digits + `.tmp`, in the directory of the file they become.
+const TMP_PREFIX: &str = ".qgraph-";
+const TMP_SUFFIX: &str = ".tmp";
+const TMP_RANDOM: usize = 16;
+/// A temporary file of ours older than this was left by a write that was
+/// killed; younger ones may belong to a write still running.
+const STALE_AFTER: Duration = Duration::from_secs(3600);
+
 /// Writes bytes to `path` through a temporary file in the same directory and
 /// a rename: readers see the old file or the whole new one, never a part.
+/// The data reaches the disk before the rename (and the rename before this
+/// returns, where the directory can be synced), so a crash cannot publish a
+/// torn file. Temporary files of ours that a killed write left in that
+/// directory more than an hour ago are removed first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OnnxError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    remove_stale_temporaries(dir);
     let mut builder = tempfile::Builder::new();
-    builder.prefix(".qgraph-").suffix(".tmp");
+    builder
+        .prefix(TMP_PREFIX)
+        .suffix(TMP_SUFFIX)
+        .rand_bytes(TMP_RANDOM);
     // A temporary file is private (0600); the file it becomes is an
     // ordinary output, readable as any other the user writes.
     #[cfg(unix)]
@@ -119,9 +137,64 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OnnxError> {
         .map_err(|e| OnnxError::io(dir, e))?;
     tmp.write_all(bytes)
         .map_err(|e| OnnxError::io(tmp.path(), e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| OnnxError::io(tmp.path(), e))?;
     tmp.persist(path)
         .map_err(|e| OnnxError::io(path, e.error))?;
+    sync_dir(dir);
     Ok(())
+}
+
+/// Makes a rename in `dir` durable. Best effort: some file systems refuse to
+/// sync a directory, and the file itself is already on disk.
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+}
+
+/// Whether `name` is one of our temporary files: exactly `.qgraph-`, then
+/// [`TMP_RANDOM`] ASCII letters and digits, then `.tmp`.
+fn is_our_temporary(name: &str) -> bool {
+    name.len() == TMP_PREFIX.len() + TMP_RANDOM + TMP_SUFFIX.len()
+        && name
+            .strip_prefix(TMP_PREFIX)
+            .and_then(|r| r.strip_suffix(TMP_SUFFIX))
+            .is_some_and(|r| r.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// Removes what killed writes left in `dir`: regular files named as ours
+/// and last modified more than [`STALE_AFTER`] ago. Nothing else is
+/// touched, nor a temporary file a concurrent write may still be filling.
+/// Best effort: a directory that cannot be listed leaves nothing to do.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_str().is_some_and(is_our_temporary) {
+            continue;
+        }
+        // Not following links: a link named as ours is not ours.
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        let stale = meta.is_file()
+            && meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age > STALE_AFTER);
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn initializer_bytes(g: &Graph) -> u64 {
