@@ -102,6 +102,19 @@ pub struct InsertOptions {
     pub overrides: Vec<Override>,
 }
 
+impl InsertOptions {
+    /// `scheme` placed by TensorRT's rules, the first and last weighted ops
+    /// at 8 bits, no overrides.
+    pub fn new(scheme: Scheme) -> InsertOptions {
+        InsertOptions {
+            scheme,
+            placement: Placement::TensorRt,
+            ends_at_8_bits: true,
+            overrides: Vec::new(),
+        }
+    }
+}
+
 /// A per-layer rule: the nodes it matches (name by regular expression,
 /// anywhere in the name unless anchored, and/or op type) stay float
 /// (`exclude`), or get other bit widths for their weights and the

@@ -20,6 +20,48 @@ pub enum Norm {
     None,
 }
 
+/// The metadata key under which the input normalisation a model expects is
+/// recorded (by `qgraph insert` and `qgraph train`).
+pub const NORM_KEY: &str = "qgraph.norm";
+
+impl Norm {
+    /// The name the command line and the metadata use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Norm::Imagenet => "imagenet",
+            Norm::Tf => "tf",
+            Norm::None => "none",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Norm> {
+        [Norm::Imagenet, Norm::Tf, Norm::None]
+            .into_iter()
+            .find(|n| n.name() == name)
+    }
+}
+
+/// The normalisation recorded in `model`'s metadata, if any; an unknown
+/// name is an error naming it.
+pub fn recorded_norm(model: &Model) -> Result<Option<Norm>, crate::Error> {
+    match model.meta.iter().find(|(k, _)| k == NORM_KEY) {
+        None => Ok(None),
+        Some((_, v)) => Norm::parse(v).map(Some).ok_or_else(|| {
+            crate::Error::msg(format!(
+                "metadata {NORM_KEY} = '{v}' is not a normalisation (imagenet, tf, none)"
+            ))
+        }),
+    }
+}
+
+/// Records in `model`'s metadata that its inputs are normalised by `norm`.
+pub fn record_norm(model: &mut Model, norm: Norm) {
+    model.meta.retain(|(k, _)| k != NORM_KEY);
+    model
+        .meta
+        .push((NORM_KEY.to_string(), norm.name().to_string()));
+}
+
 enum Samples {
     U8(ArrayD<u8>),
     F32(ArrayD<f32>),
@@ -284,6 +326,85 @@ impl Dataset {
         Ok(())
     }
 
+    /// The shape of one sample, when known before decoding (an image folder
+    /// without a crop has none).
+    pub fn sample_shape(&self) -> Option<Vec<usize>> {
+        match &self.samples {
+            Samples::U8(a) => Some(a.shape()[1..].to_vec()),
+            Samples::F32(a) => Some(a.shape()[1..].to_vec()),
+            Samples::Images { preprocess, .. } => preprocess
+                .crop
+                .map(|c| vec![if preprocess.gray { 1 } else { 3 }, c as usize, c as usize]),
+        }
+    }
+
+    /// Checks that the samples fit `model`'s input as it declares it: one
+    /// input, of a float type, of the samples' rank with one more axis for
+    /// the batch, and of the samples' size on every axis the model fixes
+    /// (but the batch axis). Found before any work, the message names the
+    /// array and the model's input; the caller adds the files.
+    pub fn check_fits(&self, model: &Model) -> Result<(), String> {
+        let g = &model.graph;
+        let inputs: Vec<_> = g
+            .inputs()
+            .iter()
+            .copied()
+            .filter(|&v| g.value(v).initializer().is_none())
+            .collect();
+        let names: Vec<&str> = inputs.iter().map(|&v| g.value(v).name()).collect();
+        let &[input] = inputs.as_slice() else {
+            return Err(format!(
+                "the model has {} inputs ({}); this command feeds it one array, '{}' (give every \
+                 input its array with `qgraph infer`)",
+                inputs.len(),
+                names.join(", "),
+                self.key
+            ));
+        };
+        let value = g.value(input);
+        let Some(qgraph_ir::ValueType::Tensor(ty)) = &value.ty else {
+            return Ok(());
+        };
+        let declared = format!("'{}' {}", value.name(), ty);
+        if let Some(dtype) = ty.dtype {
+            if dtype != qgraph_ir::DataType::F32 {
+                return Err(format!(
+                    "the model's input {declared} is not float32, which is what '{}' gives \
+                     (after scaling and normalisation)",
+                    self.key
+                ));
+            }
+        }
+        let (Some(dims), Some(sample)) = (&ty.shape, self.sample_shape()) else {
+            return Ok(());
+        };
+        let described = format!(
+            "'{}' holds samples of shape {}",
+            self.key,
+            qgraph_ir::ShapeFmt(&sample)
+        );
+        if dims.len() != sample.len() + 1 {
+            return Err(format!(
+                "{described} (rank {}), but the model's input {declared} takes rank {} with \
+                 the batch axis first",
+                sample.len(),
+                dims.len()
+            ));
+        }
+        for (axis, (dim, &size)) in dims[1..].iter().zip(&sample).enumerate() {
+            if let qgraph_ir::Dim::Known(want) = dim {
+                if *want >= 0 && *want as usize != size {
+                    return Err(format!(
+                        "{described}, but the model's input {declared} wants {want} on axis {} \
+                         where the samples have {size}",
+                        axis + 1
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Samples `start..end` as an f32 batch, normalised.
     pub fn batch(&self, start: usize, end: usize, norm: Norm) -> Result<Tensor, String> {
         self.select(&(start..end).collect::<Vec<_>>(), norm)
@@ -351,6 +472,46 @@ pub struct Measurement {
     pub agree: Option<usize>,
     /// Output SQNR against the reference model, in dB.
     pub sqnr_db: Option<f64>,
+    /// What the model's first output held.
+    pub output: OutputStats,
+}
+
+/// Statistics of a model's first output over a data set: what `eval` can
+/// say without labels or a reference.
+#[derive(Clone, Debug, Default)]
+pub struct OutputStats {
+    pub elements: u64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    pub std: f64,
+    /// How many samples chose each top-1 class (index: class).
+    pub top1_counts: Vec<usize>,
+}
+
+impl OutputStats {
+    fn observe(&mut self, values: &[f32], top1: &[usize], sums: &mut (f64, f64)) {
+        if self.elements == 0 {
+            (self.min, self.max) = (f64::INFINITY, f64::NEG_INFINITY);
+        }
+        for &v in values {
+            let v = v as f64;
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+            sums.0 += v;
+            sums.1 += v * v;
+        }
+        self.elements += values.len() as u64;
+        for &c in top1 {
+            if self.top1_counts.len() <= c {
+                self.top1_counts.resize(c + 1, 0);
+            }
+            self.top1_counts[c] += 1;
+        }
+        let n = self.elements.max(1) as f64;
+        self.mean = sums.0 / n;
+        self.std = (sums.1 / n - self.mean * self.mean).max(0.0).sqrt();
+    }
 }
 
 pub(crate) fn first_output_rows(t: &Tensor) -> Option<(usize, Vec<f32>)> {
@@ -379,46 +540,56 @@ pub(crate) fn argmax_rows(n: usize, data: &[f32]) -> Vec<usize> {
         .collect()
 }
 
-/// Runs `model` (and `reference`, when given) over the data set in batches,
-/// calling `progress(done)` after each batch.
+/// `count` sample indices spread evenly over `len` (all when `count >=
+/// len`): deterministic, and covering the whole file rather than its start
+/// (data sets are often sorted by class). Every command's `--limit`.
+pub fn spread_samples(len: usize, count: usize) -> Vec<usize> {
+    if count >= len {
+        return (0..len).collect();
+    }
+    (0..count).map(|i| i * len / count).collect()
+}
+
+/// Runs `model` (and `reference`, when given) over the data set's samples
+/// at `indices` in batches, calling `progress(done)` after each batch.
 pub fn measure(
     model: &Model,
     reference: Option<&Model>,
     data: &Dataset,
     norm: Norm,
     batch: usize,
-    limit: Option<usize>,
+    indices: &[usize],
     mut progress: impl FnMut(usize),
-) -> Result<Measurement, String> {
+) -> Result<Measurement, crate::Error> {
     data.check_norm(norm)?;
     let ev = Evaluator::new(model).map_err(|e| e.to_string())?;
     let rev = reference
         .map(Evaluator::new)
         .transpose()
         .map_err(|e| format!("reference model: {e}"))?;
-    let total = limit.unwrap_or(usize::MAX).min(data.len());
     let mut m = Measurement {
-        samples: total,
+        samples: indices.len(),
         correct: data.labels.as_ref().map(|_| 0),
         agree: rev.as_ref().map(|_| 0),
         ..Measurement::default()
     };
     let (mut signal, mut noise) = (0f64, 0f64);
-    let mut start = 0;
-    while start < total {
-        let end = (start + batch.max(1)).min(total);
-        let x = data.batch(start, end, norm)?;
+    let mut sums = (0f64, 0f64);
+    let mut done = 0;
+    for chunk in indices.chunks(batch.max(1)) {
+        let x = data.select(chunk, norm)?;
         let out = ev.run(vec![x.clone()]).map_err(|e| e.to_string())?;
         let (n, logits) = out
             .first()
             .and_then(first_output_rows)
             .ok_or("the model's first output is not f32")?;
         let pred = argmax_rows(n, &logits);
+        m.output.observe(&logits, &pred, &mut sums);
         if let (Some(c), Some(labels)) = (m.correct.as_mut(), &data.labels) {
             *c += pred
                 .iter()
-                .zip(&labels[start..end])
-                .filter(|(p, l)| **p as i64 == **l)
+                .zip(chunk)
+                .filter(|(p, &i)| **p as i64 == labels[i])
                 .count();
         }
         if let Some(rev) = &rev {
@@ -441,8 +612,8 @@ pub fn measure(
                 noise += (*o as f64 - *r as f64).powi(2);
             }
         }
-        start = end;
-        progress(start);
+        done += chunk.len();
+        progress(done);
     }
     if rev.is_some() {
         m.sqnr_db = Some(if noise == 0.0 {
@@ -458,7 +629,8 @@ pub fn measure(
 /// graph input, named as the input) and writes every output, named as the
 /// output, to an `.npz` file (atomically).
 pub fn infer_npz(model: &Model, inputs: &Path, output: &Path) -> Result<(), Error> {
-    let ev = Evaluator::new(model).map_err(|e| Error::new(inputs, e))?;
+    // The model's own faults name no file: the caller names the model.
+    let ev = Evaluator::new(model).map_err(Error::msg)?;
     let file = File::open(inputs).map_err(|e| Error::new(inputs, e))?;
     let mut npz = NpzReader::new(file)
         .map_err(|e| Error::new(inputs, format!("not a readable .npz file: {e}")))?;

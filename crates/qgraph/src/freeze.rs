@@ -8,7 +8,7 @@
 
 use crate::data::{Dataset, Norm};
 use qgraph_eval::Evaluator;
-use qgraph_ir::{AttrValue, Graph, Model, Tensor, ValueId};
+use qgraph_ir::{AttrValue, Graph, Model, Tensor, TensorType, ValueId, ValueType};
 use qgraph_passes::Driver;
 use std::collections::HashMap;
 
@@ -95,14 +95,52 @@ pub enum Int4 {
     Never,
 }
 
-/// Freezes `model` for `target`.
-pub fn freeze(model: &mut Model, target: Target, int4: Int4) -> Result<Frozen, String> {
+/// The metadata key under which `qgraph insert` records its placement.
+pub const PLACEMENT_KEY: &str = "qgraph.placement";
+
+/// What to tell a user whose model cannot become integer.
+const INTEGER_FIX: &str = "insert with ONNX Runtime's placement, which quantizes the outputs \
+     of weighted ops too: `qgraph insert --placement ort ...`, then freeze that model";
+
+/// Freezes `model` for `target`. A float model (no QuantizeLinear or
+/// DequantizeLinear), and a model that an integer target cannot make
+/// integer (TensorRT's placement quantizes only the inputs of weighted
+/// ops), are refused with the fix; the latter is found after the passes
+/// ran, so `model` may then be changed.
+pub fn freeze(model: &mut Model, target: Target, int4: Int4) -> Result<Frozen, crate::Error> {
+    let g = &model.graph;
+    let quantized = g.node_ids().into_iter().any(|n| {
+        matches!(
+            g.node(n).op_type.as_str(),
+            "QuantizeLinear" | "DequantizeLinear"
+        )
+    });
+    if !quantized {
+        return Err(
+            "has no QuantizeLinear or DequantizeLinear: nothing to freeze (quantize it first: \
+             `qgraph insert --scheme int8 MODEL --calib DATA`)"
+                .into(),
+        );
+    }
+    let integer = matches!(target, Target::Integer | Target::IntegerOnnx);
+    let placement = model
+        .meta
+        .iter()
+        .find(|(k, _)| k == PLACEMENT_KEY)
+        .map(|(_, v)| v.as_str());
+    if integer && placement == Some("tensorrt") {
+        return Err(format!(
+            "was inserted with TensorRT's placement, which an integer target cannot freeze: \
+             {INTEGER_FIX}"
+        )
+        .into());
+    }
     let mut notes = Vec::new();
     let blocker = qgraph_passes::opset_upgrade::opset_raise_blocker(model, 21);
     let int4 = match (int4, blocker) {
         (Int4::Never, _) => false,
         (Int4::Always, None) => true,
-        (Int4::Always, Some(why)) => return Err(format!("int4 weights: {why}")),
+        (Int4::Always, Some(why)) => return Err(format!("int4 weights: {why}").into()),
         (Int4::Auto, _) if !scheme_has_int4_weights(model) => false,
         (Int4::Auto, None) => true,
         (Int4::Auto, Some(why)) => {
@@ -113,6 +151,17 @@ pub fn freeze(model: &mut Model, target: Target, int4: Int4) -> Result<Frozen, S
     let report = Driver::from_pipeline(&pipeline(target, int4))?
         .run(model)
         .map_err(|e| e.to_string())?;
+    let lowered = report
+        .runs
+        .iter()
+        .any(|(name, changed)| name.starts_with("lower-to-integer") && *changed);
+    if integer && !lowered {
+        return Err(format!(
+            "no operator could be made integer (no weighted op has quantized inputs, weights \
+             and output): {INTEGER_FIX}"
+        )
+        .into());
+    }
     let target_name = match target {
         Target::TensorRt => "tensorrt",
         Target::Ort => "ort",
@@ -212,9 +261,13 @@ pub struct Verification {
     pub ops: OpAgreement,
 }
 
-/// Runs `reference` and `frozen` on `samples` of `data` and compares each
-/// output, and each quantized tensor op by op (see [`OpAgreement`]); the
-/// reference runs once per batch for both.
+/// Runs `reference` and `frozen` on `samples` of `data`, `batch` at a time,
+/// and compares each output, and each quantized tensor op by op (see
+/// [`OpAgreement`]). Per batch, three runs of the evaluator, each as it
+/// runs any batch (groups of samples in parallel when the graph keeps
+/// samples apart): the reference, returning its quantized tensors too; the
+/// frozen model; the frozen model's ops on those tensors. Memory holds one
+/// batch's quantized tensors, whatever the number of samples.
 pub fn verify(
     reference: &Model,
     frozen: &Model,
@@ -223,18 +276,26 @@ pub fn verify(
     norm: Norm,
     batch: usize,
     mut progress: impl FnMut(usize),
-) -> Result<Verification, String> {
+) -> Result<Verification, crate::Error> {
     data.check_norm(norm)?;
-    let rev = Evaluator::new(reference).map_err(|e| format!("reference: {e}"))?;
-    let fev = Evaluator::new(frozen).map_err(|e| format!("frozen model: {e}"))?;
     let (rg, fg) = (&reference.graph, &frozen.graph);
     if rg.outputs().len() != fg.outputs().len() {
         return Err(format!(
             "the models have {} and {} outputs",
             rg.outputs().len(),
             fg.outputs().len()
-        ));
+        )
+        .into());
     }
+    let ops_check = OpCheck::new(reference, frozen)?;
+    let rev = Evaluator::new(&ops_check.reference).map_err(|e| format!("reference: {e}"))?;
+    let fev = Evaluator::new(frozen).map_err(|e| format!("frozen model: {e}"))?;
+    let oev = ops_check
+        .fed
+        .as_ref()
+        .map(Evaluator::new)
+        .transpose()
+        .map_err(|e| format!("frozen model: {e}"))?;
     struct Acc {
         elements: usize,
         max_lsb: Option<f64>,
@@ -258,32 +319,29 @@ pub fn verify(
         })
         .collect();
     let mut has_steps = vec![true; acc.len()];
-    let ops_check = OpCheck::new(reference, frozen)?;
     let mut ops = OpAgreement::default();
     let mut done = 0;
     for (b, chunk) in samples.chunks(batch.max(1)).enumerate() {
         let x = data.select(chunk, norm)?;
-        // The reference's quantized tensors, by name, as it computes them.
-        let mut known: HashMap<String, Tensor> = HashMap::new();
-        let r = rev
-            .run_observed(vec![x.clone()], &ops_check.watch, &mut |v, t| {
-                known.insert(rg.value(v).name().to_string(), t.clone());
-            })
+        let mut r = rev
+            .run(vec![x.clone()])
             .map_err(|e| format!("reference: {e}"))?;
+        // The reference's quantized tensors follow its outputs.
+        let known = r.split_off(rg.outputs().len());
         let f = fev
             .run(vec![x.clone()])
             .map_err(|e| format!("frozen model: {e}"))?;
-        ops_check.compare(&known, x, b == 0, &mut ops)?;
+        if let Some(oev) = &oev {
+            ops_check.compare(oev, x, known, b == 0, &mut ops)?;
+        }
         for (i, (a, b)) in r.iter().zip(&f).enumerate() {
             let (Tensor::F32(a), Tensor::F32(b)) = (a, b) else {
-                return Err(format!("output {i} is not f32 in both models"));
+                return Err(format!("output {i} is not f32 in both models").into());
             };
             if a.shape() != b.shape() {
-                return Err(format!(
-                    "output {i} has shape {:?} and {:?}",
-                    a.shape(),
-                    b.shape()
-                ));
+                return Err(
+                    format!("output {i} has shape {:?} and {:?}", a.shape(), b.shape()).into(),
+                );
             }
             let steps = output_steps(rg, rg.outputs()[i], a.shape())
                 .or_else(|| output_steps(fg, fg.outputs()[i], a.shape()));
@@ -357,110 +415,359 @@ pub struct OpAgreement {
     pub worst: String,
 }
 
-fn integers(t: &Tensor) -> Option<Vec<i64>> {
-    match t {
-        Tensor::I8(a) => Some(a.iter().map(|&v| v as i64).collect()),
-        Tensor::U8(a) => Some(a.iter().map(|&v| v as i64).collect()),
-        Tensor::I16(a) => Some(a.iter().map(|&v| v as i64).collect()),
-        Tensor::U16(a) => Some(a.iter().map(|&v| v as i64).collect()),
-        _ => None,
+/// How one integer tensor compares with another of the same length.
+struct Tally {
+    equal: usize,
+    within_one: usize,
+    max_steps: i64,
+}
+
+fn tally<A, B>(a: &qgraph_ir::ndarray::ArrayD<A>, b: &qgraph_ir::ndarray::ArrayD<B>) -> Tally
+where
+    A: Copy + Into<i64>,
+    B: Copy + Into<i64>,
+{
+    let mut t = Tally {
+        equal: 0,
+        within_one: 0,
+        max_steps: 0,
+    };
+    let mut add = |x: A, y: B| {
+        let d = (x.into() - y.into()).abs();
+        t.equal += (d == 0) as usize;
+        t.within_one += (d <= 1) as usize;
+        t.max_steps = t.max_steps.max(d);
+    };
+    match (a.as_slice(), b.as_slice()) {
+        (Some(a), Some(b)) => a.iter().zip(b).for_each(|(&x, &y)| add(x, y)),
+        _ => a.iter().zip(b.iter()).for_each(|(&x, &y)| add(x, y)),
     }
+    t
 }
 
-/// The op-by-op check: the frozen graph run node by node, each input the
-/// reference computed (same name) taken from the reference.
-struct OpCheck<'m> {
-    frozen: &'m Graph,
-    opset: i64,
-    order: Vec<qgraph_ir::NodeId>,
-    /// The reference's quantized tensors.
-    watch: Vec<ValueId>,
+/// `want` and `got` compared element by element (in order), when both hold
+/// 8- or 16-bit integers and as many of them.
+fn compare_integers(want: &Tensor, got: &Tensor) -> Option<Tally> {
+    macro_rules! integers {
+        ($t:expr, $a:ident => $body:expr) => {
+            match $t {
+                Tensor::I8($a) => $body,
+                Tensor::U8($a) => $body,
+                Tensor::I16($a) => $body,
+                Tensor::U16($a) => $body,
+                _ => None,
+            }
+        };
+    }
+    if want.len() != got.len() {
+        return None;
+    }
+    integers!(want, a => integers!(got, b => Some(tally(a, b))))
 }
 
-impl<'m> OpCheck<'m> {
-    fn new(reference: &Model, frozen: &'m Model) -> Result<OpCheck<'m>, String> {
-        let rg = &reference.graph;
-        let watch = rg
-            .node_ids()
-            .into_iter()
-            .filter(|&n| rg.node(n).op_type == "QuantizeLinear")
-            .filter_map(|n| rg.node(n).outputs().first().copied().flatten())
+/// The op-by-op check: the frozen graph with each tensor the reference also
+/// quantizes (same name) read from the reference instead (a graph input of
+/// `fed`), and each such tensor it computes itself returned, so the
+/// evaluator runs the frozen ops on the reference's tensors as it runs any
+/// model.
+struct OpCheck {
+    /// The reference, returning after its outputs the tensors `fed` reads.
+    reference: Model,
+    /// The frozen graph cut at the shared tensors; `None` when no tensor
+    /// is compared.
+    fed: Option<Model>,
+    /// Per required input of `fed`: the data (`None`), or the reference's
+    /// extra output `k`.
+    feeds: Vec<Option<usize>>,
+    /// Per output of `fed`: its name and the reference's extra output it
+    /// is compared with.
+    compared: Vec<(String, usize)>,
+}
+
+impl OpCheck {
+    fn new(reference: &Model, frozen: &Model) -> Result<OpCheck, String> {
+        let (rg, fg) = (&reference.graph, &frozen.graph);
+        let broken = |e: qgraph_ir::IrError| format!("frozen model: {e}");
+        // The reference's quantized tensors that the frozen graph computes
+        // too.
+        let mut shared: Vec<String> = Vec::new();
+        for n in rg.node_ids() {
+            let node = rg.node(n);
+            let Some(rv) = node.outputs().first().copied().flatten() else {
+                continue;
+            };
+            if node.op_type != "QuantizeLinear" {
+                continue;
+            }
+            let name = rg.value(rv).name();
+            let computed = fg.value_by_name(name).is_some_and(|fv| {
+                let val = fg.value(fv);
+                val.initializer().is_none() && !val.is_graph_input() && fg.producer(fv).is_some()
+            });
+            if computed {
+                shared.push(name.to_string());
+            }
+        }
+        let index: HashMap<&str, usize> = shared
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.as_str(), k))
             .collect();
-        let order = frozen
-            .graph
+        // Those the frozen graph computes by an op of its own, in its order.
+        let order = fg
             .topo_order()
             .map_err(|_| "the frozen model has a cycle".to_string())?;
+        let mut compared: Vec<(String, usize)> = Vec::new();
+        for n in order {
+            let node = fg.node(n);
+            if node.op_type == "QuantizeLinear" {
+                continue;
+            }
+            for &v in node.outputs().iter().flatten() {
+                let name = fg.value(v).name();
+                if let Some(&k) = index.get(name) {
+                    compared.push((name.to_string(), k));
+                }
+            }
+        }
+        let mut extended = reference.clone();
+        if compared.is_empty() {
+            return Ok(OpCheck {
+                reference: extended,
+                fed: None,
+                feeds: Vec::new(),
+                compared,
+            });
+        }
+        let g = &mut extended.graph;
+        let mut outputs = g.outputs().to_vec();
+        outputs.extend(shared.iter().filter_map(|s| g.value_by_name(s)));
+        g.set_outputs(outputs)
+            .map_err(|e| format!("reference: {e}"))?;
+
+        let info = qgraph_eval::shapes::infer(reference);
+        let data_input = fg
+            .inputs()
+            .iter()
+            .copied()
+            .find(|&v| fg.value(v).initializer().is_none())
+            .map(|v| fg.value(v).name().to_string());
+        let mut fed = frozen.clone();
+        let g = &mut fed.graph;
+        let mut input_of: HashMap<String, usize> = HashMap::new();
+        for (k, name) in shared.iter().enumerate() {
+            let rv = rg.value_by_name(name).expect("listed from the reference");
+            let ty = info
+                .get(&rv)
+                .map(|i| {
+                    ValueType::Tensor(TensorType {
+                        dtype: i.dtype,
+                        shape: i.dims.clone(),
+                    })
+                })
+                .or_else(|| rg.value(rv).effective_type());
+            let v = g.value_by_name(name).expect("listed from the frozen graph");
+            let input_name = g.unique_value_name(&format!("{name}.reference"));
+            let input = g.add_input(input_name.clone(), ty).map_err(broken)?;
+            g.replace_uses(v, input).map_err(broken)?;
+            input_of.insert(input_name, k);
+        }
+        let outputs = compared
+            .iter()
+            .map(|(name, _)| g.value_by_name(name).expect("listed from the frozen graph"))
+            .collect();
+        g.set_outputs(outputs).map_err(broken)?;
+        // Nodes nothing compared depends on need not run.
+        loop {
+            let dead: Vec<_> = g
+                .node_ids()
+                .into_iter()
+                .filter(|&n| g.node(n).outputs().iter().flatten().all(|&v| !g.is_used(v)))
+                .collect();
+            if dead.is_empty() {
+                break;
+            }
+            for n in dead {
+                let node = g.remove_node(n).map_err(broken)?;
+                for &v in node.outputs().iter().flatten() {
+                    g.remove_value(v).map_err(broken)?;
+                }
+            }
+        }
+        let (inputs, unused): (Vec<ValueId>, Vec<ValueId>) = g
+            .inputs()
+            .iter()
+            .partition(|&&v| g.value(v).initializer().is_some() || g.is_used(v));
+        g.set_inputs(inputs).map_err(broken)?;
+        for v in unused {
+            g.remove_value(v).map_err(broken)?;
+        }
+        let feeds = g
+            .inputs()
+            .iter()
+            .filter(|&&v| g.value(v).initializer().is_none())
+            .map(|&v| {
+                let name = g.value(v).name();
+                match input_of.get(name) {
+                    Some(&k) => Ok(Some(k)),
+                    None if Some(name) == data_input.as_deref() => Ok(None),
+                    None => Err(format!("frozen model: input '{name}' has no data")),
+                }
+            })
+            .collect::<Result<_, String>>()?;
         Ok(OpCheck {
-            frozen: &frozen.graph,
-            opset: frozen.opset_version("").unwrap_or(1),
-            order,
-            watch,
+            reference: extended,
+            fed: Some(fed),
+            feeds,
+            compared,
         })
     }
 
-    /// Adds one batch (input `x`, the reference's quantized tensors
-    /// `known`) to `result`; tensors are counted on the `first` batch.
+    /// Adds one batch (input `x`, the reference's extra outputs `known`)
+    /// to `result`; tensors are counted on the `first` batch.
     fn compare(
         &self,
-        known: &HashMap<String, Tensor>,
+        fed: &Evaluator,
         x: Tensor,
+        known: Vec<Tensor>,
         first: bool,
         result: &mut OpAgreement,
     ) -> Result<(), String> {
-        let fg = self.frozen;
-        let mut env: HashMap<ValueId, Tensor> = HashMap::new();
-        if let Some(&input) = fg.inputs().first() {
-            env.insert(input, x);
+        let mut known: Vec<Option<Tensor>> = known.into_iter().map(Some).collect();
+        let mut x = Some(x);
+        let mut inputs = Vec::with_capacity(self.feeds.len());
+        for feed in &self.feeds {
+            let t = match *feed {
+                None => x.take(),
+                // Kept when it is also compared.
+                Some(k) if self.compared.iter().any(|c| c.1 == k) => known[k].clone(),
+                Some(k) => known[k].take(),
+            };
+            inputs.push(t.ok_or("the data input is read twice")?);
         }
-        for &n in &self.order {
-            let node = fg.node(n);
-            let mut inputs: Vec<Option<Tensor>> = Vec::new();
-            let mut ready = true;
-            for v in node.inputs() {
-                let Some(v) = *v else {
-                    inputs.push(None);
-                    continue;
-                };
-                let value = fg.value(v);
-                let t = if let Some(i) = value.initializer() {
-                    Some(i.tensor.clone())
-                } else if let Some(t) = known.get(value.name()) {
-                    Some(t.clone())
-                } else {
-                    env.get(&v).cloned()
-                };
-                ready &= t.is_some();
-                inputs.push(t);
-            }
-            if !ready {
+        let got = fed.run(inputs).map_err(|e| format!("frozen model: {e}"))?;
+        for ((name, k), got) in self.compared.iter().zip(&got) {
+            let Some(want) = &known[*k] else { continue };
+            let Some(t) = compare_integers(want, got) else {
                 continue;
-            }
-            let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
-            let outs = qgraph_eval::run_node(fg, n, self.opset, &refs)
-                .map_err(|e| format!("frozen model: {e}"))?;
-            for (v, t) in node.outputs().iter().zip(outs) {
-                let Some(v) = *v else { continue };
-                let name = fg.value(v).name();
-                let want = known.get(name).and_then(integers);
-                let got = integers(&t);
-                if let (Some(want), Some(got)) = (want, got) {
-                    if want.len() == got.len() && node.op_type != "QuantizeLinear" {
-                        result.tensors += first as usize;
-                        for (a, b) in want.iter().zip(&got) {
-                            let d = (a - b).abs();
-                            result.elements += 1;
-                            result.equal += (d == 0) as usize;
-                            result.within_one += (d <= 1) as usize;
-                            if d > result.max_steps {
-                                result.max_steps = d;
-                                result.worst = name.to_string();
-                            }
-                        }
-                    }
-                }
-                env.insert(v, t);
+            };
+            result.tensors += first as usize;
+            result.elements += want.len();
+            result.equal += t.equal;
+            result.within_one += t.within_one;
+            if t.max_steps > result.max_steps {
+                result.max_steps = t.max_steps;
+                result.worst = name.clone();
             }
         }
         Ok(())
     }
+}
+
+/// `found` as a table (each output end to end, then the op-by-op line),
+/// followed by what the figures mean, what is normal, and a verdict: the
+/// text `qgraph verify` prints.
+pub fn verify_table(found: &Verification) -> String {
+    let mut text = format!(
+        "{:<24} {:>10} {:>10} {:>12} {:>14} {:>8}\n",
+        "output", "elements", "max LSB", "within 1 LSB", "max relative", "top-1"
+    );
+    let opt =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    for row in &found.outputs {
+        text.push_str(&format!(
+            "{:<24} {:>10} {:>10} {:>12} {:>14.3e} {:>8}\n",
+            row.name,
+            row.elements,
+            opt(row.max_lsb, 2),
+            row.within_one_lsb
+                .map_or("-".to_string(), |v| format!("{:.3}%", v * 100.0)),
+            row.max_relative,
+            opt(row.top1, 4)
+        ));
+    }
+    let ops = &found.ops;
+    let share = |k: usize| 100.0 * k as f64 / ops.elements.max(1) as f64;
+    if ops.tensors > 0 {
+        text.push_str(&format!(
+            "\nop by op (each op on the reference's own integer inputs): {} quantized tensors, \
+             {:.4}% of elements equal, {:.4}% within 1 LSB, largest difference {} LSB{}\n",
+            ops.tensors,
+            share(ops.equal),
+            share(ops.within_one),
+            ops.max_steps,
+            if ops.max_steps > 0 {
+                format!(" ('{}')", ops.worst)
+            } else {
+                String::new()
+            }
+        ));
+    }
+    text.push_str(
+        "\nWhat the figures mean
+  End to end, both models run on the same samples and each output is compared:
+    elements      values compared (samples x values per sample)
+    max LSB       the largest difference, in steps (LSB) of the output's quantization grid:
+                  the scale of the DequantizeLinear producing it, or, for a Conv/Gemm/MatMul
+                  reading dequantized values (a classifier's logits), the step of its integer
+                  sum, input scale x weight scale, far finer than an activation's step
+    within 1 LSB  the share of elements at most one step apart
+    max relative  the largest difference over the reference's largest |value|
+    top-1         the share of samples whose highest-scoring class is the same in both
+  Op by op, each quantized tensor that an op of the frozen model computes (the reference's
+  tensor of the same name) is computed from the reference's own integer inputs instead of
+  the frozen model's, and compared in steps of its integer grid (an op with a float
+  output, such as a last Gemm giving logits, is not in it).
+
+What is normal
+  Op by op: every element equal or 1 LSB apart. The Q/DQ model sums in float and rounds
+  once, at its next QuantizeLinear; the frozen model sums exact integers and requantizes.
+  A value near a rounding boundary can go to neighbouring integers; more than 1 LSB means
+  the frozen op computes something else.
+  End to end: each one-step difference is an input of the next layer, where it moves more
+  values across rounding boundaries, and so on through every later layer. In a deep network
+  (tens of quantized layers) the last layers can differ in most elements, and an output by
+  many steps (thousands when the step is an integer sum's) while every op is exact: this
+  measures how far the quantized model moves under single rounding steps, not the freeze.
+  For a classifier, top-1 agreement is what counts: near 1 when the model decides with
+  margins wider than that drift. If many classes change, compare the Q/DQ model with the
+  float one (`qgraph eval Q.onnx --ref FLOAT.onnx`): when that agreement is low too, the
+  quantization itself is fragile, and its calibration or training is what to improve.
+",
+    );
+    text.push('\n');
+    if ops.tensors == 0 {
+        text.push_str(
+            "verdict: no op-by-op check (no op of the frozen model computes a tensor the \
+             reference quantizes, under the same name); judge by the end-to-end figures\n",
+        );
+    } else if ops.max_steps <= 1 {
+        text.push_str(&format!(
+            "verdict: the frozen model computes what the Q/DQ model does, op by op ({} \
+             quantized tensors, all within 1 LSB)\n",
+            ops.tensors
+        ));
+        for row in &found.outputs {
+            if let Some(t) = row.top1.filter(|&t| t < 1.0) {
+                text.push_str(&format!(
+                    "note: the top-1 class of '{}' differs on {:.2}% of samples; with every \
+                     quantized tensor within 1 LSB op by op, that points to the quantized \
+                     model's sensitivity to rounding rather than to the freeze\n",
+                    row.name,
+                    100.0 * (1.0 - t)
+                ));
+            }
+        }
+    } else {
+        let over = ops.elements - ops.within_one;
+        text.push_str(&format!(
+            "warning: op by op, {over} elements ({:.4}%) differ by more than 1 LSB, up to {} \
+             LSB in '{}': given the reference's inputs, the frozen model's op computes \
+             something else there; a correct freeze stays within 1 LSB\n",
+            share(over),
+            ops.max_steps,
+            ops.worst
+        ));
+    }
+    text
 }

@@ -163,6 +163,22 @@ pub struct Calibration<'a> {
     pub rounding: Rounding,
 }
 
+impl<'a> Calibration<'a> {
+    /// Every sample of `data`, not normalised further, in batches of 32,
+    /// min-max ranges, and GPTQ rounding for weights below 8 bits: what
+    /// `qgraph insert --calib` does by default.
+    pub fn new(data: &'a Dataset) -> Calibration<'a> {
+        Calibration {
+            data,
+            samples: (0..data.len()).collect(),
+            norm: Norm::None,
+            batch: 32,
+            method: Method::MinMax,
+            rounding: Rounding::GptqBelow8Bits,
+        }
+    }
+}
+
 /// The weighted ops whose weights output-aware rounding covers, by the
 /// value they read: the op, how it reads, and its moments.
 type MomentWatch = HashMap<ValueId, Vec<(NodeId, Reader, Vec<SecondMoment>)>>;
@@ -191,14 +207,7 @@ fn moment_watch(model: &Model, sites: &[Site], rounding: Rounding) -> MomentWatc
     watch
 }
 
-/// `count` sample indices spread evenly over `len` (all when `count >=
-/// len`): deterministic, and covering the whole file rather than its start.
-pub fn spread_samples(len: usize, count: usize) -> Vec<usize> {
-    if count >= len {
-        return (0..len).collect();
-    }
-    (0..count).map(|i| i * len / count).collect()
-}
+pub use crate::data::spread_samples;
 
 /// The sum of `values` in f64, over eight lanes the compiler keeps in
 /// vector registers (a single running sum cannot be reordered into them).
@@ -256,7 +265,7 @@ pub fn calibrate(
     sites: &[Site],
     calibration: &Calibration,
     mut progress: impl FnMut(usize),
-) -> Result<Calibrated, String> {
+) -> Result<Calibrated, crate::Error> {
     let ev = Evaluator::new(model).map_err(|e| e.to_string())?;
     let mut moments = moment_watch(model, sites, calibration.rounding);
     let mut watch: Vec<ValueId> = sites
@@ -341,7 +350,7 @@ pub fn calibrate(
         ev.run_observed(vec![x], &watch, &mut observe)
             .map_err(|e| e.to_string())?;
         if let Some(f) = failure {
-            return Err(f);
+            return Err(f.into());
         }
         done += chunk.len();
         progress(done);
@@ -497,7 +506,7 @@ pub fn insert(
     bias_correction: bool,
     calibration: Option<&Calibration>,
     progress: impl FnMut(usize),
-) -> Result<Summary, String> {
+) -> Result<Summary, crate::Error> {
     let pipeline = match prepare {
         Prepare::Skip => None,
         Prepare::Deploy => Some(PREPARE),
@@ -547,8 +556,16 @@ pub fn insert(
     } else {
         "free"
     };
+    let placement = match options.placement {
+        qgraph_passes::Placement::TensorRt => "tensorrt",
+        qgraph_passes::Placement::Ort => "ort",
+    };
+    if let Some(c) = calibration {
+        crate::data::record_norm(model, c.norm);
+    }
     for (k, v) in [
         ("qgraph.scheme", options.scheme.name.clone()),
+        (crate::freeze::PLACEMENT_KEY, placement.to_string()),
         ("qgraph.calibration", method.clone()),
         ("qgraph.scales", scales.to_string()),
         ("qgraph.version", env!("CARGO_PKG_VERSION").to_string()),

@@ -8,6 +8,12 @@
 //! # Ok::<(), qgraph::Error>(())
 //! ```
 
+// README.md's Rust examples compile (and run, where not `no_run`) as this
+// crate's doc tests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub mod data;
 pub mod freeze;
 pub mod insert;
@@ -26,20 +32,73 @@ pub use qgraph_quant as quant;
 pub use qgraph_text as text;
 pub use qgraph_train as trainer;
 
-/// An error about one file, naming it.
-#[derive(Debug, thiserror::Error)]
-#[error("{}: {message}", path.display())]
+/// The one error type of the library: a message, and the file it is about
+/// when there is one (`path: message` when displayed).
+#[derive(Debug)]
 pub struct Error {
-    pub path: PathBuf,
-    pub message: String,
+    path: Option<PathBuf>,
+    message: String,
 }
 
 impl Error {
-    fn new(path: &Path, message: impl std::fmt::Display) -> Error {
+    /// An error about the file at `path`.
+    pub fn new(path: &Path, message: impl std::fmt::Display) -> Error {
         Error {
-            path: path.to_path_buf(),
+            path: Some(path.to_path_buf()),
             message: message.to_string(),
         }
+    }
+
+    /// An error about no file in particular (a model in memory, an option).
+    pub fn msg(message: impl std::fmt::Display) -> Error {
+        Error {
+            path: None,
+            message: message.to_string(),
+        }
+    }
+
+    /// The same error about the file at `path`, unless it names one already.
+    pub fn in_file(self, path: &Path) -> Error {
+        match self.path {
+            Some(_) => self,
+            None => Error {
+                path: Some(path.to_path_buf()),
+                message: self.message,
+            },
+        }
+    }
+
+    /// The file the error is about, when there is one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The message, without the file.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.path {
+            Some(p) => write!(f, "{}: {}", p.display(), self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<String> for Error {
+    fn from(message: String) -> Error {
+        Error::msg(message)
+    }
+}
+
+impl From<&str> for Error {
+    fn from(message: &str) -> Error {
+        Error::msg(message)
     }
 }
 
@@ -176,9 +235,6 @@ pub fn show(model: &ir::Model, options: &text::PrintOptions) -> String {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn run_passes(model: &mut ir::Model, pipeline: &str) -> Result<passes::Report, Error> {
-    let driver = passes::Driver::from_pipeline(pipeline)
-        .map_err(|e| Error::new(Path::new("--passes"), e))?;
-    driver
-        .run(model)
-        .map_err(|e| Error::new(Path::new("--passes"), e.to_string()))
+    let driver = passes::Driver::from_pipeline(pipeline).map_err(Error::msg)?;
+    driver.run(model).map_err(Error::msg)
 }

@@ -104,7 +104,7 @@ pub fn report(
     norm: Norm,
     batch: usize,
     mut progress: impl FnMut(usize),
-) -> Result<Vec<Row>, String> {
+) -> Result<Vec<Row>, crate::Error> {
     data.check_norm(norm)?;
     let pairs = pairs(&float.graph, &quant.graph)?;
     if pairs.is_empty() {

@@ -1,13 +1,15 @@
 //! `qgraph train`: epochs of quantization-aware (or float) training on a
 //! data set, with labels or distilled from a teacher, evaluation after each
-//! epoch, and checkpoints from which an interrupted run resumes.
+//! epoch, and checkpoints (every few steps, at each epoch's end and when
+//! interrupted) from which a run resumes where it stopped.
 
-use crate::data::{first_output_rows, Dataset, Norm};
-use crate::{save, SaveOptions};
+use crate::data::{first_output_rows, spread_samples, Dataset, Norm};
+use crate::{save, Error, SaveOptions};
 use qgraph_eval::Evaluator;
 use qgraph_ir::Model;
 use qgraph_train::{Config, ExportForm, StepReport, Targets, Trainer};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Training settings beyond the trainer's own.
 pub struct TrainOptions {
@@ -15,16 +17,20 @@ pub struct TrainOptions {
     pub config: Config,
     pub epochs: usize,
     pub norm: Norm,
-    /// Train on the first N samples only.
+    /// Train on N samples spread evenly over the data set (default: all).
     pub limit: Option<usize>,
     /// Distil from this model's outputs instead of using labels.
     pub teacher: Option<Model>,
     /// Measured after each epoch: accuracy with labels, top-1 agreement
     /// with the teacher without.
     pub eval: Option<Dataset>,
+    /// Evaluate on N samples spread evenly over the evaluation set.
     pub eval_limit: Option<usize>,
-    /// Written atomically after each epoch.
+    /// Written atomically every `checkpoint_every` steps, after each epoch
+    /// and when the run is interrupted.
     pub checkpoint: Option<PathBuf>,
+    /// Steps between checkpoints within an epoch (`None`: epoch ends only).
+    pub checkpoint_every: Option<usize>,
     /// Continue from the checkpoint, when it exists.
     pub resume: bool,
 }
@@ -43,39 +49,178 @@ pub struct EpochReport {
     pub samples_per_second: f64,
 }
 
+/// Where a resumed run starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resumed {
+    pub checkpoint: PathBuf,
+    /// Whole epochs done, and steps done into the next.
+    pub epoch: usize,
+    pub step_in_epoch: usize,
+    pub steps_per_epoch: usize,
+    /// Settings that differ from the checkpoint's run: `(name, then, now)`.
+    pub changed: Vec<(String, String, String)>,
+}
+
 /// Progress of a run, for a progress bar.
 pub enum Progress<'a> {
-    Epoch { epoch: usize, steps: usize },
+    Resumed(&'a Resumed),
+    /// An epoch starts (at `first_step` when resumed inside it).
+    Epoch {
+        epoch: usize,
+        steps: usize,
+        first_step: usize,
+    },
     Step(&'a StepReport, f64),
     Evaluating,
+    Checkpoint(&'a std::path::Path),
     Done(&'a EpochReport),
 }
 
-/// Metadata of checkpoints and trained models: the epochs done and the
-/// trainer's step, from which `--resume` continues.
-const EPOCH_KEY: &str = "qgraph.train.epochs_done";
-const STEP_KEY: &str = "qgraph.train.steps_done";
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// Every epoch ran.
+    Complete,
+    /// `interrupt` was set: the run stopped after a step, at this place,
+    /// and its checkpoint (when there is one) was written.
+    Interrupted { epoch: usize, step_in_epoch: usize },
+}
 
-fn meta_number(model: &Model, key: &str) -> Option<usize> {
+/// What `train` returns: the trained model (the original graph with new
+/// values), a report per epoch run, and how the run ended.
+pub struct Trained {
+    pub model: Model,
+    pub epochs: Vec<EpochReport>,
+    pub finish: Finish,
+    pub resumed: Option<Resumed>,
+}
+
+/// Metadata of checkpoints and trained models, from which `--resume`
+/// continues: whole epochs done, steps done into the next, the trainer's
+/// step, the input graph's fingerprint and the run's settings.
+const EPOCH_KEY: &str = "qgraph.train.epochs_done";
+const EPOCH_STEP_KEY: &str = "qgraph.train.epoch_steps_done";
+const STEP_KEY: &str = "qgraph.train.steps_done";
+const GRAPH_KEY: &str = "qgraph.train.graph";
+const SETTINGS_KEY: &str = "qgraph.train.settings";
+
+fn meta<'m>(model: &'m Model, key: &str) -> Option<&'m str> {
     model
         .meta
         .iter()
         .find(|(k, _)| k == key)
-        .and_then(|(_, v)| v.parse().ok())
+        .map(|(_, v)| v.as_str())
 }
 
-/// The trained model in `form`, with the epochs and steps done recorded.
+fn meta_number(model: &Model, key: &str) -> Option<usize> {
+    meta(model, key).and_then(|v| v.parse().ok())
+}
+
+/// A digest of a model's graph without its initializers' values: nodes
+/// (ops, names, inputs, outputs, attributes), graph inputs and outputs with
+/// their types, and initializers by name, type and shape. Training changes
+/// values only, so a checkpoint's graph has the fingerprint of the model it
+/// was trained from.
+pub fn graph_fingerprint(model: &Model) -> String {
+    let g = &model.graph;
+    let mut h = blake3::Hasher::new();
+    let opts = qgraph_text::PrintOptions::default();
+    for v in g.inputs().iter().chain(g.outputs()) {
+        let value = g.value(*v);
+        h.update(value.name().as_bytes());
+        h.update(format!("{:?}\n", value.ty).as_bytes());
+    }
+    for v in g.initializers() {
+        let value = g.value(v);
+        let t = &g.initializer(v).expect("an initializer").tensor;
+        h.update(format!("{} {} {:?}\n", value.name(), t.dtype(), t.shape()).as_bytes());
+    }
+    for n in g.topo_order().unwrap_or_else(|_| g.node_ids()) {
+        let node = g.node(n);
+        // The node's line without tensors' digests: a Constant's value is a
+        // value, which training may change.
+        let mut line = qgraph_text::format_node(g, n, &opts);
+        if let Some(i) = line.find("<blake3:") {
+            line.truncate(i);
+        }
+        h.update(node.op_type.as_bytes());
+        h.update(line.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().to_hex()[..16].to_string()
+}
+
+/// The settings a resumed run should share with the checkpoint's, as
+/// `(flag, value)`.
+fn settings(options: &TrainOptions) -> Vec<(String, String)> {
+    let c = &options.config;
+    let mut s = vec![
+        ("--batch", c.batch.to_string()),
+        ("--lr", c.lr.to_string()),
+        ("--optimizer", format!("{:?}", c.optimizer)),
+        ("--weight-decay", c.weight_decay.to_string()),
+        ("--pact-decay", c.pact_decay.to_string()),
+        ("--schedule", format!("{:?}", c.schedule)),
+        ("--seed", c.seed.to_string()),
+        ("--bn-freeze", format!("{:?}", c.bn_freeze_step)),
+        ("--quant-delay", c.quant_delay.to_string()),
+        ("--range-ema", format!("{:?}", c.range_decay)),
+        ("--temperature", c.temperature.to_string()),
+        (
+            "--bn",
+            if c.fold_batch_norm {
+                "fold"
+            } else {
+                "separate"
+            }
+            .to_string(),
+        ),
+        ("--epochs", options.epochs.to_string()),
+        ("--limit", format!("{:?}", options.limit)),
+        ("--norm", options.norm.name().to_string()),
+        ("--teacher", options.teacher.is_some().to_string()),
+    ];
+    s.sort();
+    s.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+fn settings_text(settings: &[(String, String)]) -> String {
+    settings
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// Where the run stands, for the metadata of what it writes.
+struct Place<'a> {
+    epochs_done: usize,
+    epoch_steps_done: usize,
+    fingerprint: &'a str,
+    settings: &'a str,
+}
+
+/// The trained model in `form`, with where the run stands recorded.
 fn export(
     trainer: &Trainer,
     original: &Model,
     form: ExportForm,
-    epochs_done: usize,
+    place: &Place,
+    norm: Norm,
 ) -> Result<Model, String> {
     let mut m = trainer.export(original, form).map_err(|e| e.to_string())?;
-    m.meta.retain(|(k, _)| k != EPOCH_KEY && k != STEP_KEY);
-    m.meta.push((EPOCH_KEY.into(), epochs_done.to_string()));
-    m.meta
-        .push((STEP_KEY.into(), trainer.steps_done().to_string()));
+    let keys = [EPOCH_KEY, EPOCH_STEP_KEY, STEP_KEY, GRAPH_KEY, SETTINGS_KEY];
+    m.meta.retain(|(k, _)| !keys.contains(&k.as_str()));
+    for (k, v) in [
+        (EPOCH_KEY, place.epochs_done.to_string()),
+        (EPOCH_STEP_KEY, place.epoch_steps_done.to_string()),
+        (STEP_KEY, trainer.steps_done().to_string()),
+        (GRAPH_KEY, place.fingerprint.to_string()),
+        (SETTINGS_KEY, place.settings.to_string()),
+    ] {
+        m.meta.push((k.to_string(), v));
+    }
+    crate::data::record_norm(&mut m, norm);
     Ok(m)
 }
 
@@ -97,25 +242,84 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     order
 }
 
-/// Trains `model` on `data` and returns the trained model (the original
-/// graph with new values) and a report per epoch run.
+/// Steps in an epoch of `count` samples in batches of `batch`: a last batch
+/// of one sample is dropped, since batch statistics need two.
+pub fn steps_per_epoch(count: usize, batch: usize) -> usize {
+    let batch = batch.max(1);
+    if count % batch == 1 {
+        count / batch
+    } else {
+        count.div_ceil(batch)
+    }
+}
+
+/// Reads the checkpoint to resume from: it must come from the same graph;
+/// settings that changed are reported, not refused.
+fn resume_from(
+    path: &std::path::Path,
+    fingerprint: &str,
+    settings: &[(String, String)],
+    steps_per_epoch: usize,
+) -> Result<(Model, Resumed), Error> {
+    let loaded = crate::load(path)?.model;
+    match meta(&loaded, GRAPH_KEY) {
+        Some(f) if f == fingerprint => {}
+        Some(_) => {
+            return Err(Error::new(
+                path,
+                "is a checkpoint of another model (its graph differs from the model given); \
+                 give that model, or another --checkpoint",
+            ))
+        }
+        None => {
+            return Err(Error::new(
+                path,
+                "is not a checkpoint of `qgraph train` (it records no training graph)",
+            ))
+        }
+    }
+    let then: Vec<(String, String)> = meta(&loaded, SETTINGS_KEY)
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let changed = settings
+        .iter()
+        .filter_map(|(k, now)| {
+            let old = then.iter().find(|(tk, _)| tk == k)?;
+            (&old.1 != now).then(|| (k.clone(), old.1.clone(), now.clone()))
+        })
+        .collect();
+    let resumed = Resumed {
+        checkpoint: path.to_path_buf(),
+        epoch: meta_number(&loaded, EPOCH_KEY).unwrap_or(0),
+        step_in_epoch: meta_number(&loaded, EPOCH_STEP_KEY)
+            .unwrap_or(0)
+            .min(steps_per_epoch),
+        steps_per_epoch,
+        changed,
+    };
+    Ok((loaded, resumed))
+}
+
+/// Trains `model` on `data`. Between steps it looks at `interrupt`: once
+/// set, it writes the checkpoint and returns what it has, as
+/// [`Finish::Interrupted`].
 pub fn train(
     model: &Model,
     data: &Dataset,
     options: TrainOptions,
+    interrupt: Option<&AtomicBool>,
     progress: &mut dyn FnMut(Progress),
-) -> Result<(Model, Vec<EpochReport>), String> {
+) -> Result<Trained, Error> {
     data.check_norm(options.norm)?;
-    let count = options.limit.unwrap_or(usize::MAX).min(data.len());
+    let pool = spread_samples(data.len(), options.limit.unwrap_or(usize::MAX));
+    let count = pool.len();
     let batch = options.config.batch.max(1);
-    // A last batch of one sample is dropped: batch statistics need two.
-    let steps_per_epoch = if count % batch == 1 {
-        count / batch
-    } else {
-        count.div_ceil(batch)
-    };
+    let steps_per_epoch = steps_per_epoch(count, batch);
     if steps_per_epoch == 0 {
-        return Err(format!("{count} samples make no batch of {batch}"));
+        return Err(format!("{count} samples make no batch of {batch}").into());
     }
     let labels = match (&options.teacher, &data.labels) {
         (None, None) => {
@@ -128,18 +332,24 @@ pub fn train(
     };
     let mut config = options.config.clone();
     config.total_steps = steps_per_epoch * options.epochs;
-    // Resuming: the checkpoint's values, epochs and step.
+    let fingerprint = graph_fingerprint(model);
+    let settings = settings(&options);
+    let settings_line = settings_text(&settings);
+    // Resuming: the checkpoint's values, epoch and step.
     let mut start_model = model.clone();
-    let mut first_epoch = 0;
-    let mut first_step = 0;
+    let mut resumed = None;
     if let (true, Some(path)) = (options.resume, &options.checkpoint) {
         if path.exists() {
-            let loaded = crate::load(path).map_err(|e| e.to_string())?;
-            first_epoch = meta_number(&loaded.model, EPOCH_KEY).unwrap_or(0);
-            first_step = meta_number(&loaded.model, STEP_KEY).unwrap_or(0);
-            start_model = loaded.model;
+            let (loaded, r) = resume_from(path, &fingerprint, &settings, steps_per_epoch)?;
+            progress(Progress::Resumed(&r));
+            start_model = loaded;
+            resumed = Some(r);
         }
     }
+    let (first_epoch, mut skip_steps) = resumed
+        .as_ref()
+        .map_or((0, 0), |r| (r.epoch, r.step_in_epoch));
+    let first_step = meta_number(&start_model, STEP_KEY).unwrap_or(0);
     let mut trainer = Trainer::new(&start_model, config.clone()).map_err(|e| e.to_string())?;
     trainer.set_steps_done(first_step);
     let teacher = options
@@ -156,16 +366,43 @@ pub fn train(
         })
         .transpose()
         .map_err(|e| format!("teacher: {e}"))?;
+    let place = |epochs_done, epoch_steps_done| Place {
+        epochs_done,
+        epoch_steps_done,
+        fingerprint: &fingerprint,
+        settings: &settings_line,
+    };
+    let write_checkpoint =
+        |trainer: &Trainer, at: &Place, progress: &mut dyn FnMut(Progress)| -> Result<(), Error> {
+            if let Some(path) = &options.checkpoint {
+                let checkpoint = export(trainer, model, ExportForm::Checkpoint, at, options.norm)?;
+                save(&checkpoint, path, &SaveOptions::default())?;
+                progress(Progress::Checkpoint(path));
+            }
+            Ok(())
+        };
+    let interrupted = || interrupt.is_some_and(|f| f.load(Ordering::Relaxed));
     let mut reports = Vec::new();
     // A resumed run with every epoch done gives the checkpoint's values,
     // in the deployable form.
-    let mut current = export(&trainer, model, ExportForm::Deploy, first_epoch)?;
+    let mut current = export(
+        &trainer,
+        model,
+        ExportForm::Deploy,
+        &place(first_epoch, 0),
+        options.norm,
+    )?;
     for epoch in first_epoch..options.epochs {
+        let first = std::mem::take(&mut skip_steps);
         progress(Progress::Epoch {
             epoch,
             steps: steps_per_epoch,
+            first_step: first,
         });
-        let order = shuffled(count, config.seed.wrapping_add(epoch as u64));
+        let order: Vec<usize> = shuffled(count, config.seed.wrapping_add(epoch as u64))
+            .into_iter()
+            .map(|i| pool[i])
+            .collect();
         let started = std::time::Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
         {
@@ -178,7 +415,28 @@ pub fn train(
                 .map(|m| Evaluator::with_options(m, ev_options))
                 .transpose()
                 .map_err(|e| e.to_string())?;
-            for s in 0..steps_per_epoch {
+            for s in first..steps_per_epoch {
+                if interrupted() {
+                    // The trained values live in the trainer's copy of the
+                    // graph, not in the evaluators: export them as they are.
+                    write_checkpoint(&trainer, &place(epoch, s), progress)?;
+                    let model = export(
+                        &trainer,
+                        model,
+                        ExportForm::Deploy,
+                        &place(epoch, s),
+                        options.norm,
+                    )?;
+                    return Ok(Trained {
+                        model,
+                        epochs: reports,
+                        finish: Finish::Interrupted {
+                            epoch,
+                            step_in_epoch: s,
+                        },
+                        resumed,
+                    });
+                }
                 let idx = &order[s * batch..((s + 1) * batch).min(count)];
                 let x = data.select(idx, options.norm)?;
                 let batch_labels: Vec<i64>;
@@ -209,29 +467,40 @@ pub fn train(
                 correct += report.correct.unwrap_or(0);
                 let rate = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 progress(Progress::Step(&report, rate));
+                let done = s + 1;
+                if options
+                    .checkpoint_every
+                    .is_some_and(|every| done % every.max(1) == 0 && done < steps_per_epoch)
+                {
+                    write_checkpoint(&trainer, &place(epoch, done), progress)?;
+                }
             }
         }
         let samples_per_second = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        current = export(&trainer, model, ExportForm::Deploy, epoch + 1)?;
+        current = export(
+            &trainer,
+            model,
+            ExportForm::Deploy,
+            &place(epoch + 1, 0),
+            options.norm,
+        )?;
         let (mut eval_accuracy, mut eval_agreement) = (None, None);
         if let Some(eval) = &options.eval {
             progress(Progress::Evaluating);
+            let indices = spread_samples(eval.len(), options.eval_limit.unwrap_or(usize::MAX));
             let m = crate::data::measure(
                 &current,
                 options.teacher.as_ref(),
                 eval,
                 options.norm,
                 64,
-                options.eval_limit,
+                &indices,
                 |_| {},
             )?;
             eval_accuracy = m.correct.map(|c| c as f64 / m.samples.max(1) as f64);
             eval_agreement = m.agree.map(|a| a as f64 / m.samples.max(1) as f64);
         }
-        if let Some(path) = &options.checkpoint {
-            let checkpoint = export(&trainer, model, ExportForm::Checkpoint, epoch + 1)?;
-            save(&checkpoint, path, &SaveOptions::default()).map_err(|e| e.to_string())?;
-        }
+        write_checkpoint(&trainer, &place(epoch + 1, 0), progress)?;
         let report = EpochReport {
             epoch,
             mean_loss: loss_sum / seen.max(1) as f64,
@@ -249,5 +518,10 @@ pub fn train(
             eprintln!("{name:<32} {calls:>8} {secs:>10.3}");
         }
     }
-    Ok((current, reports))
+    Ok(Trained {
+        model: current,
+        epochs: reports,
+        finish: Finish::Complete,
+        resumed,
+    })
 }

@@ -11,13 +11,25 @@ fn tract_gives_identical_outputs_before_and_after_a_qgraph_round_trip() {
     let Some(models) = shared_models() else {
         return;
     };
-    for path in models {
-        let original = std::fs::read(&path).unwrap();
-        let loaded = qgraph::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let mut compared = 0;
+    for path in &models {
+        let original = std::fs::read(path).unwrap();
+        let loaded = qgraph::load(path).unwrap_or_else(|e| panic!("{e}"));
         let written = qgraph::onnx::encode_model(&loaded.model).unwrap();
         let inputs = to_tract(&random_inputs(input_shapes(&loaded.model)));
-        let a = run_tract(&original, &inputs)
-            .unwrap_or_else(|e| panic!("{}: tract on the original: {e:?}", path.display()));
+        // The oracle must run the model as shipped for the comparison to
+        // mean anything: a model tract cannot run is named and skipped.
+        let a = match run_tract(&original, &inputs) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!(
+                    "SKIPPED {}: tract cannot run it as shipped: {}",
+                    path.display(),
+                    format!("{e}").lines().next().unwrap_or_default()
+                );
+                continue;
+            }
+        };
         let b = run_tract(&written, &inputs)
             .unwrap_or_else(|e| panic!("{}: tract on qgraph's output: {e:?}", path.display()));
         assert_eq!(a.len(), b.len());
@@ -38,5 +50,11 @@ fn tract_gives_identical_outputs_before_and_after_a_qgraph_round_trip() {
             "{}: tract outputs identical (max abs diff 0)",
             path.file_name().unwrap().to_string_lossy()
         );
+        compared += 1;
     }
+    assert!(
+        compared * 2 > models.len(),
+        "tract ran only {compared} of {} models",
+        models.len()
+    );
 }

@@ -23,6 +23,24 @@ pub fn shared_models() -> Option<Vec<PathBuf>> {
     Some(models)
 }
 
+/// The shared models whose every operator the evaluator runs; the others
+/// are named, with the operator, as skipped. `None` when the folder is
+/// absent.
+pub fn evaluable_shared_models() -> Option<Vec<PathBuf>> {
+    let mut models = shared_models()?;
+    models.retain(|path| {
+        let model = qgraph::load(path).unwrap_or_else(|e| panic!("{e}")).model;
+        match qgraph::eval::Evaluator::new(&model) {
+            Err(e @ qgraph::eval::EvalError::Unsupported { .. }) => {
+                eprintln!("SKIPPED {}: {e}", path.display());
+                false
+            }
+            _ => true,
+        }
+    });
+    Some(models)
+}
+
 /// Concrete input shapes: batch 1, other unknown dims 64.
 pub fn input_shapes(model: &qgraph::ir::Model) -> Vec<Vec<usize>> {
     let g = &model.graph;
