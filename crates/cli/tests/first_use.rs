@@ -214,8 +214,22 @@ fn insert_records_the_normalisation_and_later_commands_use_it() {
         ok(&o);
         assert!(!err(&o).contains("warning"), "{args:?}: {}", err(&o));
     }
-    // A frozen model keeps the record.
+    // A frozen model keeps the record, and training uses it and passes it on.
     assert!(out(&qgraph(&["show", &frozen])).contains("\"qgraph.norm\" = \"tf\""));
+    let trained = s(&dir.path().join("q.trained.onnx"));
+    let o = qgraph(&[
+        "train",
+        &q,
+        "--data",
+        &mnist(),
+        "--lr",
+        "0.001",
+        "-o",
+        &trained,
+    ]);
+    ok(&o);
+    assert!(!err(&o).contains("warning"), "{}", err(&o));
+    assert!(out(&qgraph(&["show", &trained])).contains("\"qgraph.norm\" = \"tf\""));
 }
 
 #[test]
@@ -427,6 +441,15 @@ fn freeze_refuses_what_it_cannot_freeze_and_says_how_to_fix_it() {
         &s(&target),
     ]));
     assert!(out(&qgraph(&["show", &s(&target)])).contains("QLinearConv"));
+    // verify explains its figures and ends with a verdict.
+    let o = qgraph(&["verify", &ort, &s(&target), "--data", &mnist()]);
+    ok(&o);
+    assert!(out(&o).contains("What is normal"), "{}", out(&o));
+    assert!(
+        out(&o).contains("verdict: the frozen model computes what the Q/DQ model does, op by op"),
+        "{}",
+        out(&o)
+    );
 }
 
 #[test]
