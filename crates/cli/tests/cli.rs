@@ -1,38 +1,10 @@
 //! End-to-end tests of the `qgraph` binary: exit codes, messages, no panics,
 //! no half-written output, determinism.
 
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn qgraph(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qgraph"))
-        .args(args)
-        .output()
-        .expect("the qgraph binary runs")
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn lenet() -> String {
-    root()
-        .join("testdata/models/lenet5_mnist_clntrained.onnx")
-        .display()
-        .to_string()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
 
 #[test]
 fn every_malformed_file_exits_2_with_its_message_and_writes_nothing() {

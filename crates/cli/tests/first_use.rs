@@ -5,25 +5,13 @@
 //! the model, and training that stops cleanly and resumes only what it
 //! should.
 
+mod common;
+
+use common::*;
 use ndarray::{Array1, Array4};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-fn qgraph(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qgraph"))
-        .args(args)
-        .output()
-        .expect("the qgraph binary runs")
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn lenet() -> String {
-    s(&root().join("testdata/models/lenet5_mnist_clntrained.onnx"))
-}
 
 fn mnist() -> String {
     s(&root().join("testdata/data/mnist64.npz"))
@@ -33,23 +21,15 @@ fn s(p: &Path) -> String {
     p.to_str().expect("test paths are UTF-8").to_string()
 }
 
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 #[track_caller]
 fn ok(o: &Output) {
-    assert!(o.status.success(), "{}{}", out(o), err(o));
+    assert!(o.status.success(), "{}{}", stdout(o), stderr(o));
 }
 
 /// Exit 2 with one `qgraph: error:` line containing each of `want`, no panic.
 #[track_caller]
 fn refused(o: &Output, want: &[&str]) {
-    let e = err(o);
+    let e = stderr(o);
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(!e.contains("panicked"), "{e}");
     for w in want {
@@ -110,9 +90,9 @@ fn insert_lenet(dir: &Path, name: &str, extra: &[&str]) -> String {
 fn version_and_help_say_what_a_first_run_looks_like() {
     let o = qgraph(&["--version"]);
     ok(&o);
-    assert!(out(&o).starts_with("qgraph "), "{}", out(&o));
+    assert!(stdout(&o).starts_with("qgraph "), "{}", stdout(&o));
     let o = qgraph(&["--help"]);
-    assert!(out(&o).contains("A first run:"), "{}", out(&o));
+    assert!(stdout(&o).contains("A first run:"), "{}", stdout(&o));
     // Every command has help with an example.
     for cmd in [
         "show", "diff", "convert", "run", "insert", "report", "freeze", "verify", "infer", "eval",
@@ -120,7 +100,11 @@ fn version_and_help_say_what_a_first_run_looks_like() {
     ] {
         let o = qgraph(&[cmd, "--help"]);
         ok(&o);
-        assert!(out(&o).contains("Examples:"), "{cmd} --help:\n{}", out(&o));
+        assert!(
+            stdout(&o).contains("Examples:"),
+            "{cmd} --help:\n{}",
+            stdout(&o)
+        );
     }
 }
 
@@ -132,8 +116,8 @@ fn a_snapshot_of_an_unchanged_model_diffs_as_equal() {
     assert!(std::fs::read_to_string(&snap).unwrap().contains("blake3"));
     for (a, b) in [(&snap, &lenet()), (&lenet(), &snap)] {
         let o = qgraph(&["diff", a, b]);
-        assert_eq!(o.status.code(), Some(0), "{}{}", out(&o), err(&o));
-        assert_eq!(out(&o), "no differences\n");
+        assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+        assert_eq!(stdout(&o), "no differences\n");
     }
     // A real change still shows, as a change of digests.
     let q = insert_lenet(dir.path(), "q.onnx", &[]);
@@ -156,7 +140,13 @@ fn snapshots_of_every_shared_model_diff_as_equal() {
         let snap = s(&dir.path().join(format!("{name}.qgt")));
         ok(&qgraph(&["show", &model, "-o", &snap]));
         let o = qgraph(&["diff", &snap, &model]);
-        assert_eq!(o.status.code(), Some(0), "{name}: {}{}", out(&o), err(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{name}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
     }
 }
 
@@ -164,7 +154,7 @@ fn snapshots_of_every_shared_model_diff_as_equal() {
 fn insert_records_the_normalisation_and_later_commands_use_it() {
     let dir = tempfile::tempdir().unwrap();
     let q = insert_lenet(dir.path(), "q.onnx", &["--norm", "tf"]);
-    let shown = out(&qgraph(&["show", &q]));
+    let shown = stdout(&qgraph(&["show", &q]));
     assert!(shown.contains("meta \"qgraph.norm\" = \"tf\""), "{shown}");
     assert!(
         shown.contains("meta \"qgraph.placement\" = \"tensorrt\""),
@@ -172,7 +162,11 @@ fn insert_records_the_normalisation_and_later_commands_use_it() {
     );
     let recorded = qgraph(&["eval", &q, "--data", &mnist(), "--no-labels"]);
     ok(&recorded);
-    assert!(out(&recorded).contains("norm tf"), "{}", out(&recorded));
+    assert!(
+        stdout(&recorded).contains("norm tf"),
+        "{}",
+        stdout(&recorded)
+    );
     let explicit = qgraph(&[
         "eval",
         &q,
@@ -182,8 +176,12 @@ fn insert_records_the_normalisation_and_later_commands_use_it() {
         "--norm",
         "tf",
     ]);
-    assert_eq!(out(&recorded), out(&explicit));
-    assert!(!err(&explicit).contains("warning"), "{}", err(&explicit));
+    assert_eq!(stdout(&recorded), stdout(&explicit));
+    assert!(
+        !stderr(&explicit).contains("warning"),
+        "{}",
+        stderr(&explicit)
+    );
     // A flag that contradicts the record wins, with a warning.
     let other = qgraph(&[
         "eval",
@@ -195,14 +193,14 @@ fn insert_records_the_normalisation_and_later_commands_use_it() {
         "none",
     ]);
     ok(&other);
-    assert!(out(&other).contains("norm none"), "{}", out(&other));
+    assert!(stdout(&other).contains("norm none"), "{}", stdout(&other));
     assert!(
-        err(&other).contains("warning: --norm none contradicts the normalisation")
-            && err(&other).contains("(tf)"),
+        stderr(&other).contains("warning: --norm none contradicts the normalisation")
+            && stderr(&other).contains("(tf)"),
         "{}",
-        err(&other)
+        stderr(&other)
     );
-    assert_ne!(out(&recorded), out(&other));
+    assert_ne!(stdout(&recorded), stdout(&other));
     // verify and report use it too (no warning, and the run succeeds).
     let frozen = s(&dir.path().join("q.trt.onnx"));
     ok(&qgraph(&["freeze", &q, "-o", &frozen]));
@@ -212,10 +210,10 @@ fn insert_records_the_normalisation_and_later_commands_use_it() {
     ] {
         let o = qgraph(&args);
         ok(&o);
-        assert!(!err(&o).contains("warning"), "{args:?}: {}", err(&o));
+        assert!(!stderr(&o).contains("warning"), "{args:?}: {}", stderr(&o));
     }
     // A frozen model keeps the record, and training uses it and passes it on.
-    assert!(out(&qgraph(&["show", &frozen])).contains("\"qgraph.norm\" = \"tf\""));
+    assert!(stdout(&qgraph(&["show", &frozen])).contains("\"qgraph.norm\" = \"tf\""));
     let trained = s(&dir.path().join("q.trained.onnx"));
     let o = qgraph(&[
         "train",
@@ -228,8 +226,8 @@ fn insert_records_the_normalisation_and_later_commands_use_it() {
         &trained,
     ]);
     ok(&o);
-    assert!(!err(&o).contains("warning"), "{}", err(&o));
-    assert!(out(&qgraph(&["show", &trained])).contains("\"qgraph.norm\" = \"tf\""));
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    assert!(stdout(&qgraph(&["show", &trained])).contains("\"qgraph.norm\" = \"tf\""));
 }
 
 #[test]
@@ -248,12 +246,16 @@ fn limit_spreads_over_the_file_in_every_command() {
         "4",
     ]);
     ok(&o);
-    assert!(out(&o).contains("4 of 64 samples"), "{}", out(&o));
-    assert!(out(&o).contains("mean 0.3750"), "{}", out(&o));
+    assert!(stdout(&o).contains("4 of 64 samples"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("mean 0.3750"), "{}", stdout(&o));
     // The labels of the spread samples are two classes, not one.
     let o = qgraph(&["eval", &model, "--data", &data, "--limit", "4"]);
     ok(&o);
-    assert!(out(&o).contains("accuracy   0.5000 (2/4)"), "{}", out(&o));
+    assert!(
+        stdout(&o).contains("accuracy   0.5000 (2/4)"),
+        "{}",
+        stdout(&o)
+    );
     // insert's old --calib-count is the same flag.
     let q = s(&dir.path().join("q.onnx"));
     for flag in ["--limit", "--calib-count"] {
@@ -268,7 +270,7 @@ fn limit_spreads_over_the_file_in_every_command() {
             &q,
         ]);
         ok(&o);
-        assert!(err(&o).contains("over 16 samples"), "{}", err(&o));
+        assert!(stderr(&o).contains("over 16 samples"), "{}", stderr(&o));
     }
 }
 
@@ -344,7 +346,7 @@ fn degenerate_arguments_are_refused_before_any_work() {
         let o = qgraph(&args);
         refused(&o, &[want]);
         assert!(!Path::new(&target).exists(), "{args:?} wrote its output");
-        assert!(!err(&o).contains("epoch 1"), "{args:?}: {}", err(&o));
+        assert!(!stderr(&o).contains("epoch 1"), "{args:?}: {}", stderr(&o));
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "{args:?} worked first"
@@ -371,7 +373,7 @@ fn output_locations_are_checked_before_the_work() {
     ] {
         let o = qgraph(&args);
         refused(&o, &[&format!("{missing}: the folder"), "does not exist"]);
-        assert!(!err(&o).contains("calibrating") && !err(&o).contains("epoch"));
+        assert!(!stderr(&o).contains("calibrating") && !stderr(&o).contains("epoch"));
     }
     // A folder that takes no new files (even for root: /proc).
     let o = qgraph(&["insert", &l, "--calib", &m, "-o", "/proc/q.onnx"]);
@@ -397,7 +399,7 @@ fn outputs_default_to_names_beside_the_input() {
         &mnist(),
     ]);
     ok(&o);
-    assert!(err(&o).contains("wrote"), "{}", err(&o));
+    assert!(stderr(&o).contains("wrote"), "{}", stderr(&o));
     let inserted = dir.path().join("lenet.pact-w4a4.onnx");
     assert!(inserted.exists(), "{:?}", files(dir.path()));
     ok(&qgraph(&["freeze", &s(&inserted)]));
@@ -440,15 +442,16 @@ fn freeze_refuses_what_it_cannot_freeze_and_says_how_to_fix_it() {
         "-o",
         &s(&target),
     ]));
-    assert!(out(&qgraph(&["show", &s(&target)])).contains("QLinearConv"));
+    assert!(stdout(&qgraph(&["show", &s(&target)])).contains("QLinearConv"));
     // verify explains its figures and ends with a verdict.
     let o = qgraph(&["verify", &ort, &s(&target), "--data", &mnist()]);
     ok(&o);
-    assert!(out(&o).contains("What is normal"), "{}", out(&o));
+    assert!(stdout(&o).contains("What is normal"), "{}", stdout(&o));
     assert!(
-        out(&o).contains("verdict: the frozen model computes what the Q/DQ model does, op by op"),
+        stdout(&o)
+            .contains("verdict: the frozen model computes what the Q/DQ model does, op by op"),
         "{}",
-        out(&o)
+        stdout(&o)
     );
 }
 
@@ -473,7 +476,7 @@ fn data_that_does_not_fit_the_model_is_blamed_on_the_data() {
                 "'x' f32[N,1,4,4] wants 4 on axis 2 where the samples have 28",
             ],
         );
-        assert_eq!(err(&o).lines().count(), 1, "{}", err(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
         assert!(!Path::new(&target).exists());
     }
 }
@@ -482,7 +485,7 @@ fn data_that_does_not_fit_the_model_is_blamed_on_the_data() {
 fn eval_without_labels_or_reference_says_so_and_describes_the_output() {
     let o = qgraph(&["eval", &lenet(), "--data", &mnist(), "--no-labels"]);
     ok(&o);
-    let text = out(&o);
+    let text = stdout(&o);
     assert!(text.contains("output     min"), "{text}");
     assert!(text.contains("top-1      "), "{text}");
     assert!(text.contains("no labels and no --ref"), "{text}");
@@ -493,7 +496,7 @@ fn eval_without_labels_or_reference_says_so_and_describes_the_output() {
 fn run_lists_its_passes_in_columns_and_shows_its_real_usage() {
     let o = qgraph(&["run", "--list"]);
     ok(&o);
-    let starts: Vec<usize> = out(&o)
+    let starts: Vec<usize> = stdout(&o)
         .lines()
         .map(|l| {
             let name = l.split_whitespace().next().unwrap();
@@ -503,9 +506,9 @@ fn run_lists_its_passes_in_columns_and_shows_its_real_usage() {
     assert!(
         starts.len() > 5 && starts.iter().all(|&c| c == starts[0]),
         "{}",
-        out(&o)
+        stdout(&o)
     );
-    let help = out(&qgraph(&["run", "--help"]));
+    let help = stdout(&qgraph(&["run", "--help"]));
     assert!(
         help.contains("qgraph run --passes <PIPELINE> <INPUT> -o <OUTPUT>"),
         "{help}"
@@ -515,7 +518,7 @@ fn run_lists_its_passes_in_columns_and_shows_its_real_usage() {
 #[test]
 fn shared_flags_have_one_default_and_every_flag_has_help() {
     for cmd in ["insert", "report", "verify", "eval", "train"] {
-        let help = out(&qgraph(&[cmd, "--help"]));
+        let help = stdout(&qgraph(&[cmd, "--help"]));
         let batch = help
             .split("--batch <N>")
             .nth(1)
@@ -530,18 +533,18 @@ fn shared_flags_have_one_default_and_every_flag_has_help() {
             "{cmd}"
         );
     }
-    let help = out(&qgraph(&["train", "--help"]));
+    let help = stdout(&qgraph(&["train", "--help"]));
     assert!(
         help.contains("--epochs <N>\n          Passes over the training data"),
         "{help}"
     );
-    let help = out(&qgraph(&["freeze", "--help"]));
+    let help = stdout(&qgraph(&["freeze", "--help"]));
     assert!(help.contains("- always:"), "{help}");
     // No flag is left without a line of help.
     for cmd in [
         "insert", "train", "freeze", "eval", "verify", "report", "run",
     ] {
-        let help = out(&qgraph(&[cmd, "--help"]));
+        let help = stdout(&qgraph(&[cmd, "--help"]));
         // The options end at -h, before the examples.
         let options = &help[..help.find("  -h, --help").unwrap()];
         let lines: Vec<&str> = options.lines().collect();
@@ -612,8 +615,8 @@ fn training_stops_cleanly_on_ctrl_c_and_resumes_only_its_own_model() {
         .unwrap();
     assert!(kill.success());
     let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(130), "{}", err(&o));
-    let e = err(&o);
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    let e = stderr(&o);
     assert!(
         e.contains("interrupted in epoch") && e.contains("--resume"),
         "{e}"
@@ -640,7 +643,7 @@ fn training_stops_cleanly_on_ctrl_c_and_resumes_only_its_own_model() {
         "-o",
         &trained,
     ]);
-    let e = err(&o);
+    let e = stderr(&o);
     assert!(e.contains(&format!("resuming from {ckpt}: epoch")), "{e}");
     assert!(
         e.contains("settings changed since the checkpoint") && e.contains("--lr 0.001 -> 0.002"),

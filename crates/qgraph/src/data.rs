@@ -44,9 +44,9 @@ impl Norm {
 /// The normalisation recorded in `model`'s metadata, if any; an unknown
 /// name is an error naming it.
 pub fn recorded_norm(model: &Model) -> Result<Option<Norm>, crate::Error> {
-    match model.meta.iter().find(|(k, _)| k == NORM_KEY) {
+    match crate::meta_value(model, NORM_KEY) {
         None => Ok(None),
-        Some((_, v)) => Norm::parse(v).map(Some).ok_or_else(|| {
+        Some(v) => Norm::parse(v).map(Some).ok_or_else(|| {
             crate::Error::msg(format!(
                 "metadata {NORM_KEY} = '{v}' is not a normalisation (imagenet, tf, none)"
             ))
@@ -56,10 +56,7 @@ pub fn recorded_norm(model: &Model) -> Result<Option<Norm>, crate::Error> {
 
 /// Records in `model`'s metadata that its inputs are normalised by `norm`.
 pub fn record_norm(model: &mut Model, norm: Norm) {
-    model.meta.retain(|(k, _)| k != NORM_KEY);
-    model
-        .meta
-        .push((NORM_KEY.to_string(), norm.name().to_string()));
+    crate::set_meta_value(model, NORM_KEY, norm.name().to_string());
 }
 
 enum Samples {

@@ -123,12 +123,7 @@ pub fn freeze(model: &mut Model, target: Target, int4: Int4) -> Result<Frozen, c
         );
     }
     let integer = matches!(target, Target::Integer | Target::IntegerOnnx);
-    let placement = model
-        .meta
-        .iter()
-        .find(|(k, _)| k == PLACEMENT_KEY)
-        .map(|(_, v)| v.as_str());
-    if integer && placement == Some("tensorrt") {
+    if integer && crate::meta_value(model, PLACEMENT_KEY) == Some("tensorrt") {
         return Err(format!(
             "was inserted with TensorRT's placement, which an integer target cannot freeze: \
              {INTEGER_FIX}"
@@ -154,7 +149,7 @@ pub fn freeze(model: &mut Model, target: Target, int4: Int4) -> Result<Frozen, c
     let lowered = report
         .runs
         .iter()
-        .any(|(name, changed)| name.starts_with("lower-to-integer") && *changed);
+        .any(|&(name, changed)| name == "lower-to-integer" && changed);
     if integer && !lowered {
         return Err(format!(
             "no operator could be made integer (no weighted op has quantized inputs, weights \
@@ -578,22 +573,11 @@ impl OpCheck {
             .collect();
         g.set_outputs(outputs).map_err(broken)?;
         // Nodes nothing compared depends on need not run.
-        loop {
-            let dead: Vec<_> = g
-                .node_ids()
-                .into_iter()
-                .filter(|&n| g.node(n).outputs().iter().flatten().all(|&v| !g.is_used(v)))
-                .collect();
-            if dead.is_empty() {
-                break;
-            }
-            for n in dead {
-                let node = g.remove_node(n).map_err(broken)?;
-                for &v in node.outputs().iter().flatten() {
-                    g.remove_value(v).map_err(broken)?;
-                }
-            }
-        }
+        Driver::new()
+            .add(qgraph_passes::DeadCodeElimination)
+            .run(&mut fed)
+            .map_err(|e| format!("frozen model: {e}"))?;
+        let g = &mut fed.graph;
         let (inputs, unused): (Vec<ValueId>, Vec<ValueId>) = g
             .inputs()
             .iter()

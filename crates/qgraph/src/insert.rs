@@ -570,8 +570,7 @@ pub fn insert(
         ("qgraph.scales", scales.to_string()),
         ("qgraph.version", env!("CARGO_PKG_VERSION").to_string()),
     ] {
-        model.meta.retain(|(key, _)| key != k);
-        model.meta.push((k.to_string(), v));
+        crate::set_meta_value(model, k, v);
     }
     Ok(Summary {
         plan,

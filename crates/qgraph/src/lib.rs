@@ -102,6 +102,23 @@ impl From<&str> for Error {
     }
 }
 
+/// The value of `key` in a model's metadata (`metadata_props`), where
+/// qgraph records what later commands need (scheme, placement,
+/// normalisation, training state).
+pub(crate) fn meta_value<'m>(model: &'m ir::Model, key: &str) -> Option<&'m str> {
+    model
+        .meta
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Sets `key` in a model's metadata, replacing any value it had.
+pub(crate) fn set_meta_value(model: &mut ir::Model, key: &str, value: String) {
+    model.meta.retain(|(k, _)| k != key);
+    model.meta.push((key.to_string(), value));
+}
+
 /// The two file formats qgraph reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {

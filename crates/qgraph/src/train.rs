@@ -57,6 +57,8 @@ pub struct Resumed {
     pub epoch: usize,
     pub step_in_epoch: usize,
     pub steps_per_epoch: usize,
+    /// The trainer's steps done in all (the schedule's position).
+    pub steps_done: usize,
     /// Settings that differ from the checkpoint's run: `(name, then, now)`.
     pub changed: Vec<(String, String, String)>,
 }
@@ -104,16 +106,8 @@ const STEP_KEY: &str = "qgraph.train.steps_done";
 const GRAPH_KEY: &str = "qgraph.train.graph";
 const SETTINGS_KEY: &str = "qgraph.train.settings";
 
-fn meta<'m>(model: &'m Model, key: &str) -> Option<&'m str> {
-    model
-        .meta
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-}
-
 fn meta_number(model: &Model, key: &str) -> Option<usize> {
-    meta(model, key).and_then(|v| v.parse().ok())
+    crate::meta_value(model, key).and_then(|v| v.parse().ok())
 }
 
 /// A digest of a model's graph without its initializers' values: nodes
@@ -209,8 +203,6 @@ fn export(
     norm: Norm,
 ) -> Result<Model, String> {
     let mut m = trainer.export(original, form).map_err(|e| e.to_string())?;
-    let keys = [EPOCH_KEY, EPOCH_STEP_KEY, STEP_KEY, GRAPH_KEY, SETTINGS_KEY];
-    m.meta.retain(|(k, _)| !keys.contains(&k.as_str()));
     for (k, v) in [
         (EPOCH_KEY, place.epochs_done.to_string()),
         (EPOCH_STEP_KEY, place.epoch_steps_done.to_string()),
@@ -218,7 +210,7 @@ fn export(
         (GRAPH_KEY, place.fingerprint.to_string()),
         (SETTINGS_KEY, place.settings.to_string()),
     ] {
-        m.meta.push((k.to_string(), v));
+        crate::set_meta_value(&mut m, k, v);
     }
     crate::data::record_norm(&mut m, norm);
     Ok(m)
@@ -262,7 +254,7 @@ fn resume_from(
     steps_per_epoch: usize,
 ) -> Result<(Model, Resumed), Error> {
     let loaded = crate::load(path)?.model;
-    match meta(&loaded, GRAPH_KEY) {
+    match crate::meta_value(&loaded, GRAPH_KEY) {
         Some(f) if f == fingerprint => {}
         Some(_) => {
             return Err(Error::new(
@@ -278,7 +270,7 @@ fn resume_from(
             ))
         }
     }
-    let then: Vec<(String, String)> = meta(&loaded, SETTINGS_KEY)
+    let then: Vec<(String, String)> = crate::meta_value(&loaded, SETTINGS_KEY)
         .unwrap_or_default()
         .split(';')
         .filter_map(|kv| kv.split_once('='))
@@ -298,6 +290,7 @@ fn resume_from(
             .unwrap_or(0)
             .min(steps_per_epoch),
         steps_per_epoch,
+        steps_done: meta_number(&loaded, STEP_KEY).unwrap_or(0),
         changed,
     };
     Ok((loaded, resumed))
@@ -336,21 +329,23 @@ pub fn train(
     let settings = settings(&options);
     let settings_line = settings_text(&settings);
     // Resuming: the checkpoint's values, epoch and step.
-    let mut start_model = model.clone();
+    let mut checkpointed = None;
     let mut resumed = None;
     if let (true, Some(path)) = (options.resume, &options.checkpoint) {
         if path.exists() {
             let (loaded, r) = resume_from(path, &fingerprint, &settings, steps_per_epoch)?;
             progress(Progress::Resumed(&r));
-            start_model = loaded;
+            checkpointed = Some(loaded);
             resumed = Some(r);
         }
     }
-    let (first_epoch, mut skip_steps) = resumed
+    // A model that was trained before (and so records a step) starts a new
+    // run at step 0 unless it resumes.
+    let (first_epoch, mut skip_steps, first_step) = resumed
         .as_ref()
-        .map_or((0, 0), |r| (r.epoch, r.step_in_epoch));
-    let first_step = meta_number(&start_model, STEP_KEY).unwrap_or(0);
-    let mut trainer = Trainer::new(&start_model, config.clone()).map_err(|e| e.to_string())?;
+        .map_or((0, 0, 0), |r| (r.epoch, r.step_in_epoch, r.steps_done));
+    let start_model = checkpointed.as_ref().unwrap_or(model);
+    let mut trainer = Trainer::new(start_model, config.clone()).map_err(|e| e.to_string())?;
     trainer.set_steps_done(first_step);
     let teacher = options
         .teacher

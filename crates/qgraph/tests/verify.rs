@@ -4,7 +4,7 @@
 //! op by op and warned about.
 
 use qgraph::freeze::{freeze, verify, verify_table, Int4, Target, Verification};
-use qgraph::insert::{insert, Calibration, Method, Rounding};
+use qgraph::insert::{insert, Calibration, Rounding};
 use qgraph::ir::{Model, Tensor};
 use qgraph::passes::{InsertOptions, Placement};
 use qgraph::quant::Scheme;
@@ -27,18 +27,14 @@ fn quantized_and_frozen() -> (Model, Model) {
         .model;
     let data = digits();
     let calibration = Calibration {
-        data: &data,
-        samples: (0..data.len()).collect(),
-        norm: qgraph::data::Norm::None,
         batch: 16,
-        method: Method::MinMax,
         rounding: Rounding::Nearest,
+        ..Calibration::new(&data)
     };
     let options = InsertOptions {
-        scheme: Scheme::parse("int8").unwrap(),
         placement: Placement::Ort,
         ends_at_8_bits: false,
-        overrides: Vec::new(),
+        ..InsertOptions::new(Scheme::parse("int8").unwrap())
     };
     insert(
         &mut qdq,
