@@ -18,5 +18,7 @@ mod proto {
 }
 
 pub use error::OnnxError;
-pub use read::{decode_model, read_model, Loaded};
-pub use write::{encode_model, write_atomic, write_model, ExternalData, WriteOptions, WriteReport};
+pub use read::{decode_model, decode_tensor, read_model, Loaded};
+pub use write::{
+    encode_model, encode_tensor, write_atomic, write_model, ExternalData, WriteOptions, WriteReport,
+};

@@ -1004,3 +1004,18 @@ mod tests {
         assert_eq!(pack_6bit(&[0x3f]).len(), 1);
     }
 }
+
+/// One serialized `TensorProto` (an ONNX test data set's `input_0.pb`): its
+/// name (empty when it has none) and its values.
+pub fn decode_tensor(bytes: &[u8]) -> Result<(String, Tensor), OnnxError> {
+    let proto = proto::TensorProto::decode(bytes).map_err(|e| one_line(decode_error(&e)))?;
+    let name = proto.name.clone().unwrap_or_default();
+    let mut reader = Reader {
+        dir: None,
+        warnings: Vec::new(),
+        used_external_data: false,
+        files: HashMap::new(),
+    };
+    let tensor = reader.tensor(proto).map_err(one_line)?;
+    Ok((name, tensor))
+}

@@ -520,3 +520,12 @@ impl Writer {
         Ok(p)
     }
 }
+
+/// One tensor as a serialized `TensorProto` named `name` (an ONNX test data
+/// set's `output_0.pb`).
+pub fn encode_tensor(name: &str, tensor: &Tensor) -> Result<Vec<u8>, OnnxError> {
+    let mut w = Writer { external: None };
+    let mut proto = w.tensor(tensor, false)?;
+    proto.name = opt(name);
+    Ok(proto.encode_to_vec())
+}

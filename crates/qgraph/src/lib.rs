@@ -16,6 +16,7 @@ pub struct ReadmeDoctests;
 
 pub mod data;
 pub mod freeze;
+pub mod infer;
 pub mod insert;
 pub mod moments;
 pub mod report;

@@ -2,16 +2,26 @@
 //! and its inputs (`None` for an absent optional input) and returns its
 //! outputs.
 
+mod cast;
 mod contrib;
+mod control;
 mod conv;
 mod depthwise;
 mod depthwise_blocked;
 mod elementwise;
 mod gemm;
+mod index;
 mod integer;
+mod math;
 mod matmul;
+mod nn;
 mod norm;
 mod pointwise;
+mod reduce;
+mod rnn;
+mod signal;
+mod spatial;
+pub(crate) mod typed;
 
 pub(crate) use norm::{batch_norm_backward_through, batch_norm_training};
 pub(crate) use pointwise::{
@@ -177,16 +187,36 @@ pub(crate) fn sum_to_shape(mut g: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
 }
 
 /// The kernel for an operator of the default ONNX domain, or of ONNX
-/// Runtime's `com.microsoft` quantized operators.
+/// Runtime's `com.microsoft` operators.
 pub fn kernel(domain: &str, op: &str) -> Option<Kernel> {
-    let table = match domain {
-        "" | "ai.onnx" => KERNELS,
-        "com.microsoft" => MICROSOFT_KERNELS,
-        TRAINING_DOMAIN => TRAINING_KERNELS,
+    let tables: &[&[(&str, Kernel)]] = match domain {
+        "" | "ai.onnx" => DEFAULT_DOMAIN_TABLES,
+        "com.microsoft" => &[MICROSOFT_KERNELS, nn::MICROSOFT_KERNELS],
+        TRAINING_DOMAIN => &[TRAINING_KERNELS],
         _ => return None,
     };
-    table.iter().find(|(name, _)| *name == op).map(|(_, k)| *k)
+    tables
+        .iter()
+        .flat_map(|t| t.iter())
+        .find(|(name, _)| *name == op)
+        .map(|(_, k)| *k)
 }
+
+/// The default domain's kernels, one table per family module; the first
+/// table naming an operator wins, so a family's general kernel replaces an
+/// older f32-only one listed in `KERNELS`.
+const DEFAULT_DOMAIN_TABLES: &[&[(&str, Kernel)]] = &[
+    math::KERNELS,
+    cast::KERNELS,
+    reduce::KERNELS,
+    index::KERNELS,
+    nn::KERNELS,
+    rnn::KERNELS,
+    control::KERNELS,
+    signal::KERNELS,
+    spatial::KERNELS,
+    KERNELS,
+];
 
 /// The domain of the operators only training graphs have.
 pub const TRAINING_DOMAIN: &str = "qgraph.train";
@@ -210,7 +240,13 @@ const MICROSOFT_KERNELS: &[(&str, Kernel)] = &[
 
 /// Names of the operators the evaluator runs.
 pub fn supported_ops() -> Vec<&'static str> {
-    KERNELS.iter().map(|(n, _)| *n).collect()
+    let mut ops: Vec<&'static str> = DEFAULT_DOMAIN_TABLES
+        .iter()
+        .flat_map(|t| t.iter().map(|(n, _)| *n))
+        .collect();
+    ops.sort_unstable();
+    ops.dedup();
+    ops
 }
 
 const KERNELS: &[(&str, Kernel)] = &[
