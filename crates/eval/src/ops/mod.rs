@@ -2,6 +2,7 @@
 //! and its inputs (`None` for an absent optional input) and returns its
 //! outputs.
 
+mod attention;
 mod cast;
 mod contrib;
 mod control;
@@ -191,7 +192,11 @@ pub(crate) fn sum_to_shape(mut g: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
 pub fn kernel(domain: &str, op: &str) -> Option<Kernel> {
     let tables: &[&[(&str, Kernel)]] = match domain {
         "" | "ai.onnx" => DEFAULT_DOMAIN_TABLES,
-        "com.microsoft" => &[MICROSOFT_KERNELS, nn::MICROSOFT_KERNELS],
+        "com.microsoft" => &[
+            nn::MICROSOFT_KERNELS,
+            attention::MICROSOFT_KERNELS,
+            MICROSOFT_KERNELS,
+        ],
         TRAINING_DOMAIN => &[TRAINING_KERNELS],
         _ => return None,
     };
@@ -211,6 +216,7 @@ const DEFAULT_DOMAIN_TABLES: &[&[(&str, Kernel)]] = &[
     reduce::KERNELS,
     index::KERNELS,
     nn::KERNELS,
+    attention::KERNELS,
     rnn::KERNELS,
     control::KERNELS,
     signal::KERNELS,
