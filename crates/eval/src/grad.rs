@@ -78,6 +78,8 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
             added: None,
             input_pads: [0; 4],
             buffers: &self.evaluator.buffers,
+            captures: &[],
+            functions: self.evaluator.functions,
         }
     }
 
@@ -86,7 +88,7 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
         if let Some(t) = self.values.get(&v).or_else(|| self.params.get(&v)) {
             return Ok(t);
         }
-        self.evaluator.lookup(&self.values, v)
+        self.evaluator.lookup(&self.values, v, &[])
     }
 
     fn lookup_all(&self, values: &[Option<ValueId>]) -> Result<Vec<Option<&Tensor>>, EvalError> {

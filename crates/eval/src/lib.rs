@@ -15,7 +15,7 @@ mod samples;
 pub mod shapes;
 
 use plan::Step;
-use qgraph_ir::{Graph, Model, NodeId, Tensor, ValueDef, ValueId};
+use qgraph_ir::{Function, Graph, Model, NodeId, Tensor, ValueDef, ValueId};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
@@ -70,13 +70,23 @@ pub fn run_node(
         added: None,
         input_pads: [0; 4],
         buffers: &buffers,
+        captures: &[],
+        functions: &[],
     };
     kernel(&cx, inputs)
 }
 
 /// A prepared model: the node order, each value's last use, the kernels.
 pub struct Evaluator<'m> {
-    threads: rayon::ThreadPool,
+    /// Its own worker pool; none for a subgraph's evaluator, which runs in
+    /// the pool of the evaluator that runs its node.
+    threads: Option<rayon::ThreadPool>,
+    /// The model's local functions: a node of their domain and name runs
+    /// the function's body.
+    functions: &'m [Function],
+    /// Per node holding subgraphs: the values of this graph they capture,
+    /// and every name they read from outside themselves.
+    implicit: HashMap<NodeId, (Vec<ValueId>, Vec<String>)>,
     buffers: pool::BufferPool,
     graph: &'m Graph,
     plan: Vec<Step>,
@@ -220,6 +230,11 @@ pub struct OpCtx<'a> {
     pub(crate) input_pads: [usize; 4],
     /// Recycled buffers for large outputs.
     pub(crate) buffers: &'a pool::BufferPool,
+    /// The values of enclosing scopes that the node's subgraphs read, by
+    /// name (control flow).
+    pub(crate) captures: &'a [(&'a str, &'a Tensor)],
+    /// The model's local functions, which subgraphs may call.
+    pub(crate) functions: &'a [Function],
 }
 
 impl OpCtx<'_> {
@@ -247,7 +262,30 @@ impl<'m> Evaluator<'m> {
             .num_threads(options.threads)
             .build()
             .map_err(|e| EvalError::Input(format!("cannot start worker threads: {e}")))?;
-        let graph = &model.graph;
+        let opset = model.opset_version("").unwrap_or(1);
+        let mut ev = Evaluator::prepare(&model.graph, opset, &model.functions, Some(threads))?;
+        ev.sample_groups = !options.whole_batches
+            && ev.implicit.is_empty()
+            && samples::independent(&model.graph, opset, &shapes::infer(model));
+        Ok(ev)
+    }
+
+    /// An evaluator for a subgraph or a function body, run from within the
+    /// pool of the evaluator running its node.
+    pub(crate) fn for_subgraph(
+        graph: &'m Graph,
+        opset: i64,
+        functions: &'m [Function],
+    ) -> Result<Evaluator<'m>, EvalError> {
+        Evaluator::prepare(graph, opset, functions, None)
+    }
+
+    fn prepare(
+        graph: &'m Graph,
+        opset: i64,
+        functions: &'m [Function],
+        threads: Option<rayon::ThreadPool>,
+    ) -> Result<Evaluator<'m>, EvalError> {
         let mut order = graph
             .topo_order()
             .map_err(|_| EvalError::Input("the graph has a cycle".into()))?;
@@ -256,7 +294,9 @@ impl<'m> Evaluator<'m> {
         order.sort_by_key(|&n| !graph.node(n).inputs().iter().all(Option::is_none));
         for &n in &order {
             let node = graph.node(n);
-            if ops::kernel(&node.domain, &node.op_type).is_none() {
+            if ops::kernel(&node.domain, &node.op_type).is_none()
+                && find_function(functions, &node.domain, &node.op_type).is_none()
+            {
                 let op = if node.domain.is_empty() {
                     node.op_type.clone()
                 } else {
@@ -268,30 +308,43 @@ impl<'m> Evaluator<'m> {
                 });
             }
         }
+        let mut implicit = HashMap::new();
+        for &n in &order {
+            let names = graph.subgraph_captures(n);
+            if names.is_empty() {
+                continue;
+            }
+            let mut values: Vec<ValueId> = names
+                .iter()
+                .filter_map(|m| graph.value_by_name(m))
+                .collect();
+            values.sort();
+            values.dedup();
+            implicit.insert(n, (values, names));
+        }
         let mut uses: HashMap<ValueId, usize> = HashMap::new();
         for &n in &order {
             for v in graph.node(n).inputs().iter().flatten() {
+                *uses.entry(*v).or_default() += 1;
+            }
+            for v in implicit.get(&n).map(|(v, _)| v.as_slice()).unwrap_or(&[]) {
                 *uses.entry(*v).or_default() += 1;
             }
         }
         for &v in graph.outputs() {
             *uses.entry(v).or_default() += 1;
         }
-        let plan = plan::plan(graph, model.opset_version("").unwrap_or(1), &order, &uses);
-        let sample_groups = !options.whole_batches
-            && samples::independent(
-                graph,
-                model.opset_version("").unwrap_or(1),
-                &shapes::infer(model),
-            );
+        let plan = plan::plan(graph, opset, &order, &uses);
         let mut ev = Evaluator {
-            sample_groups,
+            sample_groups: false,
             threads,
+            functions,
+            implicit,
             buffers: pool::BufferPool::default(),
             graph,
             plan,
             order,
-            opset: model.opset_version("").unwrap_or(1),
+            opset,
             uses,
             folded: HashMap::new(),
             step_folded: Vec::new(),
@@ -344,8 +397,15 @@ impl<'m> Evaluator<'m> {
                 }
             }
             let failed = nodes.iter().any(|&n| {
-                self.exec(&Call::single(n), &mut env, &mut left, &[], &mut |_, _| {})
-                    .is_err()
+                self.exec(
+                    &Call::single(n),
+                    &mut env,
+                    &mut left,
+                    &[],
+                    &mut |_, _| {},
+                    &[],
+                )
+                .is_err()
             });
             if failed {
                 for v in &made {
@@ -443,7 +503,7 @@ impl<'m> Evaluator<'m> {
                 // group size comes from the input's size alone, so results
                 // do not depend on the thread count. (Observed runs keep
                 // whole batches: observers see values in batch order.)
-                let outputs = self.threads.install(|| {
+                let outputs = self.in_pool(|| {
                     groups
                         .into_par_iter()
                         .map(|g| self.run_timed(g, &[], &mut |_, _| {}, None))
@@ -459,7 +519,10 @@ impl<'m> Evaluator<'m> {
     /// it ends (see [`with_workers_awake`]): for work that goes operator by
     /// operator.
     pub(crate) fn in_pool<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
-        self.threads.install(|| with_workers_awake(work))
+        match &self.threads {
+            Some(pool) => pool.install(|| with_workers_awake(work)),
+            None => work(),
+        }
     }
 
     /// Whether the graph computes each sample from that sample alone, so
@@ -516,17 +579,55 @@ impl<'m> Evaluator<'m> {
         self.run_timed(inputs, watch, observe, None)
     }
 
+    /// Runs a subgraph: `inputs` bound to its graph inputs in order (an
+    /// absent one, `None`, keeps its initializer or stays unbound), the
+    /// values it captures looked up in `outer` by name.
+    pub(crate) fn run_scoped(
+        &self,
+        inputs: Vec<Option<Tensor>>,
+        outer: &[(&str, &Tensor)],
+    ) -> Result<Vec<Tensor>, EvalError> {
+        self.run_with(inputs, &[], &mut |_, _| {}, None, outer)
+    }
+
     fn run_timed(
         &self,
         inputs: Inputs,
         watch: &[ValueId],
         observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
+        profile: Option<&mut Profile>,
+    ) -> Result<Vec<Tensor>, EvalError> {
+        let bound = self.bind_inputs(inputs)?;
+        let g = self.graph;
+        let all: Vec<Option<Tensor>> = g
+            .inputs()
+            .iter()
+            .map(|v| bound.iter().find(|(b, _)| b == v).map(|(_, t)| t.clone()))
+            .collect();
+        drop(bound);
+        self.run_with(all, watch, observe, profile, &[])
+    }
+
+    fn run_with(
+        &self,
+        inputs: Vec<Option<Tensor>>,
+        watch: &[ValueId],
+        observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
         mut profile: Option<&mut Profile>,
+        outer: &[(&str, &Tensor)],
     ) -> Result<Vec<Tensor>, EvalError> {
         let g = self.graph;
         let mut env: HashMap<ValueId, Tensor> = HashMap::new();
         let mut left = self.uses.clone();
-        for (v, t) in self.bind_inputs(inputs)? {
+        if inputs.len() > g.inputs().len() {
+            return Err(EvalError::Input(format!(
+                "the graph takes {} inputs, {} were given",
+                g.inputs().len(),
+                inputs.len()
+            )));
+        }
+        for (&v, t) in g.inputs().iter().zip(inputs) {
+            let Some(t) = t else { continue };
             if watch.contains(&v) {
                 observe(v, &t);
             }
@@ -548,7 +649,7 @@ impl<'m> Evaluator<'m> {
                 // Each node on its own (a watched value must exist).
                 for n in step.nodes() {
                     let call = Call::single(n);
-                    let secs = self.exec(&call, &mut env, &mut left, watch, observe)?;
+                    let secs = self.exec(&call, &mut env, &mut left, watch, observe, outer)?;
                     record(&mut profile, g, n, profile_name(g, n), secs);
                 }
                 continue;
@@ -563,7 +664,7 @@ impl<'m> Evaluator<'m> {
             };
             let mut name = String::new();
             if let Some(pad) = step.pad {
-                let padded = self.lookup_inputs(g.node(pad).inputs(), &env)?;
+                let padded = self.lookup_inputs(g.node(pad).inputs(), &env, outer)?;
                 match plan::spatial_zero_pads(g, self.opset, pad, &padded) {
                     Some(pads) => {
                         call.input_pads = pads;
@@ -571,13 +672,19 @@ impl<'m> Evaluator<'m> {
                         name.push_str("Pad+");
                     }
                     None => {
-                        let secs =
-                            self.exec(&Call::single(pad), &mut env, &mut left, watch, observe)?;
+                        let secs = self.exec(
+                            &Call::single(pad),
+                            &mut env,
+                            &mut left,
+                            watch,
+                            observe,
+                            outer,
+                        )?;
                         record(&mut profile, g, pad, "Pad".into(), secs);
                     }
                 }
             }
-            let secs = match self.exec(&call, &mut env, &mut left, watch, observe) {
+            let secs = match self.exec(&call, &mut env, &mut left, watch, observe, outer) {
                 Ok(secs) => secs,
                 // A fused Add whose other input turns out not to have the
                 // output's shape (it broadcasts): the nodes one by one give
@@ -587,7 +694,14 @@ impl<'m> Evaluator<'m> {
                     // (A Pad that ran on its own above does not run again.)
                     let again = |&n: &NodeId| Some(n) != step.pad || call.first_input.is_some();
                     for n in step.nodes().filter(again) {
-                        secs += self.exec(&Call::single(n), &mut env, &mut left, watch, observe)?;
+                        secs += self.exec(
+                            &Call::single(n),
+                            &mut env,
+                            &mut left,
+                            watch,
+                            observe,
+                            outer,
+                        )?;
                     }
                     secs
                 }
@@ -609,7 +723,7 @@ impl<'m> Evaluator<'m> {
                     env.insert(v, t);
                 }
                 Some(t) => outs.push(t),
-                None => outs.push(self.lookup(&env, v)?.clone()),
+                None => outs.push(self.lookup(&env, v, outer)?.clone()),
             }
         }
         Ok(outs)
@@ -620,11 +734,41 @@ impl<'m> Evaluator<'m> {
         &'e self,
         values: &[Option<ValueId>],
         env: &'e HashMap<ValueId, Tensor>,
+        outer: &'e [(&'e str, &'e Tensor)],
     ) -> Result<Vec<Option<&'e Tensor>>, EvalError> {
         values
             .iter()
-            .map(|v| v.map(|v| self.lookup(env, v)).transpose())
+            .map(|v| v.map(|v| self.lookup(env, v, outer)).transpose())
             .collect()
+    }
+
+    /// What the subgraphs of node `n` read from outside themselves: values
+    /// of this graph, or of the scopes around it.
+    fn captures_of<'e>(
+        &'e self,
+        n: NodeId,
+        env: &'e HashMap<ValueId, Tensor>,
+        outer: &'e [(&'e str, &'e Tensor)],
+    ) -> Result<Vec<(&'e str, &'e Tensor)>, EvalError> {
+        let Some((_, names)) = self.implicit.get(&n) else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::with_capacity(names.len());
+        for name in names {
+            let t = match self.graph.value_by_name(name) {
+                Some(v) => self.lookup(env, v, outer)?,
+                None => match outer.iter().find(|(m, _)| m == name) {
+                    Some((_, t)) => *t,
+                    None => {
+                        return Err(EvalError::Input(format!(
+                            "value '{name}', which a subgraph reads, is defined nowhere"
+                        )))
+                    }
+                },
+            };
+            found.push((name.as_str(), t));
+        }
+        Ok(found)
     }
 
     /// Runs a kernel, stores its results as the outputs of `call.out_node`,
@@ -636,6 +780,7 @@ impl<'m> Evaluator<'m> {
         left: &mut HashMap<ValueId, usize>,
         watch: &[ValueId],
         observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
+        outer: &[(&str, &Tensor)],
     ) -> Result<f64, EvalError> {
         let g = self.graph;
         let node = g.node(call.node);
@@ -648,7 +793,8 @@ impl<'m> Evaluator<'m> {
         reads.extend(call.added.map(Some));
         let started = std::time::Instant::now();
         let results = {
-            let args = self.lookup_inputs(&reads, env)?;
+            let args = self.lookup_inputs(&reads, env, outer)?;
+            let captures = self.captures_of(call.node, env, outer)?;
             let cx = OpCtx {
                 graph: g,
                 node: call.node,
@@ -657,11 +803,19 @@ impl<'m> Evaluator<'m> {
                 added: args.get(arity).copied().flatten(),
                 input_pads: call.input_pads,
                 buffers: &self.buffers,
+                captures: &captures,
+                functions: self.functions,
             };
-            let kernel =
-                ops::kernel(&node.domain, &node.op_type).expect("checked in Evaluator::new");
-            kernel(&cx, &args[..arity])?
+            match ops::kernel(&node.domain, &node.op_type) {
+                Some(kernel) => kernel(&cx, &args[..arity])?,
+                None => ops::call_function(&cx, &args[..arity])?,
+            }
         };
+        // The values the node's subgraphs captured are released with its
+        // inputs.
+        if let Some((values, _)) = self.implicit.get(&call.node) {
+            reads.extend(values.iter().map(|&v| Some(v)));
+        }
         let secs = started.elapsed().as_secs_f64();
         for v in reads.iter().flatten() {
             let count = left.entry(*v).or_default();
@@ -704,6 +858,7 @@ impl<'m> Evaluator<'m> {
         &'e self,
         env: &'e HashMap<ValueId, Tensor>,
         v: ValueId,
+        outer: &'e [(&'e str, &'e Tensor)],
     ) -> Result<&'e Tensor, EvalError> {
         let g = self.graph;
         if let Some(t) = env.get(&v) {
@@ -721,10 +876,13 @@ impl<'m> Evaluator<'m> {
         if let Some(t) = self.folded.get(&v) {
             return Ok(t);
         }
+        let name = g.value(v).name();
+        if let Some((_, t)) = outer.iter().find(|(m, _)| *m == name) {
+            return Ok(t);
+        }
         match g.definition(v) {
             ValueDef::Captured => Err(EvalError::Input(format!(
-                "value '{}' comes from an enclosing graph; subgraphs are not evaluated yet",
-                g.value(v).name()
+                "value '{name}' comes from an enclosing graph, which does not define it"
             ))),
             _ => Err(EvalError::Input(format!(
                 "value '{}' has no data",
@@ -732,4 +890,16 @@ impl<'m> Evaluator<'m> {
             ))),
         }
     }
+}
+
+/// The model-local function a node of `domain` and `op` calls.
+pub(crate) fn find_function<'f>(
+    functions: &'f [Function],
+    domain: &str,
+    op: &str,
+) -> Option<&'f Function> {
+    functions.iter().find(|f| {
+        f.name == op
+            && qgraph_ir::canonical_domain(&f.domain) == qgraph_ir::canonical_domain(domain)
+    })
 }

@@ -251,6 +251,8 @@ fn fusable_successor(
         added: None,
         input_pads: [0; 4],
         buffers: &pool,
+        captures: &[],
+        functions: &[],
     };
     let map = ops::build_pointwise(&cx, &args).ok()?;
     Some((next, *value, map))

@@ -384,7 +384,37 @@ fn rule(g: &Graph, n: NodeId, opset: i64, ins: &[Info]) -> Vec<Info> {
         | "Gelu"
         | "LRN"
         | "InstanceNormalization"
-        | "LayerNormalization" => one(same(&x, None)),
+        | "LayerNormalization"
+        | "Sin"
+        | "Cos"
+        | "Tan"
+        | "Asin"
+        | "Acos"
+        | "Atan"
+        | "Sinh"
+        | "Cosh"
+        | "Asinh"
+        | "Acosh"
+        | "Atanh"
+        | "Sign"
+        | "Round"
+        | "Celu"
+        | "Mish"
+        | "Swish"
+        | "Softsign"
+        | "ThresholdedRelu"
+        | "Shrink"
+        | "Not"
+        | "BitwiseNot"
+        | "LogSoftmax"
+        | "Hardmax"
+        | "CumSum"
+        | "CumProd"
+        | "RMSNormalization"
+        | "GroupNormalization"
+        | "MeanVarianceNormalization"
+        | "LpNormalization" => one(same(&x, None)),
+        "IsNaN" | "IsInf" => one(same(&x, Some(DataType::Bool))),
         "Identity" => one(x.clone()),
         "Dropout" => vec![same(&x, None), same(&x, Some(DataType::Bool))],
         "Cast" => {
@@ -398,14 +428,16 @@ fn rule(g: &Graph, n: NodeId, opset: i64, ins: &[Info]) -> Vec<Info> {
             one(out)
         }
         "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Equal" | "Less" | "Greater"
-        | "And" | "Or" | "Where" | "PRelu" => {
+        | "And" | "Or" | "Where" | "PRelu" | "LessOrEqual" | "GreaterOrEqual" | "Xor" | "Mod"
+        | "BitShift" | "BitwiseAnd" | "BitwiseOr" | "BitwiseXor" | "Sum" | "Mean" => {
             let dims = ins
                 .iter()
                 .map(|i| i.dims.clone())
                 .collect::<Option<Vec<_>>>()
                 .map(|all| all.iter().fold(Vec::new(), |acc, d| broadcast(&acc, d)));
             let dtype = match op {
-                "Equal" | "Less" | "Greater" | "And" | "Or" => Some(DataType::Bool),
+                "Equal" | "Less" | "Greater" | "And" | "Or" | "LessOrEqual" | "GreaterOrEqual"
+                | "Xor" => Some(DataType::Bool),
                 "Where" => ins.get(1).and_then(|i| i.dtype),
                 _ => x.dtype,
             };
@@ -864,7 +896,71 @@ fn rule(g: &Graph, n: NodeId, opset: i64, ins: &[Info]) -> Vec<Info> {
             let dtype = ins.get(1).and_then(|s| s.dtype).or(Some(DataType::F32));
             one(same(&x, dtype))
         }
-        _ => Vec::new(),
+        _ => constant_rule(g, n, opset, ins),
+    }
+}
+
+/// An operator without a rule of its own, whose inputs are all known small
+/// integer tensors (shape arithmetic: Range, Expand's shape, ...): its
+/// kernel computes the exact outputs.
+fn constant_rule(g: &Graph, n: NodeId, opset: i64, ins: &[Info]) -> Vec<Info> {
+    let node = g.node(n);
+    // Only operators whose outputs are no larger than their inputs, and
+    // the two that build vectors, when the vectors stay small: inference
+    // must never allocate what a hostile file asks for.
+    let small = |i: usize| ins.get(i).and_then(Info::ints);
+    let bounded = match node.op_type.as_str() {
+        "Where" | "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not"
+        | "And" | "Or" | "Xor" | "Abs" | "Neg" | "Sign" | "Mod" | "Max" | "Min" | "Sum"
+        | "Size" | "ReduceProd" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "CumSum" | "ArgMax"
+        | "ArgMin" => true,
+        "Range" => match (small(0), small(1), small(2)) {
+            (Some(s), Some(l), Some(d)) if s.len() == 1 && l.len() == 1 && d.len() == 1 => {
+                d[0] != 0 && (l[0].saturating_sub(s[0]) / d[0]).abs() <= 64
+            }
+            _ => false,
+        },
+        "Expand" => small(1).is_some_and(|shape| {
+            shape.len() <= 8
+                && shape.iter().all(|&d| (0..=64).contains(&d))
+                && shape.iter().product::<i64>() <= 64
+        }),
+        _ => false,
+    };
+    if !bounded {
+        return Vec::new();
+    }
+    let mut tensors: Vec<Option<Tensor>> = Vec::with_capacity(ins.len());
+    for (slot, v) in node.inputs().iter().enumerate() {
+        if v.is_none() {
+            tensors.push(None);
+            continue;
+        }
+        let Some(info) = ins.get(slot) else {
+            return Vec::new();
+        };
+        let (Some(values), Some(dims)) = (info.ints(), info.known_dims()) else {
+            return Vec::new();
+        };
+        let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+        let values: Vec<i128> = values.iter().map(|&v| v as i128).collect();
+        let t = match info.dtype {
+            Some(DataType::I64) => Tensor::from_ints(DataType::I64, &shape, &values),
+            Some(DataType::I32) => Tensor::from_ints(DataType::I32, &shape, &values),
+            _ => return Vec::new(),
+        };
+        match t {
+            Ok(t) => tensors.push(Some(t)),
+            Err(_) => return Vec::new(),
+        }
+    }
+    if tensors.iter().all(Option::is_none) {
+        return Vec::new();
+    }
+    let args: Vec<Option<&Tensor>> = tensors.iter().map(Option::as_ref).collect();
+    match crate::run_node(g, n, opset, &args) {
+        Ok(outs) => outs.iter().map(Info::of_tensor).collect(),
+        Err(_) => Vec::new(),
     }
 }
 

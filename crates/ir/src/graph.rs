@@ -1003,7 +1003,7 @@ impl Graph {
     }
 
     /// Names the subgraphs of node `n` read from outside themselves.
-    fn subgraph_captures(&self, n: NodeId) -> Vec<String> {
+    pub fn subgraph_captures(&self, n: NodeId) -> Vec<String> {
         self.node(n)
             .attrs
             .iter()

@@ -1,5 +1,334 @@
-//! (being written)
+//! Control flow (If, Loop, Scan) and calls of model-local functions: each
+//! runs a graph of its own in an evaluator prepared for it, the values it
+//! reads from enclosing graphs handed over by name (`OpCtx::captures`).
 
-use super::Kernel;
+use super::typed::any_elem;
+use super::{input, Kernel};
+use crate::{find_function, EvalError, Evaluator, OpCtx};
+use qgraph_ir::ndarray::{concatenate, ArrayD, Axis, IxDyn, Slice};
+use qgraph_ir::{AttrValue, Graph, Tensor};
 
-pub const KERNELS: &[(&str, Kernel)] = &[];
+pub const KERNELS: &[(&str, Kernel)] = &[("If", if_), ("Loop", loop_), ("Scan", scan)];
+
+type Out = Result<Vec<Tensor>, EvalError>;
+
+fn graph_attr<'a>(cx: &OpCtx<'a>, name: &str) -> Result<&'a Graph, EvalError> {
+    match cx.graph.node(cx.node).attr(name) {
+        Some(AttrValue::Graph(g)) => Ok(g),
+        Some(_) => cx.err(format!("attribute '{name}' must be a graph")),
+        None => cx.err(format!("attribute '{name}' (a graph) is missing")),
+    }
+}
+
+/// A subgraph's evaluator, errors named after the node running it.
+fn prepare<'a>(cx: &OpCtx<'a>, g: &'a Graph, what: &str) -> Result<Evaluator<'a>, EvalError> {
+    Evaluator::for_subgraph(g, cx.opset, cx.functions).map_err(|e| in_subgraph(cx, what, e))
+}
+
+fn in_subgraph(cx: &OpCtx, what: &str, e: EvalError) -> EvalError {
+    let inner = match e {
+        EvalError::Unsupported { node, op } => {
+            return EvalError::Unsupported {
+                node: format!("{} {what}: {node}", cx.describe()),
+                op,
+            }
+        }
+        EvalError::Op { node, message } => format!("{node}: {message}"),
+        EvalError::Input(m) => m,
+    };
+    EvalError::Op {
+        node: cx.describe(),
+        message: format!("{what}: {inner}"),
+    }
+}
+
+fn scalar_bool(cx: &OpCtx, t: &Tensor, what: &str) -> Result<bool, EvalError> {
+    match t {
+        Tensor::Bool(a) if a.len() == 1 => Ok(*a.iter().next().expect("one element")),
+        t => match t.to_f64_vec() {
+            Some(v) if v.len() == 1 => Ok(v[0] != 0.0),
+            _ => cx.err(format!(
+                "{what} must be one bool, found {} of shape {:?}",
+                t.dtype(),
+                t.shape()
+            )),
+        },
+    }
+}
+
+/// If: runs one branch, its outputs the node's.
+pub fn if_(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
+    let cond = scalar_bool(cx, input(cx, inputs, 0)?, "the condition")?;
+    let (name, what) = if cond {
+        ("then_branch", "then branch")
+    } else {
+        ("else_branch", "else branch")
+    };
+    let g = graph_attr(cx, name)?;
+    let ev = prepare(cx, g, what)?;
+    ev.in_pool(|| ev.run_scoped(Vec::new(), cx.captures))
+        .map_err(|e| in_subgraph(cx, what, e))
+}
+
+/// Loop: the body runs while the trip count and the condition allow,
+/// carrying its state; each iteration's scan outputs are stacked.
+pub fn loop_(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
+    let body = graph_attr(cx, "body")?;
+    let max_trips = match inputs.first().copied().flatten() {
+        Some(t) => match t.to_f64_vec() {
+            Some(v) if v.len() == 1 => Some(v[0] as i64),
+            _ => return cx.err("the trip count M must be one integer"),
+        },
+        None => None,
+    };
+    let mut cond = match inputs.get(1).copied().flatten() {
+        Some(t) => scalar_bool(cx, t, "the condition")?,
+        None => true,
+    };
+    let mut carried: Vec<Tensor> = Vec::new();
+    for (k, t) in inputs.iter().enumerate().skip(2) {
+        match t {
+            Some(t) => carried.push((*t).clone()),
+            None => return cx.err(format!("loop-carried input {k} is absent")),
+        }
+    }
+    let n_carried = carried.len();
+    let body_outputs = body.outputs().len();
+    if body_outputs < 1 + n_carried {
+        return cx.err(format!(
+            "the body has {body_outputs} outputs, fewer than the condition and {n_carried} \
+             loop-carried values"
+        ));
+    }
+    let n_scan = body_outputs - 1 - n_carried;
+    let ev = prepare(cx, body, "body")?;
+    let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); n_scan];
+    let mut i: i64 = 0;
+    ev.in_pool(|| {
+        while cond && max_trips.is_none_or(|m| i < m) {
+            let mut args: Vec<Option<Tensor>> = Vec::with_capacity(2 + n_carried);
+            args.push(Some(Tensor::I64(ArrayD::from_elem(IxDyn(&[]), i))));
+            args.push(Some(Tensor::Bool(ArrayD::from_elem(IxDyn(&[]), cond))));
+            args.extend(carried.iter().cloned().map(Some));
+            let mut outs = ev
+                .run_scoped(args, cx.captures)
+                .map_err(|e| in_subgraph(cx, &format!("body, iteration {i}"), e))?;
+            let rest = outs.split_off(1 + n_carried);
+            cond = scalar_bool(cx, &outs[0], "the body's condition output")?;
+            carried = outs.split_off(1);
+            for (acc, t) in scans.iter_mut().zip(rest) {
+                acc.push(t);
+            }
+            i += 1;
+        }
+        Ok::<_, EvalError>(())
+    })?;
+    let mut results = carried;
+    for (k, acc) in scans.into_iter().enumerate() {
+        if acc.is_empty() {
+            // No iteration: an empty stack of the body output's declared type.
+            let dtype = body
+                .value(body.outputs()[1 + n_carried + k])
+                .effective_type()
+                .and_then(|t| match t {
+                    qgraph_ir::ValueType::Tensor(t) => t.dtype,
+                    _ => None,
+                })
+                .unwrap_or(qgraph_ir::DataType::F32);
+            results.push(empty_of(cx, dtype)?);
+            continue;
+        }
+        results.push(stack(cx, &acc, 0)?);
+    }
+    Ok(results)
+}
+
+fn empty_of(cx: &OpCtx, dtype: qgraph_ir::DataType) -> Result<Tensor, EvalError> {
+    Tensor::from_le_bytes(dtype, &[0], &[]).map_err(|e| EvalError::Op {
+        node: cx.describe(),
+        message: e.to_string(),
+    })
+}
+
+/// Tensors of one shape and type stacked along a new `axis`.
+fn stack(cx: &OpCtx, parts: &[Tensor], axis: usize) -> Result<Tensor, EvalError> {
+    let first = &parts[0];
+    let shape = first.shape().to_vec();
+    if parts.iter().any(|p| p.shape() != shape.as_slice()) {
+        return cx.err("the iterations' scan outputs differ in shape");
+    }
+    Ok(any_elem!(cx, first, "a scan output", |a| stack_like(
+        cx, a, parts, axis
+    )?))
+}
+
+fn stack_like<T: super::typed::Elem>(
+    cx: &OpCtx,
+    _like: &ArrayD<T>,
+    parts: &[Tensor],
+    axis: usize,
+) -> Result<Tensor, EvalError> {
+    let mut views = Vec::with_capacity(parts.len());
+    for p in parts {
+        match T::unwrap(p) {
+            Some(b) => views.push(b.view().insert_axis(Axis(axis))),
+            None => return cx.err("the iterations' scan outputs differ in type"),
+        }
+    }
+    let stacked = concatenate(Axis(axis), &views).map_err(|e| EvalError::Op {
+        node: cx.describe(),
+        message: e.to_string(),
+    })?;
+    Ok(T::wrap(stacked))
+}
+
+/// The `k`th slice of `t` along `axis`, without that axis.
+fn slice_at(cx: &OpCtx, t: &Tensor, axis: usize, k: usize) -> Result<Tensor, EvalError> {
+    Ok(any_elem!(cx, t, "a scan input", |a| {
+        super::typed::Elem::wrap(a.index_axis(Axis(axis), k).to_owned())
+    }))
+}
+
+fn reversed(cx: &OpCtx, t: &Tensor, axis: usize) -> Result<Tensor, EvalError> {
+    Ok(any_elem!(cx, t, "a scan output", |a| {
+        super::typed::Elem::wrap(a.slice_axis(Axis(axis), Slice::new(0, None, -1)).to_owned())
+    }))
+}
+
+/// Scan (opset 9 and later): the body runs once per slice of the scan
+/// inputs, carrying state; its scan outputs are stacked.
+pub fn scan(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
+    if cx.opset < 9 {
+        return cx.err("Scan of opset 8 (with sequence_lens and a batch axis) is not supported");
+    }
+    let body = graph_attr(cx, "body")?;
+    let n_scan_in = cx.int_attr("num_scan_inputs", -1)?;
+    if n_scan_in < 1 || n_scan_in as usize > inputs.len() {
+        return cx.err("num_scan_inputs must be between 1 and the number of inputs");
+    }
+    let n_scan_in = n_scan_in as usize;
+    let n_state = inputs.len() - n_scan_in;
+    let mut state: Vec<Tensor> = Vec::with_capacity(n_state);
+    for k in 0..n_state {
+        state.push(input(cx, inputs, k)?.clone());
+    }
+    let scan_inputs: Vec<&Tensor> = (n_state..inputs.len())
+        .map(|k| input(cx, inputs, k))
+        .collect::<Result<_, _>>()?;
+    let list = |name: &str, n: usize| -> Result<Vec<i64>, EvalError> {
+        Ok(cx.ints_attr(name)?.unwrap_or_else(|| vec![0; n]))
+    };
+    let in_dirs = list("scan_input_directions", n_scan_in)?;
+    let in_axes = list("scan_input_axes", n_scan_in)?;
+    let n_scan_out = body.outputs().len().saturating_sub(n_state);
+    let out_dirs = list("scan_output_directions", n_scan_out)?;
+    let out_axes = list("scan_output_axes", n_scan_out)?;
+    if in_dirs.len() != n_scan_in || in_axes.len() != n_scan_in {
+        return cx.err("scan_input_directions/axes must have one entry per scan input");
+    }
+    if out_dirs.len() != n_scan_out || out_axes.len() != n_scan_out {
+        return cx.err("scan_output_directions/axes must have one entry per scan output");
+    }
+    let mut axes = Vec::with_capacity(n_scan_in);
+    for (t, &a) in scan_inputs.iter().zip(&in_axes) {
+        axes.push(cx.axis(a, t.shape().len())?);
+    }
+    let length = scan_inputs[0].shape()[axes[0]];
+    for (t, &a) in scan_inputs.iter().zip(&axes) {
+        if t.shape()[a] != length {
+            return cx.err("the scan inputs differ in length along their scan axes");
+        }
+    }
+    let ev = prepare(cx, body, "body")?;
+    let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); n_scan_out];
+    ev.in_pool(|| {
+        for step in 0..length {
+            let mut args: Vec<Option<Tensor>> = state.iter().cloned().map(Some).collect();
+            for ((t, &axis), &dir) in scan_inputs.iter().zip(&axes).zip(&in_dirs) {
+                let k = if dir == 1 { length - 1 - step } else { step };
+                args.push(Some(slice_at(cx, t, axis, k)?));
+            }
+            let mut outs = ev
+                .run_scoped(args, cx.captures)
+                .map_err(|e| in_subgraph(cx, &format!("body, step {step}"), e))?;
+            let rest = outs.split_off(n_state);
+            state = outs;
+            for (acc, t) in scans.iter_mut().zip(rest) {
+                acc.push(t);
+            }
+        }
+        Ok::<_, EvalError>(())
+    })?;
+    let mut results = state;
+    for (k, acc) in scans.into_iter().enumerate() {
+        if acc.is_empty() {
+            return cx.err("Scan over zero steps has scan outputs of unknown shape");
+        }
+        let rank = acc[0].shape().len() + 1;
+        let axis = cx.axis(out_axes[k], rank)?;
+        let stacked = stack(cx, &acc, axis)?;
+        results.push(if out_dirs[k] == 1 {
+            reversed(cx, &stacked, axis)?
+        } else {
+            stacked
+        });
+    }
+    Ok(results)
+}
+
+/// A call of a model-local function: its body, with the calling node's
+/// attributes in place of the body's references to them, run on the
+/// node's inputs.
+pub fn call_function(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
+    let node = cx.graph.node(cx.node);
+    let Some(f) = find_function(cx.functions, &node.domain, &node.op_type) else {
+        return Err(EvalError::Unsupported {
+            node: cx.describe(),
+            op: node.op_type.clone(),
+        });
+    };
+    let mut body = f.body.clone();
+    resolve_refs(cx, &mut body, f)?;
+    let opset = f
+        .opset_imports
+        .iter()
+        .find(|o| qgraph_ir::canonical_domain(&o.domain).is_empty())
+        .map(|o| o.version)
+        .unwrap_or(cx.opset);
+    let ev = Evaluator::for_subgraph(&body, opset, cx.functions)
+        .map_err(|e| in_subgraph(cx, &format!("function {}", f.name), e))?;
+    let args: Vec<Option<Tensor>> = inputs.iter().map(|t| t.cloned()).collect();
+    ev.in_pool(|| ev.run_scoped(args, &[]))
+        .map_err(|e| in_subgraph(cx, &format!("function {}", f.name), e))
+}
+
+/// Replaces each attribute reference (`ref_attr_name`) in `body` by the
+/// calling node's attribute, or the function's default; a reference with
+/// neither drops the attribute (the operator's own default applies).
+fn resolve_refs(cx: &OpCtx, body: &mut Graph, f: &qgraph_ir::Function) -> Result<(), EvalError> {
+    let caller = cx.graph.node(cx.node);
+    for n in body.node_ids() {
+        let Ok(node) = body.node_mut(n) else { continue };
+        let mut attrs = std::mem::take(&mut node.attrs);
+        attrs.retain_mut(|a| {
+            let AttrValue::Ref { name, .. } = &a.value else {
+                return true;
+            };
+            let value = caller.attr(name).cloned().or_else(|| {
+                f.attribute_defaults
+                    .iter()
+                    .find(|d| &d.name == name)
+                    .map(|d| d.value.clone())
+            });
+            match value {
+                Some(v) => {
+                    a.value = v;
+                    true
+                }
+                None => false,
+            }
+        });
+        node.attrs = attrs;
+    }
+    Ok(())
+}

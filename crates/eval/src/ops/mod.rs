@@ -24,6 +24,7 @@ mod signal;
 mod spatial;
 pub(crate) mod typed;
 
+pub(crate) use control::call_function;
 pub(crate) use norm::{batch_norm_backward_through, batch_norm_training};
 pub(crate) use pointwise::{
     build as build_pointwise, is_pointwise, relu_gradient_from_output, Clamp, Pointwise,

@@ -323,6 +323,17 @@ pub fn same_type<'t, T: Elem>(
     }
 }
 
+/// As [`same_type`], with the type taken from `_like` (an array the kernel
+/// already holds), for macro bodies where the type has no name.
+pub fn same_as<'t, T: Elem>(
+    cx: &OpCtx,
+    inputs: &[Option<&'t Tensor>],
+    i: usize,
+    _like: &ArrayD<T>,
+) -> Result<&'t ArrayD<T>, EvalError> {
+    same_type::<T>(cx, inputs, i)
+}
+
 /// The numpy broadcast of several shapes.
 pub fn broadcast_shapes(cx: &OpCtx, shapes: &[&[usize]]) -> Result<Vec<usize>, EvalError> {
     let mut out: Vec<usize> = Vec::new();
