@@ -19,6 +19,21 @@ pub fn infer(model: &Model, inputs: &Path, output: &Path) -> Result<(), Error> {
     // The model's own faults name no file: the caller names the model.
     let ev = Evaluator::new(model).map_err(Error::msg)?;
     let required = ev.required_inputs();
+    let g = &model.graph;
+    for &v in required.iter().chain(g.outputs()) {
+        let kind = match g.value(v).effective_type() {
+            Some(ValueType::Sequence(_)) => "a sequence",
+            Some(ValueType::Optional(_)) => "an optional",
+            Some(ValueType::Map(..)) => "a map",
+            Some(ValueType::SparseTensor(_)) => "a sparse tensor",
+            _ => continue,
+        };
+        let side = if g.value(v).is_graph_input() { "input" } else { "output" };
+        return Err(Error::msg(format!(
+            "the model's {side} '{}' is {kind}: infer reads and writes tensors only",
+            g.value(v).name()
+        )));
+    }
     let args = if inputs.is_dir() {
         read_pb_inputs(model, &required, inputs)?
     } else {
@@ -28,7 +43,6 @@ pub fn infer(model: &Model, inputs: &Path, output: &Path) -> Result<(), Error> {
         check_declared(model, v, t).map_err(|m| Error::new(inputs, m))?;
     }
     let outs = ev.run(args).map_err(|e| Error::new(inputs, e))?;
-    let g = &model.graph;
     let named: Vec<(&str, &Tensor)> = g
         .outputs()
         .iter()
