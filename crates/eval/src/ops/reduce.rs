@@ -696,10 +696,10 @@ mod tests {
         let mut g = Graph::new("test");
         let mut node = NewNode::new(op);
         for (k, t) in inputs.iter().enumerate() {
-            node.inputs.push(match t {
-                Some(_) => Some(g.add_input(format!("x{k}"), None).unwrap()),
-                None => None,
-            });
+            node.inputs.push(
+                t.as_ref()
+                    .map(|_| g.add_input(format!("x{k}"), None).unwrap()),
+            );
         }
         for k in 0..outputs {
             node.outputs
@@ -763,7 +763,12 @@ mod tests {
     #[test]
     fn axes_are_an_attribute_before_opset_13_or_18() {
         let x = t(&[2, 3], vec![1i64, 2, 3, 4, 5, 6]);
-        let y = one("ReduceProd", 11, &[x.clone()], &[("axes", ints(&[0]))]);
+        let y = one(
+            "ReduceProd",
+            11,
+            std::slice::from_ref(&x),
+            &[("axes", ints(&[0]))],
+        );
         assert_eq!(values::<i64>(&y), (vec![1, 3], vec![4, 10, 18]));
         let y = one(
             "ReduceMax",
@@ -838,7 +843,7 @@ mod tests {
         let refs = [x.as_ref()];
         let attrs: &[(&str, AttrValue)] =
             &[("axes", ints(&[0, 2])), ("keepdims", AttrValue::Int(0))];
-        let ours = one("ReduceMean", 13, &[x.clone()], attrs);
+        let ours = one("ReduceMean", 13, std::slice::from_ref(&x), attrs);
         let mut g = Graph::new("old");
         let input = g.add_input("x", None).unwrap();
         let out = g.add_value("y", None).unwrap();
@@ -861,7 +866,7 @@ mod tests {
         assert_eq!(values::<f32>(&ours), values::<f32>(&old[0]));
         for opset in [11, 13] {
             let cx = OpCtx { opset, ..cx };
-            let ours = one("Softmax", opset, &[x.clone()], &[]);
+            let ours = one("Softmax", opset, std::slice::from_ref(&x), &[]);
             let old = super::super::norm::softmax(&cx, &refs).unwrap();
             assert_eq!(values::<f32>(&ours), values::<f32>(&old[0]));
         }
@@ -870,20 +875,20 @@ mod tests {
     #[test]
     fn softmax_family_in_f64_and_half() {
         let x = t(&[2, 3], vec![1.0f64, 2.0, 3.0, -1.0, 0.0, 1.0]);
-        let y = values::<f64>(&one("Softmax", 13, &[x.clone()], &[])).1;
+        let y = values::<f64>(&one("Softmax", 13, std::slice::from_ref(&x), &[])).1;
         // Shifted by the row's maximum, in f64 throughout.
         let e = [(-2f64).exp(), (-1f64).exp(), 1.0];
         let s: f64 = e.iter().sum();
         assert_eq!(y[..3], [e[0] / s, e[1] / s, e[2] / s]);
         assert_eq!(y[..3], y[3..]);
-        let y = values::<f64>(&one("LogSoftmax", 13, &[x.clone()], &[])).1;
+        let y = values::<f64>(&one("LogSoftmax", 13, std::slice::from_ref(&x), &[])).1;
         assert_eq!(y[..3], [-2.0 - s.ln(), -1.0 - s.ln(), -s.ln()]);
         // Before opset 13 the input is coerced to 2-D at axis (default 1):
         // with axis 0, one softmax over all six values.
         let y = values::<f64>(&one(
             "Softmax",
             11,
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &[("axis", AttrValue::Int(0))],
         ))
         .1;
@@ -906,14 +911,19 @@ mod tests {
     #[test]
     fn arg_max_and_min_choose_first_or_last() {
         let x = t(&[2, 3], vec![2i32, 5, 5, 1, 1, 0]);
-        let y = one("ArgMax", 13, &[x.clone()], &[("axis", AttrValue::Int(1))]);
+        let y = one(
+            "ArgMax",
+            13,
+            std::slice::from_ref(&x),
+            &[("axis", AttrValue::Int(1))],
+        );
         assert_eq!(values::<i64>(&y), (vec![2, 1], vec![1, 0]));
         let last = [
             ("axis", AttrValue::Int(-1)),
             ("select_last_index", AttrValue::Int(1)),
             ("keepdims", AttrValue::Int(0)),
         ];
-        let y = one("ArgMax", 13, &[x.clone()], &last);
+        let y = one("ArgMax", 13, std::slice::from_ref(&x), &last);
         assert_eq!(values::<i64>(&y), (vec![2], vec![2, 1]));
         let y = one("ArgMin", 13, &[x], &last);
         assert_eq!(values::<i64>(&y), (vec![2], vec![0, 2]));
@@ -948,7 +958,14 @@ mod tests {
         assert_eq!(values::<u64>(&outs[0]).1, vec![1, 1]);
         assert_eq!(values::<i64>(&outs[1]).1, vec![1, 4]);
         // Opset 1: k is an attribute.
-        let outs = run("TopK", 1, &[x.clone()], &[("k", AttrValue::Int(1))], 2).unwrap();
+        let outs = run(
+            "TopK",
+            1,
+            std::slice::from_ref(&x),
+            &[("k", AttrValue::Int(1))],
+            2,
+        )
+        .unwrap();
         assert_eq!(values::<u64>(&outs[0]).1, vec![3]);
         assert!(run("TopK", 11, &[x, t(&[1], vec![6i64])], &[], 2).is_err());
     }
@@ -956,7 +973,7 @@ mod tests {
     #[test]
     fn lp_normalization_gives_zero_for_a_zero_norm() {
         let x = t(&[2, 2], vec![3.0f64, -4.0, 0.0, 0.0]);
-        let y = one("LpNormalization", 22, &[x.clone()], &[]);
+        let y = one("LpNormalization", 22, std::slice::from_ref(&x), &[]);
         assert_eq!(values::<f64>(&y).1, vec![0.6, -0.8, 0.0, 0.0]);
         let y = one("LpNormalization", 1, &[x], &[("p", AttrValue::Int(1))]);
         assert_eq!(values::<f64>(&y).1, vec![3.0 / 7.0, -4.0 / 7.0, 0.0, 0.0]);
@@ -991,7 +1008,7 @@ mod tests {
         assert!(run(
             "LpNormalization",
             22,
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &[("p", AttrValue::Int(3))],
             1
         )
