@@ -1290,10 +1290,7 @@ fn embed_typed<T: Compute>(
     let ids = ints_of(cx, ids_t, "input_ids")?;
     let table = |t: &ArrayD<T>, what: &str| -> Result<(Vec<T::C>, usize), EvalError> {
         match t.shape() {
-            &[rows, h] => Ok((
-                standard(t).into_iter().map(T::up).collect(),
-                rows.min(usize::MAX / h.max(1)),
-            )),
+            &[rows, _] => Ok((standard(t).into_iter().map(T::up).collect(), rows)),
             s => cx.err(format!("{what} must be 2-D, found {s:?}")),
         }
     };
@@ -1601,4 +1598,642 @@ fn log_softmax_classes<T: Compute>(xs: &[T], n: usize, classes: usize, d: usize)
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qgraph_ir::{AttrValue, Graph, NewNode};
+
+    /// Runs one node of `op` on `inputs` (`None`: an absent optional input).
+    fn run(
+        op: &str,
+        domain: &str,
+        opset: i64,
+        inputs: &[Option<Tensor>],
+        outputs: usize,
+        attrs: &[(&str, AttrValue)],
+    ) -> Result<Vec<Tensor>, EvalError> {
+        let mut g = Graph::new("test");
+        let mut node = NewNode::new(op).domain(domain);
+        for (i, t) in inputs.iter().enumerate() {
+            let id = match t {
+                Some(_) => Some(g.add_input(format!("in{i}"), None).expect("fresh name")),
+                None => None,
+            };
+            node.inputs.push(id);
+        }
+        for k in 0..outputs {
+            node.outputs.push(Some(
+                g.add_value(format!("out{k}"), None).expect("fresh name"),
+            ));
+        }
+        for (name, value) in attrs {
+            node = node.attr(*name, value.clone());
+        }
+        let id = g.add_node(node).expect("a valid node");
+        let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
+        crate::run_node(&g, id, opset, &refs)
+    }
+
+    fn f32s(shape: &[usize], v: &[f32]) -> Option<Tensor> {
+        Some(Tensor::F32(array(shape, v.to_vec())))
+    }
+
+    fn f64s(shape: &[usize], v: &[f64]) -> Option<Tensor> {
+        Some(Tensor::F64(array(shape, v.to_vec())))
+    }
+
+    fn values_f32(t: &Tensor) -> Vec<f32> {
+        match t {
+            Tensor::F32(a) => a.iter().copied().collect(),
+            t => panic!("expected f32, found {}", t.dtype()),
+        }
+    }
+
+    fn values_f64(t: &Tensor) -> Vec<f64> {
+        match t {
+            Tensor::F64(a) => a.iter().copied().collect(),
+            t => panic!("expected f64, found {}", t.dtype()),
+        }
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "element {i}: {g} vs {w}\n{got:?}\n{want:?}"
+            );
+        }
+    }
+
+    const X: [f32; 8] = [0.5, -1.25, 2.0, 0.75, -0.5, 1.5, -2.25, 0.25];
+    const SKIP: [f32; 8] = [0.25, 0.5, -0.75, 1.0, 1.25, -0.5, 0.5, -1.5];
+    const GAMMA: [f32; 4] = [1.5, -0.5, 0.75, 2.0];
+    const BETA: [f32; 4] = [0.1, 0.2, -0.3, 0.4];
+    const BIAS: [f32; 4] = [-0.25, 0.125, 0.5, 0.0];
+
+    fn eps(v: f32) -> (&'static str, AttrValue) {
+        ("epsilon", AttrValue::Float(v))
+    }
+
+    #[test]
+    fn erf_matches_known_values() {
+        let cases = [
+            (0.0, 0.0),
+            (1e-30, 1.1283791670955126e-30),
+            (-0.1, -0.1124629160182849),
+            (0.5, 0.5204998778130465),
+            (1.0, 0.8427007929497149),
+            (2.0, 0.9953222650189527),
+            (3.0, 0.9999779095030014),
+            (-4.5, -0.9999999998033839),
+            (7.0, 1.0),
+            (f64::INFINITY, 1.0),
+        ];
+        for (x, want) in cases {
+            let got = erf_f64(x);
+            assert!(
+                (got - want).abs() <= 2e-16 * want.abs().max(1e-300),
+                "erf({x}) = {got}, not {want}"
+            );
+        }
+        assert!(erf_f64(f64::NAN).is_nan());
+    }
+
+    // Expected values below are ONNX Runtime 1.32's outputs (CPU).
+
+    #[test]
+    fn skip_layer_normalization_matches_onnx_runtime() {
+        let out = run(
+            "SkipLayerNormalization",
+            "com.microsoft",
+            17,
+            &[
+                f32s(&[1, 2, 4], &X),
+                f32s(&[1, 2, 4], &SKIP),
+                f32s(&[4], &GAMMA),
+                f32s(&[4], &BETA),
+                f32s(&[4], &BIAS),
+            ],
+            4,
+            &[eps(1e-5)],
+        )
+        .expect("runs");
+        assert_close(
+            &values_f32(&out[0]),
+            &[
+                -0.420_992_3,
+                0.942_019_3,
+                0.386_762_56,
+                2.231_366_9,
+                1.122_245_7,
+                -0.437_051_65,
+                -1.033_350_2,
+                -1.555_600_4,
+            ],
+            1e-6,
+        );
+        assert_eq!(out[1].shape(), &[1, 2, 1]);
+        assert_close(&values_f32(&out[1]), &[0.84375, -0.21875], 1e-7);
+        assert_close(&values_f32(&out[2]), &[1.010_409_2, 0.948_169_9], 1e-6);
+        assert_close(
+            &values_f32(&out[3]),
+            &[0.5, -0.625, 1.75, 1.75, 0.5, 1.125, -1.25, -1.25],
+            0.0,
+        );
+    }
+
+    #[test]
+    fn skip_simplified_layer_normalization_matches_onnx_runtime() {
+        let out = run(
+            "SkipSimplifiedLayerNormalization",
+            "com.microsoft",
+            17,
+            &[
+                f32s(&[1, 2, 4], &X),
+                f32s(&[1, 2, 4], &SKIP),
+                f32s(&[4], &GAMMA),
+                f32s(&[4], &BIAS),
+            ],
+            4,
+            &[eps(1e-5)],
+        )
+        .expect("runs");
+        assert_close(
+            &values_f32(&out[0]),
+            &[
+                0.576_681_5,
+                0.240_283_95,
+                1.009_192_6,
+                2.691_180_2,
+                0.696_307_6,
+                -0.522_230_7,
+                -0.870_384_5,
+                -2.321_025_4,
+            ],
+            1e-6,
+        );
+        assert_close(&values_f32(&out[1]), &[0.0, 0.0], 0.0);
+        assert_close(&values_f32(&out[2]), &[0.768_908_6, 0.928_410_1], 1e-6);
+    }
+
+    #[test]
+    fn simplified_layer_normalization_matches_onnx_runtime() {
+        for domain in ["", "com.microsoft"] {
+            let out = run(
+                "SimplifiedLayerNormalization",
+                domain,
+                17,
+                &[f32s(&[1, 2, 4], &X), f32s(&[4], &GAMMA)],
+                2,
+                &[eps(1e-5)],
+            )
+            .expect("runs");
+            assert_close(
+                &values_f32(&out[0]),
+                &[
+                    0.594_086_6,
+                    0.495_072_2,
+                    1.188_173_3,
+                    1.188_173_3,
+                    -0.543_213,
+                    -0.543_213,
+                    -1.222_229_4,
+                    0.362_142,
+                ],
+                1e-6,
+            );
+            assert_eq!(out[1].shape(), &[1, 2, 1]);
+            assert_close(&values_f32(&out[1]), &[0.792_115_5, 0.724_284_05], 1e-6);
+        }
+    }
+
+    #[test]
+    fn gelu_family_matches_onnx_runtime() {
+        let x = [-3.0, -1.5, -0.25, 0.0, 0.5, 1.0, 2.5, 4.0];
+        let gelu = run("Gelu", "com.microsoft", 17, &[f32s(&[8], &x)], 1, &[]).expect("runs");
+        let want_gelu = [
+            -0.004_049_688_6,
+            -0.100_210_816,
+            -0.100_323_416,
+            0.0,
+            0.345_731_23,
+            0.841_344_7,
+            2.484_476,
+            3.999_873_2,
+        ];
+        assert_close(&values_f32(&gelu[0]), &want_gelu, 1e-6);
+        let standard = run("Gelu", "", 20, &[f32s(&[8], &x)], 1, &[]).expect("runs");
+        assert_close(&values_f32(&standard[0]), &want_gelu, 1e-6);
+        let bias_gelu = run(
+            "BiasGelu",
+            "com.microsoft",
+            17,
+            &[f32s(&[2, 4], &x), f32s(&[4], &BETA)],
+            1,
+            &[],
+        )
+        .expect("runs");
+        assert_close(
+            &values_f32(&bias_gelu[0]),
+            &[
+                -0.005_410_832_4,
+                -0.125_840_65,
+                -0.160_137_84,
+                0.262_168_7,
+                0.435_448_14,
+                1.061_916_5,
+                2.169_412_4,
+                4.399_976,
+            ],
+            1e-6,
+        );
+        let quick = run("QuickGelu", "com.microsoft", 17, &[f32s(&[8], &x)], 1, &[]).expect("runs");
+        assert_close(
+            &values_f32(&quick[0]),
+            &[
+                -0.018_071_294,
+                -0.108_337_775,
+                -0.098_800_354,
+                0.0,
+                0.350_388_4,
+                0.845_795_75,
+                2.465_014,
+                3.995_585_4,
+            ],
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn embed_layer_normalization_matches_onnx_runtime() {
+        let ids = Some(Tensor::I32(array(&[2, 3], vec![1, 0, 2, 2, 2, 1])));
+        let segments = Some(Tensor::I32(array(&[2, 3], vec![0, 1, 1, 1, 0, 0])));
+        let mask = Some(Tensor::I32(array(&[2, 3], vec![1, 1, 0, 1, 0, 1])));
+        let out = run(
+            "EmbedLayerNormalization",
+            "com.microsoft",
+            17,
+            &[
+                ids,
+                segments,
+                f32s(&[3, 2], &[0.5, -1.0, 1.5, 0.25, -0.75, 2.0]),
+                f32s(&[3, 2], &[0.1, 0.2, 0.3, -0.4, 0.5, 0.6]),
+                f32s(&[2, 2], &[1.0, -1.0, 0.0, 0.5]),
+                f32s(&[2], &[1.0, 2.0]),
+                f32s(&[2], &[0.5, -0.5]),
+                mask,
+            ],
+            3,
+            &[eps(1e-5)],
+        )
+        .expect("runs");
+        assert_close(
+            &values_f32(&out[0]),
+            &[
+                1.499_998,
+                -2.499_996_2,
+                1.499_993_1,
+                -2.499_986_2,
+                -0.499_998_2,
+                1.499_996_4,
+                -0.499_998_27,
+                1.499_996_4,
+                -0.492_095_83,
+                1.484_187,
+                1.499_998_1,
+                -2.499_996,
+            ],
+            1e-6,
+        );
+        match &out[1] {
+            Tensor::I32(a) => assert_eq!(a.iter().copied().collect::<Vec<_>>(), vec![2, 2]),
+            t => panic!("mask_index is {}", t.dtype()),
+        }
+        assert_close(
+            &values_f32(&out[2]),
+            &[
+                2.6, -0.55, 0.8, -0.9, -0.25, 3.1, -0.65, 2.7, 0.55, 0.6, 3.0, -0.15,
+            ],
+            1e-6,
+        );
+        // An id past the table is an error, not a panic.
+        let bad = run(
+            "EmbedLayerNormalization",
+            "com.microsoft",
+            17,
+            &[
+                Some(Tensor::I32(array(&[1, 1], vec![3]))),
+                None,
+                f32s(&[3, 2], &[0.0; 6]),
+                f32s(&[3, 2], &[0.0; 6]),
+                None,
+                f32s(&[2], &[1.0, 1.0]),
+                f32s(&[2], &[0.0, 0.0]),
+            ],
+            1,
+            &[],
+        );
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn layer_normalization_f16_matches_onnx_runtime() {
+        let half = |v: &[f32]| v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+        let out = run(
+            "LayerNormalization",
+            "",
+            17,
+            &[
+                Some(Tensor::F16(array(&[1, 2, 4], half(&X)))),
+                Some(Tensor::F16(array(&[4], half(&GAMMA)))),
+                Some(Tensor::F16(array(&[4], half(&BETA)))),
+            ],
+            3,
+            &[eps(1e-5)],
+        )
+        .expect("runs");
+        let Tensor::F16(y) = &out[0] else {
+            panic!("Y is {}", out[0].dtype())
+        };
+        let want = [
+            0.099_975_586,
+            0.954_589_84,
+            0.670_410_16,
+            0.831_054_7,
+            -0.176_147_46,
+            -0.444_335_94,
+            -1.404_296_9,
+            1.136_718_8,
+        ];
+        for (g, w) in y.iter().zip(want) {
+            // Within one f16 step.
+            assert!(
+                (g.to_f32() - w).abs() <= 2e-3 * (1.0 + w.abs()),
+                "{g} vs {w}"
+            );
+        }
+        // The statistics are f32 (stash_type 1).
+        assert_close(&values_f32(&out[1]), &[0.5, -0.25], 0.0);
+        assert_close(&values_f32(&out[2]), &[0.862_658_98, 0.736_457_7], 1e-6);
+    }
+
+    #[test]
+    fn layer_normalization_f64_is_exact_where_the_values_are() {
+        // Rows [1, 3] and [-2, 2]: means 2 and 0, variances 1 and 4.
+        let out = run(
+            "LayerNormalization",
+            "",
+            17,
+            &[
+                f64s(&[2, 2], &[1.0, 3.0, -2.0, 2.0]),
+                f64s(&[2], &[2.0, 0.5]),
+                f64s(&[2], &[0.25, -1.0]),
+            ],
+            3,
+            &[eps(0.0)],
+        )
+        .expect("runs");
+        assert_eq!(values_f64(&out[0]), vec![-1.75, -0.5, -1.75, -0.5]);
+        assert_eq!(values_f32(&out[1]), vec![2.0, 0.0]);
+        assert_eq!(values_f32(&out[2]), vec![1.0, 0.5]);
+        // f64 is not computed through f32: a difference below f32's
+        // resolution survives.
+        let tiny = 1e-12;
+        let out = run(
+            "LayerNormalization",
+            "",
+            17,
+            &[f64s(&[2], &[1.0, 1.0 + tiny]), f64s(&[2], &[1.0, 1.0])],
+            1,
+            &[eps(0.0)],
+        )
+        .expect("runs");
+        let y = values_f64(&out[0]);
+        assert!(
+            (y[0] + 1.0).abs() < 1e-3 && (y[1] - 1.0).abs() < 1e-3,
+            "{y:?}"
+        );
+    }
+
+    #[test]
+    fn batch_normalization_training_f64_updates_the_running_statistics() {
+        // Two images, one channel of two values: batch mean 2.5, variance 1.25.
+        let out = run(
+            "BatchNormalization",
+            "",
+            15,
+            &[
+                f64s(&[2, 1, 2], &[1.0, 2.0, 3.0, 4.0]),
+                f64s(&[1], &[1.0]),
+                f64s(&[1], &[0.0]),
+                f64s(&[1], &[0.5]),
+                f64s(&[1], &[2.0]),
+            ],
+            3,
+            &[
+                ("training_mode", AttrValue::Int(1)),
+                ("momentum", AttrValue::Float(0.5)),
+                eps(0.0),
+            ],
+        )
+        .expect("runs");
+        let inv = 1.0 / 1.25f64.sqrt();
+        let want: Vec<f64> = [1.0, 2.0, 3.0, 4.0]
+            .iter()
+            .map(|v| (v - 2.5) * inv)
+            .collect();
+        let y = values_f64(&out[0]);
+        for (g, w) in y.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-15, "{y:?} vs {want:?}");
+        }
+        assert_eq!(values_f64(&out[1]), vec![1.5]);
+        assert_eq!(values_f64(&out[2]), vec![1.625]);
+        // Inference in f64 with the given statistics.
+        let out = run(
+            "BatchNormalization",
+            "",
+            15,
+            &[
+                f64s(&[1, 2], &[3.0, -1.0]),
+                f64s(&[2], &[2.0, 1.0]),
+                f64s(&[2], &[0.5, 0.0]),
+                f64s(&[2], &[1.0, 1.0]),
+                f64s(&[2], &[4.0, 0.25]),
+            ],
+            1,
+            &[eps(0.0)],
+        )
+        .expect("runs");
+        assert_eq!(values_f64(&out[0]), vec![2.5, -4.0]);
+    }
+
+    #[test]
+    fn negative_log_likelihood_loss_f64_is_exact() {
+        // input [N=2, C=3], targets 2 and 0 (ignored: ignore_index 0).
+        let input = f64s(&[2, 3], &[-0.5, -1.5, -2.25, -3.0, -0.125, -1.0]);
+        let target = Some(Tensor::I64(array(&[2], vec![2, 0])));
+        let weight = f64s(&[3], &[4.0, 1.0, 2.0]);
+        let loss = |reduction: &str, ignore: bool| {
+            let mut attrs = vec![("reduction", AttrValue::String(reduction.into()))];
+            if ignore {
+                attrs.push(("ignore_index", AttrValue::Int(0)));
+            }
+            let out = run(
+                "NegativeLogLikelihoodLoss",
+                "",
+                13,
+                &[input.clone(), target.clone(), weight.clone()],
+                1,
+                &attrs,
+            )
+            .expect("runs");
+            values_f64(&out[0])
+        };
+        assert_eq!(loss("none", false), vec![4.5, 12.0]);
+        assert_eq!(loss("sum", false), vec![16.5]);
+        assert_eq!(loss("mean", false), vec![16.5 / 6.0]);
+        assert_eq!(loss("none", true), vec![4.5, 0.0]);
+        assert_eq!(loss("mean", true), vec![2.25]);
+        // A target outside the classes is an error.
+        let bad = run(
+            "NegativeLogLikelihoodLoss",
+            "",
+            13,
+            &[input, Some(Tensor::I64(array(&[2], vec![3, 0])))],
+            1,
+            &[],
+        );
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn softmax_cross_entropy_gives_log_probabilities() {
+        // Scores equal across 4 classes: log p = -ln 4 for every class.
+        let out = run(
+            "SoftmaxCrossEntropyLoss",
+            "",
+            13,
+            &[
+                f64s(&[1, 4], &[0.5; 4]),
+                Some(Tensor::I32(array(&[1], vec![1]))),
+            ],
+            2,
+            &[],
+        )
+        .expect("runs");
+        let ln4 = 4f64.ln();
+        assert!((values_f64(&out[0])[0] - ln4).abs() < 1e-15);
+        for v in values_f64(&out[1]) {
+            assert!((v + ln4).abs() < 1e-15);
+        }
+    }
+
+    #[test]
+    fn group_normalization_opsets_take_their_own_scales() {
+        // One image, 4 channels of one value each, 2 groups.
+        let x = f32s(&[1, 4, 1], &[1.0, 3.0, 10.0, 14.0]);
+        // Opset 18: one scale and bias per group.
+        let out = run(
+            "GroupNormalization",
+            "",
+            18,
+            &[x.clone(), f32s(&[2], &[2.0, 3.0]), f32s(&[2], &[0.0, 1.0])],
+            1,
+            &[("num_groups", AttrValue::Int(2)), eps(0.0)],
+        )
+        .expect("runs");
+        assert_eq!(values_f32(&out[0]), vec![-2.0, 2.0, -2.0, 4.0]);
+        // Opset 21: one per channel.
+        let out = run(
+            "GroupNormalization",
+            "",
+            21,
+            &[
+                x.clone(),
+                f32s(&[4], &[1.0, 2.0, 3.0, 4.0]),
+                f32s(&[4], &[0.0; 4]),
+            ],
+            1,
+            &[("num_groups", AttrValue::Int(2)), eps(0.0)],
+        )
+        .expect("runs");
+        assert_eq!(values_f32(&out[0]), vec![-1.0, 2.0, -3.0, 4.0]);
+        // Channels that do not split into the groups: an error.
+        let bad = run(
+            "GroupNormalization",
+            "",
+            21,
+            &[x, f32s(&[4], &[1.0; 4]), f32s(&[4], &[0.0; 4])],
+            1,
+            &[("num_groups", AttrValue::Int(3))],
+        );
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn lrn_sums_the_channel_window() {
+        // size 2: window c - 0 ..= c + 1; alpha/size = 1, beta = 1, bias = 0.
+        let out = run(
+            "LRN",
+            "",
+            13,
+            &[f64s(&[1, 3, 1, 1], &[1.0, 2.0, 4.0])],
+            1,
+            &[
+                ("size", AttrValue::Int(2)),
+                ("alpha", AttrValue::Float(2.0)),
+                ("beta", AttrValue::Float(1.0)),
+                ("bias", AttrValue::Float(0.0)),
+            ],
+        )
+        .expect("runs");
+        assert_eq!(values_f64(&out[0]), vec![1.0 / 5.0, 2.0 / 20.0, 4.0 / 16.0]);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let scalar = f32s(&[], &[1.0]);
+        for op in ["LRN", "InstanceNormalization", "BatchNormalization"] {
+            let inputs = vec![scalar.clone(); 5];
+            assert!(run(op, "", 15, &inputs, 1, &[("size", AttrValue::Int(1))]).is_err());
+        }
+        // Empty tensors run.
+        let empty = f32s(&[0, 4], &[]);
+        let out = run(
+            "LayerNormalization",
+            "",
+            17,
+            &[empty.clone(), f32s(&[4], &[1.0; 4])],
+            1,
+            &[],
+        )
+        .expect("runs");
+        assert_eq!(out[0].shape(), &[0, 4]);
+        assert!(run(
+            "Gelu",
+            "",
+            20,
+            &[Some(Tensor::I32(array(&[1], vec![1])))],
+            1,
+            &[]
+        )
+        .is_err());
+        // A skip that does not broadcast.
+        assert!(run(
+            "SkipLayerNormalization",
+            "com.microsoft",
+            17,
+            &[
+                f32s(&[1, 2, 4], &X),
+                f32s(&[3, 4], &[0.0; 12]),
+                f32s(&[4], &GAMMA)
+            ],
+            1,
+            &[],
+        )
+        .is_err());
+    }
 }
