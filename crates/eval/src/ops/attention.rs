@@ -1715,10 +1715,15 @@ fn ms_attention_typed<T: Float>(
         softcap: 0.0,
     }
     .run();
+    let output = T::wrap(from_f32_data(&[batch, seq, heads * v_head], out));
+    if head != v_head {
+        // No present state: its one tensor holds keys and values alike.
+        return Ok(vec![output]);
+    }
     let mut present = k;
     present.extend_from_slice(&v);
     Ok(vec![
-        T::wrap(from_f32_data(&[batch, seq, heads * v_head], out)),
+        output,
         T::wrap(from_f32_data(&[2, batch, heads, keys, head], present)),
     ])
 }
@@ -1771,10 +1776,18 @@ fn mha_typed<T: Float>(
                     Kv::Rows(std(k), ks[1], ks[2]),
                     Kv::Rows(std(v), vs[1], vs[2]),
                 ),
-                (4, 4) if ks[0] == batch && ks[1] == heads && vs[1] == heads && ks[2] == vs[2] => (
-                    Kv::Bnsh(std(k), ks[2], ks[3]),
-                    Kv::Bnsh(std(v), vs[2], vs[3]),
-                ),
+                (4, 4)
+                    if ks[0] == batch
+                        && vs[0] == batch
+                        && ks[1] == heads
+                        && vs[1] == heads
+                        && ks[2] == vs[2] =>
+                {
+                    (
+                        Kv::Bnsh(std(k), ks[2], ks[3]),
+                        Kv::Bnsh(std(v), vs[2], vs[3]),
+                    )
+                }
                 _ => {
                     return cx.err(format!(
                         "key {ks:?} and value {vs:?} do not fit query {qs:?}"
@@ -1935,4 +1948,357 @@ fn mha_typed<T: Float>(
         T::wrap(from_f32_data(&[batch, heads, keys, head], k)),
         T::wrap(from_f32_data(&[batch, heads, keys, v_size], v)),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use qgraph_ir::{AttrValue, Graph, NewNode, Tensor};
+
+    use super::*;
+
+    /// Runs one node of `op` (in `domain`) on `inputs`, at `opset`.
+    fn run(
+        op: &str,
+        domain: &str,
+        attrs: Vec<(&str, AttrValue)>,
+        inputs: &[Option<Tensor>],
+        outputs: usize,
+    ) -> Result<Vec<Tensor>, EvalError> {
+        let mut g = Graph::new("test");
+        let mut node = NewNode::new(op).domain(domain);
+        for (i, t) in inputs.iter().enumerate() {
+            node.inputs.push(match t {
+                Some(_) => Some(g.add_input(format!("in{i}"), None).unwrap()),
+                None => None,
+            });
+        }
+        for o in 0..outputs {
+            node.outputs
+                .push(Some(g.add_value(format!("out{o}"), None).unwrap()));
+        }
+        for (name, value) in attrs {
+            node = node.attr(name, value);
+        }
+        let n = g.add_node(node).unwrap();
+        let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
+        crate::run_node(&g, n, 23, &refs)
+    }
+
+    fn tensor<T: Elem>(shape: &[usize], data: Vec<T>) -> Option<Tensor> {
+        Some(T::wrap(array(shape, data)))
+    }
+
+    fn values<T: Elem + Clone>(t: &Tensor) -> Vec<T> {
+        T::unwrap(t)
+            .expect("the expected type")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32) {
+        assert_eq!(actual.len(), expected.len());
+        for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+            assert!(
+                (a - e).abs() <= tolerance * (1.0 + e.abs()),
+                "element {i}: {a} vs {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn integer_matmul_is_exact_and_wraps() {
+        let a = tensor::<i32>(&[1, 2], vec![i32::MAX, 3]);
+        let b = tensor::<i32>(&[2, 2], vec![2, 1, 5, -1]);
+        let y = run("MatMul", "", vec![], &[a, b], 1).unwrap();
+        assert_eq!(y[0].shape(), &[1, 2]);
+        assert_eq!(
+            values::<i32>(&y[0]),
+            vec![i32::MAX.wrapping_mul(2).wrapping_add(15), i32::MAX - 3]
+        );
+        // 1-D operands: the added dims are removed again; batch dims
+        // broadcast.
+        let a = tensor::<u8>(&[2], vec![200, 100]);
+        let b = tensor::<u8>(&[3, 2, 1], vec![1, 1, 2, 0, 0, 3]);
+        let y = run("MatMul", "", vec![], &[a, b], 1).unwrap();
+        assert_eq!(y[0].shape(), &[3, 1]);
+        assert_eq!(values::<u8>(&y[0]), vec![44, 144, 44]);
+    }
+
+    #[test]
+    fn f64_matmul_and_gemm_compute_in_f64() {
+        // 2^52 + 2 - 1: exact in f64, far beyond f32's precision.
+        let big = 4503599627370496.0f64;
+        let a = tensor::<f64>(&[1, 3], vec![big, 2.0, -1.0]);
+        let b = tensor::<f64>(&[3, 1], vec![1.0, 1.0, 1.0]);
+        let y = run("MatMul", "", vec![], &[a.clone(), b.clone()], 1).unwrap();
+        assert_eq!(values::<f64>(&y[0]), vec![big + 1.0]);
+        let c = tensor::<f64>(&[1], vec![0.5]);
+        let y = run(
+            "Gemm",
+            "",
+            vec![
+                ("alpha", AttrValue::Float(2.0)),
+                ("beta", AttrValue::Float(4.0)),
+            ],
+            &[a, b, c],
+            1,
+        )
+        .unwrap();
+        assert_eq!(values::<f64>(&y[0]), vec![2.0 * big + 4.0]);
+    }
+
+    #[test]
+    fn half_matmul_accumulates_in_f32() {
+        // 2048 + 1 + 1 in float16 steps would stay 2048; in f32, 2050.
+        let a = tensor::<f16>(&[1, 3], [2048.0, 1.0, 1.0].map(f16::from_f32).to_vec());
+        let b = tensor::<f16>(&[3, 1], [1.0; 3].map(f16::from_f32).to_vec());
+        let y = run("MatMul", "", vec![], &[a, b], 1).unwrap();
+        assert_eq!(values::<f16>(&y[0]), vec![f16::from_f32(2050.0)]);
+    }
+
+    #[test]
+    fn integer_gemm_transposes_and_broadcasts_c() {
+        let a = tensor::<i64>(&[2, 1], vec![3, 4]);
+        let b = tensor::<i64>(&[2, 2], vec![1, 2, 3, 4]);
+        let c = tensor::<i64>(&[2], vec![10, 20]);
+        let y = run(
+            "Gemm",
+            "",
+            vec![("transA", AttrValue::Int(1)), ("transB", AttrValue::Int(1))],
+            &[a, b, c],
+            1,
+        )
+        .unwrap();
+        // A^T = [3 4], B^T = [[1 3] [2 4]]: [3 + 8, 9 + 16] + C.
+        assert_eq!(values::<i64>(&y[0]), vec![21, 45]);
+    }
+
+    #[test]
+    fn einsum_takes_diagonals_ellipses_and_implicit_outputs() {
+        let eq = |e: &str| vec![("equation", AttrValue::String(e.as_bytes().to_vec()))];
+        let x = tensor::<i64>(&[2, 2, 2], (1..=8).collect());
+        let y = run("Einsum", "", eq("...ii->...i"), &[x.clone()], 1).unwrap();
+        assert_eq!(y[0].shape(), &[2, 2]);
+        assert_eq!(values::<i64>(&y[0]), vec![1, 4, 5, 8]);
+        let y = run("Einsum", "", eq("ijk"), &[x.clone()], 1).unwrap();
+        assert_eq!(values::<i64>(&y[0]), (1..=8).collect::<Vec<_>>());
+        // Implicit: the labels used once, alphabetically (j k).
+        let m = tensor::<i64>(&[2, 2], vec![1, 2, 3, 4]);
+        let eye = tensor::<i64>(&[2, 2], vec![1, 0, 0, 1]);
+        let y = run("Einsum", "", eq("ij,ik"), &[m, eye], 1).unwrap();
+        assert_eq!(values::<i64>(&y[0]), vec![1, 3, 2, 4]);
+        let y = run("Einsum", "", eq("bij,bjk->bik"), &[x.clone(), x], 1).unwrap();
+        assert_eq!(values::<i64>(&y[0]), vec![7, 10, 15, 22, 67, 78, 91, 106]);
+        let v = tensor::<f64>(&[3], vec![1.0, 2.0, 3.0]);
+        let y = run("Einsum", "", eq("i,i"), &[v.clone(), v], 1).unwrap();
+        assert_eq!(y[0].shape(), &[] as &[usize]);
+        assert_eq!(values::<f64>(&y[0]), vec![14.0]);
+        let bad = tensor::<f64>(&[3], vec![1.0, 2.0, 3.0]);
+        assert!(run("Einsum", "", eq("ij->i"), &[bad], 1).is_err());
+    }
+
+    #[test]
+    fn attention_in_f64_averages_values_under_a_causal_mask() {
+        // Q = 0: every allowed key weighs the same, so row i of Y is the
+        // mean of the first i + 1 value rows (exact in f64).
+        let q = tensor::<f64>(&[1, 1, 2, 2], vec![0.0; 4]);
+        let k = tensor::<f64>(&[1, 1, 2, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        let v = tensor::<f64>(&[1, 1, 2, 2], vec![1.0, 2.0, 3.0, 6.0]);
+        let y = run(
+            "Attention",
+            "",
+            vec![("is_causal", AttrValue::Int(1))],
+            &[q, k, v],
+            1,
+        )
+        .unwrap();
+        assert_eq!(values::<f64>(&y[0]), vec![1.0, 2.0, 2.0, 4.0]);
+    }
+
+    #[test]
+    fn attention_zeroes_a_fully_masked_row() {
+        let q = tensor::<f32>(&[1, 1, 2, 2], vec![1.0; 4]);
+        let kv = tensor::<f32>(&[1, 1, 2, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        let mask = Some(Tensor::Bool(array(&[2, 2], vec![false, false, true, true])));
+        let y = run(
+            "Attention",
+            "",
+            vec![("qk_matmul_output_mode", AttrValue::Int(3))],
+            &[q, kv.clone(), kv, mask],
+            4,
+        )
+        .unwrap();
+        let y0 = values::<f32>(&y[0]);
+        assert_eq!(&y0[..2], &[0.0, 0.0]);
+        assert_eq!(&values::<f32>(&y[3])[..2], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn rotary_embedding_by_a_quarter_turn() {
+        // cos 0, sin 1: (x1, x2) becomes (-x2, x1).
+        let x = tensor::<f64>(&[1, 1, 1, 4], vec![1.0, 2.0, 3.0, 4.0]);
+        let cos = tensor::<f64>(&[1, 1, 2], vec![0.0, 0.0]);
+        let sin = tensor::<f64>(&[1, 1, 2], vec![1.0, 1.0]);
+        let y = run(
+            "RotaryEmbedding",
+            "",
+            vec![],
+            &[x.clone(), cos.clone(), sin.clone()],
+            1,
+        )
+        .unwrap();
+        assert_eq!(values::<f64>(&y[0]), vec![-3.0, -4.0, 1.0, 2.0]);
+        let y = run(
+            "RotaryEmbedding",
+            "",
+            vec![("interleaved", AttrValue::Int(1))],
+            &[x, cos, sin],
+            1,
+        )
+        .unwrap();
+        assert_eq!(values::<f64>(&y[0]), vec![-2.0, 1.0, -4.0, 3.0]);
+    }
+
+    // Expected values below were computed by ONNX Runtime 1.32 (CPU).
+
+    #[test]
+    fn matmul_nbits_matches_onnx_runtime() {
+        let a: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 4.0).collect();
+        let b: Vec<u8> = vec![
+            0, 37, 74, 111, 148, 185, 222, 3, 11, 48, 85, 122, 159, 196, 233, 14,
+        ];
+        let y = run(
+            "MatMulNBits",
+            "com.microsoft",
+            vec![
+                ("K", AttrValue::Int(16)),
+                ("N", AttrValue::Int(2)),
+                ("bits", AttrValue::Int(4)),
+                ("block_size", AttrValue::Int(16)),
+            ],
+            &[
+                tensor(&[1, 16], a),
+                tensor(&[2, 1, 8], b),
+                tensor::<f32>(&[2, 1], vec![0.5, 0.25]),
+                tensor::<u8>(&[2, 1], vec![3, 12]),
+            ],
+            1,
+        )
+        .unwrap();
+        assert_close(&values::<f32>(&y[0]), &[15.4375, 8.5625], 1e-6);
+    }
+
+    #[test]
+    fn contrib_rotary_embedding_matches_onnx_runtime() {
+        let x: Vec<f32> = (0..16).map(|i| (i as f32 - 8.0) / 3.0).collect();
+        let angles = [0.1f32, 0.2, 0.5, -0.7, 1.0, 2.0];
+        let y = run(
+            "RotaryEmbedding",
+            "com.microsoft",
+            vec![("num_heads", AttrValue::Int(2))],
+            &[
+                tensor(&[1, 2, 8], x),
+                tensor::<i64>(&[1, 2], vec![1, 0]),
+                tensor(&[3, 2], angles.map(f32::cos).to_vec()),
+                tensor(&[3, 2], angles.map(f32::sin).to_vec()),
+            ],
+            1,
+        )
+        .unwrap();
+        let expected = [
+            -1.3813691,
+            -2.8583279,
+            -3.0336332,
+            0.22843751,
+            -0.85049307,
+            -0.97958148,
+            -1.2242892,
+            0.38927025,
+            -0.06655562,
+            0.12801954,
+            0.66333616,
+            1.0462897,
+            1.1270055,
+            1.1698825,
+            2.1231196,
+            2.6179376,
+        ];
+        assert_close(&values::<f32>(&y[0]), &expected, 1e-5);
+    }
+
+    #[test]
+    fn contrib_attention_matches_onnx_runtime() {
+        let x: Vec<f32> = (0..12).map(|i| (i as f32).sin()).collect();
+        let w: Vec<f32> = (0..48).map(|i| (i as f32).cos() * 0.5).collect();
+        let b: Vec<f32> = (0..12).map(|i| -0.3 + 0.6 * i as f32 / 11.0).collect();
+        let y = run(
+            "Attention",
+            "com.microsoft",
+            vec![
+                ("num_heads", AttrValue::Int(2)),
+                ("unidirectional", AttrValue::Int(1)),
+            ],
+            &[
+                tensor(&[1, 3, 4], x),
+                tensor(&[4, 12], w),
+                tensor(&[12], b),
+                tensor::<i32>(&[1, 3], vec![1, 0, 1]),
+            ],
+            1,
+        )
+        .unwrap();
+        let expected = [
+            0.75788575,
+            -0.00850958,
+            -0.5915603,
+            -0.40506345,
+            0.75788575,
+            -0.00850958,
+            -0.5915603,
+            -0.40506345,
+            0.15432575,
+            -0.29000378,
+            -0.23358965,
+            0.31835014,
+        ];
+        assert_close(&values::<f32>(&y[0]), &expected, 1e-5);
+    }
+
+    #[test]
+    fn multi_head_attention_matches_onnx_runtime() {
+        let q: Vec<f32> = (0..8).map(|i| (i as f32 * 0.7).sin()).collect();
+        let k: Vec<f32> = (0..12).map(|i| (i as f32 * 0.3).cos()).collect();
+        let v: Vec<f32> = (0..12).map(|i| i as f32 / 10.0).collect();
+        let y = run(
+            "MultiHeadAttention",
+            "com.microsoft",
+            vec![("num_heads", AttrValue::Int(2))],
+            &[
+                tensor(&[1, 2, 4], q),
+                tensor(&[1, 3, 4], k),
+                tensor(&[1, 3, 4], v),
+                tensor::<f32>(&[12], vec![0.0; 12]),
+                tensor::<i32>(&[1], vec![2]),
+            ],
+            1,
+        )
+        .unwrap();
+        let expected = [
+            0.16024035, 0.26024035, 0.27780229, 0.37780228, 0.20683506, 0.30683506, 0.5228368,
+            0.62283677,
+        ];
+        assert_close(&values::<f32>(&y[0]), &expected, 1e-5);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let a = tensor::<i32>(&[2, 3], vec![0; 6]);
+        let b = tensor::<i32>(&[2, 3], vec![0; 6]);
+        assert!(run("MatMul", "", vec![], &[a.clone(), b], 1).is_err());
+        let f = tensor::<f32>(&[3, 2], vec![0.0; 6]);
+        assert!(run("MatMul", "", vec![], &[a, f], 1).is_err());
+        let q = tensor::<f32>(&[1, 2, 3], vec![0.0; 6]);
+        assert!(run("Attention", "", vec![], &[q.clone(), q.clone(), q], 1).is_err());
+    }
 }
