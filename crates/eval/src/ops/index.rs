@@ -336,6 +336,15 @@ fn via_codes(cx: &OpCtx, i: &[Option<&Tensor>], kernel: Kernel) -> Result<Vec<Te
         .collect()
 }
 
+/// The `axis` attribute (default 0) of an operator that indexes along an
+/// axis of its data, which therefore has one.
+fn data_axis(cx: &OpCtx, rank: usize) -> Result<usize, EvalError> {
+    if rank == 0 {
+        return cx.err("the data is a scalar, which has no axis to index along");
+    }
+    cx.axis(cx.int_attr("axis", 0)?, rank)
+}
+
 /// Whether the node sets attribute `name`.
 fn has_attr(cx: &OpCtx, name: &str) -> bool {
     cx.graph.node(cx.node).attr(name).is_some()
@@ -476,7 +485,7 @@ fn compress(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError>
         t => return cx.err(format!("the condition must be bool, found {}", t.dtype())),
     };
     let axis = if has_attr(cx, "axis") {
-        Some(cx.axis(cx.int_attr("axis", 0)?, x.shape().len())?)
+        Some(data_axis(cx, x.shape().len())?)
     } else {
         None
     };
@@ -688,7 +697,7 @@ fn eye_like(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError>
     fn eye<T: Clone>(rows: usize, cols: usize, k: i64, zero: T, one: T) -> ArrayD<T> {
         let mut m = ArrayD::from_elem(IxDyn(&[rows, cols]), zero);
         for r in 0..rows {
-            let c = r as i64 + k;
+            let c = (r as i64).saturating_add(k);
             if (0..cols as i64).contains(&c) {
                 m[[r, c as usize]] = one.clone();
             }
@@ -882,7 +891,7 @@ fn element_offsets(
 fn gather_elements(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let x = input(cx, i, 0)?;
     let indices_t = input(cx, i, 1)?;
-    let axis = cx.axis(cx.int_attr("axis", 0)?, x.shape().len())?;
+    let axis = data_axis(cx, x.shape().len())?;
     let indices = ints_of(cx, indices_t, "indices")?;
     let offsets = element_offsets(cx, x.shape(), indices_t.shape(), &indices, axis)?;
     let shape = indices_t.shape().to_vec();
@@ -1081,7 +1090,7 @@ fn scatter_elements(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Ev
             indices_t.shape()
         ));
     }
-    let axis = cx.axis(cx.int_attr("axis", 0)?, x.shape().len())?;
+    let axis = data_axis(cx, x.shape().len())?;
     let indices = ints_of(cx, indices_t, "indices")?;
     let offsets = element_offsets(cx, x.shape(), indices_t.shape(), &indices, axis)?;
     let reduction = if cx.graph.node(cx.node).op_type == "Scatter" {
@@ -1168,7 +1177,7 @@ fn tensor_scatter(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eval
 fn unique(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let x = input(cx, i, 0)?;
     let axis = if has_attr(cx, "axis") {
-        Some(cx.axis(cx.int_attr("axis", 0)?, x.shape().len())?)
+        Some(data_axis(cx, x.shape().len())?)
     } else {
         None
     };
@@ -1335,12 +1344,20 @@ fn block_size(cx: &OpCtx, x: &Tensor) -> Result<(usize, [usize; 4]), EvalError> 
     if b <= 0 {
         return cx.err(format!("blocksize {b} must be positive"));
     }
-    Ok((b as usize, [n, c, h, w]))
+    let b = b as usize;
+    // Both regroupings hold blocks of b * b channels.
+    if b.checked_mul(b).and_then(|bb| bb.checked_mul(c)).is_none() {
+        return cx.err(format!("blocksize {b} is too large"));
+    }
+    Ok((b, [n, c, h, w]))
 }
 
 fn depth_to_space(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let x = input(cx, i, 0)?;
     let (b, [n, c, h, w]) = block_size(cx, x)?;
+    let (Some(hb), Some(wb)) = (h.checked_mul(b), w.checked_mul(b)) else {
+        return cx.err(format!("blocksize {b} is too large"));
+    };
     if c % (b * b) != 0 {
         return cx.err(format!("{c} channels do not divide into blocks of {b}x{b}"));
     }
@@ -1350,7 +1367,7 @@ fn depth_to_space(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eval
         "CRD" => ([n, c / (b * b), b, b, h, w], [0, 1, 4, 2, 5, 3]),
         m => return cx.err(format!("mode '{m}' is not DCR or CRD")),
     };
-    let joined = [n, c / (b * b), h * b, w * b];
+    let joined = [n, c / (b * b), hb, wb];
     Ok(vec![moved!(cx, x, |a| regroup(a, &split, &perm, &joined))])
 }
 
@@ -1495,8 +1512,8 @@ fn pad(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let mut maps: Vec<AxisMap> = Vec::with_capacity(r);
     for d in 0..r {
         let n = x.shape()[d] as i64;
-        let lo = (-before[d]).max(0);
-        let hi = n - (-after[d]).max(0);
+        let lo = before[d].saturating_neg().max(0);
+        let hi = n.saturating_sub(after[d].saturating_neg().max(0));
         let kept = hi - lo;
         if kept < 0 {
             return cx.err(format!("pads crop more than axis {d} of {n} has"));
@@ -1772,7 +1789,7 @@ fn concat_typed<T: Elem>(
 fn split(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let x = input(cx, i, 0)?;
     let r = x.shape().len();
-    let axis = cx.axis(cx.int_attr("axis", 0)?, r)?;
+    let axis = data_axis(cx, r)?;
     let len = x.shape()[axis];
     let outputs = cx.graph.node(cx.node).outputs().len();
     let given = match (cx.opset, i.get(1).copied().flatten()) {
@@ -2171,6 +2188,40 @@ mod tests {
             1,
         ));
         assert_eq!(y.len(), 0);
+    }
+
+    #[test]
+    fn bad_values_are_errors_not_panics() {
+        let scalar = i64s(&[], &[1]);
+        let axis0 = || vec![("axis", AttrValue::Int(0))];
+        let cond = Tensor::Bool(array(&[1], vec![true]));
+        assert!(run("Compress", 11, axis0(), &[Some(&scalar), Some(&cond)], 1).is_err());
+        assert!(run("Unique", 11, axis0(), &[Some(&scalar)], 1).is_err());
+        assert!(run("Split", 13, axis0(), &[Some(&scalar)], 1).is_err());
+        let x = i64s(&[1, 4, 1, 1], &[1, 2, 3, 4]);
+        let huge = vec![("blocksize", AttrValue::Int(1 << 40))];
+        assert!(run("DepthToSpace", 13, huge.clone(), &[Some(&x)], 1).is_err());
+        assert!(run("SpaceToDepth", 13, huge, &[Some(&x)], 1).is_err());
+        let m = i64s(&[2, 2], &[1, 2, 3, 4]);
+        let k = vec![("k", AttrValue::Int(i64::MAX))];
+        assert_eq!(
+            one(run("EyeLike", 9, k, &[Some(&m)], 1)),
+            i64s(&[2, 2], &[0, 0, 0, 0])
+        );
+        let pads = i64s(&[4], &[i64::MIN, 0, 0, i64::MAX]);
+        assert!(run("Pad", 13, vec![], &[Some(&m), Some(&pads)], 1).is_err());
+        let idx = i64s(&[1, 1], &[i64::MIN]);
+        let upd = i64s(&[1], &[0]);
+        assert!(run(
+            "ScatterND",
+            13,
+            vec![],
+            &[Some(&m), Some(&idx), Some(&upd)],
+            1
+        )
+        .is_err());
+        let reps = i64s(&[2], &[1 << 31, 1 << 31]);
+        assert!(run("Tile", 13, vec![], &[Some(&m), Some(&reps)], 1).is_err());
     }
 
     #[test]
