@@ -212,7 +212,7 @@ fn slice_selection(
             (clamp(norm(starts[k]), 0, dim), clamp(norm(ends[k]), 0, dim))
         } else {
             (
-                clamp(norm(starts[k]), -1, dim - 1),
+                clamp(norm(starts[k]), 0, dim - 1),
                 clamp(norm(ends[k]), -1, dim - 1),
             )
         };
