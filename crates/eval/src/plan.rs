@@ -77,6 +77,11 @@ pub fn plan(
         if !head.domain.is_empty() || !ops::accepts_fusion(&head.op_type) {
             continue;
         }
+        // The fused kernel is the 2-D f32 convolution: a weight of another
+        // rank or type (1-D, 3-D, f16 ...) runs node by node.
+        if !may_be_planar_f32(graph, head.inputs().get(1).copied().flatten()) {
+            continue;
+        }
         let mut step = Step::single(n);
         if let Some((pad, value)) = fusable_pad(graph, n, uses) {
             step.pad = Some(pad);
@@ -117,6 +122,35 @@ pub fn plan(
         .filter(|n| !absorbed.contains(*n))
         .map(|&n| heads.remove(&n).unwrap_or_else(|| Step::single(n)))
         .collect()
+}
+
+/// Whether a Conv weight may be 2-D and f32: false when its initializer
+/// (or the initializer a DequantizeLinear dequantizes) says otherwise, or
+/// when its declared type does.
+fn may_be_planar_f32(graph: &Graph, weight: Option<ValueId>) -> bool {
+    let Some(w) = weight else { return false };
+    let value = graph.value(w);
+    if let Some(init) = value.initializer() {
+        return matches!(&init.tensor, Tensor::F32(a) if a.ndim() == 4);
+    }
+    if let Some(qgraph_ir::ValueType::Tensor(t)) = value.effective_type() {
+        if t.dtype.is_some_and(|d| d != qgraph_ir::DataType::F32)
+            || t.shape.as_ref().is_some_and(|s| s.len() != 4)
+        {
+            return false;
+        }
+    }
+    match graph.producer(w) {
+        Some((p, _)) if graph.node(p).op_type == "DequantizeLinear" => graph
+            .node(p)
+            .inputs()
+            .first()
+            .copied()
+            .flatten()
+            .and_then(|q| graph.value(q).initializer())
+            .is_none_or(|i| i.tensor.shape().len() == 4),
+        _ => true,
+    }
 }
 
 /// The single-output value of `node` when exactly one node reads it, at

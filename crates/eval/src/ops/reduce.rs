@@ -861,6 +861,8 @@ mod tests {
             added: None,
             input_pads: [0; 4],
             buffers: &buffers,
+            captures: &[],
+            functions: &[],
         };
         let old = super::super::pool::reduce_mean(&cx, &refs).unwrap();
         assert_eq!(values::<f32>(&ours), values::<f32>(&old[0]));
