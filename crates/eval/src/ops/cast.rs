@@ -196,7 +196,7 @@ float_scalar!(
     f32 => F32, |v| v as f32, |n| n as f32, |s| s as f64;
     f64 => F64, |v| v, |n| n as f64, |s| s;
     f16 => F16, |v| f16::from_f64(v), |n| f16::from_f64(n as f64), |s| s.to_f64();
-    bf16 => BF16, |v| bf16::from_f64(v), |n| bf16::from_f64(n as f64), |s| s.to_f64();
+    bf16 => BF16, |v| bf16_of(v), |n| bf16_of(n as f64), |s| s.to_f64();
 );
 
 macro_rules! int_scalar {
@@ -249,7 +249,34 @@ impl FromScalar for bool {
             Scalar::Int(n) => n != 0,
         }
     }
-    const PARSES_INT: bool = false;
+    // As ONNX Runtime (`stoull`): "0.0" is false, "1.9" true, ".5" and
+    // "inf" errors.
+    const PARSES_INT: bool = true;
+    const IS_UNSIGNED: bool = true;
+}
+
+/// The bfloat16 nearest `v` (ties to even), rounded once. (`half`'s
+/// `bf16::from_f64` misrounds some values whose f32 has sticky bits only
+/// in its low half, e.g. f32 bits 0x86308006.)
+fn bf16_of(v: f64) -> bf16 {
+    let f = v as f32;
+    let bits = f.to_bits();
+    if f.is_nan() {
+        // Quiet, sign kept.
+        return bf16::from_bits(((bits >> 16) as u16) | 0x40);
+    }
+    let upper = (bits >> 16) as u16;
+    let lower = bits & 0xFFFF;
+    // f rounded v already: when that landed exactly on a bf16 midpoint,
+    // round toward v rather than to even (no double rounding).
+    if lower == 0x8000 && f as f64 != v && f.is_finite() {
+        let away = (v.abs()) > (f.abs() as f64);
+        return bf16::from_bits(if away { upper + 1 } else { upper });
+    }
+    let round_up = lower > 0x8000 || (lower == 0x8000 && upper & 1 == 1);
+    // Carrying into the exponent is right: it gives the next binade, or
+    // infinity past the largest finite value.
+    bf16::from_bits(if round_up { upper + 1 } else { upper })
 }
 
 /// Dispatches over the native number types and bool, binding `$a` to the
@@ -546,6 +573,11 @@ fn parse_float_prefix(t: &str) -> Option<f64> {
     if rest.starts_with("nan") {
         return Some(f64::NAN);
     }
+    if rest.starts_with("0x") {
+        if let Some(v) = parse_hex_float(&rest[2..]) {
+            return Some(sign * v);
+        }
+    }
     let digits = |mut j: usize| {
         while j < b.len() && b[j].is_ascii_digit() {
             j += 1;
@@ -577,10 +609,65 @@ fn parse_float_prefix(t: &str) -> Option<f64> {
     if number.starts_with('.') {
         number.insert(0, '0');
     }
-    if number.contains('.') && !number.contains(|c: char| c.is_ascii_digit()) {
+    // `stod` refuses a number past f64's range, and a nonzero one below
+    // its normal range (glibc's ERANGE).
+    let nonzero_digits = number
+        .split(['e', 'E'])
+        .next()
+        .is_some_and(|m| m.bytes().any(|c| (b'1'..=b'9').contains(&c)));
+    number
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && (*v >= f64::MIN_POSITIVE || !nonzero_digits))
+        .map(|v| sign * v)
+}
+
+/// The longest hexadecimal float prefix (`strtod`'s `0x1.8p3`), after
+/// the `0x`; `None` without a hex digit.
+fn parse_hex_float(t: &str) -> Option<f64> {
+    let b = t.as_bytes();
+    let mut mantissa = 0f64;
+    let mut scale = 0i32;
+    let mut i = 0;
+    let mut seen = false;
+    let mut fraction = false;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'.' && !fraction {
+            fraction = true;
+        } else if let Some(d) = (c as char).to_digit(16) {
+            // Exact while the digits fit f64's 53 bits.
+            mantissa = mantissa * 16.0 + d as f64;
+            if fraction {
+                scale -= 4;
+            }
+            seen = true;
+        } else {
+            break;
+        }
+        i += 1;
+    }
+    if !seen {
         return None;
     }
-    number.parse::<f64>().ok().map(|v| sign * v)
+    if i < b.len() && (b[i] == b'p' || b[i] == b'P') {
+        let rest = &t[i + 1..];
+        let digits_at = usize::from(rest.starts_with(['+', '-']));
+        let end = rest[digits_at..]
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or(rest.len(), |e| e + digits_at);
+        if end > digits_at {
+            let exponent: i32 = rest[..end].parse().unwrap_or(if rest.starts_with('-') {
+                i32::MIN / 2
+            } else {
+                i32::MAX / 2
+            });
+            scale = scale.saturating_add(exponent.clamp(-4000, 4000));
+        }
+    }
+    // Two steps, so that neither power of two overflows on its own.
+    let half = scale / 2;
+    Some(mantissa * pow2(half) * pow2(scale - half))
 }
 
 fn parse_int_prefix(t: &str, unsigned: bool) -> Option<i128> {
@@ -1045,8 +1132,8 @@ fn divide_in(precision: DataType, x: f64, scale: f64) -> f64 {
             f16::from_f32(q).to_f64()
         }
         DataType::BF16 => {
-            let q = bf16::from_f64(x).to_f32() / bf16::from_f64(scale).to_f32();
-            bf16::from_f32(q).to_f64()
+            let q = bf16_of(x).to_f32() / bf16_of(scale).to_f32();
+            bf16_of(q as f64).to_f64()
         }
         _ => ((x as f32) / (scale as f32)) as f64,
     }
@@ -1417,6 +1504,13 @@ mod tests {
         assert_eq!(parse_float_prefix("1E8x"), Some(1e8));
         assert_eq!(parse_float_prefix("2e"), Some(2.0));
         assert_eq!(parse_float_prefix("abc"), None);
+        assert_eq!(parse_float_prefix("1e400"), None);
+        assert_eq!(parse_float_prefix("1e-310"), None);
+        assert_eq!(parse_float_prefix("0e999"), Some(0.0));
+        assert_eq!(parse_float_prefix("-0.0"), Some(0.0));
+        assert_eq!(parse_float_prefix("0x10"), Some(16.0));
+        assert_eq!(parse_float_prefix("-0x1.8p3"), Some(-12.0));
+        assert_eq!(parse_float_prefix("0xg"), Some(0.0));
         assert_eq!(parse_float_prefix("."), None);
         assert_eq!(parse_int_prefix("100.5", false), Some(100));
         assert_eq!(parse_int_prefix("-1", true), Some(-1));
@@ -1455,6 +1549,27 @@ mod tests {
             panic!()
         };
         assert_eq!(t.as_slice().unwrap(), &[false, false, true]);
+    }
+
+    #[test]
+    fn bfloat16_rounds_once_to_nearest_even() {
+        let x = f32::from_bits(0x8630_8006) as f64;
+        assert_eq!(bf16_of(x).to_bits(), 0x8631);
+        assert_eq!(
+            bf16_of(f32::from_bits(0x3F80_8000) as f64).to_bits(),
+            0x3F80
+        );
+        assert_eq!(
+            bf16_of(f32::from_bits(0x3F81_8000) as f64).to_bits(),
+            0x3F82
+        );
+        // Just above a midpoint in f64, a midpoint in f32: up.
+        let above = f32::from_bits(0x3F80_8000) as f64 + 1e-12;
+        assert_eq!(bf16_of(above).to_bits(), 0x3F81);
+        assert_eq!(bf16_of(f64::MAX).to_bits(), 0x7F80);
+        assert_eq!(bf16_of(3.4e38).to_bits(), 0x7F80);
+        assert!(bf16_of(f64::NAN).is_nan());
+        assert_eq!(bf16_of(-0.0).to_bits(), 0x8000);
     }
 
     #[test]
