@@ -573,10 +573,8 @@ fn parse_float_prefix(t: &str) -> Option<f64> {
     if rest.starts_with("nan") {
         return Some(f64::NAN);
     }
-    if rest.starts_with("0x") {
-        if let Some(v) = parse_hex_float(&rest[2..]) {
-            return Some(sign * v);
-        }
+    if let Some(v) = rest.strip_prefix("0x").and_then(parse_hex_float) {
+        return Some(sign * v);
     }
     let digits = |mut j: usize| {
         while j < b.len() && b[j].is_ascii_digit() {
