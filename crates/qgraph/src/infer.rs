@@ -28,7 +28,11 @@ pub fn infer(model: &Model, inputs: &Path, output: &Path) -> Result<(), Error> {
             Some(ValueType::SparseTensor(_)) => "a sparse tensor",
             _ => continue,
         };
-        let side = if g.value(v).is_graph_input() { "input" } else { "output" };
+        let side = if g.value(v).is_graph_input() {
+            "input"
+        } else {
+            "output"
+        };
         return Err(Error::msg(format!(
             "the model's {side} '{}' is {kind}: infer reads and writes tensors only",
             g.value(v).name()

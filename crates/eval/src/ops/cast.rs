@@ -1708,6 +1708,8 @@ mod tests {
                 added: None,
                 input_pads: [0; 4],
                 buffers: &buffers,
+                captures: &[],
+                functions: &[],
             };
             let general = quantize(&cx, &x, &scale, Some(&zp), target, DataType::F32).unwrap();
             assert_eq!(fast, general, "{target}");
