@@ -769,7 +769,7 @@ fn run_direction<R: Real>(
         }
     );
     let mut recurrent_h_bias = vec![zero; h_size];
-    if let Some(b) = d.bias {
+    if let (Some(b), true) = (d.bias, gate_rows > 0) {
         let (wb, rb) = b.split_at(gate_rows);
         let mut folded: Vec<R> = wb.iter().zip(rb).map(|(&w, &r)| w + r).collect();
         if linear_before_reset {
@@ -1344,6 +1344,25 @@ mod tests {
         let x64 = Tensor::F64(array(&[3, 2, 2], vec![0.0; 12]));
         assert!(run_op("GRU", vec![], &[Some(&x64), Some(&w3), Some(&r3)]).is_err());
         assert!(run_op("GRU", vec![], &[Some(&x), None, Some(&r3)]).is_err());
+    }
+
+    /// Degenerate sizes give empty or zero outputs, not a panic.
+    #[test]
+    fn empty_sizes() {
+        for (x_shape, hidden, input) in [
+            ([2, 1, 2], 0, 2),
+            ([0, 1, 2], 2, 2),
+            ([2, 0, 2], 2, 2),
+            ([2, 1, 0], 2, 0),
+        ] {
+            let x = pattern(&x_shape, 1);
+            let w = pattern(&[1, 4 * hidden, input], 2);
+            let r = pattern(&[1, 4 * hidden, hidden], 3);
+            let b = pattern(&[1, 8 * hidden], 4);
+            let out = run_op("LSTM", vec![], &[Some(&x), Some(&w), Some(&r), Some(&b)]).unwrap();
+            let (shape, _) = f32s(&out[0]);
+            assert_eq!(shape, [x_shape[0], 1, x_shape[1], hidden]);
+        }
     }
 
     /// Empty sequences: zero outputs and zero final states.

@@ -454,3 +454,348 @@ fn mel_weight_matrix(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tenso
         &out,
     )?])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qgraph_ir::{AttrValue, Graph, NewNode};
+
+    fn run_op(
+        op: &str,
+        opset: i64,
+        attrs: Vec<(&str, AttrValue)>,
+        inputs: &[Option<&Tensor>],
+    ) -> Result<Vec<Tensor>, EvalError> {
+        let mut graph = Graph::new("test");
+        let mut node = NewNode::new(op);
+        for (name, value) in attrs {
+            node = node.attr(name, value);
+        }
+        let id = graph.add_node(node).expect("a node without edges");
+        crate::run_node(&graph, id, opset, inputs)
+    }
+
+    fn f64s(t: &Tensor) -> (Vec<usize>, Vec<f64>) {
+        match t {
+            Tensor::F64(a) => (a.shape().to_vec(), a.iter().copied().collect()),
+            other => panic!("expected f64, found {}", other.dtype()),
+        }
+    }
+
+    fn assert_near(got: &[f64], want: &[f64], tolerance: f64) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= tolerance, "element {i}: {g} vs {w}");
+        }
+    }
+
+    fn scalar(v: i64) -> Tensor {
+        Tensor::I64(array(&[], vec![v]))
+    }
+
+    /// [1, 2, 3, 4] as a real signal, [1, 4, 1].
+    fn ramp() -> Tensor {
+        Tensor::F64(array(&[1, 4, 1], vec![1.0, 2.0, 3.0, 4.0]))
+    }
+
+    #[test]
+    fn dft_of_a_ramp_in_f64() {
+        // Opset 17: the axis attribute (default 1).
+        let out = run_op("DFT", 17, vec![], &[Some(&ramp())]).unwrap();
+        let (shape, values) = f64s(&out[0]);
+        assert_eq!(shape, [1, 4, 2]);
+        assert_near(
+            &values,
+            &[10.0, 0.0, -2.0, 2.0, -2.0, 0.0, -2.0, -2.0],
+            1e-12,
+        );
+        // Opset 20: the axis input (default -2), one-sided.
+        let out = run_op(
+            "DFT",
+            20,
+            vec![("onesided", AttrValue::Int(1))],
+            &[Some(&ramp())],
+        )
+        .unwrap();
+        let (shape, values) = f64s(&out[0]);
+        assert_eq!(shape, [1, 3, 2]);
+        assert_near(&values, &[10.0, 0.0, -2.0, 2.0, -2.0, 0.0], 1e-12);
+        // dft_length pads with zeros: the DFT of [1, 2, 3, 4, 0, 0, 0, 0]
+        // at bin 4 is 1 - 2 + 3 - 4.
+        let out = run_op("DFT", 20, vec![], &[Some(&ramp()), Some(&scalar(8))]).unwrap();
+        let (shape, values) = f64s(&out[0]);
+        assert_eq!(shape, [1, 8, 2]);
+        assert_near(&values[8..10], &[-2.0, 0.0], 1e-12);
+        // An axis input in opset 20 is honoured; the last axis is refused.
+        assert!(run_op("DFT", 20, vec![], &[Some(&ramp()), None, Some(&scalar(-1))]).is_err());
+        assert!(run_op(
+            "DFT",
+            17,
+            vec![("axis", AttrValue::Int(2))],
+            &[Some(&ramp())]
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn inverse_transforms_undo_the_forward_ones() {
+        let spectrum = run_op("DFT", 20, vec![], &[Some(&ramp())]).unwrap();
+        let back = run_op(
+            "DFT",
+            20,
+            vec![("inverse", AttrValue::Int(1))],
+            &[Some(&spectrum[0])],
+        )
+        .unwrap();
+        let (shape, values) = f64s(&back[0]);
+        assert_eq!(shape, [1, 4, 2]);
+        assert_near(&values, &[1.0, 0.0, 2.0, 0.0, 3.0, 0.0, 4.0, 0.0], 1e-12);
+        // One-sided forward, then the inverse real transform (its default
+        // length is 2 * (3 - 1) = 4).
+        let half = run_op(
+            "DFT",
+            20,
+            vec![("onesided", AttrValue::Int(1))],
+            &[Some(&ramp())],
+        )
+        .unwrap();
+        let real = run_op(
+            "DFT",
+            20,
+            vec![
+                ("onesided", AttrValue::Int(1)),
+                ("inverse", AttrValue::Int(1)),
+            ],
+            &[Some(&half[0])],
+        )
+        .unwrap();
+        let (shape, values) = f64s(&real[0]);
+        assert_eq!(shape, [1, 4, 1]);
+        assert_near(&values, &[1.0, 2.0, 3.0, 4.0], 1e-12);
+    }
+
+    #[test]
+    fn f32_spectra_keep_their_small_bins() {
+        // A constant signal: every bin but DC is exactly zero, which an f32
+        // transform would leave as rounding noise of the large DC value.
+        let signal = Tensor::F32(array(&[1, 10, 1], vec![1234.5; 10]));
+        let out = run_op("DFT", 20, vec![], &[Some(&signal)]).unwrap();
+        let Tensor::F32(y) = &out[0] else {
+            panic!("an f32 output expected")
+        };
+        assert_eq!(y[[0, 0, 0]], 12345.0);
+        assert!(y.iter().skip(2).all(|&v| v.abs() < 1e-9));
+    }
+
+    #[test]
+    fn stft_frames_match_dfts_of_each_frame() {
+        let signal = Tensor::F64(array(&[1, 6, 1], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        let window = Tensor::F64(array(&[4], vec![0.0, 1.0, 1.0, 0.0]));
+        let out = run_op(
+            "STFT",
+            17,
+            vec![],
+            &[Some(&signal), Some(&scalar(2)), Some(&window)],
+        )
+        .unwrap();
+        let (shape, values) = f64s(&out[0]);
+        // Frames [1 2 3 4] and [3 4 5 6], windowed to [0 2 3 0], [0 4 5 0];
+        // bins 0..=2: sum, -i(x1) + -(x2)... written out:
+        // X[k] = x1 e^{-iπk/2} + x2 e^{-iπk}.
+        assert_eq!(shape, [1, 2, 3, 2]);
+        assert_near(
+            &values,
+            &[
+                5.0, 0.0, -3.0, -2.0, 1.0, 0.0, 9.0, 0.0, -5.0, -4.0, 1.0, 0.0,
+            ],
+            1e-12,
+        );
+        // frame_length disagreeing with the window, or longer than the
+        // signal, is an error.
+        assert!(run_op(
+            "STFT",
+            17,
+            vec![],
+            &[
+                Some(&signal),
+                Some(&scalar(2)),
+                Some(&window),
+                Some(&scalar(3))
+            ]
+        )
+        .is_err());
+        assert!(run_op(
+            "STFT",
+            17,
+            vec![],
+            &[Some(&signal), Some(&scalar(2)), None, Some(&scalar(7))]
+        )
+        .is_err());
+        assert!(run_op("STFT", 17, vec![], &[Some(&signal), Some(&scalar(0))]).is_err());
+    }
+
+    #[test]
+    fn windows_in_any_type() {
+        let four = scalar(4);
+        let hann = run_op("HannWindow", 17, vec![], &[Some(&four)]).unwrap();
+        let Tensor::F32(h) = &hann[0] else {
+            panic!("f32 by default")
+        };
+        let h: Vec<f32> = h.iter().copied().collect();
+        assert!(h
+            .iter()
+            .zip([0.0, 0.5, 1.0, 0.5])
+            .all(|(a, b)| (a - b).abs() < 1e-7));
+        let f64_code = AttrValue::Int(11);
+        let symmetric = run_op(
+            "HammingWindow",
+            17,
+            vec![
+                ("periodic", AttrValue::Int(0)),
+                ("output_datatype", f64_code),
+            ],
+            &[Some(&scalar(3))],
+        )
+        .unwrap();
+        let (_, hamming) = f64s(&symmetric[0]);
+        assert_near(&hamming, &[4.0 / 46.0, 1.0, 4.0 / 46.0], 1e-15);
+        // Integer outputs truncate, as a cast does: only the peak is 1.
+        let ints = run_op(
+            "BlackmanWindow",
+            17,
+            vec![
+                ("periodic", AttrValue::Int(0)),
+                ("output_datatype", AttrValue::Int(6)),
+            ],
+            &[Some(&scalar(5))],
+        )
+        .unwrap();
+        let Tensor::I32(b) = &ints[0] else {
+            panic!("int32 asked for")
+        };
+        assert_eq!(b.iter().copied().collect::<Vec<_>>(), [0, 0, 1, 0, 0]);
+        assert!(run_op("HannWindow", 17, vec![], &[Some(&scalar(-1))]).is_err());
+        assert!(run_op(
+            "HannWindow",
+            17,
+            vec![("output_datatype", AttrValue::Int(9))],
+            &[Some(&four)]
+        )
+        .is_err());
+    }
+
+    // MelWeightMatrix(8, 16, 8192, 0, 4096) from ONNX Runtime 1.32.
+    // MEL [9, 8]
+    const MEL: [f32; 72] = [
+        1.00000000e+00,
+        1.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        1.00000000e+00,
+        1.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        1.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        1.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        1.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        1.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+        0.00000000e+00,
+    ];
+
+    #[test]
+    fn mel_weight_matrix_matches_onnx_runtime() {
+        let hertz = |v: f32| Tensor::F32(array(&[], vec![v]));
+        let out = run_op(
+            "MelWeightMatrix",
+            17,
+            vec![],
+            &[
+                Some(&scalar(8)),
+                Some(&scalar(16)),
+                Some(&scalar(8192)),
+                Some(&hertz(0.0)),
+                Some(&hertz(4096.0)),
+            ],
+        )
+        .unwrap();
+        let Tensor::F32(m) = &out[0] else {
+            panic!("f32 by default")
+        };
+        assert_eq!(m.shape(), [9, 8]);
+        assert_eq!(m.iter().copied().collect::<Vec<_>>(), MEL);
+        // Band edges past the spectrum are an error, not an index out of
+        // range.
+        assert!(run_op(
+            "MelWeightMatrix",
+            17,
+            vec![],
+            &[
+                Some(&scalar(8)),
+                Some(&scalar(16)),
+                Some(&scalar(8192)),
+                Some(&hertz(0.0)),
+                Some(&hertz(9000.0)),
+            ],
+        )
+        .is_err());
+    }
+}
