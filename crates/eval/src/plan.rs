@@ -124,20 +124,23 @@ pub fn plan(
         .collect()
 }
 
-/// Whether a Conv weight may be 2-D and f32: false when its initializer
-/// (or the initializer a DequantizeLinear dequantizes) says otherwise, or
-/// when its declared type does.
+/// Whether a Conv weight may be 2-D and f32: false when its initializer or
+/// Constant (or the initializer a DequantizeLinear dequantizes) says
+/// otherwise, when its declared type does, or when nothing tells.
 fn may_be_planar_f32(graph: &Graph, weight: Option<ValueId>) -> bool {
     let Some(w) = weight else { return false };
     let value = graph.value(w);
-    if let Some(init) = value.initializer() {
-        return matches!(&init.tensor, Tensor::F32(a) if a.ndim() == 4);
+    if let Some(t) = constant_value(graph, w) {
+        return matches!(t, Tensor::F32(a) if a.ndim() == 4);
     }
     if let Some(qgraph_ir::ValueType::Tensor(t)) = value.effective_type() {
         if t.dtype.is_some_and(|d| d != qgraph_ir::DataType::F32)
             || t.shape.as_ref().is_some_and(|s| s.len() != 4)
         {
             return false;
+        }
+        if t.dtype.is_some() && t.shape.is_some() {
+            return true;
         }
     }
     match graph.producer(w) {
@@ -149,7 +152,10 @@ fn may_be_planar_f32(graph: &Graph, weight: Option<ValueId>) -> bool {
             .flatten()
             .and_then(|q| graph.value(q).initializer())
             .is_none_or(|i| i.tensor.shape().len() == 4),
-        _ => true,
+        Some(_) => true,
+        // A graph input or a value captured from an enclosing graph, of
+        // unknown rank: run unfused.
+        None => false,
     }
 }
 
