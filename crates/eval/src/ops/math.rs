@@ -315,6 +315,27 @@ pub fn prelu(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
     let x = input(cx, inputs, 0)?;
     Ok(vec![numeric!(cx, x, "input 0", |a| {
         let slope = same_as(cx, inputs, 1, a)?;
+        // Before opset 7 a 1-D slope holds one value per channel (axis 1).
+        let per_channel;
+        let slope = if cx.opset < 7
+            && slope.ndim() == 1
+            && a.ndim() > 2
+            && slope.len() == a.shape()[1]
+            && slope.len() > 1
+        {
+            let mut shape = vec![1; a.ndim() - 1];
+            shape[0] = slope.len();
+            per_channel = slope
+                .clone()
+                .into_shape_with_order(IxDyn(&shape))
+                .map_err(|e| EvalError::Op {
+                    node: cx.describe(),
+                    message: e.to_string(),
+                })?;
+            &per_channel
+        } else {
+            slope
+        };
         Elem::wrap(zip2(cx, a, slope, |&v, &s| {
             if v < Number::zero() {
                 v.mul(s)

@@ -22,6 +22,7 @@ mod reduce;
 mod rnn;
 mod signal;
 mod spatial;
+mod strings;
 pub(crate) mod typed;
 
 pub(crate) use control::call_function;
@@ -222,6 +223,7 @@ const DEFAULT_DOMAIN_TABLES: &[&[(&str, Kernel)]] = &[
     control::KERNELS,
     signal::KERNELS,
     spatial::KERNELS,
+    strings::KERNELS,
     KERNELS,
 ];
 

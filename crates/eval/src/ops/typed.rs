@@ -51,7 +51,6 @@ impl_elem!(
 /// toward zero.
 pub trait Number: Elem + Copy + PartialOrd + Default + std::fmt::Debug {
     const IS_FLOAT: bool;
-    const IS_SIGNED: bool;
     fn zero() -> Self;
     fn one() -> Self;
     fn add(self, o: Self) -> Self;
@@ -79,7 +78,6 @@ macro_rules! impl_int {
     ($($t:ty, $signed:expr);* $(;)?) => {$(
         impl Number for $t {
             const IS_FLOAT: bool = false;
-            const IS_SIGNED: bool = $signed;
             fn zero() -> Self { 0 }
             fn one() -> Self { 1 }
             fn add(self, o: Self) -> Self { self.wrapping_add(o) }
@@ -116,7 +114,6 @@ macro_rules! impl_float {
     ($($t:ty),*) => {$(
         impl Number for $t {
             const IS_FLOAT: bool = true;
-            const IS_SIGNED: bool = true;
             fn zero() -> Self { 0.0 }
             fn one() -> Self { 1.0 }
             fn add(self, o: Self) -> Self { self + o }
@@ -148,7 +145,6 @@ macro_rules! impl_half {
     ($($t:ty),*) => {$(
         impl Number for $t {
             const IS_FLOAT: bool = true;
-            const IS_SIGNED: bool = true;
             fn zero() -> Self { <$t>::ZERO }
             fn one() -> Self { <$t>::ONE }
             fn add(self, o: Self) -> Self { <$t>::from_f32(self.to_f32() + o.to_f32()) }
