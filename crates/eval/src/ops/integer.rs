@@ -49,8 +49,19 @@ pub(super) fn scales(
     per: usize,
     what: &str,
 ) -> Result<Vec<f32>, EvalError> {
-    let Tensor::F32(a) = t else {
-        return cx.err(format!("{what} must be f32, found {}", t.dtype()));
+    // float16 and bfloat16 scales are exact in f32.
+    let widened;
+    let a = match t {
+        Tensor::F32(a) => a,
+        Tensor::F16(a) => {
+            widened = a.mapv(f32::from);
+            &widened
+        }
+        Tensor::BF16(a) => {
+            widened = a.mapv(f32::from);
+            &widened
+        }
+        t => return cx.err(format!("{what} must be a float, found {}", t.dtype())),
     };
     if a.len() == 1 || a.len() == per {
         Ok(a.iter().copied().collect())
