@@ -6,7 +6,9 @@
 //! fusion plan and the training tape were measured against them); every
 //! other type computes here, in its own type.
 
-use super::typed::{any_elem, floating, numeric, same_as, same_type, zip2, Elem, Float, Number};
+use super::typed::{
+    any_elem, floating, integer, numeric, same_as, same_type, zip2, Elem, Float, Number,
+};
 use super::{elementwise, input, Kernel};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayD, IxDyn};
@@ -381,29 +383,6 @@ fn bool_input<'t>(
 
 pub fn not(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
     Ok(vec![Tensor::Bool(bool_input(cx, inputs, 0)?.mapv(|v| !v))])
-}
-
-/// Dispatches over the integer types.
-macro_rules! integer {
-    ($cx:expr, $t:expr, $what:expr, |$a:ident| $body:expr) => {
-        match $t {
-            Tensor::I8($a) => $body,
-            Tensor::I16($a) => $body,
-            Tensor::I32($a) => $body,
-            Tensor::I64($a) => $body,
-            Tensor::U8($a) => $body,
-            Tensor::U16($a) => $body,
-            Tensor::U32($a) => $body,
-            Tensor::U64($a) => $body,
-            other => {
-                return $cx.err(format!(
-                    "{} is {}, this operator takes integers",
-                    $what,
-                    other.dtype()
-                ))
-            }
-        }
-    };
 }
 
 pub fn bitwise_not(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {

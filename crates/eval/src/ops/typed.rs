@@ -270,6 +270,30 @@ macro_rules! floating {
 }
 pub(crate) use floating;
 
+/// As [`numeric!`], over the integer types only.
+macro_rules! integer {
+    ($cx:expr, $t:expr, $what:expr, |$a:ident| $body:expr) => {
+        match $t {
+            Tensor::I8($a) => $body,
+            Tensor::I16($a) => $body,
+            Tensor::I32($a) => $body,
+            Tensor::I64($a) => $body,
+            Tensor::U8($a) => $body,
+            Tensor::U16($a) => $body,
+            Tensor::U32($a) => $body,
+            Tensor::U64($a) => $body,
+            other => {
+                return $cx.err(format!(
+                    "{} is {}, this operator takes integers",
+                    $what,
+                    other.dtype()
+                ))
+            }
+        }
+    };
+}
+pub(crate) use integer;
+
 /// As [`numeric!`], over every type a tensor holds as values, bool and
 /// string included (for data movement).
 macro_rules! any_elem {
