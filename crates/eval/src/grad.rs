@@ -7,7 +7,7 @@
 //! so one prepared evaluator serves every training step.
 
 use crate::ops::{self, Grads};
-use crate::{EvalError, Evaluator, Inputs, OpCtx};
+use crate::{DataRef, EvalError, Evaluator, Inputs, OpCtx};
 use qgraph_ir::{NodeId, Tensor, ValueId};
 use std::collections::{HashMap, HashSet};
 
@@ -88,7 +88,7 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
         if let Some(t) = self.values.get(&v).or_else(|| self.params.get(&v)) {
             return Ok(t);
         }
-        self.evaluator.lookup(&self.values, v, &[])
+        self.evaluator.lookup_tensor(&self.values, v)
     }
 
     fn lookup_all(&self, values: &[Option<ValueId>]) -> Result<Vec<Option<&Tensor>>, EvalError> {
@@ -140,11 +140,30 @@ impl<'e, 'm, 'p> Tape<'e, 'm, 'p> {
                     let (ys, firsts) = ops::max_pool_recording(&cx, &args)?;
                     (ys, Some(firsts))
                 }
-                _ => {
-                    let kernel = ops::kernel(&node.domain, &node.op_type)
-                        .expect("checked in Evaluator::new");
-                    (kernel(&cx, &args)?, None)
-                }
+                _ => match (
+                    ops::kernel(&node.domain, &node.op_type),
+                    ops::data_kernel(&node.domain, &node.op_type),
+                ) {
+                    (Some(kernel), _) => (kernel(&cx, &args)?, None),
+                    // Control flow on tensors: the tape keeps tensors only.
+                    (None, Some(kernel)) => {
+                        let data: Vec<_> = args.iter().map(|a| a.map(DataRef::Tensor)).collect();
+                        let mut outs = Vec::new();
+                        for d in kernel(&cx, &data)? {
+                            match d.into_tensor() {
+                                Ok(t) => outs.push(t),
+                                Err(d) => {
+                                    return cx.err(format!(
+                                        "produced {}: training keeps tensors only",
+                                        d.kind()
+                                    ))
+                                }
+                            }
+                        }
+                        (outs, None)
+                    }
+                    (None, None) => (ops::call_function(&cx, &args)?, None),
+                },
             }
         };
         self.time(&node.op_type, "forward", started);

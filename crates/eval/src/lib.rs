@@ -15,7 +15,7 @@ mod samples;
 pub mod shapes;
 
 use plan::Step;
-use qgraph_ir::{Function, Graph, Model, NodeId, Tensor, ValueDef, ValueId};
+use qgraph_ir::{Data, Function, Graph, Model, NodeId, Tensor, ValueDef, ValueId};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
@@ -34,6 +34,65 @@ pub enum EvalError {
 /// The model's inputs, by position (initializer-backed inputs may be left
 /// out: their default is used).
 pub type Inputs = Vec<Tensor>;
+
+/// A value's data, borrowed: what kernels of sequences, optionals and
+/// control flow read.
+#[derive(Clone, Copy, Debug)]
+pub enum DataRef<'a> {
+    Tensor(&'a Tensor),
+    Sequence(&'a [Tensor]),
+    Optional(Option<&'a Data>),
+}
+
+impl<'a> DataRef<'a> {
+    pub fn of(d: &'a Data) -> DataRef<'a> {
+        match d {
+            Data::Tensor(t) => DataRef::Tensor(t),
+            Data::Sequence(items) => DataRef::Sequence(items),
+            Data::Optional(inner) => DataRef::Optional(inner.as_deref()),
+        }
+    }
+
+    pub fn to_data(self) -> Data {
+        match self {
+            DataRef::Tensor(t) => Data::Tensor(t.clone()),
+            DataRef::Sequence(items) => Data::Sequence(items.to_vec()),
+            DataRef::Optional(inner) => Data::Optional(inner.cloned().map(Box::new)),
+        }
+    }
+
+    pub fn kind(self) -> &'static str {
+        match self {
+            DataRef::Tensor(_) => "a tensor",
+            DataRef::Sequence(_) => "a sequence",
+            DataRef::Optional(_) => "an optional",
+        }
+    }
+
+    pub fn tensor(self) -> Option<&'a Tensor> {
+        match self {
+            DataRef::Tensor(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// The tensors of a run's outputs; an output that is a sequence or an
+/// optional is an error naming it (see [`Evaluator::run_data`]).
+fn tensors_of(g: &Graph, values: &[ValueId], data: Vec<Data>) -> Result<Vec<Tensor>, EvalError> {
+    data.into_iter()
+        .zip(values)
+        .map(|(d, &v)| {
+            d.into_tensor().map_err(|d| {
+                EvalError::Input(format!(
+                    "'{}' is {}, where a tensor is expected",
+                    g.value(v).name(),
+                    d.kind()
+                ))
+            })
+        })
+        .collect()
+}
 
 /// Evaluator settings.
 #[derive(Clone, Copy, Debug, Default)]
@@ -100,7 +159,7 @@ pub struct Evaluator<'m> {
     /// The values of the steps that read only initializers and each other
     /// (constant folding): computed once here, as ONNX Runtime does when it
     /// prepares a session, instead of on every run.
-    folded: HashMap<ValueId, Tensor>,
+    folded: HashMap<ValueId, Data>,
     /// Per step of `plan`, whether its values are in `folded`.
     step_folded: Vec<bool>,
 }
@@ -232,7 +291,7 @@ pub struct OpCtx<'a> {
     pub(crate) buffers: &'a pool::BufferPool,
     /// The values of enclosing scopes that the node's subgraphs read, by
     /// name (control flow).
-    pub(crate) captures: &'a [(&'a str, &'a Tensor)],
+    pub(crate) captures: &'a [(&'a str, DataRef<'a>)],
     /// The model's local functions, which subgraphs may call.
     pub(crate) functions: &'a [Function],
 }
@@ -295,6 +354,7 @@ impl<'m> Evaluator<'m> {
         for &n in &order {
             let node = graph.node(n);
             if ops::kernel(&node.domain, &node.op_type).is_none()
+                && ops::data_kernel(&node.domain, &node.op_type).is_none()
                 && find_function(functions, &node.domain, &node.op_type).is_none()
             {
                 let op = if node.domain.is_empty() {
@@ -360,11 +420,11 @@ impl<'m> Evaluator<'m> {
     /// values such steps compute, keeping all their values. The same
     /// kernels compute them as a run would, so a run's values are unchanged.
     /// A step that fails is left to each run, which reports the error then.
-    fn fold_constants(&self) -> (HashMap<ValueId, Tensor>, Vec<bool>) {
+    fn fold_constants(&self) -> (HashMap<ValueId, Data>, Vec<bool>) {
         let g = self.graph;
-        let mut env: HashMap<ValueId, Tensor> = HashMap::new();
+        let mut env: HashMap<ValueId, Data> = HashMap::new();
         let mut step_folded = vec![false; self.plan.len()];
-        let is_constant = |v: ValueId, env: &HashMap<ValueId, Tensor>| {
+        let is_constant = |v: ValueId, env: &HashMap<ValueId, Data>| {
             env.contains_key(&v)
                 || g.value(v)
                     .initializer()
@@ -462,7 +522,7 @@ impl<'m> Evaluator<'m> {
     }
 
     /// The given inputs paired with the graph inputs that need data.
-    fn bind_inputs(&self, inputs: Inputs) -> Result<Vec<(ValueId, Tensor)>, EvalError> {
+    fn bind_inputs<T>(&self, inputs: Vec<T>) -> Result<Vec<(ValueId, T)>, EvalError> {
         let required = self.required_inputs();
         if inputs.len() != required.len() {
             return Err(EvalError::Input(format!(
@@ -489,6 +549,27 @@ impl<'m> Evaluator<'m> {
         self.run_observed(inputs, &[], &mut |_, _| {})
     }
 
+    /// Runs the graph on inputs of any kind (tensors, sequences,
+    /// optionals), as [`Evaluator::required_inputs`] lists them; returns
+    /// its outputs, of any kind, in order.
+    pub fn run_data(&self, inputs: Vec<Data>) -> Result<Vec<Data>, EvalError> {
+        let bound = self.bind_inputs(inputs)?;
+        let mut bound: Vec<(ValueId, Option<Data>)> =
+            bound.into_iter().map(|(v, d)| (v, Some(d))).collect();
+        let all: Vec<Option<Data>> = self
+            .graph
+            .inputs()
+            .iter()
+            .map(|v| {
+                bound
+                    .iter_mut()
+                    .find(|(b, _)| b == v)
+                    .and_then(|(_, d)| d.take())
+            })
+            .collect();
+        self.in_pool(|| self.run_with(all, &[], &mut |_, _| {}, None, &[]))
+    }
+
     /// Runs the graph, calling `observe(value, tensor)` for each value in
     /// `watch` as soon as it is computed (graph inputs included).
     pub fn run_observed(
@@ -506,13 +587,17 @@ impl<'m> Evaluator<'m> {
                 let outputs = self.in_pool(|| {
                     groups
                         .into_par_iter()
-                        .map(|g| self.run_timed(g, &[], &mut |_, _| {}, None))
+                        .map(|g| {
+                            let outs = self.run_timed(g, &[], &mut |_, _| {}, None)?;
+                            tensors_of(self.graph, self.graph.outputs(), outs)
+                        })
                         .collect::<Result<Vec<_>, _>>()
                 })?;
                 return samples::join(outputs);
             }
         }
-        self.in_pool(|| self.run_in_pool(inputs, watch, observe))
+        let outs = self.in_pool(|| self.run_in_pool(inputs, watch, observe))?;
+        tensors_of(self.graph, self.graph.outputs(), outs)
     }
 
     /// Runs `work` in this evaluator's pool, the other workers awake until
@@ -575,7 +660,7 @@ impl<'m> Evaluator<'m> {
         inputs: Inputs,
         watch: &[ValueId],
         observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
-    ) -> Result<Vec<Tensor>, EvalError> {
+    ) -> Result<Vec<Data>, EvalError> {
         self.run_timed(inputs, watch, observe, None)
     }
 
@@ -585,8 +670,19 @@ impl<'m> Evaluator<'m> {
     pub(crate) fn run_scoped(
         &self,
         inputs: Vec<Option<Tensor>>,
-        outer: &[(&str, &Tensor)],
+        outer: &[(&str, DataRef)],
     ) -> Result<Vec<Tensor>, EvalError> {
+        let inputs = inputs.into_iter().map(|t| t.map(Data::Tensor)).collect();
+        let outs = self.run_scoped_data(inputs, outer)?;
+        tensors_of(self.graph, self.graph.outputs(), outs)
+    }
+
+    /// As [`Evaluator::run_scoped`], with values of any kind.
+    pub(crate) fn run_scoped_data(
+        &self,
+        inputs: Vec<Option<Data>>,
+        outer: &[(&str, DataRef)],
+    ) -> Result<Vec<Data>, EvalError> {
         self.run_with(inputs, &[], &mut |_, _| {}, None, outer)
     }
 
@@ -596,13 +692,18 @@ impl<'m> Evaluator<'m> {
         watch: &[ValueId],
         observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
         profile: Option<&mut Profile>,
-    ) -> Result<Vec<Tensor>, EvalError> {
+    ) -> Result<Vec<Data>, EvalError> {
         let bound = self.bind_inputs(inputs)?;
         let g = self.graph;
-        let all: Vec<Option<Tensor>> = g
+        let all: Vec<Option<Data>> = g
             .inputs()
             .iter()
-            .map(|v| bound.iter().find(|(b, _)| b == v).map(|(_, t)| t.clone()))
+            .map(|v| {
+                bound
+                    .iter()
+                    .find(|(b, _)| b == v)
+                    .map(|(_, t)| Data::Tensor(t.clone()))
+            })
             .collect();
         drop(bound);
         self.run_with(all, watch, observe, profile, &[])
@@ -610,14 +711,14 @@ impl<'m> Evaluator<'m> {
 
     fn run_with(
         &self,
-        inputs: Vec<Option<Tensor>>,
+        inputs: Vec<Option<Data>>,
         watch: &[ValueId],
         observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
         mut profile: Option<&mut Profile>,
-        outer: &[(&str, &Tensor)],
-    ) -> Result<Vec<Tensor>, EvalError> {
+        outer: &[(&str, DataRef)],
+    ) -> Result<Vec<Data>, EvalError> {
         let g = self.graph;
-        let mut env: HashMap<ValueId, Tensor> = HashMap::new();
+        let mut env: HashMap<ValueId, Data> = HashMap::new();
         let mut left = self.uses.clone();
         if inputs.len() > g.inputs().len() {
             return Err(EvalError::Input(format!(
@@ -627,14 +728,22 @@ impl<'m> Evaluator<'m> {
             )));
         }
         for (&v, t) in g.inputs().iter().zip(inputs) {
-            let Some(t) = t else { continue };
-            if watch.contains(&v) {
-                observe(v, &t);
+            let Some(mut t) = t else { continue };
+            // A tensor or sequence given for an input declared optional is
+            // an optional holding it (a Loop body's carried optional, fed
+            // the sequence the previous iteration made).
+            if !matches!(t, Data::Optional(_))
+                && matches!(g.value(v).ty, Some(qgraph_ir::ValueType::Optional(_)))
+            {
+                t = Data::Optional(Some(Box::new(t)));
+            }
+            if let (true, Data::Tensor(t)) = (watch.contains(&v), &t) {
+                observe(v, t);
             }
             env.insert(v, t);
         }
         for v in watch {
-            if let Some(t) = self.folded.get(v) {
+            if let Some(Data::Tensor(t)) = self.folded.get(v) {
                 observe(*v, t);
             }
         }
@@ -664,7 +773,7 @@ impl<'m> Evaluator<'m> {
             };
             let mut name = String::new();
             if let Some(pad) = step.pad {
-                let padded = self.lookup_inputs(g.node(pad).inputs(), &env, outer)?;
+                let padded = self.lookup_tensors(g.node(pad), g.node(pad).inputs(), &env, outer)?;
                 match plan::spatial_zero_pads(g, self.opset, pad, &padded) {
                     Some(pads) => {
                         call.input_pads = pads;
@@ -723,22 +832,56 @@ impl<'m> Evaluator<'m> {
                     env.insert(v, t);
                 }
                 Some(t) => outs.push(t),
-                None => outs.push(self.lookup(&env, v, outer)?.clone()),
+                None => outs.push(self.lookup(&env, v, outer)?.to_data()),
             }
         }
         Ok(outs)
     }
 
-    /// The tensors of `values` (absent optional inputs stay `None`).
+    /// The data of `values` (absent optional inputs stay `None`).
     fn lookup_inputs<'e>(
         &'e self,
         values: &[Option<ValueId>],
-        env: &'e HashMap<ValueId, Tensor>,
-        outer: &'e [(&'e str, &'e Tensor)],
-    ) -> Result<Vec<Option<&'e Tensor>>, EvalError> {
+        env: &'e HashMap<ValueId, Data>,
+        outer: &'e [(&'e str, DataRef<'e>)],
+    ) -> Result<Vec<Option<DataRef<'e>>>, EvalError> {
         values
             .iter()
             .map(|v| v.map(|v| self.lookup(env, v, outer)).transpose())
+            .collect()
+    }
+
+    /// The tensors of `values`, which `node` reads: a sequence or an
+    /// optional there is an error naming the value.
+    fn lookup_tensors<'e>(
+        &'e self,
+        node: &qgraph_ir::Node,
+        values: &[Option<ValueId>],
+        env: &'e HashMap<ValueId, Data>,
+        outer: &'e [(&'e str, DataRef<'e>)],
+    ) -> Result<Vec<Option<&'e Tensor>>, EvalError> {
+        let data = self.lookup_inputs(values, env, outer)?;
+        Self::only_tensors(self.graph, node, values, data)
+    }
+
+    fn only_tensors<'e>(
+        g: &Graph,
+        node: &qgraph_ir::Node,
+        values: &[Option<ValueId>],
+        data: Vec<Option<DataRef<'e>>>,
+    ) -> Result<Vec<Option<&'e Tensor>>, EvalError> {
+        data.into_iter()
+            .zip(values)
+            .map(|(d, v)| match (d, v) {
+                (None, _) => Ok(None),
+                (Some(DataRef::Tensor(t)), _) => Ok(Some(t)),
+                (Some(d), v) => Err(EvalError::Input(format!(
+                    "'{}' is {}, which {} does not take",
+                    v.map(|v| g.value(v).name()).unwrap_or(""),
+                    d.kind(),
+                    node.op_type
+                ))),
+            })
             .collect()
     }
 
@@ -747,9 +890,9 @@ impl<'m> Evaluator<'m> {
     fn captures_of<'e>(
         &'e self,
         n: NodeId,
-        env: &'e HashMap<ValueId, Tensor>,
-        outer: &'e [(&'e str, &'e Tensor)],
-    ) -> Result<Vec<(&'e str, &'e Tensor)>, EvalError> {
+        env: &'e HashMap<ValueId, Data>,
+        outer: &'e [(&'e str, DataRef<'e>)],
+    ) -> Result<Vec<(&'e str, DataRef<'e>)>, EvalError> {
         let Some((_, names)) = self.implicit.get(&n) else {
             return Ok(Vec::new());
         };
@@ -776,11 +919,11 @@ impl<'m> Evaluator<'m> {
     fn exec(
         &self,
         call: &Call,
-        env: &mut HashMap<ValueId, Tensor>,
+        env: &mut HashMap<ValueId, Data>,
         left: &mut HashMap<ValueId, usize>,
         watch: &[ValueId],
         observe: &mut (dyn FnMut(ValueId, &Tensor) + Send),
-        outer: &[(&str, &Tensor)],
+        outer: &[(&str, DataRef)],
     ) -> Result<f64, EvalError> {
         let g = self.graph;
         let node = g.node(call.node);
@@ -793,22 +936,29 @@ impl<'m> Evaluator<'m> {
         reads.extend(call.added.map(Some));
         let started = std::time::Instant::now();
         let results = {
-            let args = self.lookup_inputs(&reads, env, outer)?;
+            let data = self.lookup_inputs(&reads, env, outer)?;
             let captures = self.captures_of(call.node, env, outer)?;
+            let data_kernel = ops::data_kernel(&node.domain, &node.op_type);
+            let args = match data_kernel {
+                Some(_) => Vec::new(),
+                None => Self::only_tensors(g, node, &reads, data.clone())?,
+            };
             let cx = OpCtx {
                 graph: g,
                 node: call.node,
                 opset: self.opset,
                 epilogue: call.epilogue,
-                added: args.get(arity).copied().flatten(),
+                added: data.get(arity).copied().flatten().and_then(DataRef::tensor),
                 input_pads: call.input_pads,
                 buffers: &self.buffers,
                 captures: &captures,
                 functions: self.functions,
             };
-            match ops::kernel(&node.domain, &node.op_type) {
-                Some(kernel) => kernel(&cx, &args[..arity])?,
-                None => ops::call_function(&cx, &args[..arity])?,
+            let tensors = |ts: Vec<Tensor>| ts.into_iter().map(Data::Tensor).collect::<Vec<_>>();
+            match (data_kernel, ops::kernel(&node.domain, &node.op_type)) {
+                (Some(kernel), _) => kernel(&cx, &data[..arity])?,
+                (None, Some(kernel)) => tensors(kernel(&cx, &args[..arity])?),
+                (None, None) => tensors(ops::call_function(&cx, &args[..arity])?),
             }
         };
         // The values the node's subgraphs captured are released with its
@@ -821,7 +971,7 @@ impl<'m> Evaluator<'m> {
             let count = left.entry(*v).or_default();
             *count = count.saturating_sub(1);
             if *count == 0 {
-                if let Some(t) = env.remove(v) {
+                if let Some(Data::Tensor(t)) = env.remove(v) {
                     // A graph input's buffer came from the caller, a new one
                     // each run: kept, the pool would grow by one per run.
                     if !g.value(*v).is_graph_input() {
@@ -843,8 +993,8 @@ impl<'m> Evaluator<'m> {
         }
         for (v, t) in outputs.iter().zip(results) {
             let Some(v) = v else { continue };
-            if watch.contains(v) {
-                observe(*v, &t);
+            if let (true, Data::Tensor(t)) = (watch.contains(v), &t) {
+                observe(*v, t);
             }
             if left.get(v).copied().unwrap_or(0) > 0 {
                 env.insert(*v, t);
@@ -853,17 +1003,46 @@ impl<'m> Evaluator<'m> {
         Ok(secs)
     }
 
-    /// The tensor of a value: computed, given, or an initializer.
+    /// The data of a value: computed, given, or an initializer.
     fn lookup<'e>(
+        &'e self,
+        env: &'e HashMap<ValueId, Data>,
+        v: ValueId,
+        outer: &'e [(&'e str, DataRef<'e>)],
+    ) -> Result<DataRef<'e>, EvalError> {
+        if let Some(d) = env.get(&v) {
+            return Ok(DataRef::of(d));
+        }
+        self.lookup_beyond(v, outer)
+    }
+
+    /// The tensor of a value, for the tape (which keeps tensors only).
+    pub(crate) fn lookup_tensor<'e>(
         &'e self,
         env: &'e HashMap<ValueId, Tensor>,
         v: ValueId,
-        outer: &'e [(&'e str, &'e Tensor)],
     ) -> Result<&'e Tensor, EvalError> {
-        let g = self.graph;
         if let Some(t) = env.get(&v) {
             return Ok(t);
         }
+        let d = self.lookup_beyond(v, &[])?;
+        d.tensor().ok_or_else(|| {
+            EvalError::Input(format!(
+                "'{}' is {}, where a tensor is expected",
+                self.graph.value(v).name(),
+                d.kind()
+            ))
+        })
+    }
+
+    /// The data of a value not computed in this run: an initializer, a
+    /// folded constant, or a value of an enclosing scope.
+    fn lookup_beyond<'e>(
+        &'e self,
+        v: ValueId,
+        outer: &'e [(&'e str, DataRef<'e>)],
+    ) -> Result<DataRef<'e>, EvalError> {
+        let g = self.graph;
         if let Some(init) = g.value(v).initializer() {
             if init.tensor.is_elided() {
                 return Err(EvalError::Input(format!(
@@ -871,14 +1050,14 @@ impl<'m> Evaluator<'m> {
                     g.value(v).name()
                 )));
             }
-            return Ok(&init.tensor);
+            return Ok(DataRef::Tensor(&init.tensor));
         }
-        if let Some(t) = self.folded.get(&v) {
-            return Ok(t);
+        if let Some(d) = self.folded.get(&v) {
+            return Ok(DataRef::of(d));
         }
         let name = g.value(v).name();
-        if let Some((_, t)) = outer.iter().find(|(m, _)| *m == name) {
-            return Ok(t);
+        if let Some((_, d)) = outer.iter().find(|(m, _)| *m == name) {
+            return Ok(*d);
         }
         match g.definition(v) {
             ValueDef::Captured => Err(EvalError::Input(format!(

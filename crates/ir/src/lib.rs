@@ -10,6 +10,7 @@
 //! files, `qgraph-text` prints and parses the text form.
 
 mod attr;
+mod data;
 mod dtype;
 mod graph;
 mod model;
@@ -19,6 +20,7 @@ mod types;
 mod verify;
 
 pub use attr::{AttrKind, AttrValue, Attribute};
+pub use data::Data;
 pub use dtype::DataType;
 pub use graph::{
     Cycle, Graph, Initializer, IrError, Metadata, NewNode, Node, NodeId, TensorAnnotation, Value,

@@ -8,6 +8,7 @@
 //! rename), with external data for models past protobuf's 2 GiB limit.
 
 mod codes;
+mod data;
 mod error;
 mod read;
 mod write;
@@ -17,6 +18,7 @@ mod proto {
     include!("generated/onnx.rs");
 }
 
+pub use data::{decode_data, encode_data};
 pub use error::OnnxError;
 pub use read::{decode_model, decode_tensor, read_model, Loaded};
 pub use write::{

@@ -1009,6 +1009,12 @@ mod tests {
 /// name (empty when it has none) and its values.
 pub fn decode_tensor(bytes: &[u8]) -> Result<(String, Tensor), OnnxError> {
     let proto = proto::TensorProto::decode(bytes).map_err(|e| one_line(decode_error(&e)))?;
+    tensor_from_proto(proto)
+}
+
+/// A `TensorProto` already parsed (an element of a sequence or optional):
+/// its name and its values.
+pub(crate) fn tensor_from_proto(proto: proto::TensorProto) -> Result<(String, Tensor), OnnxError> {
     let name = proto.name.clone().unwrap_or_default();
     let mut reader = Reader {
         dir: None,

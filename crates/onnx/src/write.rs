@@ -524,8 +524,16 @@ impl Writer {
 /// One tensor as a serialized `TensorProto` named `name` (an ONNX test data
 /// set's `output_0.pb`).
 pub fn encode_tensor(name: &str, tensor: &Tensor) -> Result<Vec<u8>, OnnxError> {
+    Ok(tensor_to_proto(name, tensor)?.encode_to_vec())
+}
+
+/// A tensor as a `TensorProto` with its data inline.
+pub(crate) fn tensor_to_proto(
+    name: &str,
+    tensor: &Tensor,
+) -> Result<proto::TensorProto, OnnxError> {
     let mut w = Writer { external: None };
     let mut proto = w.tensor(tensor, false)?;
     proto.name = opt(name);
-    Ok(proto.encode_to_vec())
+    Ok(proto)
 }

@@ -2,13 +2,14 @@
 //! to either an `.npz` file (one array per input or output, by name) or an
 //! ONNX test data set directory (`input_0.pb`, ... in, `output_0.pb`, ...
 //! out: serialized `TensorProto`s, which hold every ONNX type, bfloat16 and
-//! float8 included).
+//! float8 included; sequences and optionals as `SequenceProto` and
+//! `OptionalProto`, as ONNX's own test data sets hold them).
 
 use crate::Error;
 use ndarray_npy::{NpzReader, NpzWriter, ReadNpzError};
 use qgraph_eval::Evaluator;
 use qgraph_ir::ndarray::{ArrayD, IxDyn, OwnedRepr};
-use qgraph_ir::{DataType, Dim, Model, Tensor, ValueId, ValueType};
+use qgraph_ir::{Data, DataType, Dim, Model, Tensor, ValueId, ValueType};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -20,42 +21,81 @@ pub fn infer(model: &Model, inputs: &Path, output: &Path) -> Result<(), Error> {
     let ev = Evaluator::new(model).map_err(Error::msg)?;
     let required = ev.required_inputs();
     let g = &model.graph;
+    let containers = |v: &ValueId| {
+        matches!(
+            g.value(*v).effective_type(),
+            Some(ValueType::Sequence(_) | ValueType::Optional(_))
+        )
+    };
     for &v in required.iter().chain(g.outputs()) {
-        let kind = match g.value(v).effective_type() {
-            Some(ValueType::Sequence(_)) => "a sequence",
-            Some(ValueType::Optional(_)) => "an optional",
-            Some(ValueType::Map(..)) => "a map",
-            Some(ValueType::SparseTensor(_)) => "a sparse tensor",
-            _ => continue,
-        };
         let side = if g.value(v).is_graph_input() {
             "input"
         } else {
             "output"
         };
+        let kind = match g.value(v).effective_type() {
+            Some(ValueType::Map(..)) => "a map",
+            Some(ValueType::SparseTensor(_)) => "a sparse tensor",
+            Some(ValueType::Sequence(_) | ValueType::Optional(_))
+                if is_npz(inputs) || is_npz(output) =>
+            {
+                return Err(Error::msg(format!(
+                    "the model's {side} '{}' is a sequence or an optional, which .npz files \
+                     do not hold: give test data set directories (input_<n>.pb, \
+                     SequenceProto / OptionalProto) instead",
+                    g.value(v).name()
+                )))
+            }
+            _ => continue,
+        };
         return Err(Error::msg(format!(
-            "the model's {side} '{}' is {kind}: infer reads and writes tensors only",
+            "the model's {side} '{}' is {kind}: infer reads and writes tensors, sequences \
+             and optionals only",
             g.value(v).name()
         )));
     }
-    let args = if inputs.is_dir() {
+    let args: Vec<Data> = if inputs.is_dir() {
         read_pb_inputs(model, &required, inputs)?
     } else {
         read_npz_inputs(model, &required, inputs)?
+            .into_iter()
+            .map(Data::Tensor)
+            .collect()
     };
-    for (&v, t) in required.iter().zip(&args) {
-        check_declared(model, v, t).map_err(|m| Error::new(inputs, m))?;
+    for (&v, d) in required.iter().zip(&args) {
+        let checked = match d {
+            Data::Tensor(t) => check_declared(model, v, t),
+            d if !containers(&v) && g.value(v).effective_type().is_some() => Err(format!(
+                "input '{}' is {}, the model declares a tensor",
+                g.value(v).name(),
+                d.kind()
+            )),
+            _ => Ok(()),
+        };
+        checked.map_err(|m| Error::new(inputs, m))?;
     }
-    let outs = ev.run(args).map_err(|e| Error::new(inputs, e))?;
-    let named: Vec<(&str, &Tensor)> = g
-        .outputs()
-        .iter()
-        .map(|&v| g.value(v).name())
-        .zip(&outs)
-        .collect();
+    let outs = ev.run_data(args).map_err(|e| Error::new(inputs, e))?;
+    let names: Vec<&str> = g.outputs().iter().map(|&v| g.value(v).name()).collect();
     if is_npz(output) {
+        let mut named = Vec::with_capacity(outs.len());
+        for (&name, d) in names.iter().zip(&outs) {
+            match d {
+                Data::Tensor(t) => named.push((name, t)),
+                d => {
+                    return Err(Error::new(
+                        output,
+                        format!(
+                            "output '{name}' is {}, which .npz output does not hold; give a \
+                             directory instead to get output_<n>.pb files",
+                            d.kind()
+                        ),
+                    ))
+                }
+            }
+        }
         write_npz(output, &named)
     } else {
+        let named: Vec<(&str, &Data)> = names.into_iter().zip(&outs).collect();
         write_pb_dir(output, &named)
     }
 }
@@ -66,7 +106,7 @@ fn is_npz(p: &Path) -> bool {
 
 /// The `input_<n>.pb` files of a test data set directory, by number: by the
 /// tensors' names where they all name the model's inputs, else by position.
-fn read_pb_inputs(model: &Model, required: &[ValueId], dir: &Path) -> Result<Vec<Tensor>, Error> {
+fn read_pb_inputs(model: &Model, required: &[ValueId], dir: &Path) -> Result<Vec<Data>, Error> {
     let g = &model.graph;
     let mut files: Vec<(usize, PathBuf)> = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| Error::new(dir, e))?;
@@ -83,10 +123,13 @@ fn read_pb_inputs(model: &Model, required: &[ValueId], dir: &Path) -> Result<Vec
     }
     files.sort();
     let mut tensors = Vec::with_capacity(files.len());
-    for (_, path) in &files {
+    for (k, (_, path)) in files.iter().enumerate() {
         let bytes = std::fs::read(path).map_err(|e| Error::new(path, e))?;
-        let t = qgraph_onnx::decode_tensor(&bytes)
-            .map_err(|e| Error::new(path, format!("not a readable TensorProto: {e}")))?;
+        // The file alone does not say which message it holds: the input
+        // of its position declares it (ONNX's own runner does the same).
+        let declared = required.get(k).and_then(|&v| g.value(v).effective_type());
+        let t = qgraph_onnx::decode_data(&bytes, declared.as_ref())
+            .map_err(|e| Error::new(path, format!("not a readable value: {e}")))?;
         tensors.push(t);
     }
     let input_names: Vec<&str> = required.iter().map(|&v| g.value(v).name()).collect();
@@ -300,11 +343,11 @@ fn write_npz(output: &Path, named: &[(&str, &Tensor)]) -> Result<(), Error> {
 
 /// `output_<n>.pb` per output, named as the output, into `dir` (created if
 /// missing); each file written atomically.
-fn write_pb_dir(dir: &Path, named: &[(&str, &Tensor)]) -> Result<(), Error> {
+fn write_pb_dir(dir: &Path, named: &[(&str, &Data)]) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::new(dir, e))?;
-    for (i, &(name, t)) in named.iter().enumerate() {
+    for (i, &(name, d)) in named.iter().enumerate() {
         let path = dir.join(format!("output_{i}.pb"));
-        let bytes = qgraph_onnx::encode_tensor(name, t)
+        let bytes = qgraph_onnx::encode_data(name, d)
             .map_err(|e| Error::new(&path, format!("output '{name}': {e}")))?;
         qgraph_onnx::write_atomic(&path, &bytes).map_err(|e| Error::new(&path, e))?;
     }

@@ -3,16 +3,19 @@
 //! reads from enclosing graphs handed over by name (`OpCtx::captures`).
 
 use super::typed::any_elem;
-use super::{input, Kernel};
-use crate::{find_function, EvalError, Evaluator, OpCtx};
+use super::{input, DataKernel, Kernel};
+use crate::{find_function, DataRef, EvalError, Evaluator, OpCtx};
 use qgraph_ir::ndarray::{concatenate, ArrayD, Axis, IxDyn, Slice};
-use qgraph_ir::{AttrValue, Graph, Tensor};
+use qgraph_ir::{AttrValue, Data, Graph, Tensor};
 
-pub const KERNELS: &[(&str, Kernel)] = &[("If", if_), ("Loop", loop_), ("Scan", scan)];
+pub const KERNELS: &[(&str, Kernel)] = &[("Scan", scan)];
+
+/// If and Loop pass sequences and optionals through their subgraphs.
+pub const DATA_KERNELS: &[(&str, DataKernel)] = &[("If", if_), ("Loop", loop_)];
 
 type Out = Result<Vec<Tensor>, EvalError>;
 
-fn graph_attr<'a>(cx: &OpCtx<'a>, name: &str) -> Result<&'a Graph, EvalError> {
+pub(super) fn graph_attr<'a>(cx: &OpCtx<'a>, name: &str) -> Result<&'a Graph, EvalError> {
     match cx.graph.node(cx.node).attr(name) {
         Some(AttrValue::Graph(g)) => Ok(g),
         Some(_) => cx.err(format!("attribute '{name}' must be a graph")),
@@ -21,11 +24,15 @@ fn graph_attr<'a>(cx: &OpCtx<'a>, name: &str) -> Result<&'a Graph, EvalError> {
 }
 
 /// A subgraph's evaluator, errors named after the node running it.
-fn prepare<'a>(cx: &OpCtx<'a>, g: &'a Graph, what: &str) -> Result<Evaluator<'a>, EvalError> {
+pub(super) fn prepare<'a>(
+    cx: &OpCtx<'a>,
+    g: &'a Graph,
+    what: &str,
+) -> Result<Evaluator<'a>, EvalError> {
     Evaluator::for_subgraph(g, cx.opset, cx.functions).map_err(|e| in_subgraph(cx, what, e))
 }
 
-fn in_subgraph(cx: &OpCtx, what: &str, e: EvalError) -> EvalError {
+pub(super) fn in_subgraph(cx: &OpCtx, what: &str, e: EvalError) -> EvalError {
     let inner = match e {
         EvalError::Unsupported { node, op } => {
             return EvalError::Unsupported {
@@ -56,9 +63,25 @@ fn scalar_bool(cx: &OpCtx, t: &Tensor, what: &str) -> Result<bool, EvalError> {
     }
 }
 
+/// A control-flow input that must be a tensor (a trip count, a condition).
+fn tensor_arg<'a>(
+    cx: &OpCtx,
+    inputs: &[Option<DataRef<'a>>],
+    i: usize,
+) -> Result<Option<&'a Tensor>, EvalError> {
+    match inputs.get(i).copied().flatten() {
+        None => Ok(None),
+        Some(DataRef::Tensor(t)) => Ok(Some(t)),
+        Some(d) => cx.err(format!("input {i} must be a tensor, found {}", d.kind())),
+    }
+}
+
 /// If: runs one branch, its outputs the node's.
-pub fn if_(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
-    let cond = scalar_bool(cx, input(cx, inputs, 0)?, "the condition")?;
+pub fn if_(cx: &OpCtx, inputs: &[Option<DataRef>]) -> Result<Vec<Data>, EvalError> {
+    let Some(cond) = tensor_arg(cx, inputs, 0)? else {
+        return cx.err("input 0 (the condition) is required");
+    };
+    let cond = scalar_bool(cx, cond, "the condition")?;
     let (name, what) = if cond {
         ("then_branch", "then branch")
     } else {
@@ -66,29 +89,29 @@ pub fn if_(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
     };
     let g = graph_attr(cx, name)?;
     let ev = prepare(cx, g, what)?;
-    ev.in_pool(|| ev.run_scoped(Vec::new(), cx.captures))
+    ev.in_pool(|| ev.run_scoped_data(Vec::new(), cx.captures))
         .map_err(|e| in_subgraph(cx, what, e))
 }
 
 /// Loop: the body runs while the trip count and the condition allow,
 /// carrying its state; each iteration's scan outputs are stacked.
-pub fn loop_(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
+pub fn loop_(cx: &OpCtx, inputs: &[Option<DataRef>]) -> Result<Vec<Data>, EvalError> {
     let body = graph_attr(cx, "body")?;
-    let max_trips = match inputs.first().copied().flatten() {
+    let max_trips = match tensor_arg(cx, inputs, 0)? {
         Some(t) => match t.to_f64_vec() {
             Some(v) if v.len() == 1 => Some(v[0] as i64),
             _ => return cx.err("the trip count M must be one integer"),
         },
         None => None,
     };
-    let mut cond = match inputs.get(1).copied().flatten() {
+    let mut cond = match tensor_arg(cx, inputs, 1)? {
         Some(t) => scalar_bool(cx, t, "the condition")?,
         None => true,
     };
-    let mut carried: Vec<Tensor> = Vec::new();
-    for (k, t) in inputs.iter().enumerate().skip(2) {
-        match t {
-            Some(t) => carried.push((*t).clone()),
+    let mut carried: Vec<Data> = Vec::new();
+    for (k, d) in inputs.iter().enumerate().skip(2) {
+        match d {
+            Some(d) => carried.push(d.to_data()),
             None => return cx.err(format!("loop-carried input {k} is absent")),
         }
     }
@@ -106,18 +129,30 @@ pub fn loop_(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
     let mut i: i64 = 0;
     ev.in_pool(|| {
         while cond && max_trips.is_none_or(|m| i < m) {
-            let mut args: Vec<Option<Tensor>> = Vec::with_capacity(2 + n_carried);
-            args.push(Some(Tensor::I64(ArrayD::from_elem(IxDyn(&[]), i))));
-            args.push(Some(Tensor::Bool(ArrayD::from_elem(IxDyn(&[]), cond))));
-            args.extend(carried.iter().cloned().map(Some));
+            let mut args: Vec<Option<Data>> = Vec::with_capacity(2 + n_carried);
+            args.push(Some(Data::Tensor(Tensor::I64(ArrayD::from_elem(
+                IxDyn(&[]),
+                i,
+            )))));
+            args.push(Some(Data::Tensor(Tensor::Bool(ArrayD::from_elem(
+                IxDyn(&[]),
+                cond,
+            )))));
+            args.extend(carried.drain(..).map(Some));
             let mut outs = ev
-                .run_scoped(args, cx.captures)
+                .run_scoped_data(args, cx.captures)
                 .map_err(|e| in_subgraph(cx, &format!("body, iteration {i}"), e))?;
             let rest = outs.split_off(1 + n_carried);
-            cond = scalar_bool(cx, &outs[0], "the body's condition output")?;
+            cond = match &outs[0] {
+                Data::Tensor(t) => scalar_bool(cx, t, "the body's condition output")?,
+                d => return cx.err(format!("the body's condition output is {}", d.kind())),
+            };
             carried = outs.split_off(1);
-            for (acc, t) in scans.iter_mut().zip(rest) {
-                acc.push(t);
+            for (acc, d) in scans.iter_mut().zip(rest) {
+                match d {
+                    Data::Tensor(t) => acc.push(t),
+                    d => return cx.err(format!("a scan output of the body is {}", d.kind())),
+                }
             }
             i += 1;
         }
@@ -135,10 +170,10 @@ pub fn loop_(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
                     _ => None,
                 })
                 .unwrap_or(qgraph_ir::DataType::F32);
-            results.push(empty_of(cx, dtype)?);
+            results.push(Data::Tensor(empty_of(cx, dtype)?));
             continue;
         }
-        results.push(stack(cx, &acc, 0)?);
+        results.push(Data::Tensor(stack(cx, &acc, 0)?));
     }
     Ok(results)
 }

@@ -20,6 +20,7 @@ mod norm;
 mod pointwise;
 mod reduce;
 mod rnn;
+mod sequence;
 mod signal;
 mod spatial;
 mod strings;
@@ -43,11 +44,29 @@ mod quant;
 mod resize;
 mod shape;
 
-use crate::{EvalError, OpCtx};
+use crate::{DataRef, EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn};
-use qgraph_ir::Tensor;
+use qgraph_ir::{Data, Tensor};
 
 pub type Kernel = fn(&OpCtx, &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError>;
+
+/// A kernel of values of any kind (sequences, optionals, control flow whose
+/// subgraphs pass them on): reads and writes `Data`.
+pub type DataKernel = fn(&OpCtx, &[Option<DataRef>]) -> Result<Vec<Data>, EvalError>;
+
+/// The kernel of a default-domain operator that takes or makes sequences
+/// or optionals; the evaluator prefers it to a tensor kernel of the same
+/// name.
+pub fn data_kernel(domain: &str, op: &str) -> Option<DataKernel> {
+    if !matches!(domain, "" | "ai.onnx") {
+        return None;
+    }
+    [sequence::DATA_KERNELS, control::DATA_KERNELS]
+        .iter()
+        .flat_map(|t| t.iter())
+        .find(|(name, _)| *name == op)
+        .map(|(_, k)| *k)
+}
 
 /// What a backward kernel reads: the forward pass's inputs and outputs, the
 /// loss gradient of each output (`None`: zero), and which inputs' gradients
@@ -252,6 +271,8 @@ pub fn supported_ops() -> Vec<&'static str> {
     let mut ops: Vec<&'static str> = DEFAULT_DOMAIN_TABLES
         .iter()
         .flat_map(|t| t.iter().map(|(n, _)| *n))
+        .chain(sequence::DATA_KERNELS.iter().map(|(n, _)| *n))
+        .chain(control::DATA_KERNELS.iter().map(|(n, _)| *n))
         .collect();
     ops.sort_unstable();
     ops.dedup();
