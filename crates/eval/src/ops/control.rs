@@ -234,7 +234,7 @@ fn reversed(cx: &OpCtx, t: &Tensor, axis: usize) -> Result<Tensor, EvalError> {
 /// inputs, carrying state; its scan outputs are stacked.
 pub fn scan(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
     if cx.opset < 9 {
-        return cx.err("Scan of opset 8 (with sequence_lens and a batch axis) is not supported");
+        return scan_v8(cx, inputs);
     }
     let body = graph_attr(cx, "body")?;
     let n_scan_in = cx.int_attr("num_scan_inputs", -1)?;
@@ -311,6 +311,153 @@ pub fn scan(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
     Ok(results)
 }
 
+/// A tensor of `like`'s shape and type filled with zeros (false, empty
+/// strings).
+fn zeros_like(cx: &OpCtx, like: &Tensor) -> Result<Tensor, EvalError> {
+    fn zeros<T: super::typed::Elem + Default>(a: &ArrayD<T>) -> Tensor {
+        T::wrap(ArrayD::from_elem(a.raw_dim(), T::default()))
+    }
+    Ok(any_elem!(cx, like, "a scan output", |a| zeros(a)))
+}
+
+/// Scan of opset 8: every state and scan input has a leading batch axis,
+/// the scan axis is axis 1, and the optional first input `sequence_lens`
+/// gives each batch entry's length. The body runs per batch entry, from
+/// that entry's initial states, over its first `sequence_lens[b]` steps
+/// (the last first, for a scan input of direction 1); the final states
+/// are stacked along the batch axis and the scan outputs along axes 0
+/// (batch) and 1 (step), padded with zeros past each entry's length (as
+/// ONNX Runtime does; the spec leaves those values undefined).
+fn scan_v8(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Out {
+    let body = graph_attr(cx, "body")?;
+    let n_scan_in = cx.int_attr("num_scan_inputs", -1)?;
+    if n_scan_in < 1 || n_scan_in as usize > inputs.len().saturating_sub(1) {
+        return cx.err(
+            "Scan-8: num_scan_inputs must be between 1 and the number of inputs after \
+             sequence_lens",
+        );
+    }
+    let n_scan_in = n_scan_in as usize;
+    let n_state = inputs.len() - 1 - n_scan_in;
+    let all: Vec<&Tensor> = (1..inputs.len())
+        .map(|k| input(cx, inputs, k))
+        .collect::<Result<_, _>>()?;
+    let (states, scan_inputs) = all.split_at(n_state);
+    let directions = cx
+        .ints_attr("directions")?
+        .unwrap_or_else(|| vec![0; n_scan_in]);
+    if directions.len() != n_scan_in {
+        return cx.err("Scan-8: directions must have one entry per scan input");
+    }
+    let first = scan_inputs[0].shape();
+    if first.len() < 2 {
+        return cx.err(format!(
+            "Scan-8: a scan input needs a batch and a sequence axis, found shape {first:?}"
+        ));
+    }
+    let (batch, max_len) = (first[0], first[1]);
+    for t in scan_inputs {
+        let s = t.shape();
+        if s.len() < 2 || s[0] != batch || s[1] != max_len {
+            return cx.err(format!(
+                "Scan-8: the scan inputs differ in batch size or sequence length ({first:?} \
+                 and {s:?})"
+            ));
+        }
+    }
+    for t in states {
+        if t.shape().first() != Some(&batch) {
+            return cx.err(format!(
+                "Scan-8: an initial state of shape {:?} lacks the batch axis of size {batch}",
+                t.shape()
+            ));
+        }
+    }
+    let lengths: Vec<usize> = match inputs.first().copied().flatten() {
+        None => vec![max_len; batch],
+        Some(t) => match t.to_f64_vec() {
+            Some(v)
+                if v.len() == batch && v.iter().all(|&n| (0.0..=max_len as f64).contains(&n)) =>
+            {
+                v.iter().map(|&n| n as usize).collect()
+            }
+            _ => {
+                return cx.err(format!(
+                    "Scan-8: sequence_lens must hold {batch} lengths between 0 and {max_len}, \
+                     found shape {:?}",
+                    t.shape()
+                ))
+            }
+        },
+    };
+    if body.outputs().len() < n_state {
+        return cx.err(format!(
+            "Scan-8: the body has {} outputs, fewer than the {n_state} states",
+            body.outputs().len()
+        ));
+    }
+    let n_scan_out = body.outputs().len() - n_state;
+    let ev = prepare(cx, body, "body")?;
+    // Per batch entry: the final states, and each scan output's steps.
+    let mut final_states: Vec<Vec<Tensor>> = vec![Vec::with_capacity(batch); n_state];
+    let mut scans: Vec<Vec<Vec<Tensor>>> = vec![Vec::with_capacity(batch); n_scan_out];
+    ev.in_pool(|| {
+        for (b, &length) in lengths.iter().enumerate() {
+            let mut state: Vec<Tensor> = states
+                .iter()
+                .map(|t| slice_at(cx, t, 0, b))
+                .collect::<Result<_, _>>()?;
+            let entries: Vec<Tensor> = scan_inputs
+                .iter()
+                .map(|t| slice_at(cx, t, 0, b))
+                .collect::<Result<_, _>>()?;
+            let mut steps: Vec<Vec<Tensor>> = vec![Vec::with_capacity(length); n_scan_out];
+            for step in 0..length {
+                let mut args: Vec<Option<Tensor>> = state.iter().cloned().map(Some).collect();
+                for (t, &dir) in entries.iter().zip(&directions) {
+                    let k = if dir == 1 { length - 1 - step } else { step };
+                    args.push(Some(slice_at(cx, t, 0, k)?));
+                }
+                let mut outs = ev
+                    .run_scoped(args, cx.captures)
+                    .map_err(|e| in_subgraph(cx, &format!("body, batch {b}, step {step}"), e))?;
+                let rest = outs.split_off(n_state);
+                state = outs;
+                for (acc, t) in steps.iter_mut().zip(rest) {
+                    acc.push(t);
+                }
+            }
+            for (acc, t) in final_states.iter_mut().zip(state) {
+                acc.push(t);
+            }
+            for (acc, s) in scans.iter_mut().zip(steps) {
+                acc.push(s);
+            }
+        }
+        Ok::<_, EvalError>(())
+    })?;
+    let mut results = Vec::with_capacity(n_state + n_scan_out);
+    for per_batch in &final_states {
+        if per_batch.is_empty() {
+            return cx.err("Scan-8 over a batch of size 0 has final states of unknown shape");
+        }
+        results.push(stack(cx, per_batch, 0)?);
+    }
+    for per_batch in scans {
+        let Some(like) = per_batch.iter().flatten().next() else {
+            return cx.err("Scan-8 over zero steps has scan outputs of unknown shape");
+        };
+        let zero = zeros_like(cx, like)?;
+        let mut rows = Vec::with_capacity(batch);
+        for mut steps in per_batch {
+            steps.resize(max_len, zero.clone());
+            rows.push(stack(cx, &steps, 0)?);
+        }
+        results.push(stack(cx, &rows, 0)?);
+    }
+    Ok(results)
+}
+
 /// A call of a model-local function: its body, with the calling node's
 /// attributes in place of the body's references to them, run on the
 /// node's inputs.
@@ -366,4 +513,140 @@ fn resolve_refs(cx: &OpCtx, body: &mut Graph, f: &qgraph_ir::Function) -> Result
         node.attrs = attrs;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qgraph_ir::{NewNode, ValueId};
+
+    /// The body of onnx's test_scan_sum: a running sum as state, each
+    /// partial sum also a scan output.
+    fn running_sum() -> Graph {
+        let mut g = Graph::new("body");
+        let state = g.add_input("sum_in", None).unwrap();
+        let item = g.add_input("next", None).unwrap();
+        let sum = g.add_value("sum_out", None).unwrap();
+        let partial = g.add_value("scan_out", None).unwrap();
+        g.add_node(NewNode::new("Add").inputs([state, item]).outputs([sum]))
+            .unwrap();
+        g.add_node(NewNode::new("Identity").inputs([sum]).outputs([partial]))
+            .unwrap();
+        g.set_outputs(vec![sum, partial]).unwrap();
+        g
+    }
+
+    /// Runs a Scan node of `opset` over `inputs` (None: absent).
+    fn run_scan(
+        opset: i64,
+        attrs: Vec<(&str, AttrValue)>,
+        inputs: &[Option<&Tensor>],
+    ) -> Result<Vec<Tensor>, EvalError> {
+        let mut g = Graph::new("test");
+        let ins: Vec<Option<ValueId>> = inputs
+            .iter()
+            .enumerate()
+            .map(|(k, t)| t.map(|_| g.add_input(format!("in{k}"), None).unwrap()))
+            .collect();
+        let outs: Vec<ValueId> = (0..2)
+            .map(|k| g.add_value(format!("out{k}"), None).unwrap())
+            .collect();
+        let mut node = NewNode::new("Scan")
+            .outputs(outs)
+            .attr("body", AttrValue::Graph(Box::new(running_sum())))
+            .attr("num_scan_inputs", AttrValue::Int(1));
+        node.inputs = ins;
+        for (name, value) in attrs {
+            node = node.attr(name, value);
+        }
+        let id = g.add_node(node).unwrap();
+        crate::run_node(&g, id, opset, inputs)
+    }
+
+    fn f64s(t: &Tensor) -> (Vec<usize>, Vec<f64>) {
+        match t {
+            Tensor::F64(a) => (a.shape().to_vec(), a.iter().copied().collect()),
+            t => panic!("expected double, found {}", t.dtype()),
+        }
+    }
+
+    fn doubles(shape: &[usize], v: &[f64]) -> Tensor {
+        Tensor::F64(ArrayD::from_shape_vec(IxDyn(shape), v.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn scan8_runs_each_batch_entry_from_its_own_state() {
+        let init = doubles(&[2, 2], &[0.0, 0.0, 10.0, 20.0]);
+        let x = doubles(
+            &[2, 3, 2],
+            &[1., 2., 3., 4., 5., 6., 0.5, 0.25, 1., 1., 2., 2.],
+        );
+        let outs = run_scan(8, vec![], &[None, Some(&init), Some(&x)]).unwrap();
+        assert_eq!(f64s(&outs[0]), (vec![2, 2], vec![9., 12., 13.5, 23.25]));
+        assert_eq!(
+            f64s(&outs[1]),
+            (
+                vec![2, 3, 2],
+                vec![1., 2., 4., 6., 9., 12., 10.5, 20.25, 11.5, 21.25, 13.5, 23.25]
+            )
+        );
+    }
+
+    #[test]
+    fn scan8_stops_at_sequence_lens_and_pads_with_zeros() {
+        let init = doubles(&[2, 1], &[0.0, 100.0]);
+        let x = doubles(&[2, 3, 1], &[1., 2., 3., 4., 5., 6.]);
+        let lens = Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[2]), vec![3, 1]).unwrap());
+        let outs = run_scan(8, vec![], &[Some(&lens), Some(&init), Some(&x)]).unwrap();
+        assert_eq!(f64s(&outs[0]), (vec![2, 1], vec![6., 104.]));
+        assert_eq!(
+            f64s(&outs[1]),
+            (vec![2, 3, 1], vec![1., 3., 6., 104., 0., 0.])
+        );
+        // Reversed: each entry's own first `len` items, last first.
+        let reverse = vec![("directions", AttrValue::Ints(vec![1]))];
+        let lens = Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[2]), vec![2, 3]).unwrap());
+        let outs = run_scan(8, reverse, &[Some(&lens), Some(&init), Some(&x)]).unwrap();
+        assert_eq!(f64s(&outs[0]), (vec![2, 1], vec![3., 115.]));
+        assert_eq!(
+            f64s(&outs[1]),
+            (vec![2, 3, 1], vec![2., 3., 0., 106., 111., 115.])
+        );
+    }
+
+    #[test]
+    fn scan8_sums_integers_exactly() {
+        let init =
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[1, 1]), vec![i64::MAX - 10]).unwrap());
+        let x = Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[1, 2, 1]), vec![3, 4]).unwrap());
+        let outs = run_scan(8, vec![], &[None, Some(&init), Some(&x)]).unwrap();
+        assert_eq!(
+            outs[0],
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[1, 1]), vec![i64::MAX - 3]).unwrap())
+        );
+    }
+
+    #[test]
+    fn scan8_refuses_bad_shapes_and_lengths() {
+        let init = doubles(&[1, 1], &[0.0]);
+        let flat = doubles(&[3], &[1., 2., 3.]);
+        let e = run_scan(8, vec![], &[None, Some(&init), Some(&flat)]).unwrap_err();
+        assert!(e.to_string().contains("batch"), "{e}");
+        let x = doubles(&[2, 3, 1], &[1., 2., 3., 4., 5., 6.]);
+        let e = run_scan(8, vec![], &[None, Some(&init), Some(&x)]).unwrap_err();
+        assert!(e.to_string().contains("batch axis"), "{e}");
+        let init2 = doubles(&[2, 1], &[0.0, 0.0]);
+        let lens = Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[2]), vec![4, 1]).unwrap());
+        let e = run_scan(8, vec![], &[Some(&lens), Some(&init2), Some(&x)]).unwrap_err();
+        assert!(e.to_string().contains("sequence_lens"), "{e}");
+    }
+
+    #[test]
+    fn scan9_still_scans_without_a_batch_axis() {
+        let init = doubles(&[1], &[0.0]);
+        let x = doubles(&[3, 1], &[1., 2., 3.]);
+        let outs = run_scan(9, vec![], &[Some(&init), Some(&x)]).unwrap();
+        assert_eq!(f64s(&outs[0]), (vec![1], vec![6.]));
+        assert_eq!(f64s(&outs[1]), (vec![3, 1], vec![1., 3., 6.]));
+    }
 }
