@@ -357,11 +357,14 @@ impl<'m> Evaluator<'m> {
                 && ops::data_kernel(&node.domain, &node.op_type).is_none()
                 && find_function(functions, &node.domain, &node.op_type).is_none()
             {
-                let op = if node.domain.is_empty() {
+                let mut op = if node.domain.is_empty() {
                     node.op_type.clone()
                 } else {
                     format!("{}.{}", node.domain, node.op_type)
                 };
+                if let Some(why) = ops::why_refused(&node.domain, &node.op_type) {
+                    op = format!("{op} ({why})");
+                }
                 return Err(EvalError::Unsupported {
                     node: graph.describe_node(n),
                     op,

@@ -208,6 +208,51 @@ pub(crate) fn sum_to_shape(mut g: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
     g
 }
 
+/// Why the evaluator refuses an operator it has no kernel for, where the
+/// refusal is a decision rather than work not yet done.
+pub fn why_refused(domain: &str, op: &str) -> Option<&'static str> {
+    const RANDOM: &[&str] = &[
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Bernoulli",
+        "Multinomial",
+    ];
+    // Default-domain operators newer than the opset the evaluator covers.
+    const AFTER_OPSET_23: &[(&str, &str)] = &[
+        (
+            "LinearAttention",
+            "an operator of opset 27, newer than the opset 23 the evaluator covers",
+        ),
+        (
+            "CausalConvWithState",
+            "an operator of opset 27, newer than the opset 23 the evaluator covers",
+        ),
+        (
+            "SwiGLU",
+            "an operator of opset 28, newer than the opset 23 the evaluator covers",
+        ),
+    ];
+    match qgraph_ir::canonical_domain(domain) {
+        "" if RANDOM.contains(&op) => Some(
+            "its result is random, and ONNX fixes no generator: no seed reproduces another \
+             runtime's draws",
+        ),
+        "" => AFTER_OPSET_23
+            .iter()
+            .find(|(name, _)| *name == op)
+            .map(|(_, why)| *why),
+        "ai.onnx.preview.training" => Some(
+            "the training optimizers of ai.onnx.preview.training are left out: `qgraph train` \
+             has its own",
+        ),
+        "ai.onnx.ml" => Some("the ai.onnx.ml domain (classical machine learning) is not covered"),
+        "ai.onnx.preview" => Some("the experimental ai.onnx.preview domain is not covered"),
+        _ => None,
+    }
+}
+
 /// The kernel for an operator of the default ONNX domain, or of ONNX
 /// Runtime's `com.microsoft` operators.
 pub fn kernel(domain: &str, op: &str) -> Option<Kernel> {
