@@ -896,8 +896,273 @@ fn rule(g: &Graph, n: NodeId, opset: i64, ins: &[Info]) -> Vec<Info> {
             let dtype = ins.get(1).and_then(|s| s.dtype).or(Some(DataType::F32));
             one(same(&x, dtype))
         }
+        "ArgMax" | "ArgMin" => {
+            let c = constant_rule(g, n, opset, ins);
+            if !c.is_empty() {
+                return c;
+            }
+            let Some(d) = &x.dims else {
+                return one(Info {
+                    dtype: Some(DataType::I64),
+                    ..Info::default()
+                });
+            };
+            let Some(a) = axis(int_attr(g, n, "axis").unwrap_or(0), d.len()) else {
+                return one(Info::default());
+            };
+            let keep = int_attr(g, n, "keepdims").unwrap_or(1) != 0;
+            one(shaped(
+                Some(DataType::I64),
+                replace_axis(d, a, keep.then_some(Dim::Known(1))),
+            ))
+        }
+        "TopK" => {
+            let k = if opset >= 10 {
+                input_ints(ins, 1).and_then(|k| k.first().copied())
+            } else {
+                int_attr(g, n, "k")
+            };
+            let dims = x.dims.as_ref().and_then(|d| {
+                let a = axis(int_attr(g, n, "axis").unwrap_or(-1), d.len())?;
+                Some(replace_axis(d, a, Some(k.map_or(Dim::Unknown, Dim::Known))))
+            });
+            let values = Info {
+                dtype: x.dtype,
+                dims: dims.clone(),
+                elements: None,
+            };
+            let indices = Info {
+                dtype: Some(DataType::I64),
+                dims,
+                elements: None,
+            };
+            vec![values, indices]
+        }
+        "Split" => {
+            let outputs = node.outputs().len();
+            let Some(d) = &x.dims else {
+                return vec![same(&x, None); outputs];
+            };
+            let Some(a) = axis(int_attr(g, n, "axis").unwrap_or(0), d.len()) else {
+                return Vec::new();
+            };
+            let sizes = if opset >= 13 {
+                input_ints(ins, 1)
+            } else {
+                ints_attr(g, n, "split")
+            };
+            let sizes: Vec<Dim> = match (sizes, known(&d[a])) {
+                (Some(s), _) if s.len() == outputs => s.into_iter().map(Dim::Known).collect(),
+                (None, Some(len)) if outputs > 0 => {
+                    let parts = int_attr(g, n, "num_outputs")
+                        .unwrap_or(outputs as i64)
+                        .max(1);
+                    let each = (len + parts - 1) / parts;
+                    (0..outputs as i64)
+                        .map(|k| Dim::Known(each.min(len - k * each).max(0)))
+                        .collect()
+                }
+                _ => vec![Dim::Unknown; outputs],
+            };
+            sizes
+                .into_iter()
+                .map(|size| shaped(x.dtype, replace_axis(d, a, Some(size))))
+                .collect()
+        }
+        "Tile" => match (&x.dims, input_ints(ins, 1)) {
+            (Some(d), Some(r)) if r.len() == d.len() => one(shaped(
+                x.dtype,
+                d.iter()
+                    .zip(r)
+                    .map(|(dim, r)| match (dim, r) {
+                        (dim, 1) => dim.clone(),
+                        (Dim::Known(k), r) => k.checked_mul(r).map_or(Dim::Unknown, Dim::Known),
+                        _ => Dim::Unknown,
+                    })
+                    .collect(),
+            )),
+            _ => one(Info {
+                dtype: x.dtype,
+                dims: x.dims.as_ref().map(|d| vec![Dim::Unknown; d.len()]),
+                elements: None,
+            }),
+        },
+        "Expand" => {
+            let c = constant_rule(g, n, opset, ins);
+            if !c.is_empty() {
+                return c;
+            }
+            match (&x.dims, input_ints(ins, 1)) {
+                (Some(d), Some(shape)) => {
+                    let target: Vec<Dim> = shape.into_iter().map(Dim::Known).collect();
+                    one(shaped(x.dtype, broadcast(d, &target)))
+                }
+                _ => one(Info {
+                    dtype: x.dtype,
+                    ..Info::default()
+                }),
+            }
+        }
+        "Trilu" | "ScatterND" | "ScatterElements" | "Scatter" | "ReverseSequence" => {
+            one(same(&x, None))
+        }
+        "CastLike" => one(same(&x, ins.get(1).and_then(|i| i.dtype))),
+        "EyeLike" => {
+            let to = int_attr(g, n, "dtype")
+                .and_then(|t| i32::try_from(t).ok())
+                .and_then(DataType::from_onnx_code);
+            one(same(&x, to.or(x.dtype)))
+        }
+        "GatherElements" => {
+            let idx = ins.get(1).cloned().unwrap_or_default();
+            one(Info {
+                dtype: x.dtype,
+                dims: idx.dims,
+                elements: None,
+            })
+        }
+        "Size" => one(shaped(Some(DataType::I64), Vec::new())),
+        "NonZero" => one(shaped(
+            Some(DataType::I64),
+            vec![
+                x.dims
+                    .as_ref()
+                    .map_or(Dim::Unknown, |d| Dim::Known(d.len() as i64)),
+                Dim::Unknown,
+            ],
+        )),
+        "NonMaxSuppression" => one(shaped(
+            Some(DataType::I64),
+            vec![Dim::Unknown, Dim::Known(3)],
+        )),
+        "DepthToSpace" | "SpaceToDepth" => {
+            let b = int_attr(g, n, "blocksize").unwrap_or(0);
+            match &x.dims {
+                Some(d) if d.len() == 4 && b > 0 => {
+                    let scale = |dim: &Dim, up: bool| match known(dim) {
+                        Some(k) if up => Dim::Known(k * b),
+                        Some(k) if k % b == 0 => Dim::Known(k / b),
+                        _ => Dim::Unknown,
+                    };
+                    let (c, hw_up) = match (op, known(&d[1])) {
+                        ("DepthToSpace", Some(c)) if c % (b * b) == 0 => {
+                            (Dim::Known(c / (b * b)), true)
+                        }
+                        ("DepthToSpace", _) => (Dim::Unknown, true),
+                        (_, Some(c)) => (Dim::Known(c * b * b), false),
+                        _ => (Dim::Unknown, false),
+                    };
+                    one(shaped(
+                        x.dtype,
+                        vec![d[0].clone(), c, scale(&d[2], hw_up), scale(&d[3], hw_up)],
+                    ))
+                }
+                _ => one(same(&x, None)),
+            }
+        }
+        "RoiAlign" => {
+            let rois = ins.get(1).and_then(|r| r.dims.clone());
+            let channels = x.dims.as_ref().and_then(|d| d.get(1).cloned());
+            one(shaped(
+                x.dtype,
+                vec![
+                    rois.and_then(|r| r.first().cloned())
+                        .unwrap_or(Dim::Unknown),
+                    channels.unwrap_or(Dim::Unknown),
+                    Dim::Known(int_attr(g, n, "output_height").unwrap_or(1)),
+                    Dim::Known(int_attr(g, n, "output_width").unwrap_or(1)),
+                ],
+            ))
+        }
+        "GridSample" => {
+            let grid = ins.get(1).and_then(|r| r.dims.clone());
+            match (&x.dims, grid) {
+                (Some(d), Some(grid)) if d.len() >= 3 && grid.len() == d.len() => {
+                    let mut out = vec![d[0].clone(), d[1].clone()];
+                    out.extend(grid[1..grid.len() - 1].iter().cloned());
+                    one(shaped(x.dtype, out))
+                }
+                _ => one(Info {
+                    dtype: x.dtype,
+                    ..Info::default()
+                }),
+            }
+        }
+        "RNN" | "GRU" | "LSTM" => {
+            let hidden = int_attr(g, n, "hidden_size").map_or(Dim::Unknown, Dim::Known);
+            let dirs = match node.attr("direction") {
+                Some(AttrValue::String(s)) if s.as_slice() == b"bidirectional" => 2,
+                _ => 1,
+            };
+            let batch_first = int_attr(g, n, "layout").unwrap_or(0) == 1;
+            let Some(d) = x.dims.as_ref().filter(|d| d.len() == 3) else {
+                return Vec::new();
+            };
+            let (seq, batch) = if batch_first {
+                (d[1].clone(), d[0].clone())
+            } else {
+                (d[0].clone(), d[1].clone())
+            };
+            let dirs = Dim::Known(dirs);
+            let y = if batch_first {
+                vec![batch.clone(), seq, dirs.clone(), hidden.clone()]
+            } else {
+                vec![seq, dirs.clone(), batch.clone(), hidden.clone()]
+            };
+            let state = if batch_first {
+                vec![batch, dirs, hidden]
+            } else {
+                vec![dirs, batch, hidden]
+            };
+            let mut outs = vec![shaped(x.dtype, y), shaped(x.dtype, state.clone())];
+            if op == "LSTM" {
+                outs.push(shaped(x.dtype, state));
+            }
+            outs
+        }
+        "ReduceProd" | "ReduceL1" | "ReduceL2" | "ReduceLogSum" | "ReduceLogSumExp"
+        | "ReduceSumSquare" => {
+            let c = constant_rule(g, n, opset, ins);
+            if !c.is_empty() {
+                return c;
+            }
+            let Some(d) = &x.dims else {
+                return one(same(&x, None));
+            };
+            let axes = if opset >= 18 {
+                input_ints(ins, 1)
+            } else {
+                ints_attr(g, n, "axes")
+            };
+            let keep = int_attr(g, n, "keepdims").unwrap_or(1) != 0;
+            let axes: Option<Vec<usize>> = match axes {
+                Some(a) if !a.is_empty() => a.iter().map(|&a| axis(a, d.len())).collect(),
+                _ => Some((0..d.len()).collect()),
+            };
+            let Some(axes) = axes else {
+                return one(Info::default());
+            };
+            let out = d
+                .iter()
+                .enumerate()
+                .filter_map(|(i, dim)| match (axes.contains(&i), keep) {
+                    (true, true) => Some(Dim::Known(1)),
+                    (true, false) => None,
+                    (false, _) => Some(dim.clone()),
+                })
+                .collect();
+            one(shaped(x.dtype, out))
+        }
         _ => constant_rule(g, n, opset, ins),
     }
+}
+
+/// `d` with dim `a` replaced by `by`, or dropped when `by` is none.
+fn replace_axis(d: &[Dim], a: usize, by: Option<Dim>) -> Vec<Dim> {
+    let mut out = d[..a].to_vec();
+    out.extend(by);
+    out.extend(d[a + 1..].iter().cloned());
+    out
 }
 
 /// An operator without a rule of its own, whose inputs are all known small
@@ -1023,6 +1288,49 @@ mod tests {
             reshape(&x, &[Dim::Known(-1), Dim::Known(1280)], false),
             Some(vec![n, Dim::Known(1280)])
         );
+    }
+
+    /// Shapes inferred for a one-node model with the given declared
+    /// inputs, by the rules (not by running anything).
+    fn infer_one(text: &str) -> Vec<Option<Vec<Dim>>> {
+        let model = qgraph_text::parse_model(text).expect("parses");
+        let shapes = infer(&model);
+        model
+            .graph
+            .outputs()
+            .iter()
+            .map(|v| shapes.get(v).and_then(|i| i.dims.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn rules_of_the_sequence_and_detection_operators_keep_symbols() {
+        let k = |v: i64| Dim::Known(v);
+        let n = Dim::Symbol("N".into());
+        let outs = infer_one(
+            "ir_version 8\nopset \"\" 18\n\ngraph main {\n  input %x: f32[5,N,3]\n  \
+             input %w: f32[2,16,3]\n  input %r: f32[2,16,4]\n  output %y\n  output %yh\n  \
+             output %yc\n  lstm: %y, %yh, %yc = LSTM(%x, %w, %r) {hidden_size = 4, \
+             direction = \"bidirectional\"}\n}\n",
+        );
+        assert_eq!(outs[0], Some(vec![k(5), k(2), n.clone(), k(4)]));
+        assert_eq!(outs[1], Some(vec![k(2), n.clone(), k(4)]));
+        assert_eq!(outs[2], outs[1]);
+        let outs = infer_one(
+            "ir_version 8\nopset \"\" 18\n\ngraph main {\n  input %x: f32[N,10]\n  \
+             output %v\n  output %i\n  output %a\n  output %b\n  output %c\n  output %t\n  \
+             output %m\n  init %k = i64[1] [2]\n  init %reps = i64[2] [1, 3]\n  \
+             top: %v, %i = TopK(%x, %k)\n  \
+             split: %a, %b, %c = Split(%x) {axis = 1, num_outputs = 3}\n  \
+             tile: %t = Tile(%x, %reps)\n  arg: %m = ArgMax(%x) {axis = 1, keepdims = 0}\n}\n",
+        );
+        assert_eq!(outs[0], Some(vec![n.clone(), k(2)]));
+        assert_eq!(outs[1], outs[0]);
+        assert_eq!(outs[2], Some(vec![n.clone(), k(4)]));
+        assert_eq!(outs[3], Some(vec![n.clone(), k(4)]));
+        assert_eq!(outs[4], Some(vec![n.clone(), k(2)]));
+        assert_eq!(outs[5], Some(vec![n.clone(), k(30)]));
+        assert_eq!(outs[6], Some(vec![n]));
     }
 
     #[test]
