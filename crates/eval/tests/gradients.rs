@@ -115,7 +115,15 @@ fn check(text: &str, inputs: Vec<Tensor>, params: &[&str], mode: Mode) {
         })
         .collect();
     let input_ids = ev.required_inputs();
-    let wrt: Vec<ValueId> = input_ids.iter().chain(&param_ids).copied().collect();
+    // Only the float inputs have gradients (token ids, say, have none).
+    let float_inputs: Vec<usize> = (0..input_ids.len())
+        .filter(|&i| matches!(at.inputs[i], Tensor::F32(_)))
+        .collect();
+    let wrt: Vec<ValueId> = float_inputs
+        .iter()
+        .map(|&i| input_ids[i])
+        .chain(param_ids.iter().copied())
+        .collect();
     let grads = tape.backward(seeds, &wrt).unwrap();
     drop(tape);
     let eps = 1e-3f32;
@@ -130,8 +138,8 @@ fn check(text: &str, inputs: Vec<Tensor>, params: &[&str], mode: Mode) {
         let step = count.div_ceil(24).max(1);
         for e in (0..count).step_by(step) {
             let mut shifted = |delta: f32| {
-                let target = if slot < input_ids.len() {
-                    &mut at.inputs[slot]
+                let target = if slot < float_inputs.len() {
+                    &mut at.inputs[float_inputs[slot]]
                 } else {
                     at.params.get_mut(&v).unwrap()
                 };
@@ -140,8 +148,8 @@ fn check(text: &str, inputs: Vec<Tensor>, params: &[&str], mode: Mode) {
                 let old = *cell;
                 *cell = old + delta;
                 let l = loss(&ev, &at, &weights, mode);
-                let Tensor::F32(a) = (if slot < input_ids.len() {
-                    &mut at.inputs[slot]
+                let Tensor::F32(a) = (if slot < float_inputs.len() {
+                    &mut at.inputs[float_inputs[slot]]
                 } else {
                     at.params.get_mut(&v).unwrap()
                 }) else {
@@ -901,4 +909,553 @@ fn tanh_normalization_of_weights() {
         assert!((y - 0.7 * x.tanh() / m).abs() < 1e-6);
     }
     assert_eq!(y.iter().nth(5).copied(), Some(-0.7));
+}
+
+/// `tensor` times `k`.
+fn scaled(shape: &[usize], seed: u64, k: f32) -> Tensor {
+    let Tensor::F32(a) = tensor(shape, seed) else {
+        unreachable!()
+    };
+    Tensor::F32(a.mapv(|v| v * k))
+}
+
+/// An initializer of values in [-k, k).
+fn init_scaled(name: &str, shape: &[usize], seed: u64, k: f32) -> String {
+    let n: usize = shape.iter().product();
+    let vals: Vec<String> = values(n, seed)
+        .iter()
+        .map(|v| format!("{:?}", v * k))
+        .collect();
+    format!("  init %{name} = f32{shape:?} [{}]", vals.join(", "))
+}
+
+#[test]
+fn layer_normalization() {
+    let x = || scaled(&[2, 3, 4], 81, 2.0);
+    // Over the last axis, with a bias.
+    let inits = [init("s", &[4], 82), init("b", &[4], 83)].join("\n");
+    let text = graph(
+        17,
+        "[2,3,4]",
+        "[2,3,4]",
+        &inits,
+        "n: %y = LayerNormalization(%x, %s, %b)",
+    );
+    check(&text, vec![x()], &["s", "b"], Mode::Inference);
+    // Over the last two axes, without a bias.
+    let text = graph(
+        17,
+        "[2,3,4]",
+        "[2,3,4]",
+        &init("s", &[3, 4], 84),
+        "n: %y = LayerNormalization(%x, %s) {axis = 1, epsilon = 0.001}",
+    );
+    check(&text, vec![x()], &["s"], Mode::Inference);
+    // A scale broadcast along the normalised axes, leading 1s, over all
+    // axes.
+    for (axis, s) in [(-2i64, vec![3usize, 1]), (0, vec![1, 1, 1, 4])] {
+        let text = graph(
+            17,
+            "[2,3,4]",
+            "[2,3,4]",
+            &[init("s", &s, 85), init("b", &[4], 86)].join("\n"),
+            &format!("n: %y = LayerNormalization(%x, %s, %b) {{axis = {axis}}}"),
+        );
+        check(&text, vec![x()], &["s", "b"], Mode::Inference);
+    }
+    // With the Mean and InvStdDev outputs in the loss too.
+    let text = format!(
+        "ir_version 8\nopset \"\" 17\n\ngraph main {{\n  input %x: f32[2,3,4]\n  output %y: f32[2,3,4]\n  output %m: f32[2,1,1]\n  output %v: f32[2,1,1]\n{}\n{}\n  n: %y, %m, %v = LayerNormalization(%x, %s, %b) {{axis = 1}}\n}}\n",
+        init("s", &[3, 4], 87),
+        init("b", &[3, 4], 88)
+    );
+    check(&text, vec![x()], &["s", "b"], Mode::Inference);
+}
+
+#[test]
+fn erf_and_gelu() {
+    let text = graph(13, "[2,3,4]", "[2,3,4]", "", "n: %y = Erf(%x)");
+    check(
+        &text,
+        vec![scaled(&[2, 3, 4], 91, 2.0)],
+        &[],
+        Mode::Inference,
+    );
+    for approximate in ["none", "tanh"] {
+        let text = graph(
+            20,
+            "[2,3,4]",
+            "[2,3,4]",
+            "",
+            &format!("n: %y = Gelu(%x) {{approximate = \"{approximate}\"}}"),
+        );
+        check(
+            &text,
+            vec![scaled(&[2, 3, 4], 92, 3.0)],
+            &[],
+            Mode::Inference,
+        );
+    }
+}
+
+/// Softmax and LogSoftmax over every axis: one axis from opset 13, the
+/// input flattened at the axis before.
+#[test]
+fn softmax_family_over_every_axis() {
+    for op in ["Softmax", "LogSoftmax"] {
+        for opset in [11, 13] {
+            for axis in [0i64, 1, 2, -1, -3] {
+                let text = graph(
+                    opset,
+                    "[2,3,4]",
+                    "[2,3,4]",
+                    "",
+                    &format!("n: %y = {op}(%x) {{axis = {axis}}}"),
+                );
+                check(
+                    &text,
+                    vec![scaled(&[2, 3, 4], 93, 3.0)],
+                    &[],
+                    Mode::Inference,
+                );
+            }
+            // The default axis: 1 before opset 13, -1 from 13.
+            let text = graph(
+                opset,
+                "[2,3,4]",
+                "[2,3,4]",
+                "",
+                &format!("n: %y = {op}(%x)"),
+            );
+            check(
+                &text,
+                vec![scaled(&[2, 3, 4], 94, 3.0)],
+                &[],
+                Mode::Inference,
+            );
+        }
+    }
+}
+
+#[test]
+fn batched_matmul_with_broadcasting() {
+    // (x shape, b shape, y shape, whether x is the first operand)
+    let cases: [(&[usize], &[usize], &str, bool); 6] = [
+        (&[2, 3, 4, 5], &[5, 6], "[2,3,4,6]", true),
+        (&[2, 1, 4, 5], &[3, 5, 6], "[2,3,4,6]", true),
+        (&[3, 5, 6], &[2, 1, 4, 5], "[2,3,4,6]", false),
+        (&[5, 6], &[2, 3, 4, 5], "[2,3,4,6]", false),
+        (&[2, 3, 4, 5], &[2, 3, 5, 4], "[2,3,4,4]", true),
+        (&[1, 3, 4, 5], &[2, 1, 5, 2], "[2,3,4,2]", true),
+    ];
+    for (x, b, y, x_first) in cases {
+        let node = if x_first {
+            "mm: %y = MatMul(%x, %b)"
+        } else {
+            "mm: %y = MatMul(%b, %x)"
+        };
+        let text = graph(13, &format!("{x:?}"), y, &init("b", b, 101), node);
+        check(&text, vec![tensor(x, 102)], &["b"], Mode::Inference);
+    }
+}
+
+#[test]
+fn where_and_expand_with_broadcasting() {
+    let cond = "  init %c = bool[3,1] [true, false, true]";
+    for node in ["n: %y = Where(%c, %x, %b)", "n: %y = Where(%c, %b, %x)"] {
+        let text = graph(
+            16,
+            "[2,3,4]",
+            "[2,3,4]",
+            &format!("{cond}\n{}", init("b", &[4], 111)),
+            node,
+        );
+        check(
+            &text,
+            vec![tensor(&[2, 3, 4], 112)],
+            &["b"],
+            Mode::Inference,
+        );
+    }
+    // A scalar operand, a condition of higher rank than both.
+    let text = graph(
+        16,
+        "[4]",
+        "[2,3,4]",
+        "  init %c = bool[2,3,1] [true, false, false, true, true, false]\n  init %b = f32[] [0.25]",
+        "n: %y = Where(%c, %x, %b)",
+    );
+    check(&text, vec![tensor(&[4], 113)], &["b"], Mode::Inference);
+    for (x, shape, y) in [
+        ("[3,1]", "[2,3,4]", "[2,3,4]"),
+        ("[1,4]", "[3,1]", "[3,4]"),
+        ("[2,3]", "[2,3]", "[2,3]"),
+    ] {
+        let dims: Vec<usize> = x
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let sv: Vec<usize> = shape
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let text = graph(
+            13,
+            x,
+            y,
+            &format!("  init %s = i64[{}] {shape}", sv.len()),
+            "n: %y = Expand(%x, %s)",
+        );
+        check(&text, vec![tensor(&dims, 114)], &[], Mode::Inference);
+    }
+}
+
+#[test]
+fn reduce_sum_and_mean_in_every_opset() {
+    let cases = [
+        (11, "ReduceSum(%x) {axes = [1], keepdims = 0}", "", "[2,4]"),
+        (11, "ReduceSum(%x) {axes = [-1, 0]}", "", "[1,3,1]"),
+        (11, "ReduceSum(%x) {keepdims = 0}", "", "[]"),
+        (
+            13,
+            "ReduceSum(%x, %a) {keepdims = 0}",
+            "  init %a = i64[2] [-1, 0]",
+            "[3]",
+        ),
+        (13, "ReduceSum(%x, %a)", "  init %a = i64[1] [1]", "[2,1,4]"),
+        (13, "ReduceSum(%x)", "", "[1,1,1]"),
+        (
+            13,
+            "ReduceSum(%x) {noop_with_empty_axes = 1}",
+            "",
+            "[2,3,4]",
+        ),
+        (
+            13,
+            "ReduceSum(%x, %a) {noop_with_empty_axes = 1}",
+            "  init %a = i64[0] []",
+            "[2,3,4]",
+        ),
+        (
+            18,
+            "ReduceMean(%x, %a) {keepdims = 0}",
+            "  init %a = i64[2] [1, -1]",
+            "[2]",
+        ),
+        (
+            18,
+            "ReduceMean(%x, %a)",
+            "  init %a = i64[1] [0]",
+            "[1,3,4]",
+        ),
+        (18, "ReduceMean(%x) {keepdims = 0}", "", "[]"),
+        (
+            18,
+            "ReduceMean(%x) {noop_with_empty_axes = 1}",
+            "",
+            "[2,3,4]",
+        ),
+        (
+            13,
+            "ReduceMean(%x) {axes = [2, 0], keepdims = 0}",
+            "",
+            "[3]",
+        ),
+    ];
+    for (opset, op, inits, y) in cases {
+        let text = graph(opset, "[2,3,4]", y, inits, &format!("n: %y = {op}"));
+        check(&text, vec![tensor(&[2, 3, 4], 121)], &[], Mode::Inference);
+    }
+}
+
+/// The embedding gradient: rows read twice get both gradients, negative
+/// indices count from the end, any axis.
+#[test]
+fn gather_scatters_its_gradient_back() {
+    let cases = [
+        (
+            "[5,4]",
+            "  init %i = i64[2,3] [0, -1, 2, 2, 4, -5]",
+            "{}",
+            "[2,3,4]",
+        ),
+        (
+            "[5,4]",
+            "  init %i = i64[3] [-1, 0, -1]",
+            "{axis = 1}",
+            "[5,3]",
+        ),
+        (
+            "[2,5,3]",
+            "  init %i = i32[2,2] [1, 1, -2, 0]",
+            "{axis = -2}",
+            "[2,2,2,3]",
+        ),
+        ("[5,4]", "  init %i = i64[] [3]", "{}", "[4]"),
+    ];
+    for (x, inits, attrs, y) in cases {
+        let dims: Vec<usize> = x
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let text = graph(13, x, y, inits, &format!("n: %y = Gather(%x, %i) {attrs}"));
+        check(&text, vec![tensor(&dims, 131)], &[], Mode::Inference);
+    }
+}
+
+/// Nearest Resize (and Upsample): each output's gradient goes to the
+/// pixel it copies, in the forward's coordinate mapping and rounding.
+#[test]
+fn nearest_resize_sums_into_the_pixels_read() {
+    let cases = [
+        (13, "[1,2,3,4]", "Resize(%x, _, %s)", "  init %s = f32[4] [1.0, 1.0, 2.0, 2.0]", "[1,2,6,8]"),
+        (13, "[1,2,4,6]", "Resize(%x, _, %s)", "  init %s = f32[4] [1.0, 1.0, 0.5, 0.5]", "[1,2,2,3]"),
+        (
+            13,
+            "[1,2,3,4]",
+            "Resize(%x, _, _, %z) {coordinate_transformation_mode = \"asymmetric\", nearest_mode = \"floor\"}",
+            "  init %z = i64[4] [1, 2, 5, 7]",
+            "[1,2,5,7]",
+        ),
+        (
+            19,
+            "[1,2,3,4]",
+            "Resize(%x, _, _, %z) {coordinate_transformation_mode = \"align_corners\", nearest_mode = \"round_prefer_ceil\"}",
+            "  init %z = i64[4] [2, 2, 5, 3]",
+            "[2,2,5,3]",
+        ),
+        (
+            18,
+            "[1,2,3,4]",
+            "Resize(%x, _, _, %z) {axes = [3, 2], coordinate_transformation_mode = \"pytorch_half_pixel\"}",
+            "  init %z = i64[2] [9, 1]",
+            "[1,2,1,9]",
+        ),
+        (10, "[1,2,3,4]", "Resize(%x, %s)", "  init %s = f32[4] [1.0, 1.0, 1.5, 2.5]", "[1,2,4,10]"),
+        (9, "[1,2,3,4]", "Upsample(%x, %s)", "  init %s = f32[4] [1.0, 1.0, 2.0, 3.0]", "[1,2,6,12]"),
+    ];
+    for (opset, x, op, inits, y) in cases {
+        let dims: Vec<usize> = x
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let text = graph(opset, x, y, inits, &format!("n: %y = {op}"));
+        check(&text, vec![tensor(&dims, 141)], &[], Mode::Inference);
+    }
+}
+
+#[test]
+fn casts_pass_float_gradients_only() {
+    // Float to float and back: the identity.
+    let text = graph(
+        13,
+        "[2,3]",
+        "[2,3]",
+        "",
+        "a: %d = Cast(%x) {to = 11}\n  b: %y = Cast(%d) {to = 1}",
+    );
+    check(&text, vec![tensor(&[2, 3], 151)], &[], Mode::Inference);
+    // Through an integer: no gradient on that path (x times its own
+    // truncation, values away from integers).
+    let text = graph(
+        13,
+        "[2,3]",
+        "[2,3]",
+        "",
+        "a: %i = Cast(%x) {to = 6}\n  b: %f = Cast(%i) {to = 1}\n  c: %y = Mul(%x, %f)",
+    );
+    let x = Tensor::F32(
+        ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![-2.5, -1.3, 0.4, 1.7, 2.2, 3.6]).unwrap(),
+    );
+    check(&text, vec![x], &[], Mode::Inference);
+}
+
+/// The arithmetic of a layer normalization written out, and the other
+/// elementwise operators, on a transformer's shapes.
+#[test]
+fn elementwise_operators_on_transformer_shapes() {
+    let text = r#"
+ir_version 8
+opset "" 13
+
+graph main {
+  input %x: f32[2,4,8]
+  output %y: f32[2,4,8]
+  init %two = f32[] [2.0]
+  init %eps = f32[] [0.00001]
+  init %g = f32[8] [G]
+  m: %m = ReduceMean(%x) {axes = [-1]}
+  d: %d = Sub(%x, %m)
+  p: %p = Pow(%d, %two)
+  v: %v = ReduceMean(%p) {axes = [-1]}
+  ve: %ve = Add(%v, %eps)
+  s: %s = Sqrt(%ve)
+  n: %n = Div(%d, %s)
+  ng: %ng = Mul(%n, %g)
+  t: %t = Tanh(%ng)
+  sg: %sg = Sigmoid(%ng)
+  y: %y = Mul(%t, %sg)
+}
+"#
+    .replace(
+        "[G]",
+        &format!(
+            "[{}]",
+            values(8, 161)
+                .iter()
+                .map(|v| format!("{:?}", v + 1.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    check(
+        &text,
+        vec![scaled(&[2, 4, 8], 162, 2.0)],
+        &["g"],
+        Mode::Inference,
+    );
+}
+
+/// A transformer encoder block as PyTorch exports it: token embeddings
+/// (Gather from int64 ids) plus positions (Expand), LayerNormalization,
+/// two-head attention with a padding mask (Where), the Erf form of GELU,
+/// residual Adds, mean pooling and a classifier Gemm.
+fn encoder_block(batch: &str) -> String {
+    let mut inits = vec![
+        init_scaled("emb", &[7, 8], 201, 1.0),
+        init_scaled("pos", &[4, 8], 202, 0.5),
+        init_scaled("ln1_s", &[8], 203, 0.2),
+        init_scaled("ln1_b", &[8], 204, 0.1),
+        init_scaled("wq", &[8, 8], 205, 0.5),
+        init_scaled("bq", &[8], 206, 0.1),
+        init_scaled("wk", &[8, 8], 207, 0.5),
+        init_scaled("wv", &[8, 8], 208, 0.5),
+        init_scaled("wo", &[8, 8], 209, 0.5),
+        init_scaled("ln2_s", &[8], 210, 0.2),
+        init_scaled("ln2_b", &[8], 211, 0.1),
+        init_scaled("w1", &[8, 16], 212, 0.5),
+        init_scaled("b1", &[16], 213, 0.1),
+        init_scaled("w2", &[16, 8], 214, 0.3),
+        init_scaled("wc", &[3, 8], 215, 0.5),
+        init_scaled("bc", &[3], 216, 0.1),
+    ];
+    // Layer norm scales around 1.
+    for name in ["ln1_s", "ln2_s"] {
+        let line = inits
+            .iter_mut()
+            .find(|l| l.contains(&format!("%{name} ")))
+            .unwrap();
+        let n: Vec<String> = values(8, name.len() as u64 + 300)
+            .iter()
+            .map(|v| format!("{:?}", 1.0 + 0.2 * v))
+            .collect();
+        *line = format!("  init %{name} = f32[8] [{}]", n.join(", "));
+    }
+    format!(
+        r#"ir_version 8
+opset "" 18
+
+graph main {{
+  input %ids: i64[{batch},4]
+  output %logits: f32[{batch},3]
+{inits}
+  init %heads = i64[4] [0, 0, 2, 4]
+  init %merged = i64[3] [0, 0, 8]
+  init %pad = i64[] [0]
+  init %mask_axes = i64[2] [1, 2]
+  init %neg = f32[] [-10000.0]
+  init %temp = f32[] [0.5]
+  init %sqrt2 = f32[] [1.4142135]
+  init %one = f32[] [1.0]
+  init %half = f32[] [0.5]
+  init %seq_axis = i64[1] [1]
+  embed: %e = Gather(%emb, %ids)
+  shape: %es = Shape(%e)
+  positions: %p = Expand(%pos, %es)
+  add_pos: %x0 = Add(%e, %p)
+  ln1: %h = LayerNormalization(%x0, %ln1_s, %ln1_b) {{axis = -1, epsilon = 0.00001}}
+  q: %q0 = MatMul(%h, %wq)
+  q_bias: %q = Add(%q0, %bq)
+  k: %k = MatMul(%h, %wk)
+  v: %v = MatMul(%h, %wv)
+  q_heads: %q4 = Reshape(%q, %heads)
+  k_heads: %k4 = Reshape(%k, %heads)
+  v_heads: %v4 = Reshape(%v, %heads)
+  q_t: %qh = Transpose(%q4) {{perm = [0, 2, 1, 3]}}
+  k_t: %kh = Transpose(%k4) {{perm = [0, 2, 3, 1]}}
+  v_t: %vh = Transpose(%v4) {{perm = [0, 2, 1, 3]}}
+  scores: %s0 = MatMul(%qh, %kh)
+  scaled: %s1 = Mul(%s0, %temp)
+  is_pad: %pm = Equal(%ids, %pad)
+  mask: %m4 = Unsqueeze(%pm, %mask_axes)
+  masked: %s2 = Where(%m4, %neg, %s1)
+  attn: %a = Softmax(%s2) {{axis = -1}}
+  context: %c4 = MatMul(%a, %vh)
+  merge_t: %ct = Transpose(%c4) {{perm = [0, 2, 1, 3]}}
+  merge: %c = Reshape(%ct, %merged)
+  out: %o = MatMul(%c, %wo)
+  res1: %r1 = Add(%x0, %o)
+  ln2: %h2 = LayerNormalization(%r1, %ln2_s, %ln2_b) {{axis = -1, epsilon = 0.00001}}
+  ff1: %f0 = MatMul(%h2, %w1)
+  ff1_bias: %f = Add(%f0, %b1)
+  gelu_div: %g0 = Div(%f, %sqrt2)
+  gelu_erf: %g1 = Erf(%g0)
+  gelu_add: %g2 = Add(%g1, %one)
+  gelu_mul: %g3 = Mul(%f, %g2)
+  gelu_half: %g = Mul(%g3, %half)
+  ff2: %f2 = MatMul(%g, %w2)
+  res2: %r2 = Add(%r1, %f2)
+  pool: %pooled = ReduceMean(%r2, %seq_axis) {{keepdims = 0}}
+  classify: %logits = Gemm(%pooled, %wc, %bc) {{transB = 1}}
+}}
+"#,
+        inits = inits.join("\n"),
+    )
+}
+
+#[test]
+fn a_transformer_encoder_block_end_to_end() {
+    let text = encoder_block("2");
+    // Token 0 pads the ends of both sequences.
+    let ids =
+        Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[2, 4]), vec![3, 1, 5, 0, 6, 2, 0, 0]).unwrap());
+    let params = [
+        "emb", "pos", "ln1_s", "ln1_b", "wq", "bq", "wk", "wv", "wo", "ln2_s", "ln2_b", "w1", "b1",
+        "w2", "wc", "bc",
+    ];
+    for mode in [Mode::Training, Mode::Inference] {
+        check(&text, vec![ids.clone()], &params, mode);
+    }
+}
+
+/// A linear Resize has no gradient here: an error naming the node, not a
+/// panic or a wrong gradient.
+#[test]
+fn a_linear_resize_is_refused_by_name() {
+    let text = graph(
+        13,
+        "[1,1,2,2]",
+        "[1,1,4,4]",
+        "  init %s = f32[4] [1.0, 1.0, 2.0, 2.0]",
+        "up: %y = Resize(%x, _, %s) {mode = \"linear\"}",
+    );
+    let model = qgraph_text::parse_model(&text).unwrap();
+    let ev = Evaluator::new(&model).unwrap();
+    let params = HashMap::new();
+    let tape = ev
+        .record(vec![tensor(&[1, 1, 2, 2], 1)], &params, Mode::Inference)
+        .unwrap();
+    let x = ev.required_inputs()[0];
+    let err = tape
+        .backward(
+            vec![(model.graph.outputs()[0], tensor(&[1, 1, 4, 4], 2))],
+            &[x],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("up") && err.contains("nearest"), "{err}");
 }

@@ -149,9 +149,11 @@ pub struct BatchNorm {
 /// What a trainable value is, for weight decay and learning rates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParamKind {
-    /// A weight of Conv, ConvTranspose, Gemm or MatMul.
+    /// A weight of Conv, ConvTranspose, Gemm or MatMul, or an embedding
+    /// table (the data a Gather reads).
     Weight,
-    /// A bias, or a batch normalization's scale or shift.
+    /// A bias (also one added to a MatMul's output, as Linear layers
+    /// export), or a batch or layer normalization's scale or shift.
     Bias,
     /// A learned quantization scale.
     Scale,
@@ -335,6 +337,23 @@ impl TrainingGraph {
                     add(trainable(through_quantizer(input(1))), ParamKind::Weight);
                     if node.op_type != "MatMul" {
                         add(trainable(through_quantizer(input(2))), ParamKind::Bias);
+                    }
+                }
+                "Gather" => add(trainable(through_quantizer(input(0))), ParamKind::Weight),
+                "LayerNormalization" => {
+                    add(trainable(input(1)), ParamKind::Bias);
+                    add(trainable(input(2)), ParamKind::Bias);
+                }
+                "Add" => {
+                    let after_matmul = |k: usize| {
+                        input(k)
+                            .and_then(|v| g.producer(v))
+                            .is_some_and(|(p, _)| g.node(p).op_type == "MatMul")
+                    };
+                    for (bias, other) in [(1, 0), (0, 1)] {
+                        if after_matmul(other) {
+                            add(trainable(input(bias)), ParamKind::Bias);
+                        }
                     }
                 }
                 "BatchNormalization" => {

@@ -737,3 +737,215 @@ graph main {
         .unwrap();
     assert_eq!(bits(&got[0]), bits(&want[0]));
 }
+
+/// A transformer encoder block as PyTorch exports it, on int64 token ids
+/// (vocabulary 7, token 0 pads, 4 positions, width 8, two heads): token
+/// embeddings (Gather) plus positions (Expand), LayerNormalization,
+/// attention with a padding mask (Where), the Erf form of GELU, residual
+/// Adds, mean pooling and a classifier Gemm.
+fn encoder_block() -> String {
+    let init = |name: &str, shape: &[usize], seed: u64, k: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = values(n, seed).iter().map(|v| offset + k * v).collect();
+        format!("  init %{name} = f32{shape:?} [{}]", list(&v))
+    };
+    let inits = [
+        init("emb", &[7, 8], 201, 1.0, 0.0),
+        init("pos", &[4, 8], 202, 0.5, 0.0),
+        init("ln1_s", &[8], 203, 0.2, 1.0),
+        init("ln1_b", &[8], 204, 0.1, 0.0),
+        init("wq", &[8, 8], 205, 0.5, 0.0),
+        init("bq", &[8], 206, 0.1, 0.0),
+        init("wk", &[8, 8], 207, 0.5, 0.0),
+        init("wv", &[8, 8], 208, 0.5, 0.0),
+        init("wo", &[8, 8], 209, 0.5, 0.0),
+        init("ln2_s", &[8], 210, 0.2, 1.0),
+        init("ln2_b", &[8], 211, 0.1, 0.0),
+        init("w1", &[8, 16], 212, 0.5, 0.0),
+        init("b1", &[16], 213, 0.1, 0.0),
+        init("w2", &[16, 8], 214, 0.3, 0.0),
+        init("wc", &[3, 8], 215, 0.5, 0.0),
+        init("bc", &[3], 216, 0.1, 0.0),
+    ]
+    .join("\n");
+    format!(
+        r#"ir_version 8
+opset "" 18
+
+graph main {{
+  input %ids: i64[N,4]
+  output %logits: f32[N,3]
+{inits}
+  init %heads = i64[4] [0, 0, 2, 4]
+  init %merged = i64[3] [0, 0, 8]
+  init %pad = i64[] [0]
+  init %mask_axes = i64[2] [1, 2]
+  init %neg = f32[] [-10000.0]
+  init %temp = f32[] [0.5]
+  init %sqrt2 = f32[] [1.4142135]
+  init %one = f32[] [1.0]
+  init %half = f32[] [0.5]
+  init %seq_axis = i64[1] [1]
+  embed: %e = Gather(%emb, %ids)
+  shape: %es = Shape(%e)
+  positions: %p = Expand(%pos, %es)
+  add_pos: %x0 = Add(%e, %p)
+  ln1: %h = LayerNormalization(%x0, %ln1_s, %ln1_b) {{axis = -1, epsilon = 0.00001}}
+  q: %q0 = MatMul(%h, %wq)
+  q_bias: %q = Add(%q0, %bq)
+  k: %k = MatMul(%h, %wk)
+  v: %v = MatMul(%h, %wv)
+  q_heads: %q4 = Reshape(%q, %heads)
+  k_heads: %k4 = Reshape(%k, %heads)
+  v_heads: %v4 = Reshape(%v, %heads)
+  q_t: %qh = Transpose(%q4) {{perm = [0, 2, 1, 3]}}
+  k_t: %kh = Transpose(%k4) {{perm = [0, 2, 3, 1]}}
+  v_t: %vh = Transpose(%v4) {{perm = [0, 2, 1, 3]}}
+  scores: %s0 = MatMul(%qh, %kh)
+  scaled: %s1 = Mul(%s0, %temp)
+  is_pad: %pm = Equal(%ids, %pad)
+  mask: %m4 = Unsqueeze(%pm, %mask_axes)
+  masked: %s2 = Where(%m4, %neg, %s1)
+  attn: %a = Softmax(%s2) {{axis = -1}}
+  context: %c4 = MatMul(%a, %vh)
+  merge_t: %ct = Transpose(%c4) {{perm = [0, 2, 1, 3]}}
+  merge: %c = Reshape(%ct, %merged)
+  out: %o = MatMul(%c, %wo)
+  res1: %r1 = Add(%x0, %o)
+  ln2: %h2 = LayerNormalization(%r1, %ln2_s, %ln2_b) {{axis = -1, epsilon = 0.00001}}
+  ff1: %f0 = MatMul(%h2, %w1)
+  ff1_bias: %f = Add(%f0, %b1)
+  gelu_div: %g0 = Div(%f, %sqrt2)
+  gelu_erf: %g1 = Erf(%g0)
+  gelu_add: %g2 = Add(%g1, %one)
+  gelu_mul: %g3 = Mul(%f, %g2)
+  gelu_half: %g = Mul(%g3, %half)
+  ff2: %f2 = MatMul(%g, %w2)
+  res2: %r2 = Add(%r1, %f2)
+  pool: %pooled = ReduceMean(%r2, %seq_axis) {{keepdims = 0}}
+  classify: %logits = Gemm(%pooled, %wc, %bc) {{transB = 1}}
+}}
+"#
+    )
+}
+
+/// Token sequences of three classes: class c uses tokens 2c+1 and 2c+2,
+/// with 0 to 2 padding tokens (0) at the end.
+fn token_data(count: usize, seed: u64) -> (Tensor, Vec<i64>) {
+    let noise = values(count * 5, seed);
+    let mut ids = Vec::with_capacity(count * 4);
+    let mut labels = Vec::with_capacity(count);
+    for i in 0..count {
+        let class = (i % 3) as i64;
+        let r = &noise[i * 5..][..5];
+        let padded = ((r[4] + 1.0) * 1.5) as usize;
+        for (t, v) in r[..4].iter().enumerate() {
+            ids.push(if t >= 4 - padded.min(2) {
+                0
+            } else {
+                2 * class + 1 + (*v > 0.0) as i64
+            });
+        }
+        labels.push(class);
+    }
+    (
+        Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[count, 4]), ids).unwrap()),
+        labels,
+    )
+}
+
+/// A float transformer block on int64 token ids trains: the embedding
+/// table, the layer normalizations, the MatMuls' weights and biases and
+/// the classifier all learn, and the loss falls.
+#[test]
+fn a_transformer_encoder_block_on_token_ids_trains() {
+    let text = encoder_block();
+    let model: Model = qgraph_text::parse_model(&text).unwrap();
+    let steps = 30;
+    let config = Config {
+        batch: 24,
+        lr: 0.01,
+        optimizer: Optimizer::adam(),
+        total_steps: steps,
+        threads: 2,
+        ..Config::default()
+    };
+    let mut trainer = Trainer::new(&model, config).unwrap();
+    let g = &trainer.graph().model.graph;
+    let trained_names: Vec<(String, ParamKind)> = trainer
+        .graph()
+        .params
+        .iter()
+        .map(|p| (g.value(p.value).name().to_string(), p.kind))
+        .collect();
+    for (name, kind) in [
+        ("emb", ParamKind::Weight),
+        ("ln1_s", ParamKind::Bias),
+        ("ln2_b", ParamKind::Bias),
+        ("wq", ParamKind::Weight),
+        ("bq", ParamKind::Bias),
+        ("b1", ParamKind::Bias),
+        ("wc", ParamKind::Weight),
+        ("bc", ParamKind::Bias),
+    ] {
+        assert!(
+            trained_names.contains(&(name.to_string(), kind)),
+            "{name} is not trained as {kind:?}: {trained_names:?}"
+        );
+    }
+    // Constants stay constants.
+    for name in ["one", "half", "sqrt2", "temp", "neg", "pos"] {
+        assert!(
+            !trained_names.iter().any(|(n, _)| n == name),
+            "{name} should not train"
+        );
+    }
+    let (train_x, train_y) = token_data(24 * 4, 5);
+    let Tensor::I64(all) = &train_x else {
+        unreachable!()
+    };
+    let (qm, _) = trainer.models();
+    let ev = Evaluator::with_options(&qm, trainer.evaluator_options()).unwrap();
+    let mut losses = Vec::new();
+    for s in 0..steps {
+        let b = s % 4;
+        let xb = Tensor::I64(
+            all.slice(qgraph_ir::ndarray::s![b * 24..(b + 1) * 24, ..])
+                .to_owned()
+                .into_dyn(),
+        );
+        let report = trainer
+            .step(
+                &ev,
+                None,
+                xb,
+                Targets::Labels(&train_y[b * 24..(b + 1) * 24]),
+            )
+            .unwrap();
+        assert!(report.loss.is_finite(), "step {s}: loss {}", report.loss);
+        losses.push(report.loss);
+    }
+    let (first, last) = (losses[0], losses[steps - 1]);
+    assert!(last < 0.5 * first, "loss {first} -> {last}: {losses:?}");
+    let trained = trainer.export(&model, ExportForm::Deploy).unwrap();
+    let tg = &trained.graph;
+    let og = &model.graph;
+    for name in ["emb", "ln1_s", "ln2_b", "bq", "w1"] {
+        let get = |g: &qgraph_ir::Graph| {
+            bits(
+                &g.initializer(g.value_by_name(name).unwrap())
+                    .unwrap()
+                    .tensor,
+            )
+        };
+        assert_ne!(get(tg), get(og), "{name} did not move");
+    }
+    let (test_x, test_y) = token_data(60, 6);
+    let out = Evaluator::new(&trained).unwrap().run(vec![test_x]).unwrap();
+    let Tensor::F32(logits) = &out[0] else {
+        unreachable!()
+    };
+    let flat: Vec<f32> = logits.iter().copied().collect();
+    let correct = qgraph_train::loss::correct_top1(&flat, test_y.len(), &test_y);
+    assert!(correct >= 54, "held-out accuracy {correct} of 60");
+}

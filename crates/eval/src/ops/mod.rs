@@ -3,6 +3,7 @@
 //! outputs.
 
 mod attention;
+mod backward;
 mod cast;
 mod contrib;
 mod control;
@@ -192,6 +193,17 @@ const BACKWARD_KERNELS: &[(&str, BackwardKernel)] = &[
     ("Pad", shape::pad_backward),
     ("QuantizeLinear", quant::quantize_linear_backward),
     ("DequantizeLinear", quant::dequantize_linear_backward),
+    ("LayerNormalization", backward::layer_norm_backward),
+    ("Erf", backward::erf_backward),
+    ("Gelu", backward::gelu_backward),
+    ("LogSoftmax", backward::log_softmax_backward),
+    ("Where", backward::where_backward),
+    ("Expand", backward::expand_backward),
+    ("ReduceSum", backward::reduce_sum_backward),
+    ("Gather", backward::gather_backward),
+    ("Resize", backward::resize_nearest_backward),
+    ("Upsample", backward::resize_nearest_backward),
+    ("Cast", backward::cast_backward),
 ];
 
 /// Sums a gradient over the dims its operand was broadcast along, back to

@@ -49,7 +49,10 @@ pub fn softmax(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Ev
 
 /// The Softmax axis as a 2-D view: (outer, axis length, inner) for opset 13
 /// and later, (outer, flattened rest, 1) before.
-fn softmax_layout(cx: &OpCtx, shape: &[usize]) -> Result<(usize, usize, usize), EvalError> {
+pub(super) fn softmax_layout(
+    cx: &OpCtx,
+    shape: &[usize],
+) -> Result<(usize, usize, usize), EvalError> {
     let r = shape.len();
     let (axis, flat) = if cx.opset >= 13 {
         (cx.axis(cx.int_attr("axis", -1)?, r)?, false)
