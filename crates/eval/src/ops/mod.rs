@@ -11,6 +11,7 @@ mod depthwise;
 mod depthwise_blocked;
 mod elementwise;
 mod gemm;
+mod image_decoder;
 mod index;
 mod integer;
 mod math;
@@ -280,6 +281,7 @@ const DEFAULT_DOMAIN_TABLES: &[&[(&str, Kernel)]] = &[
     signal::KERNELS,
     spatial::KERNELS,
     strings::KERNELS,
+    image_decoder::KERNELS,
     KERNELS,
 ];
 
