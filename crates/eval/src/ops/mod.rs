@@ -12,6 +12,7 @@ mod depthwise;
 mod depthwise_blocked;
 mod elementwise;
 mod gemm;
+mod image_decoder;
 mod index;
 mod integer;
 mod math;
@@ -19,6 +20,7 @@ mod matmul;
 mod nn;
 mod norm;
 mod pointwise;
+mod recurrent_attention;
 mod reduce;
 mod rnn;
 mod sequence;
@@ -232,20 +234,10 @@ pub fn why_refused(domain: &str, op: &str) -> Option<&'static str> {
         "Multinomial",
     ];
     // Default-domain operators newer than the opset the evaluator covers.
-    const AFTER_OPSET_23: &[(&str, &str)] = &[
-        (
-            "LinearAttention",
-            "an operator of opset 27, newer than the opset 23 the evaluator covers",
-        ),
-        (
-            "CausalConvWithState",
-            "an operator of opset 27, newer than the opset 23 the evaluator covers",
-        ),
-        (
-            "SwiGLU",
-            "an operator of opset 28, newer than the opset 23 the evaluator covers",
-        ),
-    ];
+    const AFTER_OPSET_23: &[(&str, &str)] = &[(
+        "SwiGLU",
+        "an operator of opset 28, newer than the opset 23 the evaluator covers",
+    )];
     match qgraph_ir::canonical_domain(domain) {
         "" if RANDOM.contains(&op) => Some(
             "its result is random, and ONNX fixes no generator: no seed reproduces another \
@@ -295,11 +287,13 @@ const DEFAULT_DOMAIN_TABLES: &[&[(&str, Kernel)]] = &[
     index::KERNELS,
     nn::KERNELS,
     attention::KERNELS,
+    recurrent_attention::KERNELS,
     rnn::KERNELS,
     control::KERNELS,
     signal::KERNELS,
     spatial::KERNELS,
     strings::KERNELS,
+    image_decoder::KERNELS,
     KERNELS,
 ];
 
