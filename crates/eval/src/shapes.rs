@@ -514,23 +514,10 @@ fn rule(g: &Graph, n: NodeId, opset: i64, ins: &[Info]) -> Vec<Info> {
                 ints_attr(g, n, "axes")
             };
             let keep = int_attr(g, n, "keepdims").unwrap_or(1) != 0;
-            let axes: Option<Vec<usize>> = match axes {
-                Some(a) => a.iter().map(|&a| axis(a, d.len())).collect(),
-                None => Some((0..d.len()).collect()),
-            };
-            let Some(axes) = axes else {
-                return one(Info::default());
-            };
-            let out = d
-                .iter()
-                .enumerate()
-                .filter_map(|(i, dim)| match (axes.contains(&i), keep) {
-                    (true, true) => Some(Dim::Known(1)),
-                    (true, false) => None,
-                    (false, _) => Some(dim.clone()),
-                })
-                .collect();
-            one(shaped(x.dtype, out))
+            match reduced(d, axes, keep) {
+                Some(out) => one(shaped(x.dtype, out)),
+                None => one(Info::default()),
+            }
         }
         "Gemm" => {
             let (Some(a), Some(b)) = (&x.dims, ins.get(1).and_then(|b| b.dims.clone())) else {
@@ -1135,26 +1122,34 @@ fn rule(g: &Graph, n: NodeId, opset: i64, ins: &[Info]) -> Vec<Info> {
                 ints_attr(g, n, "axes")
             };
             let keep = int_attr(g, n, "keepdims").unwrap_or(1) != 0;
-            let axes: Option<Vec<usize>> = match axes {
-                Some(a) if !a.is_empty() => a.iter().map(|&a| axis(a, d.len())).collect(),
-                _ => Some((0..d.len()).collect()),
-            };
-            let Some(axes) = axes else {
-                return one(Info::default());
-            };
-            let out = d
-                .iter()
-                .enumerate()
-                .filter_map(|(i, dim)| match (axes.contains(&i), keep) {
-                    (true, true) => Some(Dim::Known(1)),
-                    (true, false) => None,
-                    (false, _) => Some(dim.clone()),
-                })
-                .collect();
-            one(shaped(x.dtype, out))
+            // Empty axes reduce everything here (no noop_with_empty_axes).
+            match reduced(d, axes.filter(|a| !a.is_empty()), keep) {
+                Some(out) => one(shaped(x.dtype, out)),
+                None => one(Info::default()),
+            }
         }
         _ => constant_rule(g, n, opset, ins),
     }
+}
+
+/// The dims a reduction over `axes` (all of them when none) leaves: each
+/// reduced dim 1 with `keep`, else dropped. None when an axis is out of
+/// range.
+fn reduced(d: &[Dim], axes: Option<Vec<i64>>, keep: bool) -> Option<Vec<Dim>> {
+    let axes: Vec<usize> = match axes {
+        Some(a) => a.iter().map(|&a| axis(a, d.len())).collect::<Option<_>>()?,
+        None => (0..d.len()).collect(),
+    };
+    Some(
+        d.iter()
+            .enumerate()
+            .filter_map(|(i, dim)| match (axes.contains(&i), keep) {
+                (true, true) => Some(Dim::Known(1)),
+                (true, false) => None,
+                (false, _) => Some(dim.clone()),
+            })
+            .collect(),
+    )
 }
 
 /// `d` with dim `a` replaced by `by`, or dropped when `by` is none.

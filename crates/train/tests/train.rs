@@ -13,6 +13,10 @@ use qgraph_train::{
 };
 use std::collections::HashMap;
 
+/// The encoder block's attention, feed-forward and pooling nodes, shared with
+/// the other crate's test of the same block.
+const ENCODER_BLOCK_NODES: &str = include_str!("../../../testdata/encoder_block_nodes.txt");
+
 fn values(count: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..count)
@@ -768,6 +772,7 @@ fn encoder_block() -> String {
         init("bc", &[3], 216, 0.1, 0.0),
     ]
     .join("\n");
+    let nodes = ENCODER_BLOCK_NODES;
     format!(
         r#"ir_version 8
 opset "" 18
@@ -776,56 +781,7 @@ graph main {{
   input %ids: i64[N,4]
   output %logits: f32[N,3]
 {inits}
-  init %heads = i64[4] [0, 0, 2, 4]
-  init %merged = i64[3] [0, 0, 8]
-  init %pad = i64[] [0]
-  init %mask_axes = i64[2] [1, 2]
-  init %neg = f32[] [-10000.0]
-  init %temp = f32[] [0.5]
-  init %sqrt2 = f32[] [1.4142135]
-  init %one = f32[] [1.0]
-  init %half = f32[] [0.5]
-  init %seq_axis = i64[1] [1]
-  embed: %e = Gather(%emb, %ids)
-  shape: %es = Shape(%e)
-  positions: %p = Expand(%pos, %es)
-  add_pos: %x0 = Add(%e, %p)
-  ln1: %h = LayerNormalization(%x0, %ln1_s, %ln1_b) {{axis = -1, epsilon = 0.00001}}
-  q: %q0 = MatMul(%h, %wq)
-  q_bias: %q = Add(%q0, %bq)
-  k: %k = MatMul(%h, %wk)
-  v: %v = MatMul(%h, %wv)
-  q_heads: %q4 = Reshape(%q, %heads)
-  k_heads: %k4 = Reshape(%k, %heads)
-  v_heads: %v4 = Reshape(%v, %heads)
-  q_t: %qh = Transpose(%q4) {{perm = [0, 2, 1, 3]}}
-  k_t: %kh = Transpose(%k4) {{perm = [0, 2, 3, 1]}}
-  v_t: %vh = Transpose(%v4) {{perm = [0, 2, 1, 3]}}
-  scores: %s0 = MatMul(%qh, %kh)
-  scaled: %s1 = Mul(%s0, %temp)
-  is_pad: %pm = Equal(%ids, %pad)
-  mask: %m4 = Unsqueeze(%pm, %mask_axes)
-  masked: %s2 = Where(%m4, %neg, %s1)
-  attn: %a = Softmax(%s2) {{axis = -1}}
-  context: %c4 = MatMul(%a, %vh)
-  merge_t: %ct = Transpose(%c4) {{perm = [0, 2, 1, 3]}}
-  merge: %c = Reshape(%ct, %merged)
-  out: %o = MatMul(%c, %wo)
-  res1: %r1 = Add(%x0, %o)
-  ln2: %h2 = LayerNormalization(%r1, %ln2_s, %ln2_b) {{axis = -1, epsilon = 0.00001}}
-  ff1: %f0 = MatMul(%h2, %w1)
-  ff1_bias: %f = Add(%f0, %b1)
-  gelu_div: %g0 = Div(%f, %sqrt2)
-  gelu_erf: %g1 = Erf(%g0)
-  gelu_add: %g2 = Add(%g1, %one)
-  gelu_mul: %g3 = Mul(%f, %g2)
-  gelu_half: %g = Mul(%g3, %half)
-  ff2: %f2 = MatMul(%g, %w2)
-  res2: %r2 = Add(%r1, %f2)
-  pool: %pooled = ReduceMean(%r2, %seq_axis) {{keepdims = 0}}
-  classify: %logits = Gemm(%pooled, %wc, %bc) {{transB = 1}}
-}}
-"#
+{nodes}"#
     )
 }
 
