@@ -10,6 +10,7 @@ mod conv;
 mod depthwise;
 mod depthwise_blocked;
 mod elementwise;
+mod fastmath;
 mod gemm;
 mod index;
 mod integer;
