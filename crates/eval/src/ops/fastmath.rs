@@ -7,9 +7,10 @@
 //! slower on a transformer's Softmax and GELU.
 //!
 //! Accuracy: `exp` within 2 ulp of the exact value over the normal range
-//! (it flushes results below 2.5e-38 to zero); `erf` within 2e-7 absolute
-//! (a Taylor series below 0.5, Abramowitz and Stegun 7.1.26 above), as
-//! close as ONNX Runtime's own polynomial erf. NaN stays NaN, ±inf go to
+//! (it flushes results below 2.5e-38 to zero); `erf` within 3e-7 absolute
+//! (a Taylor series below 0.5, Abramowitz and Stegun 7.1.26 above: the
+//! formula's 1.5e-7 plus f32 rounding, 2.8e-7 at most over [-6, 6] in an
+//! f32 emulation), and within a few ulp below 0.5. NaN stays NaN, ±inf go to
 //! their limits.
 
 /// 1.5 * 2^23: adding it to a float of magnitude below 2^22 rounds it to
@@ -277,14 +278,14 @@ mod tests {
     }
 
     #[test]
-    fn erf_is_within_2e7_of_libm_and_relatively_close_near_zero() {
+    fn erf_is_within_3e7_of_libm_and_relatively_close_near_zero() {
         for x in grid(-6.0, 6.0, 200_000)
             .into_iter()
             .chain(grid(-1e-3, 1e-3, 1000))
         {
             let want = libm::erf(x as f64);
             let got = erf(x) as f64;
-            assert!((got - want).abs() <= 2e-7, "erf({x}) = {got}, want {want}");
+            assert!((got - want).abs() <= 3e-7, "erf({x}) = {got}, want {want}");
             if x.abs() < ERF_SERIES_BELOW {
                 assert!(
                     (got - want).abs() <= 4.0 * f32::EPSILON as f64 * want.abs(),
