@@ -127,13 +127,15 @@ fn zip_with<T: Copy, U>(
     Ok(Zip::from(&av).and(&bv).map_collect(|&x, &y| f(x, y)))
 }
 
-/// `zip_with` for f32 into a recycled buffer; same-shape operands are
-/// combined in parallel chunks.
-fn zip_f32(
+/// `zip_with` for f32 into a recycled buffer, in parallel blocks of rows:
+/// same-shape operands as one slice, broadcast ones row by row along the
+/// last dim (a bias, a scale, an attention mask), each operand's row either
+/// contiguous or one value repeated.
+fn zip_f32<F: Fn(f32, f32) -> f32 + Sync + Send + Copy>(
     cx: &OpCtx,
     a: &ArrayD<f32>,
     b: &ArrayD<f32>,
-    f: fn(f32, f32) -> f32,
+    f: F,
 ) -> Result<ArrayD<f32>, EvalError> {
     if let (true, Some(xs), Some(ys)) = (a.shape() == b.shape(), a.as_slice(), b.as_slice()) {
         let mut out = cx.buffers.take(xs.len());
@@ -161,6 +163,39 @@ fn zip_f32(
         ));
     };
     let len = shape.iter().product();
+    let inner = shape.last().copied().unwrap_or(1);
+    if inner >= MIN_ROW {
+        if let (Some(ar), Some(br)) = (Rows::of(a, &shape), Rows::of(b, &shape)) {
+            let mut out = cx.buffers.take(len);
+            let rows_per_block = ((1 << 14) / inner).max(1);
+            out.par_chunks_mut(rows_per_block * inner)
+                .enumerate()
+                .for_each(|(block, o)| {
+                    for (i, o) in o.chunks_exact_mut(inner).enumerate() {
+                        let row = block * rows_per_block + i;
+                        match (ar.row(row), br.row(row)) {
+                            (Row::Values(x), Row::Values(y)) => {
+                                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                                    *o = f(x, y);
+                                }
+                            }
+                            (Row::Values(x), Row::Repeated(y)) => {
+                                for (o, &x) in o.iter_mut().zip(x) {
+                                    *o = f(x, y);
+                                }
+                            }
+                            (Row::Repeated(x), Row::Values(y)) => {
+                                for (o, &y) in o.iter_mut().zip(y) {
+                                    *o = f(x, y);
+                                }
+                            }
+                            (Row::Repeated(x), Row::Repeated(y)) => o.fill(f(x, y)),
+                        }
+                    }
+                });
+            return Ok(ArrayD::from_shape_vec(IxDyn(&shape), out).expect("element count"));
+        }
+    }
     let mut out =
         ArrayD::from_shape_vec(IxDyn(&shape), cx.buffers.take(len)).expect("element count");
     Zip::from(&mut out)
@@ -170,10 +205,69 @@ fn zip_f32(
     Ok(out)
 }
 
+/// Rows (along the last dim) at least this long go row by row; shorter
+/// ones element by element, where a row's bookkeeping would dominate.
+const MIN_ROW: usize = 16;
+
+/// An operand of a broadcast, row by row of the output: where each output
+/// row's values start in the operand's data (in standard layout).
+struct Rows<'a> {
+    data: &'a [f32],
+    /// Per output dim but the last, the operand's step (0 where it
+    /// broadcasts); and the output's dims but the last.
+    steps: Vec<usize>,
+    dims: Vec<usize>,
+    /// The row's length where the operand has the last dim; None where
+    /// it broadcasts along it (one value per row).
+    width: Option<usize>,
+}
+
+enum Row<'a> {
+    Values(&'a [f32]),
+    Repeated(f32),
+}
+
+impl<'a> Rows<'a> {
+    /// None for an operand not in standard layout.
+    fn of(x: &'a ArrayD<f32>, shape: &[usize]) -> Option<Rows<'a>> {
+        let data = x.as_slice()?;
+        let rank = shape.len();
+        // The operand's dims aligned to the output's, 1 where it has none.
+        let mut own = vec![1; rank - x.ndim()];
+        own.extend_from_slice(x.shape());
+        let mut steps = vec![0; rank];
+        let mut step = 1;
+        for d in (0..rank).rev() {
+            if own[d] != 1 {
+                steps[d] = step;
+            }
+            step *= own[d];
+        }
+        Some(Rows {
+            data,
+            width: (own[rank - 1] != 1).then_some(shape[rank - 1]),
+            steps: steps[..rank - 1].to_vec(),
+            dims: shape[..rank - 1].to_vec(),
+        })
+    }
+
+    fn row(&self, mut row: usize) -> Row<'a> {
+        let mut start = 0;
+        for (&dim, &step) in self.dims.iter().zip(&self.steps).rev() {
+            start += (row % dim) * step;
+            row /= dim;
+        }
+        match self.width {
+            Some(width) => Row::Values(&self.data[start..start + width]),
+            None => Row::Repeated(self.data[start]),
+        }
+    }
+}
+
 fn arith(
     cx: &OpCtx,
     i: &[Option<&Tensor>],
-    ff: fn(f32, f32) -> f32,
+    ff: impl Fn(f32, f32) -> f32 + Sync + Send + Copy,
     fi: fn(i64, i64) -> Option<i64>,
 ) -> Result<Vec<Tensor>, EvalError> {
     let (a, b) = (input(cx, i, 0)?, input(cx, i, 1)?);

@@ -6,6 +6,7 @@ use super::{array, f32_input, sum_to_shape, Grads};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::ndarray::{ArrayBase, Axis, Data, IxDyn};
 use qgraph_ir::Tensor;
+use rayon::prelude::*;
 
 /// A 2-D f32 input as a matrix over its data, transposed when `flag` is set.
 fn matrix<'a, S: Data<Elem = f32>>(
@@ -53,6 +54,10 @@ pub fn gemm(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     gemm_kernel(&mut y, n, a, b, alpha, c_present, Threads::Pool);
     Ok(vec![Tensor::F32(array(&[m, n], y))])
 }
+
+/// Multiply-adds up to which a product of a batch runs whole on one thread
+/// (a 128-token head's scores: 128 x 64 x 128 = 1M).
+const SMALL_PRODUCT: usize = 1 << 21;
 
 /// numpy matmul: 1-D operands are promoted, batch dims broadcast.
 pub fn matmul(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
@@ -118,11 +123,35 @@ pub fn matmul(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Eva
         }
         index * size
     };
-    let mut out = vec![0f32; count * m * n];
-    for (i, chunk) in out.chunks_mut((m * n).max(1)).enumerate().take(count) {
-        let am = MatRef::row_major(&a_data[offset(a_dims, a_size, i)..], m, k);
-        let bm = MatRef::row_major(&b_data[offset(b_dims, b_size, i)..], k, n);
-        gemm_kernel(chunk, n, am, bm, 1.0, false, Threads::Pool);
+    let mut out = cx.buffers.take(count * m * n);
+    let b_count: usize = b_dims.iter().product();
+    if b_count == 1 {
+        // One right matrix for the whole stack (a layer's weights): the
+        // left stack is one tall matrix, its rows one after another, and a
+        // single product of `count * m` rows packs the weights once and
+        // gives the threads large blocks, where a product per matrix
+        // (a transformer's batch of sequences) split each small one.
+        let am = MatRef::row_major(a_data, count * m, k);
+        let bm = MatRef::row_major(b_data, k, n);
+        gemm_kernel(&mut out, n, am, bm, 1.0, false, Threads::Pool);
+    } else if count >= 2 * rayon::current_num_threads() && m * n * k <= SMALL_PRODUCT {
+        // Many small products (attention's scores and mixing, per head):
+        // one per task, each on one thread, rather than each split across
+        // the threads, whose hand-offs cost more than such a product.
+        out.par_chunks_mut((m * n).max(1))
+            .enumerate()
+            .take(count)
+            .for_each(|(i, chunk)| {
+                let am = MatRef::row_major(&a_data[offset(a_dims, a_size, i)..], m, k);
+                let bm = MatRef::row_major(&b_data[offset(b_dims, b_size, i)..], k, n);
+                gemm_kernel(chunk, n, am, bm, 1.0, false, Threads::One);
+            });
+    } else {
+        for (i, chunk) in out.chunks_mut((m * n).max(1)).enumerate().take(count) {
+            let am = MatRef::row_major(&a_data[offset(a_dims, a_size, i)..], m, k);
+            let bm = MatRef::row_major(&b_data[offset(b_dims, b_size, i)..], k, n);
+            gemm_kernel(chunk, n, am, bm, 1.0, false, Threads::Pool);
+        }
     }
     let mut shape = batch;
     if !a_vec {

@@ -11,6 +11,7 @@ mod conv;
 mod depthwise;
 mod depthwise_blocked;
 mod elementwise;
+mod fastmath;
 mod gemm;
 mod image_decoder;
 mod index;

@@ -13,7 +13,7 @@
 //! f64 for every type, so that long reductions keep their precision.
 
 use super::typed::{broadcast_to, floating, Float};
-use super::{array, input, ints_of};
+use super::{array, fastmath, input, ints_of};
 use crate::{EvalError, OpCtx};
 use qgraph_ir::half::{bf16, f16};
 use qgraph_ir::ndarray::ArrayD;
@@ -408,6 +408,11 @@ pub fn layer_normalization(
     inputs: &[Option<&Tensor>],
 ) -> Result<Vec<Tensor>, EvalError> {
     let x = input(cx, inputs, 0)?;
+    if let Tensor::F32(x) = x {
+        if let Some(outs) = layer_norm_f32(cx, inputs, x)? {
+            return Ok(outs);
+        }
+    }
     floating!(cx, x, "X", |x| layer_norm_typed(cx, inputs, x))
 }
 
@@ -450,6 +455,53 @@ fn layer_norm_typed<T: Compute>(
         float_tensor(cx, stash, &stats_shape, means)?,
         float_tensor(cx, stash, &stats_shape, invs)?,
     ])
+}
+
+/// LayerNormalization of f32 whose Scale and B hold one value per column of
+/// the normalized rows (a transformer's, always): rows in parallel blocks,
+/// each vectorized (see `fastmath`); the statistics only when the node has
+/// those outputs. None for any other case, left to the general kernel.
+fn layer_norm_f32(
+    cx: &OpCtx,
+    inputs: &[Option<&Tensor>],
+    x: &ArrayD<f32>,
+) -> Result<Option<Vec<Tensor>>, EvalError> {
+    let axis = cx.axis(cx.int_attr("axis", -1)?, x.ndim())?;
+    let eps = cx.float_attr("epsilon", 1e-5)?;
+    let stash = stash_dtype(cx)?;
+    let (_, cols, stats_shape) = split_at_axis(x.shape(), axis);
+    let scale = Cyclic::of(
+        cx,
+        required_same::<f32>(cx, inputs, 1, "Scale")?,
+        x.shape(),
+        "Scale",
+    )?;
+    let bias = match optional_same::<f32>(cx, inputs, 2, "B")? {
+        Some(b) => Some(Cyclic::of(cx, b, x.shape(), "B")?),
+        None => None,
+    };
+    let per_column = |c: &Cyclic<f32>| c.values.len() == cols;
+    if cols == 0 || !per_column(&scale) || bias.as_ref().is_some_and(|b| !per_column(b)) {
+        return Ok(None);
+    }
+    let xs = x.as_standard_layout();
+    let xs = xs.as_slice().expect("standard layout");
+    let mut ys = cx.buffers.take(xs.len());
+    let rows_per_block = ((1 << 14) / cols).max(1);
+    let bias = bias.as_ref().map(|b| b.values.as_slice());
+    let stats: Vec<(f32, f32)> = ys
+        .par_chunks_mut(rows_per_block * cols)
+        .zip(xs.par_chunks(rows_per_block * cols))
+        .flat_map_iter(|(y, x)| fastmath::layer_norm_rows(x, y, &scale.values, bias, eps))
+        .collect();
+    let mut outs = vec![Tensor::F32(array(x.shape(), ys))];
+    if cx.graph.node(cx.node).outputs().len() > 1 {
+        let (means, invs): (Vec<f64>, Vec<f64>) =
+            stats.into_iter().map(|(m, i)| (m as f64, i as f64)).unzip();
+        outs.push(float_tensor(cx, stash, &stats_shape, means)?);
+        outs.push(float_tensor(cx, stash, &stats_shape, invs)?);
+    }
+    Ok(Some(outs))
 }
 
 /// RMS normalization of X over the axes from `axis` on, scaled by `scale`

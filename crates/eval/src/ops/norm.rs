@@ -1,5 +1,6 @@
 //! Softmax and batch normalization's training forward; their gradients.
 
+use super::fastmath;
 use super::pointwise::Clamp;
 use super::{array, f32_input, lane_dot, lane_sum, Grads};
 use crate::{EvalError, OpCtx};
@@ -26,25 +27,34 @@ fn softmax_lanes(y: &mut ArrayD<f32>, axis: usize) {
 pub fn softmax(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
     let x = f32_input(cx, inputs, 0)?;
     let r = x.ndim();
-    if cx.opset >= 13 {
-        let axis = cx.axis(cx.int_attr("axis", -1)?, r)?;
-        let mut y = x.clone();
-        softmax_lanes(&mut y, axis);
-        return Ok(vec![Tensor::F32(y)]);
+    let (outer, len, inner) = softmax_layout(cx, x.shape())?;
+    if inner == 1 {
+        // Rows contiguous in standard order (the last axis, or the input
+        // flattened to 2-D): a transformer's attention scores.
+        return Ok(vec![Tensor::F32(softmax_contiguous(cx, x, outer, len))]);
     }
-    let axis = cx.axis(cx.int_attr("axis", 1)?, r)?;
-    let outer: usize = x.shape()[..axis].iter().product();
-    let inner: usize = x.shape()[axis..].iter().product();
-    let mut y = x
-        .as_standard_layout()
-        .into_owned()
-        .into_shape_with_order(IxDyn(&[outer, inner]))
-        .expect("same element count");
-    softmax_lanes(&mut y, 1);
-    let y = y
-        .into_shape_with_order(IxDyn(x.shape()))
-        .expect("same element count");
+    let axis = cx.axis(cx.int_attr("axis", -1)?, r)?;
+    let mut y = x.clone();
+    softmax_lanes(&mut y, axis);
     Ok(vec![Tensor::F32(y)])
+}
+
+/// Softmax over rows of `len` contiguous values, `outer` of them, in
+/// parallel blocks of rows, each row vectorized (see `fastmath`).
+fn softmax_contiguous(cx: &OpCtx, x: &ArrayD<f32>, outer: usize, len: usize) -> ArrayD<f32> {
+    let mut out = cx.buffers.take(x.len());
+    match x.as_slice() {
+        Some(xs) => out.copy_from_slice(xs),
+        None => out.iter_mut().zip(x.iter()).for_each(|(o, &v)| *o = v),
+    }
+    if len > 0 && outer > 0 {
+        // Blocks of about 16K values: enough to share out, few enough that
+        // scheduling costs nothing.
+        let rows_per_block = ((1 << 14) / len).max(1);
+        out.par_chunks_mut(rows_per_block * len)
+            .for_each(|block| fastmath::softmax_rows(block, len));
+    }
+    ArrayD::from_shape_vec(IxDyn(x.shape()), out).expect("same element count")
 }
 
 /// The Softmax axis as a 2-D view: (outer, axis length, inner) for opset 13

@@ -2,8 +2,9 @@
 
 use super::{array, input, ints_input_or_attr, ints_of, map_any, Grads};
 use crate::{EvalError, OpCtx};
-use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn, Slice};
+use qgraph_ir::ndarray::{ArrayD, ArrayViewMutD, Axis, IxDyn, Slice};
 use qgraph_ir::{AttrValue, DataType, Tensor};
+use rayon::prelude::*;
 
 fn reshaped(cx: &OpCtx, t: &Tensor, shape: &[usize]) -> Result<Tensor, EvalError> {
     if qgraph_ir::element_count(shape) != Some(t.len()) {
@@ -79,9 +80,41 @@ pub fn transpose(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
     if seen != (0..r).collect::<Vec<_>>() {
         return cx.err(format!("perm {perm:?} is not a permutation of {r} axes"));
     }
+    if let Tensor::F32(a) = x {
+        return Ok(vec![Tensor::F32(transpose_f32(cx, a, &perm))]);
+    }
     Ok(vec![
-        map_any!(cx, x, a => a.clone().permuted_axes(IxDyn(&perm)).as_standard_layout().into_owned()),
+        // One copy, in the output's order (a clone first was a second).
+        map_any!(cx, x, a => a.view().permuted_axes(IxDyn(&perm)).as_standard_layout().into_owned()),
     ])
+}
+
+/// An f32 Transpose into a recycled buffer, the output's first dim shared
+/// out across the threads (a transformer moves its heads to and from
+/// their own dim four times a layer; one thread copying element by element
+/// took longer than the attention's products).
+fn transpose_f32(cx: &OpCtx, a: &ArrayD<f32>, perm: &[usize]) -> ArrayD<f32> {
+    let mut view = a.view().permuted_axes(IxDyn(perm));
+    let shape = view.shape().to_vec();
+    // Leading dims of 1 (a batch of one) share nothing out.
+    while view.ndim() > 1 && view.shape()[0] == 1 {
+        view = view.index_axis_move(Axis(0), 0);
+    }
+    let mut out = cx.buffers.take(a.len());
+    match view.shape().first() {
+        Some(&outer) if outer > 1 && a.len() >= 1 << 14 => {
+            let block = a.len() / outer;
+            out.par_chunks_mut(block.max(1))
+                .zip(view.axis_iter(Axis(0)).into_par_iter())
+                .for_each(|(dst, src)| {
+                    ArrayViewMutD::from_shape(IxDyn(src.shape()), dst)
+                        .expect("one block per index of the first dim")
+                        .assign(&src)
+                });
+        }
+        _ => out.iter_mut().zip(view.iter()).for_each(|(o, &v)| *o = v),
+    }
+    ArrayD::from_shape_vec(IxDyn(&shape), out).expect("same element count")
 }
 
 pub fn concat(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
