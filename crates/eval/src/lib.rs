@@ -937,9 +937,32 @@ impl<'m> Evaluator<'m> {
         // Read after the node's own inputs, and released with them.
         let arity = reads.len();
         reads.extend(call.added.map(Some));
+        let consuming = ops::consuming_kernel(&node.domain, &node.op_type).filter(|_| {
+            call.epilogue.is_empty() && call.added.is_none() && call.first_input.is_none()
+        });
+        // The first input, moved out of the environment when this node is
+        // its last reader (not a graph output, not watched, not read twice
+        // here) and the kernel can work in its buffer rather than copy it.
+        let mut owned_first = match (consuming, reads.first().copied().flatten()) {
+            (Some(kernel), Some(v)) if left.get(&v) == Some(&1) && !watch.contains(&v) => {
+                match env.remove(&v) {
+                    Some(Data::Tensor(t)) => Some((kernel, t)),
+                    Some(other) => {
+                        env.insert(v, other);
+                        None
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
         let started = std::time::Instant::now();
         let results = {
-            let data = self.lookup_inputs(&reads, env, outer)?;
+            let mut looked_up = reads.clone();
+            if owned_first.is_some() {
+                looked_up[0] = None;
+            }
+            let data = self.lookup_inputs(&looked_up, env, outer)?;
             let captures = self.captures_of(call.node, env, outer)?;
             let data_kernel = ops::data_kernel(&node.domain, &node.op_type);
             let args = match data_kernel {
@@ -959,6 +982,10 @@ impl<'m> Evaluator<'m> {
             };
             let tensors = |ts: Vec<Tensor>| ts.into_iter().map(Data::Tensor).collect::<Vec<_>>();
             match (data_kernel, ops::kernel(&node.domain, &node.op_type)) {
+                _ if owned_first.is_some() => {
+                    let (kernel, first) = owned_first.take().expect("checked");
+                    tensors(kernel(&cx, first, &args[..arity])?)
+                }
                 (Some(kernel), _) => kernel(&cx, &data[..arity])?,
                 (None, Some(kernel)) => tensors(kernel(&cx, &args[..arity])?),
                 (None, None) => tensors(ops::call_function(&cx, &args[..arity])?),

@@ -9,7 +9,7 @@
 //!
 //! A second table times a transformer encoder (MiniLM-L6, int64 token
 //! inputs) at batch 1 and 32 and sequence 64 and 128, on real sentences, and
-//! profiles qgraph's operators at the largest size (see `transformer`).
+//! profiles both runtimes' operators at each size (see `transformer`).
 //!
 //!   cargo bench -p qgraph --bench eval_speed [-- BLOCKS]
 //!   QGRAPH_BENCH_MODELS=a.onnx,b.onnx QGRAPH_BENCH_BATCHES=1 cargo bench -p qgraph --bench eval_speed
@@ -368,8 +368,8 @@ fn token_inputs(
 
 /// A transformer encoder on real token inputs, both runtimes on the very
 /// same feeds (written to an .npz that ONNX Runtime reads): batch 1 and 32
-/// by sequence 64 and 128, then qgraph's per-operator profile at batch 32,
-/// sequence 128. QGRAPH_BENCH_TRANSFORMER and QGRAPH_BENCH_TOKENS replace
+/// by sequence 64 and 128, then both runtimes' per-operator profiles at
+/// each size. QGRAPH_BENCH_TRANSFORMER and QGRAPH_BENCH_TOKENS replace
 /// the model and the sentences; QGRAPH_BENCH_SIZES (as 1x64,32x128) the
 /// sizes; QGRAPH_PROFILE=N the profile's runs (3), 0 for none.
 fn transformer(settings: &Settings) {
@@ -437,18 +437,21 @@ fn transformer(settings: &Settings) {
     if runs == 0 {
         return;
     }
-    let (batch, seq) = (32, 128);
-    let x: Vec<Tensor> = token_inputs(&tokens, &names, batch, seq)
-        .into_iter()
-        .map(|(_, a)| Tensor::I64(a))
-        .collect();
-    let ours = profile(&ev, &x, runs);
-    let feeds = feeds_dir.path().join("feeds_profile.npz");
-    let theirs = write_feeds(&feeds, &token_inputs(&tokens, &names, batch, seq))
-        .then(|| ort_profile(root, &path, batch, &feeds, runs))
-        .flatten()
-        .unwrap_or_default();
-    print_profiles(&name, batch, seq, runs, &ours, &theirs);
+    // Every size: at batch 1 the products are small and each node's fixed
+    // cost weighs more, so an operator's ratio there can differ.
+    for &(batch, seq) in &sizes {
+        let x: Vec<Tensor> = token_inputs(&tokens, &names, batch, seq)
+            .into_iter()
+            .map(|(_, a)| Tensor::I64(a))
+            .collect();
+        let ours = profile(&ev, &x, runs);
+        let feeds = feeds_dir.path().join("feeds_profile.npz");
+        let theirs = write_feeds(&feeds, &token_inputs(&tokens, &names, batch, seq))
+            .then(|| ort_profile(root, &path, batch, &feeds, runs))
+            .flatten()
+            .unwrap_or_default();
+        print_profiles(&name, batch, seq, runs, &ours, &theirs);
+    }
 }
 
 /// Writes `feed` as an .npz, one array per input; false when it cannot.

@@ -54,6 +54,23 @@ use qgraph_ir::{Data, Tensor};
 
 pub type Kernel = fn(&OpCtx, &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError>;
 
+/// A kernel given its first input to keep, because no one reads it after
+/// this node (the slice's first entry is `None`): it may compute in that
+/// input's buffer, or move it into its output, rather than copy.
+pub type ConsumingKernel = fn(&OpCtx, Tensor, &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError>;
+
+/// The consuming form of an operator's kernel, where it has one.
+pub fn consuming_kernel(domain: &str, op: &str) -> Option<ConsumingKernel> {
+    if !matches!(domain, "" | "ai.onnx") {
+        return None;
+    }
+    shape::CONSUMING_KERNELS
+        .iter()
+        .chain([("Softmax", norm::softmax_consuming as ConsumingKernel)].iter())
+        .find(|(name, _)| *name == op)
+        .map(|(_, k)| *k)
+}
+
 /// A kernel of values of any kind (sequences, optionals, control flow whose
 /// subgraphs pass them on): reads and writes `Data`.
 pub type DataKernel = fn(&OpCtx, &[Option<DataRef>]) -> Result<Vec<Data>, EvalError>;

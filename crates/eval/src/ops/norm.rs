@@ -39,20 +39,48 @@ pub fn softmax(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, Ev
     Ok(vec![Tensor::F32(y)])
 }
 
+/// Softmax of an input no one reads after it: in place when its rows are
+/// contiguous (a transformer's attention scores), else by the kernel of
+/// record (reduce.rs, any float type).
+pub(crate) fn softmax_consuming(
+    cx: &OpCtx,
+    x: Tensor,
+    inputs: &[Option<&Tensor>],
+) -> Result<Vec<Tensor>, EvalError> {
+    let x = match x {
+        Tensor::F32(mut a) => {
+            let (outer, len, inner) = softmax_layout(cx, a.shape())?;
+            if let (1, Some(values)) = (inner, a.as_slice_mut()) {
+                if len > 0 && outer > 0 {
+                    let block = ((1 << 14) / len).max(1) * len;
+                    values
+                        .par_chunks_mut(block)
+                        .for_each(|rows| fastmath::softmax_rows_in_place(rows, len));
+                }
+                return Ok(vec![Tensor::F32(a)]);
+            }
+            Tensor::F32(a)
+        }
+        other => other,
+    };
+    let mut with_x = inputs.to_vec();
+    with_x[0] = Some(&x);
+    super::reduce::softmax(cx, &with_x)
+}
+
 /// Softmax over rows of `len` contiguous values, `outer` of them, in
 /// parallel blocks of rows, each row vectorized (see `fastmath`).
 fn softmax_contiguous(cx: &OpCtx, x: &ArrayD<f32>, outer: usize, len: usize) -> ArrayD<f32> {
+    let xs = x.as_standard_layout();
+    let xs = xs.as_slice().expect("standard layout");
     let mut out = cx.buffers.take(x.len());
-    match x.as_slice() {
-        Some(xs) => out.copy_from_slice(xs),
-        None => out.iter_mut().zip(x.iter()).for_each(|(o, &v)| *o = v),
-    }
     if len > 0 && outer > 0 {
         // Blocks of about 16K values: enough to share out, few enough that
         // scheduling costs nothing.
-        let rows_per_block = ((1 << 14) / len).max(1);
-        out.par_chunks_mut(rows_per_block * len)
-            .for_each(|block| fastmath::softmax_rows(block, len));
+        let block = ((1 << 14) / len).max(1) * len;
+        out.par_chunks_mut(block)
+            .zip(xs.par_chunks(block))
+            .for_each(|(y, x)| fastmath::softmax_rows(x, y, len));
     }
     ArrayD::from_shape_vec(IxDyn(x.shape()), out).expect("same element count")
 }

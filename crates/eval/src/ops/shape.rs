@@ -17,7 +17,74 @@ fn reshaped(cx: &OpCtx, t: &Tensor, shape: &[usize]) -> Result<Tensor, EvalError
         .expect("element count checked")))
 }
 
+/// Kernels that only give their first input a new shape, as the shape of
+/// their output from the inputs: the plain kernel copies the data, the
+/// consuming one (when the input dies here) moves it.
+type ViewShape = fn(&OpCtx, &[Option<&Tensor>]) -> Result<Vec<usize>, EvalError>;
+
+/// The kernels of `VIEWS` that move a dead first input into their output.
+pub(crate) const CONSUMING_KERNELS: &[(&str, super::ConsumingKernel)] = &[
+    ("Flatten", |cx, x, i| consume_view(cx, x, i, flatten_shape)),
+    ("Reshape", |cx, x, i| consume_view(cx, x, i, reshape_shape)),
+    ("Squeeze", |cx, x, i| consume_view(cx, x, i, squeeze_shape)),
+    ("Unsqueeze", |cx, x, i| {
+        consume_view(cx, x, i, unsqueeze_shape)
+    }),
+];
+
+fn view(cx: &OpCtx, i: &[Option<&Tensor>], shape: ViewShape) -> Result<Vec<Tensor>, EvalError> {
+    let target = shape(cx, i)?;
+    Ok(vec![reshaped(cx, input(cx, i, 0)?, &target)?])
+}
+
+/// `x`, which no one reads after this node, in its new shape: no copy
+/// unless its layout is not the standard one.
+fn consume_view(
+    cx: &OpCtx,
+    x: Tensor,
+    i: &[Option<&Tensor>],
+    shape: ViewShape,
+) -> Result<Vec<Tensor>, EvalError> {
+    let op = &cx.graph.node(cx.node).op_type;
+    if matches!(x, Tensor::Packed(_)) || (op == "Reshape" && cx.opset < 5) {
+        // Sub-byte codes, and the shape as an attribute: the kernel of
+        // record (index.rs) handles them.
+        let kernel = super::kernel("", op).expect("a registered operator");
+        let mut with_x = i.to_vec();
+        with_x[0] = Some(&x);
+        return kernel(cx, &with_x);
+    }
+    let target = {
+        let mut with_x = i.to_vec();
+        with_x[0] = Some(&x);
+        shape(cx, &with_x)?
+    };
+    if qgraph_ir::element_count(&target) != Some(x.len()) {
+        return cx.err(format!("cannot reshape {:?} to {target:?}", x.shape()));
+    }
+    Ok(vec![map_any!(cx, x, a => {
+        let a = if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
+        a.into_shape_with_order(IxDyn(&target)).expect("element count checked")
+    })])
+}
+
 pub fn flatten(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    view(cx, i, flatten_shape)
+}
+
+pub fn reshape(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    view(cx, i, reshape_shape)
+}
+
+pub fn squeeze(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    view(cx, i, squeeze_shape)
+}
+
+pub fn unsqueeze(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+    view(cx, i, unsqueeze_shape)
+}
+
+fn flatten_shape(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<usize>, EvalError> {
     let x = input(cx, i, 0)?;
     let r = x.shape().len();
     let axis = cx.int_attr("axis", 1)?;
@@ -28,10 +95,10 @@ pub fn flatten(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalErr
     };
     let outer: usize = x.shape()[..axis].iter().product();
     let inner: usize = x.shape()[axis..].iter().product();
-    Ok(vec![reshaped(cx, x, &[outer, inner])?])
+    Ok(vec![outer, inner])
 }
 
-pub fn reshape(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+fn reshape_shape(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<usize>, EvalError> {
     let x = input(cx, i, 0)?;
     let spec = ints_of(cx, input(cx, i, 1)?, "shape")?;
     let allowzero = cx.int_attr("allowzero", 0)? != 0;
@@ -65,7 +132,7 @@ pub fn reshape(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalErr
         }
         shape[k] = x.len() / known;
     }
-    Ok(vec![reshaped(cx, x, &shape)?])
+    Ok(shape)
 }
 
 pub fn transpose(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
@@ -468,7 +535,7 @@ fn axes_of(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Option<Vec<i64>>, EvalEr
     }
 }
 
-pub fn squeeze(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+fn squeeze_shape(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<usize>, EvalError> {
     let x = input(cx, i, 0)?;
     let r = x.shape().len();
     let axes: Vec<usize> = match axes_of(cx, i)? {
@@ -482,10 +549,10 @@ pub fn squeeze(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalErr
         .filter(|d| !axes.contains(d))
         .map(|d| x.shape()[d])
         .collect();
-    Ok(vec![reshaped(cx, x, &shape)?])
+    Ok(shape)
 }
 
-pub fn unsqueeze(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
+fn unsqueeze_shape(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<usize>, EvalError> {
     let x = input(cx, i, 0)?;
     let Some(axes) = axes_of(cx, i)? else {
         return cx.err("axes are required");
@@ -496,6 +563,9 @@ pub fn unsqueeze(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
         .map(|&v| cx.axis(v, r))
         .collect::<Result<_, _>>()?;
     axes.sort_unstable();
+    if axes.windows(2).any(|w| w[0] == w[1]) {
+        return cx.err(format!("axes {axes:?} name an axis twice"));
+    }
     let mut shape = Vec::with_capacity(r);
     let mut src = x.shape().iter();
     for d in 0..r {
@@ -505,7 +575,7 @@ pub fn unsqueeze(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalE
             shape.push(*src.next().unwrap_or(&1));
         }
     }
-    Ok(vec![reshaped(cx, x, &shape)?])
+    Ok(shape)
 }
 
 pub fn constant_of_shape(cx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>, EvalError> {
