@@ -169,9 +169,10 @@ fn softmax_row(row: &mut [f32]) {
         }
     }
     let mut max = f32::NEG_INFINITY;
-    for &v in maxes.iter().chain(chunks.remainder()) {
+    for &v in chunks.remainder() {
         max = if v > max { v } else { max };
     }
+    let max = fold_tree(maxes, max, |a, b| if b > a { b } else { a });
     // A +inf (or a row of -inf) gives inf - inf = NaN below, as it should.
     // The exponentials, then their sum in a second pass over the row (in
     // cache): summing inside the first loop kept the partial sums in memory.
@@ -259,7 +260,24 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         }
     }
     let rest: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
-    sums.iter().sum::<f32>() + rest
+    fold_tree(sums, rest, |a, b| a + b)
+}
+
+/// `op` over the lanes and `init`, halving the lanes at each step (vector
+/// operations on the two halves), where a left-to-right fold is a chain of
+/// scalar ones: on rows of 64 that chain cost a softmax a third of its time.
+#[inline(always)]
+fn fold_tree<const N: usize>(mut lanes: [f32; N], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
+    const { assert!(N.is_power_of_two()) };
+    let mut width = N;
+    while width > 1 {
+        width /= 2;
+        let (low, high) = lanes.split_at_mut(width);
+        for (a, &b) in low.iter_mut().zip(&high[..width]) {
+            *a = op(*a, b);
+        }
+    }
+    op(lanes[0], init)
 }
 
 #[cfg(test)]
