@@ -943,7 +943,7 @@ impl<'m> Evaluator<'m> {
         // The first input, moved out of the environment when this node is
         // its last reader (not a graph output, not watched, not read twice
         // here) and the kernel can work in its buffer rather than copy it.
-        let mut owned_first = match (consuming, reads.first().copied().flatten()) {
+        let owned_first = match (consuming, reads.first().copied().flatten()) {
             (Some(kernel), Some(v)) if left.get(&v) == Some(&1) && !watch.contains(&v) => {
                 match env.remove(&v) {
                     Some(Data::Tensor(t)) => Some((kernel, t)),
@@ -981,14 +981,15 @@ impl<'m> Evaluator<'m> {
                 functions: self.functions,
             };
             let tensors = |ts: Vec<Tensor>| ts.into_iter().map(Data::Tensor).collect::<Vec<_>>();
-            match (data_kernel, ops::kernel(&node.domain, &node.op_type)) {
-                _ if owned_first.is_some() => {
-                    let (kernel, first) = owned_first.take().expect("checked");
-                    tensors(kernel(&cx, first, &args[..arity])?)
-                }
-                (Some(kernel), _) => kernel(&cx, &data[..arity])?,
-                (None, Some(kernel)) => tensors(kernel(&cx, &args[..arity])?),
-                (None, None) => tensors(ops::call_function(&cx, &args[..arity])?),
+            match (
+                owned_first,
+                data_kernel,
+                ops::kernel(&node.domain, &node.op_type),
+            ) {
+                (Some((kernel, first)), _, _) => tensors(kernel(&cx, first, &args[..arity])?),
+                (None, Some(kernel), _) => kernel(&cx, &data[..arity])?,
+                (None, None, Some(kernel)) => tensors(kernel(&cx, &args[..arity])?),
+                (None, None, None) => tensors(ops::call_function(&cx, &args[..arity])?),
             }
         };
         // The values the node's subgraphs captured are released with its

@@ -121,19 +121,13 @@ pub fn log_softmax_backward(cx: &OpCtx, g: &Grads) -> Gradients {
         return Ok(grads);
     }
     let y = f32_output(cx, g, 0)?.as_standard_layout();
-    let (outer, len, inner) = super::norm::softmax_layout(cx, y.shape())?;
     let mut d = g.d_output(cx, 0)?;
-    let ys = y.as_slice().expect("standard layout");
-    let ds = d.as_slice_mut().expect("standard layout");
-    for o in 0..outer {
-        for i in 0..inner {
-            let at = |k: usize| (o * len + k) * inner + i;
-            let total: f64 = (0..len).map(|k| ds[at(k)] as f64).sum();
-            for k in 0..len {
-                ds[at(k)] -= (ys[at(k)] as f64).exp() as f32 * total as f32;
-            }
+    super::norm::for_each_softmax_lane(cx, y.view(), &mut d, |ys, ds| {
+        let total: f64 = ds.iter().map(|&d| d as f64).sum();
+        for (d, &y) in ds.iter_mut().zip(ys) {
+            *d -= (y as f64).exp() as f32 * total as f32;
         }
-    }
+    })?;
     grads[0] = Some(Tensor::F32(d));
     Ok(grads)
 }

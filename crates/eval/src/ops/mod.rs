@@ -524,6 +524,25 @@ pub(crate) fn lane_dot(xs: &[f32], ds: &[f32], f: impl Fn(f32, f32) -> f32) -> f
     lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
 }
 
+/// Runs one node of `op` without edges (inputs by position, `None` for an
+/// absent optional one) at the default domain's `opset`: the kernel tests'
+/// way to call a kernel through `run_node`.
+#[cfg(test)]
+pub(crate) fn run_test_op(
+    op: &str,
+    opset: i64,
+    attrs: Vec<(&str, qgraph_ir::AttrValue)>,
+    inputs: &[Option<&Tensor>],
+) -> Result<Vec<Tensor>, EvalError> {
+    let mut graph = qgraph_ir::Graph::new("test");
+    let mut node = qgraph_ir::NewNode::new(op);
+    for (name, value) in attrs {
+        node = node.attr(name, value);
+    }
+    let id = graph.add_node(node).expect("a node without edges");
+    crate::run_node(&graph, id, opset, inputs)
+}
+
 /// Test values in [-1, 1) with whole 24-bit mantissas (a linear
 /// congruential generator from `seed`), so that products round and a
 /// different order, or a multiply-add not fused, shows in the bits.

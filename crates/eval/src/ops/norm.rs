@@ -4,7 +4,7 @@ use super::fastmath;
 use super::pointwise::Clamp;
 use super::{array, f32_input, lane_dot, lane_sum, Grads};
 use crate::{EvalError, OpCtx};
-use qgraph_ir::ndarray::{ArrayD, Axis, IxDyn};
+use qgraph_ir::ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 use qgraph_ir::Tensor;
 use rayon::prelude::*;
 
@@ -104,6 +104,36 @@ pub(super) fn softmax_layout(
     Ok((outer, shape[axis], shape[axis + 1..].iter().product()))
 }
 
+/// `update(y, dy)` on each lane of the softmax axis (Softmax's and
+/// LogSoftmax's, whose layouts are the same) of the output `y` and its
+/// gradient `d`, both in standard layout; a lane is gathered, updated and
+/// written back, as its values lie `inner` apart.
+pub(super) fn for_each_softmax_lane(
+    cx: &OpCtx,
+    y: ArrayViewD<f32>,
+    d: &mut ArrayD<f32>,
+    update: impl Fn(&[f32], &mut [f32]),
+) -> Result<(), EvalError> {
+    let (outer, len, inner) = softmax_layout(cx, y.shape())?;
+    let ys = y.as_slice().expect("standard layout");
+    let ds = d.as_slice_mut().expect("standard layout");
+    let (mut y_lane, mut d_lane) = (vec![0f32; len], vec![0f32; len]);
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |k: usize| (o * len + k) * inner + i;
+            for k in 0..len {
+                y_lane[k] = ys[at(k)];
+                d_lane[k] = ds[at(k)];
+            }
+            update(&y_lane, &mut d_lane);
+            for k in 0..len {
+                ds[at(k)] = d_lane[k];
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `dx = y * (dy - sum(dy * y))` along the softmax axis.
 pub fn softmax_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, EvalError> {
     let mut grads = vec![None; g.inputs.len()];
@@ -114,19 +144,13 @@ pub fn softmax_backward(cx: &OpCtx, g: &Grads) -> Result<Vec<Option<Tensor>>, Ev
         Some(Tensor::F32(y)) => y.as_standard_layout(),
         _ => return cx.err("the output was not kept for the backward pass"),
     };
-    let (outer, len, inner) = softmax_layout(cx, y.shape())?;
     let mut d = g.d_output(cx, 0)?;
-    let ys = y.as_slice().expect("standard layout");
-    let ds = d.as_slice_mut().expect("standard layout");
-    for o in 0..outer {
-        for i in 0..inner {
-            let at = |k: usize| (o * len + k) * inner + i;
-            let dot: f32 = (0..len).map(|k| ds[at(k)] * ys[at(k)]).sum();
-            for k in 0..len {
-                ds[at(k)] = ys[at(k)] * (ds[at(k)] - dot);
-            }
+    for_each_softmax_lane(cx, y.view(), &mut d, |ys, ds| {
+        let dot: f32 = ds.iter().zip(ys).map(|(d, y)| d * y).sum();
+        for (d, &y) in ds.iter_mut().zip(ys) {
+            *d = y * (*d - dot);
         }
-    }
+    })?;
     grads[0] = Some(Tensor::F32(d));
     Ok(grads)
 }

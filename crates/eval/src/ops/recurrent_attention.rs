@@ -535,20 +535,15 @@ fn causal_conv_of<T: Wide>(
 mod tests {
     use super::*;
     use crate::ops::test_values;
-    use qgraph_ir::{AttrValue, Graph, NewNode};
+    use qgraph_ir::AttrValue;
 
+    /// One node of `op` at opset 27, where both operators appear.
     fn run_op(
         op: &str,
         attrs: Vec<(&str, AttrValue)>,
         inputs: &[Option<&Tensor>],
     ) -> Result<Vec<Tensor>, EvalError> {
-        let mut graph = Graph::new("test");
-        let mut node = NewNode::new(op);
-        for (name, value) in attrs {
-            node = node.attr(name, value);
-        }
-        let id = graph.add_node(node).expect("a node without edges");
-        crate::run_node(&graph, id, 27, inputs)
+        crate::ops::run_test_op(op, 27, attrs, inputs)
     }
 
     fn f64s(t: &Tensor) -> (Vec<usize>, Vec<f64>) {

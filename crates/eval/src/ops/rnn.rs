@@ -986,21 +986,14 @@ fn run_direction<R: Real>(
 #[allow(clippy::excessive_precision)]
 mod tests {
     use super::*;
-    use qgraph_ir::{Graph, NewNode};
 
-    /// Runs one node of `op` with the given attributes.
+    /// Runs one node of `op` with the given attributes, at opset 22.
     fn run_op(
         op: &str,
         attrs: Vec<(&str, AttrValue)>,
         inputs: &[Option<&Tensor>],
     ) -> Result<Vec<Tensor>, EvalError> {
-        let mut graph = Graph::new("test");
-        let mut node = NewNode::new(op);
-        for (name, value) in attrs {
-            node = node.attr(name, value);
-        }
-        let id = graph.add_node(node).expect("a node without edges");
-        crate::run_node(&graph, id, 22, inputs)
+        crate::ops::run_test_op(op, 22, attrs, inputs)
     }
 
     /// Test data (the same formula as the script that asked ONNX Runtime

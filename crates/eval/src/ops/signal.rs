@@ -460,22 +460,9 @@ fn mel_weight_matrix(cx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tenso
 #[allow(clippy::excessive_precision)]
 mod tests {
     use super::*;
-    use qgraph_ir::{AttrValue, Graph, NewNode};
+    use qgraph_ir::AttrValue;
 
-    fn run_op(
-        op: &str,
-        opset: i64,
-        attrs: Vec<(&str, AttrValue)>,
-        inputs: &[Option<&Tensor>],
-    ) -> Result<Vec<Tensor>, EvalError> {
-        let mut graph = Graph::new("test");
-        let mut node = NewNode::new(op);
-        for (name, value) in attrs {
-            node = node.attr(name, value);
-        }
-        let id = graph.add_node(node).expect("a node without edges");
-        crate::run_node(&graph, id, opset, inputs)
-    }
+    use crate::ops::run_test_op as run_op;
 
     fn f64s(t: &Tensor) -> (Vec<usize>, Vec<f64>) {
         match t {
